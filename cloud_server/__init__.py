@@ -1,0 +1,1 @@
+"""The cloud server: runs the PyTorch tail, returns activation gradients and aggregates client adapters."""
