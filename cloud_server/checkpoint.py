@@ -1,0 +1,111 @@
+"""Server checkpoints: the round, the global client adapters, and the tail's LoRA and optimiser state.
+
+    checkpoint_dir/
+      round-0003/            one directory per finished round
+        global_adapters.safetensors
+        tail_lora.safetensors
+        tail_optimizer.safetensors   AdamW moments, "<param index>.<exp_avg|exp_avg_sq|step>"
+        state.json                   round, optimiser hyperparameters, metrics
+      latest                 the name of the newest complete round directory
+
+Written atomically: files go into a temporary directory that is fsynced and renamed, then `latest` is
+replaced by rename, so a kill at any moment leaves the previous checkpoint intact. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+@dataclass
+class Checkpoint:
+    round: int  # the number of rounds finished
+    global_adapters: dict[str, np.ndarray]
+    tail_lora: dict[str, np.ndarray]
+    tail_optimizer: dict[str, Any]  # torch.optim state_dict, tensors as numpy
+    extra: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[Any]]:
+    tensors: dict[str, np.ndarray] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{index}.{key}"] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    return tensors, state["param_groups"]
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"round-{checkpoint.round:04d}"
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    try:
+        save_file(checkpoint.global_adapters, str(scratch / "global_adapters.safetensors"))
+        save_file(checkpoint.tail_lora, str(scratch / "tail_lora.safetensors"))
+        optimizer_tensors, param_groups = _flatten_optimizer(checkpoint.tail_optimizer)
+        save_file(optimizer_tensors, str(scratch / "tail_optimizer.safetensors"))
+        state = {"round": checkpoint.round, "param_groups": param_groups, **checkpoint.extra}
+        _write_synced(scratch / "state.json", json.dumps(state, indent=2).encode())
+        for file in scratch.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(scratch)
+        final = directory / name
+        if final.exists():
+            shutil.rmtree(final)
+        scratch.rename(final)
+        pointer = directory / ".latest.tmp"
+        _write_synced(pointer, name.encode())
+        pointer.replace(directory / "latest")
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return directory / name
+
+
+def load_latest(directory: Path) -> Checkpoint | None:
+    """The newest complete checkpoint in `directory`, or None if there is none."""
+    pointer = directory / "latest"
+    if not pointer.is_file():
+        return None
+    folder = directory / pointer.read_text().strip()
+    state = json.loads((folder / "state.json").read_text())
+    import torch
+
+    flat = load_file(str(folder / "tail_optimizer.safetensors"))
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        optimizer_state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
+    extra = {k: v for k, v in state.items() if k not in ("round", "param_groups")}
+    return Checkpoint(
+        round=int(state["round"]),
+        global_adapters=load_file(str(folder / "global_adapters.safetensors")),
+        tail_lora=load_file(str(folder / "tail_lora.safetensors")),
+        tail_optimizer={"state": optimizer_state, "param_groups": state["param_groups"]},
+        extra=extra,
+    )

@@ -1,0 +1,47 @@
+"""`edgesplit serve`: run the tail for many edge clients and average their adapters each round."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cloud_server.server import ServerConfig, read_tokens, run_server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgesplit serve", description=__doc__)
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept clients from other machines")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--min-clients", type=int, default=2, help="clients needed to start and to close a round")
+    parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, for the tail and the clients")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--wire", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="how activations and gradients travel")
+    parser.add_argument("--eval-data", type=Path, help="JSONL evaluated after every round")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every round here, and resume from it")
+    parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step and per-round metrics")
+    parser.add_argument("--tokens-file", type=Path, help="'client_id token' lines; clients then need their token")
+    parser.add_argument("--round-deadline", type=float, default=1800.0,
+                        help="seconds after which a round closes with the updates it has (if --min-clients)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = ServerConfig(
+        artifacts=args.artifacts, host=args.host, port=args.port, rounds=args.rounds,
+        min_clients=args.min_clients, steps_per_round=args.steps_per_round, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, wire=args.wire, eval_data=args.eval_data, eval_batches=args.eval_batches,
+        checkpoint_dir=args.checkpoint_dir, metrics_out=args.metrics_out,
+        tokens=read_tokens(args.tokens_file) if args.tokens_file else {},
+        round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
+    )
+    server = run_server(config)
+    print(f"[server] finished {server.round} rounds; final eval loss {server.last_eval_loss}")
+    return 0
