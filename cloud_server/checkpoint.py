@@ -2,7 +2,8 @@
 
     checkpoint_dir/
       round-0003/            one directory per finished round
-        global_adapters.safetensors
+        global_adapters.safetensors  FedAvg of the accepted client updates below
+        updates/<client>.safetensors the client adapters the round accepted (their sample counts: state.json)
         tail_lora.safetensors
         tail_optimizer.safetensors   AdamW moments, "<param index>.<exp_avg|exp_avg_sq|step>"
         state.json                   round, optimiser hyperparameters, metrics
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class Checkpoint:
     tail_lora: dict[str, np.ndarray]
     tail_optimizer: dict[str, Any]  # torch.optim state_dict, tensors as numpy
     extra: dict[str, Any]
+    updates: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # client_id -> adapters
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,11 +67,15 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     try:
         save_file(checkpoint.global_adapters, str(scratch / "global_adapters.safetensors"))
         save_file(checkpoint.tail_lora, str(scratch / "tail_lora.safetensors"))
+        if checkpoint.updates:
+            (scratch / "updates").mkdir()
+            for client_id, adapters in checkpoint.updates.items():
+                save_file(adapters, str(scratch / "updates" / f"{client_id}.safetensors"))
         optimizer_tensors, param_groups = _flatten_optimizer(checkpoint.tail_optimizer)
         save_file(optimizer_tensors, str(scratch / "tail_optimizer.safetensors"))
         state = {"round": checkpoint.round, "param_groups": param_groups, **checkpoint.extra}
         _write_synced(scratch / "state.json", json.dumps(state, indent=2).encode())
-        for file in scratch.iterdir():
+        for file in scratch.rglob("*.safetensors"):
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(scratch)
@@ -102,10 +108,12 @@ def load_latest(directory: Path) -> Checkpoint | None:
         index, name = key.split(".", 1)
         optimizer_state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
     extra = {k: v for k, v in state.items() if k not in ("round", "param_groups")}
+    updates = {p.stem: load_file(str(p)) for p in sorted((folder / "updates").glob("*.safetensors"))}
     return Checkpoint(
         round=int(state["round"]),
         global_adapters=load_file(str(folder / "global_adapters.safetensors")),
         tail_lora=load_file(str(folder / "tail_lora.safetensors")),
         tail_optimizer={"state": optimizer_state, "param_groups": state["param_groups"]},
         extra=extra,
+        updates=updates,
     )

@@ -199,6 +199,10 @@ class Server:
                   f"at least {self.config.min_clients} clients, {self.config.steps_per_round} steps a round",
                   flush=True)
             self.port = port
+            if self.eval_set is not None and self.round == 0:  # the untrained model's score, for comparison
+                before = await asyncio.get_running_loop().run_in_executor(self.executor, self.evaluate)
+                self.metrics.write("eval", round=0, when="before_training", eval_loss=before)
+                print(f"[server] eval loss before training: {before:.4f}", flush=True)
             if ready is not None:
                 ready.set()
             deadline_task = asyncio.create_task(self._deadlines())
@@ -399,8 +403,11 @@ class Server:
                 tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
                 save_checkpoint(
                     self.config.checkpoint_dir,
-                    Checkpoint(self.round, self.global_adapters, tail_state["lora"], tail_state["optimizer"],
-                               {"eval_loss": self.last_eval_loss}),
+                    Checkpoint(
+                        self.round, self.global_adapters, tail_state["lora"], tail_state["optimizer"],
+                        {"eval_loss": self.last_eval_loss, "num_samples": summary["num_samples"]},
+                        updates={client: tensors for client, (tensors, _, _) in updates.items()},
+                    ),
                 )
             self.round_started_at = time.monotonic()
         finally:

@@ -58,6 +58,7 @@ class ClientConfig:
     device_profile: str | None = None
     ca_file: Path | None = None
     quiet: bool = False
+    connect_timeout_s: float = 60.0
 
 
 class ServerRefused(EdgesplitError):
@@ -109,15 +110,8 @@ class Client:
         self.energy.start()
         started = time.perf_counter()
         try:
-            async with connect(
-                self.config.server,
-                max_size=self._max_frame_bytes(),
-                compression=None,
-                ping_interval=20,
-                ping_timeout=120,
-                open_timeout=30,
-                ssl=ssl_context,
-            ) as websocket:
+            websocket = await self._connect(connect, ssl_context)
+            async with websocket:
                 summary = await self._train(websocket)
         finally:
             self.memory.stop()
@@ -127,6 +121,30 @@ class Client:
         self.metrics.write("summary", client_id=self.config.client_id, **summary)
         self.metrics.close()
         return summary
+
+    async def _connect(self, connect: Any, ssl_context: Any) -> Any:
+        """Connect, retrying with capped exponential backoff and jitter while the server is not up yet."""
+        import random
+
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                return await connect(
+                    self.config.server,
+                    max_size=self._max_frame_bytes(),
+                    compression=None,  # tensors do not deflate; compressing them costs CPU for nothing
+                    ping_interval=20,
+                    ping_timeout=120,  # a step on a slow device can take seconds; pings are answered anyway
+                    open_timeout=30,
+                    ssl=ssl_context,
+                )
+            except OSError as error:
+                if time.monotonic() + delay > deadline:
+                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") from error
+                self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 10.0)
 
     def _max_frame_bytes(self) -> int:
         manifest = self.head.manifest

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-profile", help="profile for the energy estimate where no sensor exists")
     parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to keep retrying while the server is not reachable")
     return parser
 
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         server=args.server, artifacts=args.artifacts, data=args.data, client_id=args.client_id, token=token,
         metrics_out=args.metrics_out, seed=args.seed, threads=args.threads, device_profile=args.device_profile,
         ca_file=args.ca_file, quiet=args.quiet,
+        connect_timeout_s=args.connect_timeout,
     )
     from edge_client.artifacts import load_manifest
 

@@ -9,10 +9,14 @@ interrupted or failed export never leaves a half-written artifact directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,9 +142,11 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
         seconds["trace"] = time.perf_counter() - t0
         log("exporting head.onnx" + ("" if not trainable else " and head_grad.onnx"))
         t0 = time.perf_counter()
-        export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
-        if traced.backward is not None:
-            export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / "head_grad.onnx")
+        with _quiet_exporter():
+            export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
+            if traced.backward is not None:
+                export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs,
+                             scratch / "head_grad.onnx")
         seconds["export"] = time.perf_counter() - t0
 
         report = None
@@ -202,6 +208,22 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
         raise
     seconds["total"] = time.perf_counter() - started
     return ExportResult(manifest=manifest, out=out, seconds=seconds, quantize_report=report)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx warns about things that do not concern an FX graph of aten ops (training mode, torchvision)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _merge(first: Any, second: Any) -> Any:

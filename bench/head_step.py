@@ -1,0 +1,337 @@
+"""One client training step of the head, ONNX Runtime (fp32 and int8 artifacts) against PyTorch + PEFT.
+
+    python bench/head_step.py [--cut-layer 4] [--warmup 1] [--repeats 5] [--work-dir DIR] [--reexport]
+
+A step is what the edge client does per batch: the head's forward to the cut (activations (B, T, H) and the
+tensors saved for backward), then the LoRA gradients of sum(activations * activation_grads) given
+activation_grads (B, T, H) from the server. PyTorch does the same with the same head (embeddings + the first
+`cut_layer` layers, frozen base, LoRA through peft on the same targets with the same initial matrices).
+
+Each side runs in its own fresh process (`--worker ort|torch`), so that its peak resident memory
+(ru_maxrss) counts everything it needs: the PyTorch worker pays for importing torch, the ONNX Runtime worker
+never imports it (asserted). The PyTorch worker builds the head from the head's config and weights, saved
+once beside the artifacts, not from the whole model.
+
+Prints one JSON object: the step's median and samples (ms), peak RSS (MB), the torch/ORT ratios of both
+and whether the issue's bars (ORT >= 2x faster, >= 3x less peak memory) are met, the int8 error against
+fp32 on real text, artifact sizes and the machine. The machine is shared and small: compare the ratios of
+one run, and re-run when the load average is high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "train.jsonl"
+SPEED_BAR = 2.0  # ORT step at least this many times faster than PyTorch
+MEMORY_BAR = 3.0  # and at least this many times lower peak RSS
+SEED = 0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / max(float(np.linalg.norm(expected)), 1e-12))
+
+
+def text_batch(tokenizer_file: Path, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) token ids of real text, packed end to end so that every position is a real token."""
+    from tokenizers import Tokenizer
+
+    if E2E_TRAIN.is_file():
+        lines = [json.loads(line) for line in E2E_TRAIN.read_text().splitlines()[:400]]
+        texts = [f"{line['context']}\n{line['completion']}" for line in lines]
+    else:  # the E2E set lives beside the project, not in it: fall back to made-up restaurant sentences
+        rng = np.random.default_rng(SEED)
+        names, areas = ["Alimentum", "The Eagle", "Zizzi", "Cotto"], ["city centre", "riverside"]
+        texts = [f"{rng.choice(names)} is a family friendly place in the {rng.choice(areas)} ." for _ in range(400)]
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    stream = [token for text in texts for token in tokenizer.encode(text, add_special_tokens=False).ids]
+    needed = batch_size * seq_len
+    if len(stream) < needed:
+        stream = (stream * (needed // max(len(stream), 1) + 1))[:needed]
+    input_ids = np.asarray(stream[:needed], dtype=np.int64).reshape(batch_size, seq_len)
+    return input_ids, np.ones_like(input_ids)
+
+
+def activation_grads(shape: tuple[int, ...]) -> np.ndarray:
+    return (np.random.default_rng(SEED + 1).standard_normal(shape) * 1e-3).astype(np.float32)
+
+
+def timed(warmup: int, repeats: int, step: Any) -> list[dict[str, float]]:
+    for _ in range(warmup):
+        step()
+    return [step() for _ in range(repeats)]
+
+
+def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        out[f"{key}_median_ms"] = round(statistics.median(values), 2)
+        out[f"{key}_samples_ms"] = [round(v, 2) for v in values]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The edge client's step in ONNX Runtime, numpy only."""
+    import onnxruntime as ort
+
+    from edge_client.head import Head
+
+    started = time.perf_counter()
+    head = Head(args.artifacts)
+    load_seconds = time.perf_counter() - started
+    rss_after_load = peak_rss_mb()
+    manifest = head.manifest
+    input_ids, attention_mask = text_batch(head.root / "tokenizer.json", manifest.batch_size, manifest.max_seq_len)
+    adapters = head.initial_adapters()
+    grads_in = activation_grads(manifest.activations_shape)
+    result: dict[str, Any] = {}
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        forward = head.forward(input_ids, attention_mask, adapters)
+        t1 = time.perf_counter()
+        result["grads"] = head.backward(forward, grads_in)
+        t2 = time.perf_counter()
+        result["activations"] = forward.activations
+        return {"step": (t2 - t0) * 1e3, "forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3}
+
+    samples = timed(args.warmup, args.repeats, step)
+    assert "torch" not in sys.modules, "the ONNX Runtime worker imported torch"
+    np.savez(args.save, activations=result["activations"], **{f"grad.{k}": v for k, v in result["grads"].items()})
+    saved = head.backward_inputs
+    return {
+        **summary(samples),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_after_load_mb": round(rss_after_load, 1),
+        "rss_after_steps_mb": round(current_rss_mb(), 1),
+        "load_s": round(load_seconds, 2),
+        "backward_inputs": len(saved),
+        "torch_imported": "torch" in sys.modules,
+        "onnxruntime": ort.__version__,
+    }
+
+
+def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The same step in PyTorch: the head built from its config and weights, LoRA through peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+    from transformers import AutoModel
+
+    from edge_client.artifacts import load_manifest
+
+    started = time.perf_counter()
+    lora_settings = json.loads((args.head_dir / "lora.json").read_text())
+    model = AutoModel.from_pretrained(args.head_dir, dtype=torch.float32, attn_implementation=args.attention)
+    model.norm = torch.nn.Identity()  # the head ends at the cut: no final norm
+    model.eval()  # no dropout, as in the ONNX head
+    config = LoraConfig(
+        r=lora_settings["rank"], lora_alpha=lora_settings["alpha"], target_modules=lora_settings["targets"],
+        lora_dropout=0.0,
+    )
+    model = get_peft_model(model, config)
+    # The ONNX head's initial adapters, so that both sides compute the very same function.
+    initial = load_file(str(args.artifacts / "head_adapters.safetensors"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                layer = name.split(".layers.")[1].split(".")[0]
+                target = name.split(".lora_")[0].rsplit(".", 1)[-1]
+                matrix = "A" if ".lora_A." in name else "B"
+                parameter.copy_(torch.from_numpy(initial[f"lora.{layer}.{target}.{matrix}"]))
+    load_seconds = time.perf_counter() - started
+    rss_after_load = peak_rss_mb()
+    manifest = load_manifest(args.artifacts, verify=False)
+    input_ids, attention_mask = (
+        torch.from_numpy(a)
+        for a in text_batch(args.artifacts / "tokenizer.json", manifest.batch_size, manifest.max_seq_len)
+    )
+    grads_in = torch.from_numpy(activation_grads(manifest.activations_shape))
+    lora_parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    result: dict[str, Any] = {}
+
+    def step() -> dict[str, float]:
+        for parameter in lora_parameters.values():
+            parameter.grad = None
+        t0 = time.perf_counter()
+        activations = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        t1 = time.perf_counter()
+        (activations * grads_in).sum().backward()
+        t2 = time.perf_counter()
+        result["activations"] = activations.detach()
+        return {"step": (t2 - t0) * 1e3, "forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3}
+
+    samples = timed(args.warmup, args.repeats, step)
+    grads = {}
+    for name, parameter in lora_parameters.items():
+        layer = name.split(".layers.")[1].split(".")[0]
+        target = name.split(".lora_")[0].rsplit(".", 1)[-1]
+        grads[f"grad.lora.{layer}.{target}.{'A' if '.lora_A.' in name else 'B'}"] = parameter.grad.numpy()
+    np.savez(args.save, activations=result["activations"].numpy(), **grads)
+    return {
+        **summary(samples),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_after_load_mb": round(rss_after_load, 1),
+        "rss_after_steps_mb": round(current_rss_mb(), 1),
+        "load_s": round(load_seconds, 2),
+        "threads": torch.get_num_threads(),
+        "attention": args.attention,
+        "torch": torch.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+
+
+def prepare(work_dir: Path, cut_layer: int, reexport: bool) -> None:
+    """Export the fp32 and int8 artifacts and save the head's weights and config, unless already there."""
+    wanted = [work_dir / "fp32" / "manifest.json", work_dir / "int8" / "manifest.json", work_dir / "head" / "lora.json"]
+    if all(path.exists() for path in wanted) and not reexport:
+        return
+    import torch
+
+    from export.exporter import ExportConfig, export
+    from export.families import family_for, prepare_for_training
+    from export.models import DEFAULT_MODEL, load_model
+
+    loaded = load_model(DEFAULT_MODEL)
+    settings = dict(model=DEFAULT_MODEL, cut_layer=cut_layer, batch_size=4, max_seq_len=128, lora_rank=8,
+                    lora_alpha=16.0, lora_targets=("q_proj", "v_proj"), force=True)
+    for variant, quantize in (("fp32", "none"), ("int8", "int8")):
+        result = export(ExportConfig(out=work_dir / variant, quantize=quantize, **settings), loaded=loaded)
+        print(f"exported {variant} in {result.seconds['total']:.1f} s", file=sys.stderr)
+    model = loaded.model
+    prepare_for_training(model)
+    family = family_for(model)
+    head = family.build_head(model, cut_layer)
+    head.config.tie_word_embeddings = False  # a bare backbone: nothing to tie
+    with torch.no_grad():
+        head.save_pretrained(work_dir / "head")
+    lora = {"rank": settings["lora_rank"], "alpha": settings["lora_alpha"], "targets": list(settings["lora_targets"])}
+    (work_dir / "head" / "lora.json").write_text(json.dumps(lora) + "\n")
+
+
+def run_worker(kind: str, args: argparse.Namespace, artifacts: Path, save: Path) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--artifacts", str(artifacts),
+               "--head-dir", str(args.work_dir / "head"), "--save", str(save), "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats), "--attention", args.attention]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} worker on {artifacts} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def files_mb(directory: Path, names: tuple[str, ...]) -> dict[str, float]:
+    return {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(directory.iterdir())
+            if p.is_file() and (p.name in names or p.suffix == ".data")}
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    prepare(args.work_dir, args.cut_layer, args.reexport)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    runs: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, Any] = {}
+    for name, kind, variant in (("ort_fp32", "ort", "fp32"), ("ort_int8", "ort", "int8"), ("torch", "torch", "fp32")):
+        save = args.work_dir / f"{name}.npz"
+        runs[name] = run_worker(kind, args, args.work_dir / variant, save)
+        outputs[name] = dict(np.load(save))
+
+    def errors(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
+        grads = [relative_error(actual[k], expected[k]) for k in expected if k.startswith("grad.")]
+        return {"activations_rel_err": relative_error(actual["activations"], expected["activations"]),
+                "grads_max_rel_err": max(grads)}
+
+    torch_run = runs["torch"]
+    comparison: dict[str, Any] = {}
+    for name in ("ort_fp32", "ort_int8"):
+        speedup = torch_run["step_median_ms"] / runs[name]["step_median_ms"]
+        memory = torch_run["peak_rss_mb"] / runs[name]["peak_rss_mb"]
+        comparison[name] = {
+            "time_ratio_torch_over_ort": round(speedup, 2),
+            "memory_ratio_torch_over_ort": round(memory, 2),
+            f"speed_bar_{SPEED_BAR:g}x_met": bool(speedup >= SPEED_BAR),
+            f"memory_bar_{MEMORY_BAR:g}x_met": bool(memory >= MEMORY_BAR),
+        }
+    return {
+        "setup": {"model": "smollm2-135m", "cut_layer": args.cut_layer, "batch": [4, 128], "lora_rank": 8,
+                  "lora_alpha": 16, "lora_targets": ["q_proj", "v_proj"], "warmup": args.warmup,
+                  "repeats": args.repeats, "tokens": "E2E train.jsonl, packed" if E2E_TRAIN.is_file() else
+                  "generated sentences, packed", "work_dir": str(args.work_dir)},
+        "machine": {**machine(), "load_average_before": load_before},
+        **runs,
+        "vs_torch": comparison,
+        "accuracy": {
+            "int8_vs_fp32": errors(outputs["ort_int8"], outputs["ort_fp32"]),
+            "ort_fp32_vs_torch": errors(outputs["ort_fp32"], outputs["torch"]),
+        },
+        "artifact_mb": {
+            variant: files_mb(args.work_dir / variant, ("head.onnx", "head_grad.onnx")) for variant in ("fp32", "int8")
+        } | {"torch_head": files_mb(args.work_dir / "head", ("model.safetensors",))},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cut-layer", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "edgesplit-bench-head-step",
+                        help="where the artifacts go; reused when present (cut layer included in the name)")
+    parser.add_argument("--reexport", action="store_true", help="export again even if --work-dir has artifacts")
+    parser.add_argument("--attention", default="sdpa", help="PyTorch attention implementation (sdpa or eager)")
+    parser.add_argument("--worker", choices=("ort", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--head-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is None:
+        args.work_dir = args.work_dir / f"cut{args.cut_layer}"
+        report = orchestrate(args)
+    else:
+        report = (ort_worker if args.worker == "ort" else torch_worker)(args)
+    print(json.dumps(report, indent=None if args.worker else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
