@@ -79,3 +79,51 @@ def _check_tensors(
             )
         if not np.isfinite(tensor).all():
             raise TrainingError(f"client {client}: tensor {name!r} contains NaN or Inf")
+
+
+def average_top_k(
+    updates: Sequence[tuple[NDArray[np.floating], NDArray[np.integer], int]], k: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """The sample-weighted mean of clients' top-k next-token distributions, cut back to its own top k.
+
+    Each update is (values (N, T, k_c), indices (N, T, k_c), num_samples): top-k probabilities per proxy
+    position. Each client's kept probabilities are renormalised to sum to 1 before averaging, so a client
+    whose top k covers little mass does not count for less. Computed sparsely: positions x kept tokens, never
+    positions x vocabulary.
+    """
+    if not updates:
+        raise TrainingError("average_top_k needs at least one client's logits")
+    shape = updates[0][0].shape[:-1]
+    total_weight = float(sum(weight for _, _, weight in updates))
+    if total_weight <= 0:
+        raise TrainingError("the clients' sample counts add up to zero")
+    positions, tokens, masses = [], [], []
+    for values, indices, weight in updates:
+        if values.shape[:-1] != shape or indices.shape != values.shape:
+            raise TrainingError(f"logits of shape {values.shape} do not match the first client's {shape}")
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise TrainingError("client logits contain NaN, Inf or negative probabilities")
+        flat_values = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        sums = flat_values.sum(axis=1, keepdims=True)
+        normalised = np.divide(flat_values, sums, out=np.zeros_like(flat_values), where=sums > 0)
+        rows = np.repeat(np.arange(flat_values.shape[0]), flat_values.shape[1])
+        positions.append(rows)
+        tokens.append(indices.reshape(-1).astype(np.int64))
+        masses.append(normalised.reshape(-1) * (weight / total_weight))
+    row, token, mass = np.concatenate(positions), np.concatenate(tokens), np.concatenate(masses)
+    vocab = int(token.max()) + 1
+    keys, inverse = np.unique(row * vocab + token, return_inverse=True)
+    summed = np.bincount(inverse, weights=mass)
+    key_rows, key_tokens = keys // vocab, keys % vocab
+    count = int(np.prod(shape))
+    out_values = np.zeros((count, k), dtype=np.float32)
+    out_indices = np.zeros((count, k), dtype=np.int64)
+    # Sort by (row, -mass): each row's entries come together, largest first; keep the first k of each row.
+    order = np.lexsort((-summed, key_rows))
+    sorted_rows = key_rows[order]
+    starts = np.searchsorted(sorted_rows, np.arange(count))
+    rank = np.arange(len(order)) - starts[sorted_rows]
+    keep = rank < k
+    out_values[sorted_rows[keep], rank[keep]] = summed[order][keep]
+    out_indices[sorted_rows[keep], rank[keep]] = key_tokens[order][keep]
+    return out_values.reshape(*shape, k), out_indices.reshape(*shape, k)

@@ -88,10 +88,14 @@ class Manifest:
     tools: dict[str, str]
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its
+    # logits (B, T, V), `activation_grads` the loss gradient with respect to them.
+    full_model: bool = False
 
     @property
     def activations_shape(self) -> tuple[int, int, int]:
-        return (self.batch_size, self.max_seq_len, self.hidden_size)
+        width = self.vocab_size if self.full_model else self.hidden_size
+        return (self.batch_size, self.max_seq_len, width)
 
     @property
     def saved_names(self) -> tuple[str, ...]:
@@ -121,6 +125,7 @@ class Manifest:
                 "pad_token_id": self.pad_token_id,
             },
             "cut_layer": self.cut_layer,
+            "full_model": self.full_model,
             "shapes": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
             "lora": {
                 "rank": self.lora.rank,
@@ -179,6 +184,7 @@ class Manifest:
             tools={str(k): str(v) for k, v in raw["tools"].items()},
             eos_token_id=model.get("eos_token_id"),
             pad_token_id=model.get("pad_token_id"),
+            full_model=bool(raw.get("full_model", False)),
         )
 
 

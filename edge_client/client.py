@@ -8,15 +8,21 @@ One step, with the phases the metrics time:
 Everything that can be checked before connecting is checked first (artifacts, data, tokenizer), so that a
 bad file never costs the server a half-finished client. Blocking compute runs off the event loop, so the
 websocket answers pings while a slow device works.
+
+Devices lose Wi-Fi and power: a dropped connection is retried with capped exponential backoff and jitter
+(`backoff_delays`, for --connect-timeout seconds per outage), and the server's Welcome on the new connection
+says where to pick up (`Client._resume`). A restarted process rejoins the same way, with the global adapters.
+An Error from the server (bad token, wrong artifacts, a rejected tensor) is final: the client stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +68,36 @@ class ClientConfig:
 
 
 class ServerRefused(EdgesplitError):
-    """The server ended the session with an Error message."""
+    """The server ended the session with an Error message: `code` says why (protocol.Error)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"the server refused: {reason} ({code})")
+        self.code = code
+        self.reason = reason
+
+
+class _LinkLost(Exception):
+    """The connection dropped mid-conversation: reconnect and resume."""
+
+
+@dataclass
+class _Position:
+    """Where this client stands in the run; it outlives connections."""
+
+    round: int
+    step: int  # the next step of `round` to run
+    losses: list[float] = field(default_factory=list)  # this round's, as far as this process has seen
+
+
+def backoff_delays(first_s: float = 0.5, cap_s: float = 10.0, jitter: float = 0.2,
+                   rng: random.Random | None = None) -> Iterator[float]:
+    """Seconds to wait before each retry: doubling from `first_s` up to `cap_s`, each scaled by a random
+    factor in [1 - jitter, 1 + jitter] so that clients cut off together do not all come back at once."""
+    rng = rng or random.Random()
+    delay = first_s
+    while True:
+        yield delay * rng.uniform(1 - jitter, 1 + jitter)
+        delay = min(delay * 2, cap_s)
 
 
 class Client:
@@ -88,6 +123,12 @@ class Client:
         self.bytes_down = 0
         self.steps_done = 0
         self.losses: list[float] = []
+        self.reconnects = 0
+        self.position: _Position | None = None  # None until the first Welcome
+        self.steps_per_round = 0
+        self.batch_iterator: Iterator[Batch] = iter(())
+        self.batches_drawn = 0
+        self._current_batch: tuple[int, Batch] | None = None
 
     def log(self, text: str) -> None:
         if not self.config.quiet:
@@ -110,9 +151,7 @@ class Client:
         self.energy.start()
         started = time.perf_counter()
         try:
-            websocket = await self._connect(connect, ssl_context)
-            async with websocket:
-                summary = await self._train(websocket)
+            summary = await self._run_sessions(connect, ssl_context)
         finally:
             self.memory.stop()
             self.energy.stop()
@@ -122,13 +161,35 @@ class Client:
         self.metrics.close()
         return summary
 
+    async def _run_sessions(self, connect: Any, ssl_context: Any) -> dict[str, Any]:
+        """One session per connection, until training is done. A lost link is not the end of the run: the
+        client reconnects and the server's Welcome says where to pick up (see _resume)."""
+        while True:
+            websocket = await self._connect(connect, ssl_context)
+            try:
+                async with websocket:
+                    return await self._session(websocket)
+            except _LinkLost as lost:
+                self.reconnects += 1
+                self.log(f"lost the server ({lost}); reconnecting")
+                self.metrics.write("disconnect", client_id=self.config.client_id, reason=str(lost),
+                                   round=None if self.position is None else self.position.round,
+                                   step=None if self.position is None else self.position.step)
+            except ServerRefused as refusal:
+                if refusal.code != "finished":
+                    raise
+                # The run ended while this client was mid-round (a straggler) or away: its part is done.
+                self.log(f"the server has finished: {refusal.reason}")
+                return self._summary()
+
     async def _connect(self, connect: Any, ssl_context: Any) -> Any:
-        """Connect, retrying with capped exponential backoff and jitter while the server is not up yet."""
-        import random
+        """Connect, retrying with capped exponential backoff and jitter while the server is unreachable."""
+        import ssl
+
+        from websockets.exceptions import InvalidHandshake
 
         deadline = time.monotonic() + self.config.connect_timeout_s
-        delay = 0.5
-        while True:
+        for delay in backoff_delays():
             try:
                 return await connect(
                     self.config.server,
@@ -139,12 +200,16 @@ class Client:
                     open_timeout=30,
                     ssl=ssl_context,
                 )
-            except OSError as error:
+            except ssl.SSLError as error:
+                # A certificate that does not verify will not verify on the next try either.
+                raise EdgesplitError(f"TLS with {self.config.server} failed: {error} (is --ca-file the CA that "
+                                     "signed the server's certificate?)") from error
+            except (OSError, asyncio.TimeoutError, InvalidHandshake) as error:
                 if time.monotonic() + delay > deadline:
                     raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") from error
                 self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(delay)
+        raise AssertionError("backoff_delays is endless")
 
     def _max_frame_bytes(self) -> int:
         manifest = self.head.manifest
@@ -152,10 +217,15 @@ class Client:
         return max(int(np.prod(manifest.activations_shape)) * 4, adapters) + (1 << 20)
 
     async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire) -> Message:
+        from websockets.exceptions import ConnectionClosed
+
         frame = session.send(message, wire)
-        with self.timer.phase("network"):
-            await websocket.send(frame)
-            reply = await websocket.recv()
+        try:
+            with self.timer.phase("network"):
+                await websocket.send(frame)
+                reply = await websocket.recv()
+        except (ConnectionClosed, OSError) as error:
+            raise _LinkLost(str(error) or type(error).__name__) from error
         if isinstance(reply, str):
             raise ProtocolError("the server sent a text frame", 1003)
         self.bytes_up += len(frame)
@@ -163,46 +233,99 @@ class Client:
         with self.timer.phase("decode"):
             answer = session.receive(reply)
         if isinstance(answer, Error):
-            raise ServerRefused(f"the server refused: {answer.message} ({answer.code})")
+            raise ServerRefused(answer.code, answer.message)
         return answer
 
-    async def _train(self, websocket: Any) -> dict[str, Any]:
+    async def _session(self, websocket: Any) -> dict[str, Any]:
         session = Session(Role.CLIENT, max_size=self._max_frame_bytes())
         hello = Hello(self.config.client_id, PROTOCOL_VERSION, self.head.manifest.manifest_hash,
                       self.config.token, self.num_samples)
         self.log(f"connecting to {self.config.server} with {self.num_samples} examples")
         welcome = await self._exchange(websocket, session, hello, Wire.FP32)
         assert isinstance(welcome, Welcome)
-        settings = welcome.settings
-        wire = Wire(str(settings["wire"]))
-        steps_per_round = int(settings["steps_per_round"])  # type: ignore[call-overload]
-        self._set_adapters(welcome.tensors)
-        self.optimizer = AdamW(self.adapters, lr=float(settings["learning_rate"]),  # type: ignore[arg-type]
-                               weight_decay=float(settings.get("weight_decay", 0.0)))  # type: ignore[arg-type]
-        batches = self.batches(seed=int(settings.get("seed", 0)) + self.config.seed)  # type: ignore[call-overload]
-        round_index = welcome.round
-        self.log(f"joined at round {round_index + 1}/{welcome.total_rounds}: {steps_per_round} steps a round, "
-                 f"wire {wire.value}")
+        position = self._resume(welcome)
+        wire = Wire(str(welcome.settings["wire"]))
         loop = asyncio.get_running_loop()
         while True:
-            round_losses = []
-            for step in range(steps_per_round):
-                loss = await self._step(websocket, session, loop, next(batches), round_index, step, wire)
-                round_losses.append(loss)
-            update = AdapterUpdate(round_index, self.num_samples, self.adapters,
-                                   {"mean_loss": float(np.mean(round_losses)), "steps": float(steps_per_round)})
+            while position.step < self.steps_per_round:
+                batch = self._batch(position.round, position.step)
+                loss = await self._step(websocket, session, loop, batch, position.round, position.step, wire)
+                position.losses.append(loss)
+                position.step += 1
+            metrics = {"steps": float(len(position.losses))}
+            if position.losses:
+                metrics["mean_loss"] = float(np.mean(position.losses))
+            update = AdapterUpdate(position.round, self.num_samples, self.adapters, metrics)
             result = await self._exchange(websocket, session, update, Wire.FP32)
             assert isinstance(result, RoundResult)
             self._set_adapters(result.tensors)
+            mean_loss = metrics.get("mean_loss")
+            loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
-            self.log(f"round {round_index + 1} done: mean loss {np.mean(round_losses):.4f}{eval_text}")
-            self.metrics.write("round", client_id=self.config.client_id, round=round_index,
-                               mean_loss=float(np.mean(round_losses)), eval_loss=result.eval_loss)
+            self.log(f"round {position.round + 1} done{loss_text}{eval_text}")
+            self.metrics.write("round", client_id=self.config.client_id, round=position.round,
+                               mean_loss=mean_loss, eval_loss=result.eval_loss)
             if result.done:
-                break
-            round_index = result.next_round
-        return {"rounds": round_index + 1, "steps": self.steps_done, "final_loss": self.losses[-1],
-                "first_loss": self.losses[0], "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+                return self._summary()
+            if result.next_round != position.round + 1:
+                self.log(f"the server is at round {result.next_round + 1}: catching up with its adapters")
+            self.position = position = _Position(result.next_round, 0)
+
+    def _resume(self, welcome: Welcome) -> _Position:
+        """Where to pick up after a Welcome: the first one of the run, or one after a reconnection.
+
+        The server says its round, how many of this client's steps of that round it has taken
+        (`resume_step`) and whether it has this client's update for it. A step the server took is never
+        sent again (the tail learnt from it already; only its gradients were lost). Within the same round
+        this process keeps its own adapters; otherwise it takes the global ones.
+        """
+        settings = welcome.settings
+        resume_step = int(settings.get("resume_step", 0))  # type: ignore[call-overload]
+        self.steps_per_round = int(settings["steps_per_round"])  # type: ignore[call-overload]
+        if self.optimizer is None:  # the first Welcome of this process
+            self.optimizer = AdamW(self.adapters, lr=float(settings["learning_rate"]),  # type: ignore[arg-type]
+                                   weight_decay=float(settings.get("weight_decay", 0.0)))  # type: ignore[arg-type]
+            seed = int(settings.get("seed", 0)) + self.config.seed  # type: ignore[call-overload]
+            self.batch_iterator = self.batches(seed=seed)
+        first = self.position is None
+        if self.position is None or self.position.round != welcome.round:
+            self._set_adapters(welcome.tensors)
+            self.position = _Position(welcome.round, resume_step)
+        else:
+            self.position.step = max(self.position.step, resume_step)
+        if settings.get("update_received"):
+            self.position.step = self.steps_per_round  # straight to the update: the server waits to answer it
+        position = self.position
+        where = f"round {position.round + 1}/{welcome.total_rounds}"
+        if first and position.step == 0:
+            self.log(f"joined at {where}: {self.steps_per_round} steps a round, wire {settings['wire']}")
+        else:
+            self.log(f"rejoined at {where}, step {min(position.step, self.steps_per_round) + 1} "
+                     f"(the server had taken {resume_step} steps of this round from this client)")
+        self.metrics.write("welcome", client_id=self.config.client_id, round=position.round, step=position.step,
+                           resume_step=resume_step, update_received=bool(settings.get("update_received")))
+        return position
+
+    def _batch(self, round_index: int, step: int) -> Batch:
+        """The batch of (round, step): number round * steps_per_round + step of this client's sequence, so
+        that a restarted process neither resends what the server already took nor trains on it twice."""
+        target = round_index * self.steps_per_round + step
+        if self._current_batch is not None and self._current_batch[0] == target:
+            return self._current_batch[1]  # the step was cut off before the server took it: send it again
+        while self.batches_drawn < target:
+            next(self.batch_iterator)
+            self.batches_drawn += 1
+        batch = next(self.batch_iterator)
+        self.batches_drawn += 1
+        self._current_batch = (target, batch)
+        return batch
+
+    def _summary(self) -> dict[str, Any]:
+        rounds = 0 if self.position is None else self.position.round + 1
+        return {"rounds": rounds, "steps": self.steps_done,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "first_loss": self.losses[0] if self.losses else None,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "reconnects": self.reconnects}
 
     def _set_adapters(self, tensors: dict[str, np.ndarray]) -> None:
         """Take new global adapters in place: the optimiser holds references to these arrays."""
@@ -243,6 +366,7 @@ class Client:
         self.losses.append(gradients.loss)
         self.metrics.write(
             "step", client_id=self.config.client_id, round=round_index, step=step, loss=gradients.loss,
+            tokens=int(batch.attention_mask.sum()),
             bytes_up=self.bytes_up - up_before, bytes_down=self.bytes_down - down_before,
             seconds={k: round(v, 6) for k, v in phases.items()}, wait_seconds=round(waited, 6),
             energy_j=round(self.energy.read_joules() - energy_before, 6),
@@ -272,8 +396,11 @@ def run_client(config: ClientConfig) -> dict[str, Any]:
 
 
 def main_summary(summary: dict[str, Any]) -> str:
-    return (f"trained {summary['steps']} steps in {summary['rounds']} rounds: loss {summary['first_loss']:.4f} -> "
-            f"{summary['final_loss']:.4f}; {summary['bytes_up'] / 1e6:.1f} MB up, "
+    loss = "no steps" if summary["final_loss"] is None else \
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+    reconnects = f", {summary['reconnects']} reconnections" if summary.get("reconnects") else ""
+    return (f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
+            f"{summary['bytes_up'] / 1e6:.1f} MB up, "
             f"{summary['bytes_down'] / 1e6:.1f} MB down; peak RSS {summary['peak_rss_mb']:.0f} MB; "
             f"energy {summary['energy_j']:.1f} J ({summary['energy_method']}, {summary['energy_source']})")
 

@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit export", description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)")
-    parser.add_argument("--cut-layer", type=parse_cut_layer, required=True,
-                        help="layers [0, cut) run on the device, the rest on the server")
+    parser.add_argument("--cut-layer", type=parse_cut_layer,
+                        help="layers [0, cut) run on the device, the rest on the server (required unless --full-model)")
+    parser.add_argument("--full-model", action="store_true",
+                        help="the whole model on the device, trainable, outputting logits (for FedLLM and KD-FedLLM)")
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact directory (default artifacts/)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
@@ -38,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cut_layer is None and not args.full_model:
+        parser.error("--cut-layer is required (or --full-model)")
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     config = ExportConfig(
-        model=args.model, cut_layer=args.cut_layer, out=args.out, lora_rank=args.lora_rank,
+        model=args.model, cut_layer=args.cut_layer or 0, out=args.out, full_model=args.full_model, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_targets=targets, quantize=args.quantize, frozen_head=args.frozen_head,
         batch_size=args.batch_size, max_seq_len=args.max_seq_len, force=args.force, seed=args.seed,
     )

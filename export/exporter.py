@@ -10,6 +10,7 @@ interrupted or failed export never leaves a half-written artifact directory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
@@ -40,6 +41,8 @@ class ExportConfig:
     max_seq_len: int = 128
     force: bool = False
     seed: int = 0
+    full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
+    write_tail: bool = True  # False: head files only, no tail/ (the split-point profiler's sweep)
 
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "int8"):
@@ -120,12 +123,13 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     model = loaded.model
     family = family_for(model)
     num_layers = family.num_layers(model)
-    cut_layer = check_cut_layer(config.cut_layer, num_layers)
+    cut_layer = num_layers if config.full_model else check_cut_layer(config.cut_layer, num_layers)
     targets = config.lora_targets or family.lora_targets
     prepare_for_training(model)
     model.set_attn_implementation("eager")
 
-    head = HeadWithLora(family.build_head(model, cut_layer), family, config.lora_rank, config.lora_alpha, targets)
+    backbone = copy.deepcopy(model) if config.full_model else family.build_head(model, cut_layer)
+    head = HeadWithLora(backbone, family, config.lora_rank, config.lora_alpha, targets, config.full_model)
     if not head.shapes:
         available = sorted({n.rsplit(".", 1)[-1] for n, m in family.layers(model)[0].named_modules() if n})
         raise ExportError(f"no LoRA target named {targets} in the model's layers; module names there: {available}")
@@ -164,11 +168,13 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
         save_numpy({k: v.detach().numpy().astype("float32") for k, v in lora.items()},
                    str(scratch / "head_adapters.safetensors"))
         loaded.tokenizer.backend_tokenizer.save(str(scratch / "tokenizer.json"))
-        (scratch / "tail").mkdir()
-        family.tail_config(model, cut_layer).to_json_file(str(scratch / "tail" / "config.json"))
-        save_torch(family.tail_state_dict(model, cut_layer), str(scratch / "tail" / "model.safetensors"))
-        lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
-        (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
+        # A full-model export has no tail: the client holds every layer.
+        if config.write_tail and not config.full_model:
+            (scratch / "tail").mkdir()
+            family.tail_config(model, cut_layer).to_json_file(str(scratch / "tail" / "config.json"))
+            save_torch(family.tail_state_dict(model, cut_layer), str(scratch / "tail" / "model.safetensors"))
+            lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
+            (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
 
         head_inputs, head_outputs = _specs(scratch / "head.onnx")
         grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx") if trainable else ((), ())
@@ -200,6 +206,7 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             tools=_tool_versions(),
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
+            full_model=config.full_model,
         )
         (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
         _swap_into_place(scratch, out)

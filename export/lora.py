@@ -37,15 +37,21 @@ class LoraLinear(nn.Module):
 
 
 class HeadWithLora(nn.Module):
-    """(input_ids (B, T), attention_mask (B, T), LoRA matrices) -> activations (B, T, H)."""
+    """(input_ids (B, T), attention_mask (B, T), LoRA matrices) -> activations (B, T, H).
 
-    def __init__(self, backbone: nn.Module, family: Family, rank: int, alpha: float, targets: tuple[str, ...]):
+    With `full_model`, `backbone` is the whole causal LM and the output is its logits (B, T, V): the graph
+    that FedLLM and KD-FedLLM clients train.
+    """
+
+    def __init__(self, backbone: nn.Module, family: Family, rank: int, alpha: float, targets: tuple[str, ...],
+                 full_model: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.full_model = full_model
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._matrices: dict[str, torch.Tensor] = {}
         scale = alpha / rank
-        layers = getattr(backbone, family.layers_attr)
+        layers = family.layers(backbone) if full_model else getattr(backbone, family.layers_attr)
         for index, layer in enumerate(layers):
             for module_name, module in list(layer.named_modules()):
                 leaf = module_name.rsplit(".", 1)[-1]
@@ -72,7 +78,7 @@ class HeadWithLora(nn.Module):
         self._matrices.clear()
         self._matrices.update(lora)
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return output.last_hidden_state  # type: ignore[no-any-return]
+        return output.logits if self.full_model else output.last_hidden_state  # type: ignore[no-any-return]
 
     def initial_lora(self, seed: int) -> dict[str, torch.Tensor]:
         """A as PEFT initialises it (Kaiming-uniform, a=sqrt(5)), B zero: the adapted model starts as the base."""

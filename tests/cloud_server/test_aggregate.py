@@ -166,3 +166,24 @@ def test_zero_total_examples_is_an_error() -> None:
 def test_a_client_with_no_tensors_is_an_error() -> None:
     with pytest.raises(TrainingError, match="client 0 sent no tensors"):
         fedavg([({}, 3)])
+
+
+def test_average_top_k_equals_the_dense_weighted_mean() -> None:
+    from cloud_server.aggregate import average_top_k
+    from edge_client.losses import densify, top_k
+
+    rng = np.random.default_rng(0)
+    vocab, k = 12, 4
+    mask = np.ones((3, 5), dtype=np.int64)
+    clients = []
+    for weight in (10, 30):
+        values, indices = top_k(rng.standard_normal((3, 5, vocab)).astype(np.float32) * 2, k, mask)
+        clients.append((values, indices, weight))
+    values, indices = average_top_k(clients, k=vocab)  # keep everything: compare with the dense mean
+    dense = sum(densify(v, i, vocab) * (w / 40) for v, i, w in clients)
+    np.testing.assert_allclose(densify(values, indices, vocab), dense / dense.sum(-1, keepdims=True), atol=1e-6)
+    top_values, top_indices = average_top_k(clients, k=2)
+    assert top_values.shape == (3, 5, 2)
+    assert np.all(top_values[..., 0] >= top_values[..., 1])
+    expected_first = np.argmax(dense, axis=-1)
+    np.testing.assert_array_equal(top_indices[..., 0], expected_first)

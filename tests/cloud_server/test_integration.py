@@ -71,9 +71,15 @@ def run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
         )
         for name in ("a", "b")
     }
-    outputs = {name: process.communicate(timeout=240)[0] for name, process in clients.items()}
-    codes = {name: process.returncode for name, process in clients.items()}
-    server_output = server.communicate(timeout=60)[0]
+    try:
+        outputs = {name: process.communicate(timeout=240)[0] for name, process in clients.items()}
+        codes = {name: process.returncode for name, process in clients.items()}
+        server_output = server.communicate(timeout=60)[0]
+    finally:  # a failed run must not leave a server or client behind
+        for process in [server, *clients.values()]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return {"work": work, "outputs": outputs, "codes": codes, "server_output": server_output,
             "server_code": server.returncode}
 

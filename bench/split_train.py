@@ -1,0 +1,172 @@
+"""Split training against centralised training of the same model, on this machine, in one run. Prints JSON.
+
+    python bench/split_train.py [--steps 24] [--cut-layer 4] [--work-dir runs/bench-split]
+
+- Centralised: the whole model with PEFT LoRA (the same rank, alpha and targets) trained in PyTorch in this
+  process on the same batches: tokens per second, median over the steps after the first.
+- Split: a real `edgesplit serve` and one real `edgesplit client` process on loopback, for each wire format
+  (fp32, fp16, int8): tokens per second from the client's per-step wall time, bytes per step up and down,
+  and the eval loss on E2E test examples after the run.
+Bars (issue 4): split throughput >= 0.8x centralised; int8 wire's final eval loss within 2% of fp32's.
+Client and server share this machine's cores, as they would not in a deployment; they take turns (each
+waits for the other), so the split run's figure includes no contention beyond that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+E2E = REPO.parent / "shared" / "data" / "e2e"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_artifacts(work: Path, cut_layer: int) -> Path:
+    artifacts = work / f"artifacts-cut{cut_layer}"
+    if not (artifacts / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "edge_client.cli", "export", "--cut-layer", str(cut_layer),
+                        "--out", str(artifacts), "--force"], check=True)
+    return artifacts
+
+
+def write_subsets(work: Path, train_lines: int, eval_lines: int) -> tuple[Path, Path]:
+    if not E2E.is_dir():
+        sys.exit(f"the E2E data set is expected at {E2E}")
+    train, test = work / "train.jsonl", work / "eval.jsonl"
+    # Every 7th line: many distinct contexts rather than the references of a few.
+    lines = (E2E / "train.jsonl").read_text().splitlines()
+    train.write_text("\n".join(lines[::7][:train_lines]) + "\n")
+    lines = (E2E / "test.jsonl").read_text().splitlines()
+    test.write_text("\n".join(lines[::9][:eval_lines]) + "\n")
+    return train, test
+
+
+def split_run(artifacts: Path, train: Path, test: Path, wire: str, steps: int, work: Path, lr: float) -> dict:
+    port = free_port()
+    server_metrics, client_metrics = work / f"server-{wire}.jsonl", work / f"client-{wire}.jsonl"
+    for path in (server_metrics, client_metrics):
+        path.unlink(missing_ok=True)
+    cli = [sys.executable, "-m", "edge_client.cli"]
+    server = subprocess.Popen(
+        [*cli, "serve", "--artifacts", str(artifacts), "--port", str(port), "--rounds", "1", "--min-clients", "1",
+         "--steps-per-round", str(steps), "--wire", wire, "--learning-rate", str(lr), "--eval-data", str(test),
+         "--eval-batches", "8", "--metrics-out", str(server_metrics)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = subprocess.run(
+        [*cli, "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts), "--data", str(train),
+         "--client-id", "bench", "--metrics-out", str(client_metrics), "--quiet"],
+        capture_output=True, text=True,
+    )
+    server.wait(timeout=600)
+    if client.returncode != 0:
+        raise RuntimeError(f"client failed: {client.stdout}{client.stderr}")
+    records = [json.loads(line) for line in client_metrics.read_text().splitlines()]
+    step_records = [r for r in records if r["event"] == "step"][1:]  # the first step warms up
+    rates = [r["tokens"] / sum(r["seconds"].values()) for r in step_records]
+    server_records = [json.loads(line) for line in server_metrics.read_text().splitlines()]
+    rounds = [r for r in server_records if r["event"] == "round"]
+    before = next(r["eval_loss"] for r in server_records if r["event"] == "eval")
+    return {
+        "tokens_per_second_median": statistics.median(rates),
+        "step_seconds_median": statistics.median(sum(r["seconds"].values()) for r in step_records),
+        "phase_seconds_median": {k: statistics.median(r["seconds"][k] for r in step_records)
+                                 for k in step_records[0]["seconds"]},
+        "bytes_up_per_step": statistics.median(r["bytes_up"] for r in step_records),
+        "bytes_down_per_step": statistics.median(r["bytes_down"] for r in step_records),
+        "losses": [r["loss"] for r in records if r["event"] == "step"],
+        "eval_loss_before": before,
+        "eval_loss_after": rounds[-1]["eval_loss"],
+    }
+
+
+def centralized_run(artifacts: Path, train: Path, steps: int, lr: float) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer
+
+    from cloud_server.tail import causal_lm_loss
+    from edge_client.artifacts import load_manifest
+    from edge_client.data import encode_examples, iterate_batches, read_jsonl
+    from export.families import prepare_for_training
+    from export.models import load_model
+
+    manifest = load_manifest(artifacts, verify=False)
+    model = load_model("smollm2-135m").model
+    prepare_for_training(model)
+    model = get_peft_model(model, LoraConfig(r=manifest.lora.rank, lora_alpha=manifest.lora.alpha,
+                                             target_modules=list(manifest.lora.targets), lora_dropout=0.0))
+    model.train()
+    tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
+    encoded = encode_examples(tokenizer, read_jsonl(train), manifest.max_seq_len, manifest.eos_token_id,
+                              manifest.pad_token_id or 0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rates, seconds = [], []
+    for batch in itertools.islice(iterate_batches(encoded, manifest.batch_size, seed=0), steps):
+        started = time.perf_counter()
+        logits = model(input_ids=torch.from_numpy(batch.input_ids),
+                       attention_mask=torch.from_numpy(batch.attention_mask), use_cache=False).logits
+        loss = causal_lm_loss(logits, torch.from_numpy(batch.labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - started
+        seconds.append(elapsed)
+        rates.append(int(batch.attention_mask.sum()) / elapsed)
+    return {"tokens_per_second_median": statistics.median(rates[1:]),
+            "step_seconds_median": statistics.median(seconds[1:])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--cut-layer", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--train-lines", type=int, default=400)
+    parser.add_argument("--eval-lines", type=int, default=64)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-split"))
+    args = parser.parse_args(argv)
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    artifacts = ensure_artifacts(work, args.cut_layer)
+    train, test = write_subsets(work, args.train_lines, args.eval_lines)
+    split = {wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate)
+             for wire in ("fp32", "fp16", "int8")}
+    central = centralized_run(artifacts, train, args.steps, args.learning_rate)
+    ratio = split["fp32"]["tokens_per_second_median"] / central["tokens_per_second_median"]
+    int8_gap = abs(split["int8"]["eval_loss_after"] - split["fp32"]["eval_loss_after"]) / split["fp32"]["eval_loss_after"]
+    result = {
+        "benchmark": "split_train",
+        "model": "smollm2-135m",
+        "cut_layer": args.cut_layer,
+        "steps": args.steps,
+        "machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "centralized": central,
+        "split": split,
+        "split_over_centralized_throughput": ratio,
+        "int8_vs_fp32_eval_loss_relative_gap": int8_gap,
+        "bars": {"throughput_at_least_0.8x": ratio >= 0.8, "int8_eval_loss_within_2pct": int8_gap <= 0.02},
+        "wall_seconds": time.time() - started,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
