@@ -293,6 +293,18 @@ def _require_counts(message: object, *names: str) -> None:
         _require(value >= 0, f"{type(message).__name__}.{name} must be >= 0, got {value}")
 
 
+def _require_round_tensors(message: object, tensors: dict[str, Array]) -> None:
+    """Adapters are float. KD-FedLLM also sends int64 tensors: top-k token indices and the proxy set's tokens."""
+    for name, array in tensors.items():
+        is_indices = (
+            isinstance(array, np.ndarray)
+            and array.dtype == np.int64
+            and name.endswith(("indices", "input_ids", "attention_mask"))
+        )
+        if not is_indices:
+            _require_float_tensors(message, {name: array})
+
+
 def _require_float_tensors(message: object, tensors: dict[str, Array]) -> None:
     for name, array in tensors.items():
         _require(
@@ -364,7 +376,7 @@ class AdapterUpdate:
 
     def __post_init__(self) -> None:
         _require_counts(self, "round", "num_samples")
-        _require_float_tensors(self, self.tensors)
+        _require_round_tensors(self, self.tensors)
         _require(
             all(isinstance(name, str) and _is_number(value) for name, value in self.metrics.items()),
             "AdapterUpdate metrics must map names to numbers",
@@ -392,7 +404,7 @@ class Welcome:
 
     def __post_init__(self) -> None:
         _require_counts(self, "round", "total_rounds")
-        _require_float_tensors(self, self.tensors)
+        _require_round_tensors(self, self.tensors)
         try:
             # json.dumps would turn a key 1 into "1", and the settings would not round-trip.
             _require(
@@ -439,7 +451,7 @@ class RoundResult:
 
     def __post_init__(self) -> None:
         _require_counts(self, "round", "next_round")
-        _require_float_tensors(self, self.tensors)
+        _require_round_tensors(self, self.tensors)
 
 
 @dataclass(frozen=True)

@@ -653,3 +653,14 @@ def test_the_table_gives_every_open_state_an_exit_and_closed_none() -> None:
         else:
             assert {Kind.ERROR, Kind.BYE} <= exits
     assert {kind for (_, _, kind) in TRANSITIONS} == set(Kind)
+
+
+def test_round_messages_carry_top_k_indices_for_kd() -> None:
+    values = np.random.default_rng(0).random((2, 3, 4)).astype(np.float32)
+    indices = np.arange(24, dtype=np.int64).reshape(2, 3, 4)
+    update = decode(encode(AdapterUpdate(0, 5, {"proxy_values": values, "proxy_indices": indices}, {})))
+    assert isinstance(update, AdapterUpdate)
+    np.testing.assert_array_equal(update.tensors["proxy_indices"], indices)
+    assert update.tensors["proxy_indices"].dtype == np.int64
+    with pytest.raises(ProtocolError, match="float array"):
+        AdapterUpdate(0, 5, {"lora.0.q_proj.A": indices}, {})  # an int adapter is still refused
