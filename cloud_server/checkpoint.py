@@ -10,13 +10,17 @@
       latest                 the name of the newest complete round directory
 
 Written atomically: files go into a temporary directory that is fsynced and renamed, then `latest` is
-replaced by rename, so a kill at any moment leaves the previous checkpoint intact. Nothing is pickled.
+replaced by rename, so a kill at any moment leaves the previous checkpoint intact. A kill mid-write can
+leave a `.round-*` scratch directory behind; `remove_partial` clears those when the server starts. Nothing is
+pickled, and nothing is written outside the checkpoint directory: client ids become file names only after
+the same check the protocol makes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +39,21 @@ class Checkpoint:
     tail_optimizer: dict[str, Any]  # torch.optim state_dict, tensors as numpy
     extra: dict[str, Any]
     updates: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # client_id -> adapters
+    path: Path | None = None  # the round directory it was loaded from
+
+
+# The protocol's client id rule (edge_client/protocol.py), checked again: the id becomes a file name.
+_CLIENT_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def update_path(updates_dir: Path, client_id: str) -> Path:
+    """Where a client's update goes: always a file directly inside `updates_dir`, whatever the id."""
+    if _CLIENT_FILE_NAME.fullmatch(client_id) is None:
+        raise ValueError(f"client id {client_id!r:.80} cannot be a file name")
+    path = updates_dir / f"{client_id}.safetensors"  # the suffix makes "." and ".." plain names
+    if path.parent != updates_dir or path.name in (".", ".."):
+        raise ValueError(f"client id {client_id!r} would leave {updates_dir}")
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,7 +89,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         if checkpoint.updates:
             (scratch / "updates").mkdir()
             for client_id, adapters in checkpoint.updates.items():
-                save_file(adapters, str(scratch / "updates" / f"{client_id}.safetensors"))
+                save_file(adapters, str(update_path(scratch / "updates", client_id)))
         optimizer_tensors, param_groups = _flatten_optimizer(checkpoint.tail_optimizer)
         save_file(optimizer_tensors, str(scratch / "tail_optimizer.safetensors"))
         state = {"round": checkpoint.round, "param_groups": param_groups, **checkpoint.extra}
@@ -93,12 +112,28 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     return directory / name
 
 
+def remove_partial(directory: Path) -> list[str]:
+    """Delete the scratch directories of writes that never finished (the process died mid-write)."""
+    if not directory.is_dir():
+        return []
+    removed = []
+    for scratch in sorted(directory.glob(".round-*")):
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch.name)
+    return removed
+
+
 def load_latest(directory: Path) -> Checkpoint | None:
     """The newest complete checkpoint in `directory`, or None if there is none."""
     pointer = directory / "latest"
     if not pointer.is_file():
         return None
-    folder = directory / pointer.read_text().strip()
+    return load_checkpoint(directory / pointer.read_text().strip())
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    """One round directory (round-0003/): every round's stays, so a run's history can be checked."""
     state = json.loads((folder / "state.json").read_text())
     import torch
 
@@ -108,7 +143,8 @@ def load_latest(directory: Path) -> Checkpoint | None:
         index, name = key.split(".", 1)
         optimizer_state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
     extra = {k: v for k, v in state.items() if k not in ("round", "param_groups")}
-    updates = {p.stem: load_file(str(p)) for p in sorted((folder / "updates").glob("*.safetensors"))}
+    updates = {p.name.removesuffix(".safetensors"): load_file(str(p))
+               for p in sorted((folder / "updates").glob("*.safetensors"))}
     return Checkpoint(
         round=int(state["round"]),
         global_adapters=load_file(str(folder / "global_adapters.safetensors")),
@@ -116,4 +152,5 @@ def load_latest(directory: Path) -> Checkpoint | None:
         tail_optimizer={"state": optimizer_state, "param_groups": state["param_groups"]},
         extra=extra,
         updates=updates,
+        path=folder,
     )

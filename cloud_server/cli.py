@@ -24,24 +24,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every round here, and resume from it")
     parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step and per-round metrics")
-    parser.add_argument("--tokens-file", type=Path, help="'client_id token' lines; clients then need their token")
+    parser.add_argument("--tokens-file", type=Path,
+                        help="'client_id token' lines; clients then need their token. Re-read on SIGHUP: a "
+                             "client whose line is gone or changed is disconnected")
     parser.add_argument("--round-deadline", type=float, default=1800.0,
-                        help="seconds after which a round closes with the updates it has (if --min-clients)")
+                        help="seconds after which a round closes with the updates it has (if --min-clients); "
+                             "a later update for it is dropped as stale")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = ServerConfig(
-        artifacts=args.artifacts, host=args.host, port=args.port, rounds=args.rounds,
-        min_clients=args.min_clients, steps_per_round=args.steps_per_round, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, wire=args.wire, eval_data=args.eval_data, eval_batches=args.eval_batches,
-        checkpoint_dir=args.checkpoint_dir, metrics_out=args.metrics_out,
-        tokens=read_tokens(args.tokens_file) if args.tokens_file else {},
-        round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = ServerConfig(
+            artifacts=args.artifacts, host=args.host, port=args.port, rounds=args.rounds,
+            min_clients=args.min_clients, steps_per_round=args.steps_per_round, learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, wire=args.wire, eval_data=args.eval_data,
+            eval_batches=args.eval_batches, checkpoint_dir=args.checkpoint_dir, metrics_out=args.metrics_out,
+            tokens=read_tokens(args.tokens_file) if args.tokens_file else {}, tokens_file=args.tokens_file,
+            round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
+        )
+    except ValueError as error:  # a flag combination the config refuses: say it as argparse would
+        parser.error(str(error))
     server = run_server(config)
     print(f"[server] finished {server.round} rounds; final eval loss {server.last_eval_loss}")
     return 0

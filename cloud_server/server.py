@@ -10,6 +10,16 @@ A round closes when every client taking part in it has sent its adapters (and at
 have), or at its deadline with at least --min-clients updates. Then: FedAvg weighted by samples, the
 evaluation, the checkpoint, and the next round.
 
+Faults, and what the server does about them (docs/security.md has the threat model):
+- A client that disconnects is dropped; the round closes without it when the others are done (quorum and
+  deadline as above). A step queued for a client that is gone is skipped, not run.
+- A client that reconnects under the same id (and token) replaces its old connection, which may not look
+  dead yet (a cut link is silent until pings time out). Its Welcome says where it stands: the current
+  round, `resume_step` (how many of this round's steps the server took from it) and `update_received`.
+- Every step and every update is taken at most once per client and round: a replayed step is refused, a
+  second update for a round is ignored, an update for a round already closed is dropped as stale.
+- Anything a peer sends ends, at worst, its own connection with an Error and a close code.
+
 The tail runs on one worker thread: the event loop stays free for pings and other clients, and the updates
 to the shared tail are serialised by construction.
 """
@@ -18,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ssl
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,28 +39,36 @@ from typing import Any
 import numpy as np
 
 from cloud_server.aggregate import fedavg
-from cloud_server.checkpoint import Checkpoint, load_latest, save_checkpoint
+from cloud_server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from cloud_server.tail import OptimizerSettings, Tail
-from edge_client.artifacts import load_manifest
+from edge_client.artifacts import Manifest, load_manifest
 from edge_client.errors import EdgesplitError, ProtocolError, TrainingError
 from edge_client.head import Head
 from edge_client.metrics import JsonlWriter
 from edge_client.protocol import (
+    MAGIC,
     PROTOCOL_VERSION,
+    TRANSITIONS,
     Activations,
     AdapterUpdate,
     Bye,
     Error,
     Gradients,
     Hello,
+    Kind,
     Role,
     RoundResult,
     Session,
+    State,
     Welcome,
     Wire,
+    encode,
 )
 
 CLOSE_POLICY = 1008  # websocket close code: policy violation (bad token, wrong artifacts, bad tensor)
+# Until a client has shown a valid Hello, its frames may be no bigger than this: a stranger cannot make the
+# server buffer an activation-sized frame. A Hello is a few hundred bytes.
+HELLO_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,14 +87,30 @@ class ServerConfig:
     checkpoint_dir: Path | None = None
     metrics_out: Path | None = None
     tokens: dict[str, str] = field(default_factory=dict)  # client_id -> token; empty: no tokens needed
+    tokens_file: Path | None = None  # where `tokens` came from: re-read on SIGHUP, to add or revoke clients
     round_deadline_s: float = 1800.0
     seed: int = 0
     threads: int = 0
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks wss://
+    tls_key: Path | None = None
+    hello_timeout_s: float = 30.0  # a connection that has not said Hello by then is closed
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
             raise ValueError("--rounds, --min-clients and --steps-per-round must be at least 1")
+        if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0:
+            raise ValueError("--round-deadline and the Hello timeout must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
         Wire(self.wire)  # raises on an unknown wire format
+
+
+def max_frame_bytes(manifest: Manifest) -> int:
+    """The largest frame an admitted client may send: fp32 activations, labels and mask, or its adapters."""
+    batch, seq, hidden = manifest.activations_shape
+    activations = batch * seq * (hidden * 4 + 16)
+    adapters = sum(int(np.prod(s)) * 4 for s in manifest.lora.matrices.values())
+    return max(activations, adapters) + (1 << 20)
 
 
 def read_tokens(path: Path) -> dict[str, str]:
@@ -91,11 +127,30 @@ def read_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
-@dataclass
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise EdgesplitError(f"cannot load the TLS certificate {cert} and key {key}: {error}") from error
+    return context
+
+
+@dataclass(eq=False)
 class Participant:
+    """One admitted connection. A reconnecting client gets a new Participant; the old one is marked gone."""
+
     client_id: str
     num_samples: int
     joined_round: int
+    websocket: Any
+    token: str | None  # as presented, so that a revocation can find the sessions it ends
+    gone: bool = False  # left, replaced by a newer connection of the same client, or revoked
+
+    def alive(self) -> bool:
+        # Read from the tail's worker thread too: a bool and an enum, no lock needed.
+        return not self.gone and getattr(self.websocket.state, "name", "OPEN") == "OPEN"
 
 
 class Server:
@@ -103,6 +158,9 @@ class Server:
         self.config = config
         self.manifest = load_manifest(config.artifacts)
         self.wire = Wire(config.wire)
+        self.ssl_context = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.ssl_context = tls_context(config.tls_cert, config.tls_key)
         self.tail = Tail(
             config.artifacts,
             OptimizerSettings(learning_rate=config.learning_rate, weight_decay=config.weight_decay),
@@ -114,15 +172,23 @@ class Server:
         self.round = 0
         self.metrics = JsonlWriter(config.metrics_out)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
+        self.tokens = dict(config.tokens)
         self.participants: dict[str, Participant] = {}
         self.updates: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]] = {}
+        # client_id -> (round, steps of that round taken): what a reconnecting client resumes from.
+        self.steps_taken: dict[str, tuple[int, int]] = {}
+        # Held across a client's tail step, so that a reconnection's Welcome counts a step still running.
+        self.step_locks: dict[str, asyncio.Lock] = {}
         self.round_closed: dict[int, asyncio.Event] = {}
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
+        self.failure: str | None = None  # why the server stopped early, if it did
         self.last_eval_loss: float | None = None
         self.bytes_received: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}
         self.round_started_at = time.monotonic()
+        self._closing = False
+        self._background: set[asyncio.Task[Any]] = set()  # tasks must be referenced or they may vanish
         self.eval_set = self._load_eval(config.eval_data)
         self._resume()
 
@@ -148,6 +214,10 @@ class Server:
     def _resume(self) -> None:
         if self.config.checkpoint_dir is None:
             return
+        removed = remove_partial(self.config.checkpoint_dir)
+        if removed:
+            print(f"[server] removed {len(removed)} unfinished checkpoint write(s): {', '.join(removed)}",
+                  flush=True)
         checkpoint = load_latest(self.config.checkpoint_dir)
         if checkpoint is None:
             return
@@ -155,8 +225,10 @@ class Server:
         self.global_adapters = {k: v.copy() for k, v in checkpoint.global_adapters.items()}
         self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
         self.last_eval_loss = checkpoint.extra.get("eval_loss")
-        print(f"[server] resumed from {self.config.checkpoint_dir}: {self.round} rounds done", flush=True)
-        self.metrics.write("resume", round=self.round)
+        folder = checkpoint.path
+        print(f"[server] resumed from checkpoint {folder}: {self.round} of {self.config.rounds} rounds done, "
+              f"continuing with round {self.round + 1}", flush=True)
+        self.metrics.write("resume", round=self.round, checkpoint=str(folder))
         if self.round >= self.config.rounds:
             self.finished.set()
 
@@ -174,11 +246,7 @@ class Server:
         }
 
     def max_frame_bytes(self) -> int:
-        """The largest frame a client may send: fp32 activations plus labels and mask, or its adapters."""
-        batch, seq, hidden = self.manifest.activations_shape
-        activations = batch * seq * (hidden * 4 + 16)
-        adapters = sum(int(np.prod(s)) * 4 for s in self.manifest.lora.matrices.values())
-        return max(activations, adapters) + (1 << 20)
+        return max_frame_bytes(self.manifest)
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -193,11 +261,21 @@ class Server:
             compression=None,  # tensors do not deflate; compressing them costs CPU for nothing
             ping_interval=20,
             ping_timeout=120,  # a Raspberry Pi may be busy for seconds in a step; pings are answered anyway
+            ssl=self.ssl_context,
         ) as websocket_server:
             port = websocket_server.sockets[0].getsockname()[1]
-            print(f"[server] listening on ws://{self.config.host}:{port} for {self.config.rounds} rounds, "
-                  f"at least {self.config.min_clients} clients, {self.config.steps_per_round} steps a round",
+            if self.config.tokens_file is not None:
+                _on_sighup(self.reload_tokens)
+            scheme = "wss" if self.ssl_context else "ws"
+            config = self.config
+            print(f"[server] listening on {scheme}://{config.host}:{port} for {config.rounds} rounds, "
+                  f"at least {config.min_clients} clients, {config.steps_per_round} steps a round",
                   flush=True)
+            loopback = config.host in ("127.0.0.1", "localhost", "::1")
+            if not loopback and not (self.ssl_context and self.tokens):
+                print("[server] warning: reachable from other machines without TLS and tokens: anyone who "
+                      "can reach this port can join, and the link is readable (see docs/security.md)",
+                      flush=True)
             self.port = port
             if self.eval_set is not None and self.round == 0:  # the untrained model's score, for comparison
                 before = await asyncio.get_running_loop().run_in_executor(self.executor, self.evaluate)
@@ -208,43 +286,69 @@ class Server:
             deadline_task = asyncio.create_task(self._deadlines())
             await self.finished.wait()
             await asyncio.sleep(0.5)  # let the last RoundResults go out before the sockets close
+            # Whoever is still mid-round (a straggler) is told that training is over, rather than seeing
+            # the socket close and retrying against a server that is gone.
+            code, close_code = ("failed", 1011) if self.failure else ("finished", 1000)
+            reason = self.failure or f"training finished after {self.round} rounds"
+            await asyncio.gather(*(self._refuse(p.websocket, None, code, reason, close_code)
+                                   for p in list(self.participants.values())))
             deadline_task.cancel()
         self.executor.shutdown(wait=True)
-        self.metrics.write("finished", round=self.round, eval_loss=self.last_eval_loss,
+        self.metrics.write("finished", round=self.round, eval_loss=self.last_eval_loss, failure=self.failure,
                            bytes_received=self.bytes_received, bytes_sent=self.bytes_sent)
         self.metrics.close()
+        if self.failure is not None:
+            raise EdgesplitError(self.failure)
 
     async def handle(self, websocket: Any) -> None:
+        # Nothing a peer sends may escape this function: the server carries on serving the others.
+        _set_frame_limit(websocket, HELLO_MAX_BYTES)
         session = Session(Role.SERVER, max_size=self.max_frame_bytes())
         client_id = "?"
+        participant: Participant | None = None
         try:
-            hello = await self._receive(websocket, session)
-            if not isinstance(hello, Hello):
-                raise ProtocolError("the first message must be Hello")
+            try:
+                hello = await asyncio.wait_for(self._receive(websocket, session), self.config.hello_timeout_s)
+            except asyncio.TimeoutError:
+                timeout = self.config.hello_timeout_s
+                raise ProtocolError(f"no Hello within {timeout:g} s", CLOSE_POLICY) from None
+            assert isinstance(hello, Hello)  # the Session allows nothing else first
             client_id = hello.client_id
-            self._admit(hello)
-            await self._start_barrier(hello)
-            await self._send(websocket, session, Welcome(self.round, self.config.rounds, self.settings,
+            participant = self._admit(hello, websocket)
+            await self._start_barrier()
+            async with self._step_lock(client_id):  # a step of the old connection may still be running
+                resume_step = self._resume_step(client_id)
+            # Where this client stands, for a reconnection (edge_client/client.py: Client._resume).
+            settings = {**self.settings, "resume_step": resume_step,
+                        "update_received": client_id in self.updates}
+            _set_frame_limit(websocket, self.max_frame_bytes())
+            await self._send(websocket, session, Welcome(self.round, self.config.rounds, settings,
                                                          self.global_adapters))
             while True:
                 message = await self._receive(websocket, session)
                 if isinstance(message, Activations):
-                    gradients = await self._train_step(client_id, message)
+                    gradients = await self._train_step(participant, message)
+                    if gradients is None:
+                        return  # the client left or reconnected while its step waited
                     await self._send(websocket, session, gradients)
                 elif isinstance(message, AdapterUpdate):
-                    result = await self._adapter_update(client_id, message)
+                    result = await self._adapter_update(participant, message)
                     await self._send(websocket, session, result)
                     if result.done:
                         return
                 elif isinstance(message, Bye):
                     return
         except _Refused as refusal:
+            print(f"[server] {client_id}: refused: {refusal}", flush=True)
+            self.metrics.write("refused", client_id=client_id, code=refusal.code, reason=str(refusal))
             await self._refuse(websocket, session, refusal.code, str(refusal), CLOSE_POLICY)
         except ProtocolError as error:
             print(f"[server] {client_id}: protocol error: {error}", flush=True)
+            self.metrics.write("refused", client_id=client_id, code="protocol", reason=str(error))
             await self._refuse(websocket, session, "protocol", str(error), error.close_code)
         except TrainingError as error:
             print(f"[server] {client_id}: rejected: {error}", flush=True)
+            self.metrics.write("refused", client_id=client_id, code="bad_tensor", reason=str(error))
             await self._refuse(websocket, session, "bad_tensor", str(error), CLOSE_POLICY)
         except Exception as error:  # the connection's end: the server itself carries on
             if type(error).__name__.startswith("ConnectionClosed"):
@@ -252,12 +356,14 @@ class Server:
             else:
                 print(f"[server] {client_id}: {type(error).__name__}: {error}", flush=True)
         finally:
-            self._leave(client_id)
+            if participant is not None:
+                self._leave(participant)
 
     async def _receive(self, websocket: Any, session: Session) -> Any:
         frame = await websocket.recv()
         if isinstance(frame, str):
             raise ProtocolError("text frames are not part of the protocol; send binary frames", 1003)
+        _check_kind_allowed(frame, session.state)
         message = session.receive(frame)
         kind = message.kind.name
         self.bytes_received[kind] = self.bytes_received.get(kind, 0) + len(frame)
@@ -270,22 +376,31 @@ class Server:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + len(frame)
         return len(frame)
 
-    async def _refuse(self, websocket: Any, session: Session, code: str, reason: str, close_code: int) -> None:
+    async def _refuse(self, websocket: Any, session: Session | None, code: str, reason: str,
+                      close_code: int) -> None:
+        """Tell the peer why, then close with `close_code`. `session` None: a connection another task owns,
+        whose Session must not change under it."""
         try:
-            await websocket.send(session.send(Error(code, reason)) if session.state.name != "CLOSED"
-                                 else _encode_error(code, reason))
+            if session is not None and session.state is not State.CLOSED:
+                frame = session.send(Error(code, reason))
+            else:
+                frame = encode(Error(code, reason))
+            await websocket.send(frame)
             await websocket.close(close_code, reason[:120])
         except Exception:  # the peer may be gone already; nothing more to tell it
             pass
 
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # ------------------------------------------------------------------------------------------ admission
 
-    def _admit(self, hello: Hello) -> None:
-        if self.config.tokens:
-            expected = self.config.tokens.get(hello.client_id, "")
-            # Constant time, and the same path for an unknown id as for a wrong token.
-            if not hmac.compare_digest((hello.token or "").encode(), expected.encode()) or not expected:
-                raise _Refused("bad_token", f"client {hello.client_id!r}: unknown client or wrong token")
+    def _admit(self, hello: Hello, websocket: Any) -> Participant:
+        """Check who this is before anything else it sends is read; then it is the client's one connection."""
+        if not self._token_valid(hello.client_id, hello.token):
+            raise _Refused("bad_token", f"client {hello.client_id!r}: unknown client or wrong token")
         if hello.manifest_hash != self.manifest.manifest_hash:
             raise _Refused(
                 "manifest_mismatch",
@@ -293,71 +408,188 @@ class Server:
                 "copy the server's artifact directory to the client",
             )
         if hello.protocol_version != PROTOCOL_VERSION:
-            raise _Refused("protocol_version", f"protocol {hello.protocol_version}, server {PROTOCOL_VERSION}")
-        if hello.client_id in self.participants:
-            raise _Refused("duplicate_client", f"client {hello.client_id!r} is already connected")
+            raise _Refused("protocol_version",
+                           f"protocol {hello.protocol_version}, server {PROTOCOL_VERSION}")
         if self.finished.is_set():
-            raise _Refused("finished", "training is finished")
-        self.participants[hello.client_id] = Participant(hello.client_id, hello.num_samples, self.round)
-        print(f"[server] {hello.client_id} joined ({hello.num_samples} samples); "
+            raise _Refused("finished", self.failure or f"training finished after {self.round} rounds")
+        participant = Participant(hello.client_id, hello.num_samples, self.round, websocket, hello.token)
+        old = self.participants.get(hello.client_id)
+        if old is not None:
+            # The same client (it passed the token check) is back: its old connection is dead or dying,
+            # even if TCP has not said so yet. The newest wins; the old one is told why and closed.
+            old.gone = True
+            reason = "this client connected again; this older connection is closed"
+            self._spawn(self._refuse(old.websocket, None, "replaced", reason, CLOSE_POLICY))
+            print(f"[server] {hello.client_id} reconnected; its new connection replaces the old one",
+                  flush=True)
+            self.metrics.write("replace", client_id=hello.client_id, round=self.round)
+        self.participants[hello.client_id] = participant
+        print(f"[server] {hello.client_id} joined at round {self.round + 1} ({hello.num_samples} samples); "
               f"{len(self.participants)} connected", flush=True)
         self.metrics.write("join", client_id=hello.client_id, round=self.round, num_samples=hello.num_samples)
+        return participant
 
-    async def _start_barrier(self, hello: Hello) -> None:
+    def _token_valid(self, client_id: str, token: str | None) -> bool:
+        if not self.tokens:
+            return True  # no tokens configured: anyone who can reach the port may join
+        expected = self.tokens.get(client_id, "")
+        # Constant time, and the same path for an unknown id as for a wrong token.
+        return hmac.compare_digest((token or "").encode(), expected.encode()) and bool(expected)
+
+    def reload_tokens(self) -> None:
+        """Re-read --tokens-file (on SIGHUP): new clients may join, and a client whose token is gone or
+        changed is disconnected at once and refused from then on."""
+        path = self.config.tokens_file
+        if path is None:
+            return
+        try:
+            tokens = read_tokens(path)
+        except (OSError, EdgesplitError) as error:
+            print(f"[server] tokens not reloaded, the old ones stay: {error}", flush=True)
+            return
+        if self.tokens and not tokens:
+            # An empty file would mean "no tokens needed": never open the door by accident.
+            print(f"[server] tokens not reloaded: {path} holds none; the old ones stay", flush=True)
+            return
+        self.tokens = tokens
+        print(f"[server] reloaded {len(tokens)} tokens from {path}", flush=True)
+        for participant in list(self.participants.values()):
+            if not self._token_valid(participant.client_id, participant.token):
+                participant.gone = True
+                del self.participants[participant.client_id]
+                # Its update for the open round goes too: a revoked client may be a compromised one.
+                dropped = self.updates.pop(participant.client_id, None) is not None and not self._closing
+                print(f"[server] {participant.client_id}: token revoked; disconnected"
+                      f"{', its update for this round dropped' if dropped else ''}", flush=True)
+                self.metrics.write("revoked", client_id=participant.client_id, round=self.round)
+                self._spawn(self._refuse(participant.websocket, None, "revoked",
+                                         "this client's token was revoked", CLOSE_POLICY))
+        self._maybe_close_round()
+
+    async def _start_barrier(self) -> None:
         if len(self.participants) >= self.config.min_clients:
             if not self.started.is_set():
                 self.round_started_at = time.monotonic()
             self.started.set()
         await self.started.wait()
 
-    def _leave(self, client_id: str) -> None:
-        if self.participants.pop(client_id, None) is not None:
-            print(f"[server] {client_id} left; {len(self.participants)} connected", flush=True)
-            self.metrics.write("leave", client_id=client_id, round=self.round)
+    def _leave(self, participant: Participant) -> None:
+        participant.gone = True
+        if self.participants.get(participant.client_id) is participant:
+            del self.participants[participant.client_id]
+            print(f"[server] {participant.client_id} left; {len(self.participants)} connected", flush=True)
+            self.metrics.write("leave", client_id=participant.client_id, round=self.round)
             self._maybe_close_round()
+
+    def _step_lock(self, client_id: str) -> asyncio.Lock:
+        return self.step_locks.setdefault(client_id, asyncio.Lock())
+
+    def _resume_step(self, client_id: str) -> int:
+        taken_round, taken = self.steps_taken.get(client_id, (-1, 0))
+        return taken if taken_round == self.round else 0
 
     # ------------------------------------------------------------------------------------------ training
 
     def _check_activations(self, message: Activations) -> None:
         activations = message.tensors["activations"]
         if tuple(activations.shape) != self.manifest.activations_shape:
-            raise TrainingError(
-                f"activations of shape {activations.shape}, the artifacts say {self.manifest.activations_shape}"
-            )
+            expected = self.manifest.activations_shape
+            raise TrainingError(f"activations of shape {activations.shape}, the artifacts say {expected}")
         if not np.all(np.isfinite(activations)):
             raise TrainingError("activations contain NaN or Inf")
+        mask = message.tensors["attention_mask"]
+        if np.any((mask != 0) & (mask != 1)):
+            raise TrainingError("attention_mask holds values other than 0 and 1")
         labels = message.tensors["labels"]
         if np.any((labels != -100) & ((labels < 0) | (labels >= self.manifest.vocab_size))):
             raise TrainingError(f"labels outside the vocabulary [0, {self.manifest.vocab_size})")
 
-    async def _train_step(self, client_id: str, message: Activations) -> Gradients:
+    def _check_step_order(self, client_id: str, message: Activations) -> None:
+        """Each (round, step) once per client, in order: a replay would train the tail twice on one batch."""
+        if message.round > self.round:
+            raise ProtocolError(f"Activations for round {message.round + 1}, which has not started "
+                                f"(the server is at round {self.round + 1})")
+        if message.step >= self.config.steps_per_round:
+            raise ProtocolError(f"step {message.step} of a round of {self.config.steps_per_round} steps")
+        taken_round, taken = self.steps_taken.get(client_id, (-1, 0))
+        if (message.round, message.step) < (taken_round, taken):
+            raise ProtocolError(f"round {message.round + 1} step {message.step + 1} again: the server has "
+                                f"taken this client's steps up to round {taken_round + 1} step {taken}")
+
+    async def _train_step(self, participant: Participant, message: Activations) -> Gradients | None:
+        client_id = participant.client_id
         self._check_activations(message)
+        self._check_step_order(client_id, message)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        loss, grads = await loop.run_in_executor(
-            self.executor,
-            self.tail.train_step,
-            message.tensors["activations"],
-            message.tensors["attention_mask"],
-            message.tensors["labels"],
-            not self.manifest.frozen_head,
-        )
+        async with self._step_lock(client_id):
+            outcome = await loop.run_in_executor(
+                self.executor,
+                self._tail_step_if_alive,
+                participant,
+                message.tensors["activations"],
+                message.tensors["attention_mask"],
+                message.tensors["labels"],
+            )
+            if outcome is None:
+                print(f"[server] {client_id}: dropped its queued step (round {message.round + 1} step "
+                      f"{message.step + 1}): the client is gone", flush=True)
+                self.metrics.write("step_dropped", client_id=client_id, round=message.round,
+                                   step=message.step)
+                return None
+            # Taken: the tail has learnt from it, so a reconnecting client must not send it again.
+            self.steps_taken[client_id] = (message.round, message.step + 1)
+        loss, grads = outcome
         seconds = time.perf_counter() - started
         self.metrics.write("step", client_id=client_id, round=message.round, step=message.step, loss=loss,
                            server_seconds=round(seconds, 6))
         tensors = {} if grads is None else {"activation_grads": grads}
         return Gradients(message.round, message.step, loss, seconds, tensors)
 
-    async def _adapter_update(self, client_id: str, message: AdapterUpdate) -> RoundResult:
-        round_index = self.round
-        if message.round == round_index and client_id in self.participants:
-            self.head.check_adapters(message.tensors)
+    def _tail_step_if_alive(
+        self, participant: Participant, activations: np.ndarray, mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[float, np.ndarray | None] | None:
+        """On the worker thread. A client that died while its step waited in the queue gets no step."""
+        if not participant.alive():
+            return None
+        return self.tail.train_step(activations, mask, labels, not self.manifest.frozen_head)
+
+    def _check_update(self, message: AdapterUpdate) -> None:
+        names, expected = set(message.tensors), set(self.manifest.lora.matrices)
+        if names != expected:
+            raise TrainingError(f"AdapterUpdate carries {sorted(names)[:8]}, the head's adapters are "
+                                f"{sorted(expected)[:8]}")
+        self.head.check_adapters(message.tensors)  # shapes, finite
+
+    async def _adapter_update(self, participant: Participant, message: AdapterUpdate) -> RoundResult:
+        client_id, round_index = participant.client_id, self.round
+        if message.round > round_index:
+            raise ProtocolError(f"AdapterUpdate for round {message.round + 1}, which has not started "
+                                f"(the server is at round {round_index + 1})")
+        self._check_update(message)
+        if participant.gone:
+            pass  # a connection that has been replaced: the client's newer connection speaks for it
+        elif message.round < round_index or self._closing:
+            # The round closed (or is closing) without it: a straggler, or a client that was away. It
+            # catches up with the global adapters in the result.
+            print(f"[server] {client_id}: stale update for round {message.round + 1} dropped; the server is "
+                  f"at round {round_index + 1}{' (closing)' if self._closing else ''}", flush=True)
+            self.metrics.write("stale_update", client_id=client_id, round=message.round,
+                               server_round=round_index)
+            if message.round == round_index:
+                await self._round_event(round_index).wait()
+        elif client_id in self.updates:
+            # Once per client per round: the first update stands (a reconnected client resends its own).
+            print(f"[server] {client_id}: second update for round {round_index + 1} ignored", flush=True)
+            self.metrics.write("duplicate_update", client_id=client_id, round=round_index)
+            await self._round_event(round_index).wait()
+        else:
             self.updates[client_id] = (message.tensors, message.num_samples, message.metrics)
-            self.metrics.write("update", client_id=client_id, round=round_index, num_samples=message.num_samples,
+            self.metrics.write("update", client_id=client_id, round=round_index,
+                               num_samples=message.num_samples,
                                **{f"client_{k}": v for k, v in message.metrics.items()})
             self._maybe_close_round()
             await self._round_event(round_index).wait()
-        # A stale update (the round closed without it) is dropped: the client catches up with the result.
         done = self.round >= self.config.rounds
         return RoundResult(message.round, self.round, done, self.last_eval_loss, self.global_adapters)
 
@@ -365,65 +597,80 @@ class Server:
         return self.round_closed.setdefault(round_index, asyncio.Event())
 
     def _maybe_close_round(self, deadline_passed: bool = False) -> None:
-        if self.finished.is_set() or not self.updates:
+        if self.finished.is_set() or not self.updates or self._closing:
             return
         waiting_for = [c for c in self.participants if c not in self.updates]
         enough = len(self.updates) >= self.config.min_clients
         if enough and (not waiting_for or deadline_passed):
-            asyncio.get_running_loop().create_task(self._close_round())
+            self._closing = True  # here, not in the task: a second call before it runs must not spawn another
+            self._spawn(self._close_round())
 
     async def _close_round(self) -> None:
         round_index = self.round
-        if not self.updates or self._round_event(round_index).is_set() or getattr(self, "_closing", False):
-            return
-        self._closing = True
         try:
-            updates = self.updates
-            self.updates = {}
-            self.global_adapters = fedavg([(tensors, samples) for tensors, samples, _ in updates.values()])
-            loop = asyncio.get_running_loop()
-            if self.eval_set is not None:
-                self.last_eval_loss = await loop.run_in_executor(self.executor, self.evaluate)
-            self.round = round_index + 1
-            summary = {
-                "round": round_index,
-                "clients": sorted(updates),
-                "num_samples": {c: n for c, (_, n, _) in updates.items()},
-                "eval_loss": self.last_eval_loss,
-                "seconds": round(time.monotonic() - self.round_started_at, 3),
-                "bytes_received": dict(self.bytes_received),
-                "bytes_sent": dict(self.bytes_sent),
-                "client_metrics": {c: m for c, (_, _, m) in updates.items()},
-            }
-            self.metrics.write("round", **summary)
-            eval_text = "" if self.last_eval_loss is None else f", eval loss {self.last_eval_loss:.4f}"
-            print(f"[server] round {round_index + 1}/{self.config.rounds} closed with {len(updates)} clients"
-                  f"{eval_text}", flush=True)
-            if self.config.checkpoint_dir is not None:
-                tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
-                save_checkpoint(
-                    self.config.checkpoint_dir,
-                    Checkpoint(
-                        self.round, self.global_adapters, tail_state["lora"], tail_state["optimizer"],
-                        {"eval_loss": self.last_eval_loss, "num_samples": summary["num_samples"]},
-                        updates={client: tensors for client, (tensors, _, _) in updates.items()},
-                    ),
-                )
-            self.round_started_at = time.monotonic()
+            await self._aggregate_and_checkpoint(round_index)
+        except Exception as error:
+            # A round that cannot be aggregated or saved must stop the run loudly, not hang it silently.
+            self.failure = f"round {round_index + 1} could not close: {type(error).__name__}: {error}"
+            print(f"[server] {self.failure}\n{traceback.format_exc()}", flush=True)
+            self.finished.set()
+            return
         finally:
             self._closing = False
         self._round_event(round_index).set()
         if self.round >= self.config.rounds:
             self.finished.set()
 
+    async def _aggregate_and_checkpoint(self, round_index: int) -> None:
+        updates = dict(self.updates)
+        global_adapters = fedavg([(tensors, samples) for tensors, samples, _ in updates.values()])
+        loop = asyncio.get_running_loop()
+        eval_loss = self.last_eval_loss
+        if self.eval_set is not None:
+            eval_loss = await loop.run_in_executor(self.executor, self.evaluate_with, global_adapters)
+        summary = {
+            "round": round_index,
+            "clients": sorted(updates),
+            "num_samples": {c: n for c, (_, n, _) in updates.items()},
+            "eval_loss": eval_loss,
+            "seconds": round(time.monotonic() - self.round_started_at, 3),
+            "bytes_received": dict(self.bytes_received),
+            "bytes_sent": dict(self.bytes_sent),
+            "client_metrics": {c: m for c, (_, _, m) in updates.items()},
+        }
+        if self.config.checkpoint_dir is not None:
+            # Saved before any client hears of the round: a result a client has seen survives a restart.
+            tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
+            checkpoint = Checkpoint(
+                round_index + 1, global_adapters, tail_state["lora"], tail_state["optimizer"],
+                {"eval_loss": eval_loss, "num_samples": summary["num_samples"]},
+                updates={client: tensors for client, (tensors, _, _) in updates.items()},
+            )
+            await loop.run_in_executor(self.executor, save_checkpoint, self.config.checkpoint_dir, checkpoint)
+        # Only now does the round count as closed. Updates that came in meanwhile were refused as stale
+        # (self._closing), so the reset below loses none.
+        self.updates = {}
+        self.global_adapters = global_adapters
+        self.last_eval_loss = eval_loss
+        self.round = round_index + 1
+        self.metrics.write("round", **summary)
+        eval_text = "" if eval_loss is None else f", eval loss {eval_loss:.4f}"
+        print(f"[server] round {round_index + 1}/{self.config.rounds} closed with {len(updates)} clients "
+              f"({', '.join(sorted(updates))}){eval_text}", flush=True)
+        self.round_started_at = time.monotonic()
+
     async def _deadlines(self) -> None:
         while not self.finished.is_set():
             await asyncio.sleep(0.5)
-            if self.started.is_set() and time.monotonic() - self.round_started_at > self.config.round_deadline_s:
+            overdue = time.monotonic() - self.round_started_at > self.config.round_deadline_s
+            if self.started.is_set() and overdue:
                 self._maybe_close_round(deadline_passed=True)
 
     def evaluate(self) -> float:
-        """Mean loss over the eval set (up to eval_batches batches) with the global adapters."""
+        return self.evaluate_with(self.global_adapters)
+
+    def evaluate_with(self, adapters: dict[str, np.ndarray]) -> float:
+        """Mean loss over the eval set (up to eval_batches batches) with these client adapters."""
         encoded = self.eval_set
         batch = self.manifest.batch_size
         total, tokens = 0.0, 0
@@ -434,7 +681,7 @@ class Server:
             if start + batch > count:  # wrapped rows fill the batch but must not count twice
                 labels = labels.copy()
                 labels[count - start:] = -100
-            activations = self.head.forward(ids, mask, self.global_adapters).activations
+            activations = self.head.forward(ids, mask, adapters).activations
             loss, counted = self.tail.eval_loss(activations, mask, labels)
             total += loss * counted
             tokens += counted
@@ -447,10 +694,35 @@ class _Refused(Exception):
         self.code = code
 
 
-def _encode_error(code: str, reason: str) -> bytes:
-    from edge_client.protocol import encode
+def _check_kind_allowed(frame: bytes, state: State) -> None:
+    """Refuse a frame the conversation does not allow now from its 4-byte header alone, before its tensors
+    are decoded: nothing but a Hello is parsed from a client that has not been admitted."""
+    if len(frame) < 4 or frame[:2] != MAGIC:
+        return  # not a frame at all: decode says why
+    try:
+        kind = Kind(frame[3])
+    except ValueError:
+        return
+    if (Role.SERVER, state, kind) not in TRANSITIONS:
+        raise ProtocolError(f"unexpected {kind.name} in state {state.name} "
+                            "(refused before its payload was read)")
 
-    return encode(Error(code, reason))
+
+def _set_frame_limit(websocket: Any, limit: int) -> None:
+    """The largest frame websockets will take from this peer from now on. websockets >= 15 reads the limit
+    for every frame from its protocol object; older versions keep the limit given to serve()."""
+    protocol = getattr(websocket, "protocol", None)
+    if protocol is not None and hasattr(protocol, "max_message_size"):
+        protocol.max_message_size = limit
+
+
+def _on_sighup(callback: Any) -> None:
+    import signal
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        print("[server] SIGHUP cannot reload tokens here; restart the server to change them", flush=True)
 
 
 def run_server(config: ServerConfig) -> Server:

@@ -47,6 +47,7 @@ from edge_client.protocol import (
     Session,
     Welcome,
     Wire,
+    decode,
 )
 from edge_client.resources import MemorySampler, PhaseTimer
 
@@ -146,7 +147,8 @@ class Client:
         if self.config.server.startswith("wss://"):
             import ssl
 
-            ssl_context = ssl.create_default_context(cafile=str(self.config.ca_file) if self.config.ca_file else None)
+            cafile = str(self.config.ca_file) if self.config.ca_file else None
+            ssl_context = ssl.create_default_context(cafile=cafile)
         self.memory.start()
         self.energy.start()
         started = time.perf_counter()
@@ -202,11 +204,12 @@ class Client:
                 )
             except ssl.SSLError as error:
                 # A certificate that does not verify will not verify on the next try either.
-                raise EdgesplitError(f"TLS with {self.config.server} failed: {error} (is --ca-file the CA that "
-                                     "signed the server's certificate?)") from error
+                raise EdgesplitError(f"TLS with {self.config.server} failed: {error} (is --ca-file the CA "
+                                     "that signed the server's certificate?)") from error
             except (OSError, asyncio.TimeoutError, InvalidHandshake) as error:
                 if time.monotonic() + delay > deadline:
-                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") from error
+                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") \
+                        from error
                 self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays is endless")
@@ -225,6 +228,11 @@ class Client:
                 await websocket.send(frame)
                 reply = await websocket.recv()
         except (ConnectionClosed, OSError) as error:
+            # The server may have said why before it closed (a revoked token, say) while this side was
+            # sending: that Error is still queued, and it makes this the end rather than a lost link.
+            refusal = await _queued_error(websocket)
+            if refusal is not None:
+                raise ServerRefused(refusal.code, refusal.message) from error
             raise _LinkLost(str(error) or type(error).__name__) from error
         if isinstance(reply, str):
             raise ProtocolError("the server sent a text frame", 1003)
@@ -299,11 +307,16 @@ class Client:
         where = f"round {position.round + 1}/{welcome.total_rounds}"
         if first and position.step == 0:
             self.log(f"joined at {where}: {self.steps_per_round} steps a round, wire {settings['wire']}")
+        elif settings.get("update_received"):
+            self.log(f"rejoined at {where}: the server has this client's update; waiting for the round")
+        elif position.step >= self.steps_per_round:
+            self.log(f"rejoined at {where}: this client's steps are done; sending its update again")
         else:
-            self.log(f"rejoined at {where}, step {min(position.step, self.steps_per_round) + 1} "
+            self.log(f"rejoined at {where}, step {position.step + 1} "
                      f"(the server had taken {resume_step} steps of this round from this client)")
-        self.metrics.write("welcome", client_id=self.config.client_id, round=position.round, step=position.step,
-                           resume_step=resume_step, update_received=bool(settings.get("update_received")))
+        self.metrics.write("welcome", client_id=self.config.client_id, round=position.round,
+                           step=position.step, resume_step=resume_step,
+                           update_received=bool(settings.get("update_received")))
         return position
 
     def _batch(self, round_index: int, step: int) -> Batch:
@@ -385,6 +398,16 @@ class Client:
             "energy_source": self.energy.source,
             "phase_seconds_total": {k: round(v, 6) for k, v in self.timer.totals.items()},
         }
+
+
+async def _queued_error(websocket: Any) -> Error | None:
+    """An Error frame the closed connection had received but not yet handed over, if there is one."""
+    try:
+        frame = await asyncio.wait_for(websocket.recv(), timeout=1.0)
+        message = decode(frame) if isinstance(frame, bytes) else None
+    except Exception:  # closed with nothing queued, or not a frame of ours: a plain lost link
+        return None
+    return message if isinstance(message, Error) else None
 
 
 def run_client(config: ClientConfig) -> dict[str, Any]:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
-                        help="seconds to keep retrying while the server is not reachable")
+                        help="seconds to keep retrying while the server is not reachable, at the start and "
+                             "after each lost connection (the client then rejoins where the server says)")
     return parser
 
 
