@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--framework", choices=("split", "fedllm", "kd"), default="split",
+                        help="split: the device runs the head, the server the tail; fedllm and kd: the device trains "
+                             "the whole model (artifacts from `export --full-model`)")
+    parser.add_argument("--proxy-data", type=Path, help="kd: JSONL of shared inputs the clients' logits are on")
+    parser.add_argument("--kd-top-k", type=int, default=16, help="kd: probabilities kept per position on the wire")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
     return parser
 
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             eval_batches=args.eval_batches, checkpoint_dir=args.checkpoint_dir, metrics_out=args.metrics_out,
             tokens=read_tokens(args.tokens_file) if args.tokens_file else {}, tokens_file=args.tokens_file,
             round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
-            tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, framework=args.framework, proxy_data=args.proxy_data,
+            kd_top_k=args.kd_top_k,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))

@@ -40,9 +40,10 @@ import numpy as np
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
+from cloud_server.strategies import FRAMEWORKS, FedLlmStrategy, KdSettings, KdStrategy
 from cloud_server.tail import OptimizerSettings, Tail
 from edge_client.artifacts import Manifest, load_manifest
-from edge_client.errors import EdgesplitError, ProtocolError, TrainingError
+from edge_client.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edge_client.head import Head
 from edge_client.metrics import JsonlWriter
 from edge_client.protocol import (
@@ -94,6 +95,9 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks wss://
     tls_key: Path | None = None
     hello_timeout_s: float = 30.0  # a connection that has not said Hello by then is closed
+    framework: str = "split"  # split | fedllm | kd (cloud_server/strategies.py)
+    proxy_data: Path | None = None  # KD-FedLLM: the shared inputs the clients' logits are computed on
+    kd_top_k: int = 16
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
@@ -103,6 +107,8 @@ class ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         Wire(self.wire)  # raises on an unknown wire format
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
 
 
 def max_frame_bytes(manifest: Manifest) -> int:
@@ -161,14 +167,30 @@ class Server:
         self.ssl_context = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.ssl_context = tls_context(config.tls_cert, config.tls_key)
-        self.tail = Tail(
-            config.artifacts,
-            OptimizerSettings(learning_rate=config.learning_rate, weight_decay=config.weight_decay),
-            seed=config.seed,
-            threads=config.threads,
-        )
-        self.head = Head(config.artifacts, verify=False)  # for evaluation: the server runs the head too
-        self.global_adapters = self.head.initial_adapters()
+        # Split training runs the tail here; FedLLM and KD-FedLLM hand the round's maths to a strategy.
+        self.tail: Tail | None = None
+        self.strategy: FedLlmStrategy | None = None
+        if config.framework == "split":
+            if self.manifest.full_model:
+                raise ArtifactError(f"{config.artifacts} is a --full-model export: serve it with --framework "
+                                    "fedllm or kd, or export a split head with --cut-layer")
+            self.tail = Tail(
+                config.artifacts,
+                OptimizerSettings(learning_rate=config.learning_rate, weight_decay=config.weight_decay),
+                seed=config.seed,
+                threads=config.threads,
+            )
+            self.head = Head(config.artifacts, verify=False)  # for evaluation: the server runs the head too
+        elif config.framework == "fedllm":
+            self.strategy = FedLlmStrategy(config.artifacts, config.eval_data, config.eval_batches)
+            self.head = self.strategy.head
+        else:
+            self.strategy = KdStrategy(config.artifacts, config.eval_data, config.eval_batches, config.proxy_data,
+                                       config.learning_rate, KdSettings(top_k=config.kd_top_k))
+            self.head = self.strategy.head
+        self.global_adapters = self.head.initial_adapters() if self.strategy is None else self.strategy.global_adapters
+        # What a RoundResult carries: the global adapters, or for KD the clients' averaged top-k logits.
+        self.round_tensors: dict[str, np.ndarray] = self.global_adapters
         self.round = 0
         self.metrics = JsonlWriter(config.metrics_out)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
@@ -189,7 +211,7 @@ class Server:
         self.round_started_at = time.monotonic()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()  # tasks must be referenced or they may vanish
-        self.eval_set = self._load_eval(config.eval_data)
+        self.eval_set = self._load_eval(config.eval_data) if self.strategy is None else self.strategy.eval_set
         self._resume()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -222,8 +244,10 @@ class Server:
         if checkpoint is None:
             return
         self.round = checkpoint.round
-        self.global_adapters = {k: v.copy() for k, v in checkpoint.global_adapters.items()}
-        self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
+        for name, value in checkpoint.global_adapters.items():  # in place: a KD strategy trains these arrays
+            self.global_adapters[name][...] = value
+        if self.tail is not None:
+            self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
         self.last_eval_loss = checkpoint.extra.get("eval_loss")
         folder = checkpoint.path
         print(f"[server] resumed from checkpoint {folder}: {self.round} of {self.config.rounds} rounds done, "
@@ -243,6 +267,8 @@ class Server:
             "max_seq_len": self.manifest.max_seq_len,
             "frozen_head": self.manifest.frozen_head,
             "seed": self.config.seed,
+            "framework": self.config.framework,
+            **(self.strategy.settings() if self.strategy is not None else {}),
         }
 
     def max_frame_bytes(self) -> int:
@@ -322,8 +348,8 @@ class Server:
             settings = {**self.settings, "resume_step": resume_step,
                         "update_received": client_id in self.updates}
             _set_frame_limit(websocket, self.max_frame_bytes())
-            await self._send(websocket, session, Welcome(self.round, self.config.rounds, settings,
-                                                         self.global_adapters))
+            welcome_tensors = self.global_adapters if self.strategy is None else self.strategy.welcome_tensors()
+            await self._send(websocket, session, Welcome(self.round, self.config.rounds, settings, welcome_tensors))
             while True:
                 message = await self._receive(websocket, session)
                 if isinstance(message, Activations):
@@ -518,6 +544,9 @@ class Server:
 
     async def _train_step(self, participant: Participant, message: Activations) -> Gradients | None:
         client_id = participant.client_id
+        if self.tail is None:
+            raise ProtocolError(f"this server runs {self.config.framework}: clients train on the device and send "
+                                "no activations", CLOSE_POLICY)
         self._check_activations(message)
         self._check_step_order(client_id, message)
         started = time.perf_counter()
@@ -555,6 +584,9 @@ class Server:
         return self.tail.train_step(activations, mask, labels, not self.manifest.frozen_head)
 
     def _check_update(self, message: AdapterUpdate) -> None:
+        if self.strategy is not None:
+            self.strategy.check_update(message.tensors)
+            return
         names, expected = set(message.tensors), set(self.manifest.lora.matrices)
         if names != expected:
             raise TrainingError(f"AdapterUpdate carries {sorted(names)[:8]}, the head's adapters are "
@@ -591,7 +623,7 @@ class Server:
             self._maybe_close_round()
             await self._round_event(round_index).wait()
         done = self.round >= self.config.rounds
-        return RoundResult(message.round, self.round, done, self.last_eval_loss, self.global_adapters)
+        return RoundResult(message.round, self.round, done, self.last_eval_loss, self.round_tensors)
 
     def _round_event(self, round_index: int) -> asyncio.Event:
         return self.round_closed.setdefault(round_index, asyncio.Event())
@@ -623,11 +655,18 @@ class Server:
 
     async def _aggregate_and_checkpoint(self, round_index: int) -> None:
         updates = dict(self.updates)
-        global_adapters = fedavg([(tensors, samples) for tensors, samples, _ in updates.values()])
+        accepted = [(tensors, samples) for tensors, samples, _ in updates.values()]
         loop = asyncio.get_running_loop()
         eval_loss = self.last_eval_loss
-        if self.eval_set is not None:
-            eval_loss = await loop.run_in_executor(self.executor, self.evaluate_with, global_adapters)
+        if self.strategy is None:
+            global_adapters = round_tensors = fedavg(accepted)
+            if self.eval_set is not None:
+                eval_loss = await loop.run_in_executor(self.executor, self.evaluate_with, global_adapters)
+        else:
+            round_tensors = await loop.run_in_executor(self.executor, self.strategy.aggregate, accepted)
+            global_adapters = self.strategy.global_adapters
+            if self.eval_set is not None:
+                eval_loss = await loop.run_in_executor(self.executor, self.strategy.evaluate)
         summary = {
             "round": round_index,
             "clients": sorted(updates),
@@ -640,7 +679,9 @@ class Server:
         }
         if self.config.checkpoint_dir is not None:
             # Saved before any client hears of the round: a result a client has seen survives a restart.
-            tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
+            tail_state: dict[str, Any] = {"lora": {}, "optimizer": {"state": {}, "param_groups": []}}
+            if self.tail is not None:
+                tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
             checkpoint = Checkpoint(
                 round_index + 1, global_adapters, tail_state["lora"], tail_state["optimizer"],
                 {"eval_loss": eval_loss, "num_samples": summary["num_samples"]},
@@ -651,6 +692,7 @@ class Server:
         # (self._closing), so the reset below loses none.
         self.updates = {}
         self.global_adapters = global_adapters
+        self.round_tensors = round_tensors
         self.last_eval_loss = eval_loss
         self.round = round_index + 1
         self.metrics.write("round", **summary)
@@ -667,6 +709,8 @@ class Server:
                 self._maybe_close_round(deadline_passed=True)
 
     def evaluate(self) -> float:
+        if self.strategy is not None:
+            return self.strategy.evaluate() or 0.0
         return self.evaluate_with(self.global_adapters)
 
     def evaluate_with(self, adapters: dict[str, np.ndarray]) -> float:
@@ -682,6 +726,7 @@ class Server:
                 labels = labels.copy()
                 labels[count - start:] = -100
             activations = self.head.forward(ids, mask, adapters).activations
+            assert self.tail is not None
             loss, counted = self.tail.eval_loss(activations, mask, labels)
             total += loss * counted
             tokens += counted

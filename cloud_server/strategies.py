@@ -28,7 +28,7 @@ from cloud_server.aggregate import average_top_k, fedavg
 from edge_client.data import EncodedSet, encode_examples, read_jsonl
 from edge_client.errors import ArtifactError, TrainingError
 from edge_client.head import Head
-from edge_client.local import LocalTrainer, eval_loss, proxy_batches
+from edge_client.local import LocalTrainer, distil_on_proxy, eval_loss
 
 Arrays = dict[str, np.ndarray]
 FRAMEWORKS = ("split", "fedllm", "kd")
@@ -124,13 +124,6 @@ class KdStrategy(FedLlmStrategy):
         values, indices = average_top_k(
             [(t["proxy_values"], t["proxy_indices"], n) for t, n in updates], self.kd.top_k
         )
-        batch = self.head.manifest.batch_size
-        for _ in range(self.kd.server_distill_epochs):
-            for number, (ids, mask) in enumerate(proxy_batches(self.proxy, batch)):
-                rows = slice(number * batch, number * batch + batch)
-                target_values = np.zeros((batch, *values.shape[1:]), dtype=np.float32)
-                target_indices = np.zeros((batch, *indices.shape[1:]), dtype=np.int64)
-                target_values[: len(values[rows])] = values[rows]
-                target_indices[: len(indices[rows])] = indices[rows]
-                self.trainer.distillation_step(ids, mask, target_values, target_indices, self.kd.temperature)
+        distil_on_proxy(self.trainer, self.proxy, values, indices, self.kd.temperature,
+                        self.kd.server_distill_epochs)
         return {"proxy_values": values, "proxy_indices": indices}

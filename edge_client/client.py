@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.data import Batch, encode_examples, iterate_batches, read_jsonl
+from edge_client.data import Batch, EncodedSet, encode_examples, iterate_batches, read_jsonl
 from edge_client.energy import EnergyReader, detect_energy_reader
 from edge_client.errors import EdgesplitError, ProtocolError
 from edge_client.head import Head
+from edge_client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edge_client.metrics import JsonlWriter
 from edge_client.optim import AdamW
 from edge_client.protocol import (
@@ -130,6 +131,10 @@ class Client:
         self.batch_iterator: Iterator[Batch] = iter(())
         self.batches_drawn = 0
         self._current_batch: tuple[int, Batch] | None = None
+        self.framework = "split"  # from the server's Welcome: split, fedllm or kd
+        self.trainer: LocalTrainer | None = None  # FedLLM and KD-FedLLM train the whole model locally
+        self.kd_settings: dict[str, object] = {}
+        self.proxy: EncodedSet | None = None
 
     def log(self, text: str) -> None:
         if not self.config.quiet:
@@ -257,16 +262,19 @@ class Client:
         while True:
             while position.step < self.steps_per_round:
                 batch = self._batch(position.round, position.step)
-                loss = await self._step(websocket, session, loop, batch, position.round, position.step, wire)
+                if self.trainer is None:
+                    loss = await self._step(websocket, session, loop, batch, position.round, position.step, wire)
+                else:  # FedLLM and KD-FedLLM train on the device alone; only the round's upload travels
+                    loss = await self._local_step(loop, batch, position.round, position.step)
                 position.losses.append(loss)
                 position.step += 1
             metrics = {"steps": float(len(position.losses))}
             if position.losses:
                 metrics["mean_loss"] = float(np.mean(position.losses))
-            update = AdapterUpdate(position.round, self.num_samples, self.adapters, metrics)
+            update = AdapterUpdate(position.round, self.num_samples, await self._upload(loop), metrics)
             result = await self._exchange(websocket, session, update, Wire.FP32)
             assert isinstance(result, RoundResult)
-            self._set_adapters(result.tensors)
+            await self._take_result(loop, result)
             mean_loss = metrics.get("mean_loss")
             loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
@@ -291,13 +299,26 @@ class Client:
         resume_step = int(settings.get("resume_step", 0))  # type: ignore[call-overload]
         self.steps_per_round = int(settings["steps_per_round"])  # type: ignore[call-overload]
         if self.optimizer is None:  # the first Welcome of this process
-            self.optimizer = AdamW(self.adapters, lr=float(settings["learning_rate"]),  # type: ignore[arg-type]
-                                   weight_decay=float(settings.get("weight_decay", 0.0)))  # type: ignore[arg-type]
+            self.framework = str(settings.get("framework", "split"))
+            learning_rate = float(settings["learning_rate"])  # type: ignore[arg-type]
+            weight_decay = float(settings.get("weight_decay", 0.0))  # type: ignore[arg-type]
+            if self.framework == "split":
+                if self.head.manifest.full_model:
+                    raise EdgesplitError("the server runs split training, these artifacts are a --full-model export")
+                self.optimizer = AdamW(self.adapters, lr=learning_rate, weight_decay=weight_decay)
+            else:
+                self.trainer = LocalTrainer(self.head, self.adapters, learning_rate, weight_decay)
+                self.optimizer = self.trainer.optimizer
+                self.kd_settings = settings
             seed = int(settings.get("seed", 0)) + self.config.seed  # type: ignore[call-overload]
             self.batch_iterator = self.batches(seed=seed)
         first = self.position is None
+        if self.framework == "kd":  # KD's Welcome carries the shared proxy set; its weights never travel
+            ids, mask = welcome.tensors["proxy.input_ids"], welcome.tensors["proxy.attention_mask"]
+            self.proxy = EncodedSet(ids, mask, np.full_like(ids, -100), 0, 0)
         if self.position is None or self.position.round != welcome.round:
-            self._set_adapters(welcome.tensors)
+            if self.framework != "kd":
+                self._set_adapters(welcome.tensors)
             self.position = _Position(welcome.round, resume_step)
         else:
             self.position.step = max(self.position.step, resume_step)
@@ -339,6 +360,50 @@ class Client:
                 "final_loss": self.losses[-1] if self.losses else None,
                 "first_loss": self.losses[0] if self.losses else None,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "reconnects": self.reconnects}
+
+    async def _local_step(self, loop: asyncio.AbstractEventLoop, batch: Batch, round_index: int, step: int) -> float:
+        """One FedLLM / KD-FedLLM step on the device: whole-model forward, numpy loss, gradient graph, AdamW."""
+        assert self.trainer is not None
+        energy_before = self.energy.read_joules()
+        with self.timer.phase("local_step"), self.memory.phase("local_step"):
+            loss = await loop.run_in_executor(None, self.trainer.cross_entropy_step, batch)
+        phases = self.timer.step_done()
+        self.steps_done += 1
+        self.losses.append(loss)
+        self.metrics.write(
+            "step", client_id=self.config.client_id, round=round_index, step=step, loss=loss,
+            tokens=int(batch.attention_mask.sum()), bytes_up=0, bytes_down=0,
+            seconds={k: round(v, 6) for k, v in phases.items()},
+            energy_j=round(self.energy.read_joules() - energy_before, 6),
+        )
+        self.log(f"round {round_index + 1} step {step + 1}: loss {loss:.4f} (local), "
+                 f"{sum(phases.values()) * 1000:.0f} ms")
+        return loss
+
+    async def _upload(self, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
+        """What this round sends up: the adapters, or for KD the top-k probabilities on the proxy set."""
+        if self.framework != "kd":
+            return self.adapters
+        top_k = int(self.kd_settings["top_k"])  # type: ignore[call-overload]
+        assert self.proxy is not None
+        with self.timer.phase("proxy_logits"):
+            values, indices = await loop.run_in_executor(None, proxy_top_k, self.head, self.adapters,
+                                                         self.proxy, top_k)
+        return {"proxy_values": values, "proxy_indices": indices}
+
+    async def _take_result(self, loop: asyncio.AbstractEventLoop, result: RoundResult) -> None:
+        """FedLLM and split take the global adapters; KD distils its own model towards the clients' consensus."""
+        if self.framework != "kd":
+            self._set_adapters(result.tensors)
+            return
+        if result.done or self.trainer is None:
+            return
+        assert self.proxy is not None
+        await loop.run_in_executor(
+            None, distil_on_proxy, self.trainer, self.proxy, result.tensors["proxy_values"],
+            result.tensors["proxy_indices"], float(self.kd_settings["temperature"]),  # type: ignore[arg-type]
+            int(self.kd_settings.get("client_distill_epochs", 1)),  # type: ignore[call-overload]
+        )
 
     def _set_adapters(self, tensors: dict[str, np.ndarray]) -> None:
         """Take new global adapters in place: the optimiser holds references to these arrays."""

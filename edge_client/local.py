@@ -63,6 +63,24 @@ def proxy_batches(proxy: EncodedSet, batch_size: int) -> list[tuple[np.ndarray, 
     return batches
 
 
+def distil_on_proxy(
+    trainer: LocalTrainer, proxy: EncodedSet, values: np.ndarray, indices: npt.NDArray[np.int64],
+    temperature: float, epochs: int = 1,
+) -> list[float]:
+    """Distil `trainer`'s model towards target top-k distributions (N, T, k) on the proxy set, batch by batch."""
+    batch_size = trainer.head.manifest.batch_size
+    losses = []
+    for _ in range(epochs):
+        for number, (ids, mask) in enumerate(proxy_batches(proxy, batch_size)):
+            rows = slice(number * batch_size, (number + 1) * batch_size)
+            target_values = np.zeros((batch_size, *values.shape[1:]), dtype=np.float32)
+            target_indices = np.zeros((batch_size, *indices.shape[1:]), dtype=np.int64)
+            target_values[: len(values[rows])] = values[rows]  # the last batch's padded rows have no target
+            target_indices[: len(indices[rows])] = indices[rows]
+            losses.append(trainer.distillation_step(ids, mask, target_values, target_indices, temperature))
+    return losses
+
+
 def proxy_top_k(head: Head, adapters: Arrays, proxy: EncodedSet, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The model's top-k next-token probabilities on every proxy position: (N, T, k) values and indices."""
     values, indices = [], []
