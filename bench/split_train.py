@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
              for wire in ("fp32", "fp16", "int8")}
     central = centralized_run(artifacts, train, args.steps, args.learning_rate)
     ratio = split["fp32"]["tokens_per_second_median"] / central["tokens_per_second_median"]
-    int8_gap = abs(split["int8"]["eval_loss_after"] - split["fp32"]["eval_loss_after"]) / split["fp32"]["eval_loss_after"]
+    fp32_loss = split["fp32"]["eval_loss_after"]
+    int8_gap = abs(split["int8"]["eval_loss_after"] - fp32_loss) / fp32_loss
     result = {
         "benchmark": "split_train",
         "model": "smollm2-135m",

@@ -113,7 +113,7 @@ class Head:
         for name in self.manifest.lora.matrices:
             feed[name] = adapters[name]
         outputs = self.forward_session.run(None, feed)
-        named = dict(zip(self.output_names, outputs))
+        named = dict(zip(self.output_names, outputs, strict=True))
         activations = named.pop("activations")
         # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
         saved = {name: named[name] if name in named else feed[name] for name in self.backward_inputs
@@ -134,4 +134,4 @@ class Head:
         feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
         outputs = self.backward_session.run(None, feed)
         names = [o.name for o in self.backward_session.get_outputs()]
-        return {name.removeprefix("grad."): value for name, value in zip(names, outputs)}
+        return {name.removeprefix("grad."): value for name, value in zip(names, outputs, strict=True)}

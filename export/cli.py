@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cut-layer is required (or --full-model)")
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     config = ExportConfig(
-        model=args.model, cut_layer=args.cut_layer or 0, out=args.out, full_model=args.full_model, lora_rank=args.lora_rank,
+        model=args.model, cut_layer=args.cut_layer or 0, out=args.out, full_model=args.full_model,
+        lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_targets=targets, quantize=args.quantize, frozen_head=args.frozen_head,
         batch_size=args.batch_size, max_seq_len=args.max_seq_len, force=args.force, seed=args.seed,
     )
