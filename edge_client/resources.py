@@ -40,7 +40,19 @@ def process_rss_bytes() -> int:
 
 
 def os_max_rss_bytes() -> int:
-    """The kernel's high-water mark of this process's RSS, bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The kernel's high-water mark of this process's RSS, in bytes.
+
+    On Linux this is VmHWM from /proc/self/status: ru_maxrss can carry the high-water mark of the parent
+    that forked this process (a client started by a large process would report the parent's peak).
+    Elsewhere, ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(max_rss) if sys.platform == "darwin" else int(max_rss) * 1024
 
