@@ -11,6 +11,13 @@ The LoRA matrices are graph inputs, not initializers, so they stay float32 and t
 gets the same treatment for the weights it holds. ONNX Runtime keeps DequantizeLinear of a constant out of
 constant folding, so the weights stay int8 in memory and are dequantised one matrix at a time while running.
 
+ONNX Runtime 1.32 (the version measured) fuses DequantizeLinear + MatMul into its 8-bit MatMulNBits (blocks
+of 32 along K, accuracy_level 4: activations quantised per block of 32 to int8, integer dot products), so
+the matmuls run ~1.3x faster than float32 on an AVX-512 VNNI core, and the activations' error at SmolLM2's
+layer 4 goes from 1.2% (weights alone, accuracy_level 0) to 1.5%; runtimes without 8-bit MatMulNBits (added
+in 1.22) run the plain DequantizeLinear + MatMul. Writing MatMulNBits ourselves was measured too: no faster
+than the fused form, ~15 MB less resident after loading, but a contrib op that older runtimes cannot run.
+
 Why not onnxruntime.quantization / optimum: their dynamic and static modes quantise activations too (the
 16% above); their weight-only mode (MatMulNBits) is 4-bit-first and blockwise, and leaves Gather alone, where
 the embedding table is most of the head's bytes. See docs/export.md.
