@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_integration import free_port, write_task
+from loopback import free_port, write_task
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import load_latest

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,27 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback import free_port, write_task
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import load_latest
 from edge_client.metrics import read_jsonl
 
 ROUNDS, STEPS = 2, 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_task(path: Path, seed: int, count: int) -> None:
-    """Prompt 'wA wB' -> completion 'wA+2 wA+3': learnable by a tiny model in a few steps."""
-    rng = np.random.default_rng(seed)
-    with path.open("w") as handle:
-        for _ in range(count):
-            a = int(rng.integers(0, 40))
-            handle.write(json.dumps({"prompt": f"w{a} w{a + 1}", "completion": f"w{a + 2} w{a + 3}"}) + "\n")
 
 
 def torch_blocker(directory: Path) -> Path:
