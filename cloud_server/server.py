@@ -40,7 +40,7 @@ import numpy as np
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
-from cloud_server.strategies import FRAMEWORKS, FedLlmStrategy, KdSettings, KdStrategy
+from cloud_server.strategies import FRAMEWORKS, FedLlmStrategy, KdSettings, KdStrategy, encode_file
 from cloud_server.tail import OptimizerSettings, Tail
 from edge_client.artifacts import Manifest, load_manifest
 from edge_client.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
@@ -217,21 +217,7 @@ class Server:
     # ------------------------------------------------------------------------------------------ setup
 
     def _load_eval(self, path: Path | None) -> Any:
-        if path is None:
-            return None
-        from tokenizers import Tokenizer
-
-        from edge_client.data import encode_examples, read_jsonl
-
-        tokenizer = Tokenizer.from_file(str(self.config.artifacts / "tokenizer.json"))
-        examples = read_jsonl(path)
-        return encode_examples(
-            tokenizer,
-            examples,
-            self.manifest.max_seq_len,
-            self.manifest.eos_token_id,
-            self.manifest.pad_token_id or 0,
-        )
+        return None if path is None else encode_file(self.head, path)
 
     def _resume(self) -> None:
         if self.config.checkpoint_dir is None:
