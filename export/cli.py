@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-targets", default=None,
                         help="comma-separated module names (default: the family's, q_proj,v_proj for Llama)")
     parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                        help="int8: weight-only, per output channel, for the head's frozen weights")
+                        help="int8: weight-only, the head's frozen weights (matmuls in blocks of 32, embedding rows)")
     parser.add_argument("--frozen-head", action="store_true", help="no client adapters: the client only runs forward")
     parser.add_argument("--batch-size", type=int, default=4, help="batch size the head graphs are traced for")
     parser.add_argument("--max-seq-len", type=int, default=128, help="sequence length the client pads to")

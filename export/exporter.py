@@ -110,7 +110,8 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
 
     from export.families import check_cut_layer, family_for, prepare_for_training
     from export.lora import HeadWithLora
-    from export.quantize import quantize_model
+    from export.onnx_files import save_with_aligned_data
+    from export.quantize import quantize_model, store_saved_as_float16
     from export.trainable import export_graph, trace_head
 
     out = Path(config.out)
@@ -155,15 +156,19 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
 
         report = None
         if config.quantize == "int8":
-            log("quantising the head's frozen weights to int8 (weight-only, per output channel)")
-            t0 = time.perf_counter()
-            for name in ("head.onnx", "head_grad.onnx"):
-                if (scratch / name).exists():
-                    graph = onnx.load(str(scratch / name))
-                    part = quantize_model(graph)
-                    report = part if report is None else _merge(report, part)
-                    onnx.save(graph, str(scratch / name))
-            seconds["quantize"] = time.perf_counter() - t0
+            log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
+        t0 = time.perf_counter()
+        graphs = {name: onnx.load(str(scratch / name)) for name in ("head.onnx", "head_grad.onnx")
+                  if (scratch / name).exists()}
+        if config.quantize == "int8":
+            for graph in graphs.values():
+                part = quantize_model(graph)
+                report = part if report is None else _merge(report, part)
+            if "head_grad.onnx" in graphs:
+                store_saved_as_float16(graphs["head.onnx"], graphs["head_grad.onnx"])
+        for name, graph in graphs.items():
+            save_with_aligned_data(graph, scratch / name)
+        seconds["quantize" if config.quantize == "int8" else "save"] = time.perf_counter() - t0
 
         save_numpy({k: v.detach().numpy().astype("float32") for k, v in lora.items()},
                    str(scratch / "head_adapters.safetensors"))

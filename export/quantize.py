@@ -1,26 +1,36 @@
-"""Weight-only int8 quantisation of the head's frozen weights, per output channel.
+"""Weight-only int8 quantisation of the head's frozen weights: blocks of 32 weights along the input dimension.
 
-Activations stay float32: MISSION.md measured 16% relative error at layer 4 for dynamic (per-tensor,
-activation-quantising) int8, too lossy for training. Here only the frozen weights shrink, and each output
-channel gets its own scale, so the error is that of rounding each weight to 1/254 of its channel's range.
+Activations are not quantised ahead of time: MISSION.md measured 16% relative error at layer 4 for dynamic
+(per-tensor, activation-quantising) int8, too lossy for training, and on SmolLM2's head at cut 4 this module's
+measurements agree (14% on the activations, 40-80% on the LoRA gradients when every matmul of the forward and
+the gradient graph quantises its input per tensor). Here the frozen weights shrink, each block of 32 weights
+along K with its own scale:
 
-Two rewrites, both plain ONNX ops that every ONNX Runtime build runs (x86, arm64):
-  MatMul(x, W)      ->  MatMul(x, DequantizeLinear(W_q, scale[N], axis=1))          W: (K, N), N outputs
-  Gather(E, ids)    ->  Cast(Gather(E_q, ids)) * Unsqueeze(Gather(scale[V], ids))    E: (V, H), a row each
+  MatMul(x, W)      ->  MatMulNBits(x, W_q, scales, bits=8, block_size=32, accuracy_level=4)   W: (K, N)
+  Gather(E, ids)    ->  Cast(Gather(E_q, ids)) * Unsqueeze(Gather(scale[V], ids))              E: (V, H), a row each
+
+MatMulNBits is ONNX Runtime's block-quantised matmul (com.microsoft, 8-bit on CPU since 1.22, x86 and arm64).
+`accuracy_level=4` lets it quantise each block of 32 activations to int8 on the fly and use integer dot
+products (VNNI on x86, the dot-product instructions on arm64). Measured on this repository's benchmark machine
+(2-core AMD EPYC with AVX-512 VNNI, ONNX Runtime 1.32, SmolLM2 cut 4, batch 4 x 128, against the fp32 head):
+
+  form                                        step    activations  LoRA grads (max, median)
+  DequantizeLinear per channel (the old one)  1.00x   1.5%         12.7%, 6.8%
+  MatMulNBits, blocks of 32, accuracy 4       0.97x   1.3%          7.5%, 5.4%
+  MatMulNBits, blocks of 32, accuracy 0       1.20x   0.6%          3.3%, 2.6%   (weights only, fp32 compute)
+  DynamicQuantizeMatMul (per-tensor inputs)   0.50x   14%          80%, 40%
+
+ONNX Runtime 1.32 already fused the old DequantizeLinear + MatMul into MatMulNBits with per-channel scales,
+so the speed is the same; per-block scales halve the gradient error, and writing MatMulNBits directly saves
+the fused copy of each weight that the runtime made at load (see docs/benchmarks.md for the memory).
+
 The LoRA matrices are graph inputs, not initializers, so they stay float32 and trainable; the gradient graph
-gets the same treatment for the weights it holds. ONNX Runtime keeps DequantizeLinear of a constant out of
-constant folding, so the weights stay int8 in memory and are dequantised one matrix at a time while running.
+gets the same treatment for the (transposed) weights it holds.
 
-ONNX Runtime 1.32 (the version measured) fuses DequantizeLinear + MatMul into its 8-bit MatMulNBits (blocks
-of 32 along K, accuracy_level 4: activations quantised per block of 32 to int8, integer dot products), so
-the matmuls run ~1.3x faster than float32 on an AVX-512 VNNI core, and the activations' error at SmolLM2's
-layer 4 goes from 1.2% (weights alone, accuracy_level 0) to 1.5%; runtimes without 8-bit MatMulNBits (added
-in 1.22) run the plain DequantizeLinear + MatMul. Writing MatMulNBits ourselves was measured too: no faster
-than the fused form, ~15 MB less resident after loading, but a contrib op that older runtimes cannot run.
-
-Why not onnxruntime.quantization / optimum: their dynamic and static modes quantise activations too (the
-16% above); their weight-only mode (MatMulNBits) is 4-bit-first and blockwise, and leaves Gather alone, where
-the embedding table is most of the head's bytes. See docs/export.md.
+Why not onnxruntime.quantization / optimum: their dynamic and static modes quantise activations per tensor
+(the 14-16% above); their weight-only mode (MatQuantizer, MatMulNBits) is 4-bit-first (4-bit weights gave
+~10% error on one random-weight matmul here, 8-bit 0.8%) and leaves Gather alone, where the embedding table
+is most of the head's bytes. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MIN_ELEMENTS = 4096  # smaller constants (norm weights, masks) are not worth a scale tensor
+MIN_ELEMENTS = 1024  # smaller constants (norm weights, masks, tiny test layers) are not worth a scale tensor
+BLOCK_SIZE = 32  # weights per scale along K in MatMulNBits
+ACCURACY_LEVEL = 4  # MatMulNBits may quantise its input per block to int8 and use integer dot products
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass
@@ -61,8 +74,35 @@ def quantize_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np
     return quantized, scale
 
 
+def quantize_blocks(weights: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' 8-bit layout for a (K, N) weight: codes (N, blocks, block_size) uint8, scales (N * blocks).
+
+    Symmetric: each block of `block_size` weights along K (zero-padded at the end) gets scale = max|w| / 127,
+    and the codes are round(w / scale) + 128, the zero point MatMulNBits assumes for 8 bits when none is given.
+    """
+    k, n = weights.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weights
+    by_block = padded.T.reshape(n, blocks, block_size)
+    peak = np.max(np.abs(by_block), axis=2)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.round(by_block / scale[:, :, None]), -127, 127).astype(np.int16) + 128
+    return codes.astype(np.uint8), scale.reshape(-1)
+
+
+def dequantize_blocks(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    """The (K, N) float32 weight that `quantize_blocks`' codes stand for (for tests and error reports)."""
+    n, blocks, block_size = codes.shape
+    values = (codes.astype(np.float32) - 128.0) * scale.reshape(n, blocks)[:, :, None]
+    return np.ascontiguousarray(values.reshape(n, blocks * block_size)[:, :k].T)
+
+
 def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
-    """Rewrite `model` in place: 2-D float initializers used as MatMul weights or Gather tables become int8."""
+    """Rewrite `model` in place: 2-D float initializers used as MatMul weights or Gather tables become int8.
+
+    MatMul weights become MatMulNBits nodes (8-bit blocks); embedding tables become int8 rows with a scale each.
+    """
     graph = model.graph
     uses = _consumers(graph)
     report = QuantizeReport([], [], 0, 0)
@@ -84,17 +124,31 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
             report.bytes_after += size
             continue
         name = initializer.name
-        axis = 1 if is_matmul else 0
-        quantized, scale = quantize_per_channel(weights, axis)
+        if is_matmul:
+            k, n = weights.shape
+            codes, scale = quantize_blocks(weights)
+            added += [numpy_helper.from_array(codes, f"{name}.q8"), numpy_helper.from_array(scale, f"{name}.scales")]
+            report.bytes_after += codes.nbytes + scale.nbytes
+            report.quantized.append(name)
+            for position, (matmul, _) in enumerate(consumers):
+                replacement = helper.make_node(
+                    "MatMulNBits",
+                    [matmul.input[0], f"{name}.q8", f"{name}.scales"],
+                    list(matmul.output),
+                    name=f"{name}.matmul{position}",
+                    domain=MS_DOMAIN,
+                    K=k,
+                    N=n,
+                    bits=8,
+                    block_size=BLOCK_SIZE,
+                    accuracy_level=ACCURACY_LEVEL,
+                )
+                new_nodes.append((matmul, [replacement]))
+            continue
+        quantized, scale = quantize_per_channel(weights, 0)
         added += [numpy_helper.from_array(quantized, f"{name}.int8"), numpy_helper.from_array(scale, f"{name}.scale")]
         report.bytes_after += quantized.nbytes + scale.nbytes
         report.quantized.append(name)
-        if is_matmul:
-            dequantize = helper.make_node(
-                "DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name], name=f"{name}.dequantize", axis=1
-            )
-            new_nodes.append((consumers[0][0], [dequantize]))
-            continue
         for position, (gather, _) in enumerate(consumers):
             ids = gather.input[1]
             prefix = f"{name}.gather{position}"
@@ -107,8 +161,8 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
             ]
             added.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{prefix}.axes"))
             new_nodes.append((gather, nodes))
-    # Rebuild the node list in order: replacement nodes go where the anchor stood; replaced Gathers go away.
-    replaced = {id(anchor) for anchor, nodes in new_nodes if anchor.op_type == "Gather" and len(nodes) > 1}
+    # Rebuild the node list in order: replacement nodes go where the anchor stood, and the anchor goes away.
+    replaced = {id(anchor) for anchor, _ in new_nodes}
     inserts: dict[int, list[onnx.NodeProto]] = {}
     for anchor, nodes in new_nodes:
         inserts.setdefault(id(anchor), []).extend(nodes)
@@ -121,4 +175,50 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
     graph.node.extend(ordered)
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
+    if report.quantized and not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return report
+
+
+def store_saved_as_float16(forward: onnx.ModelProto, backward: onnx.ModelProto) -> list[str]:
+    """Hand the tensors saved for backward from one graph to the other in float16, halving what they hold.
+
+    Each float32 output of `forward` that `backward` reads as an input (not `activations`, which goes to the
+    server) is cast to float16 right after it is made in the forward graph and back to float32 just before
+    its first use in the backward graph. For SmolLM2 cut at layer 4, batch 4 x 128, that is 45 MB of gate and up
+    projections, attention inputs and norm statistics. float16 keeps 11 significant bits (relative rounding
+    error 2^-11 ~ 0.05%), against the ~1% that the int8 weights already cost, which is why only the int8
+    export does it. Returns the names of the tensors changed.
+    """
+    shared = {value.name for value in backward.graph.input}
+    changed: list[str] = []
+    for output in forward.graph.output:
+        kind = output.type.tensor_type
+        if output.name == "activations" or output.name not in shared or kind.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        name = output.name
+        nodes = list(forward.graph.node)
+        producer = next(index for index, node in enumerate(nodes) if name in node.output)
+        for node in nodes:  # the producer now writes name.f32, and a Cast right after it writes name
+            node.output[:] = [f"{name}.f32" if value == name else value for value in node.output]
+            node.input[:] = [f"{name}.f32" if value == name else value for value in node.input]
+        cast = helper.make_node("Cast", [f"{name}.f32"], [name], name=f"{name}.to_half", to=onnx.TensorProto.FLOAT16)
+        nodes.insert(producer + 1, cast)  # early: the float32 copy can go once the forward is done with it
+        del forward.graph.node[:]
+        forward.graph.node.extend(nodes)
+        kind.elem_type = onnx.TensorProto.FLOAT16
+        changed.append(name)
+    for graph_input in backward.graph.input:
+        if graph_input.name not in changed:
+            continue
+        name = graph_input.name
+        graph_input.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        nodes = list(backward.graph.node)
+        first = next(index for index, node in enumerate(nodes) if name in node.input)
+        for node in nodes:
+            node.input[:] = [f"{name}.f32" if value == name else value for value in node.input]
+        cast = helper.make_node("Cast", [name], [f"{name}.f32"], name=f"{name}.to_float", to=onnx.TensorProto.FLOAT)
+        nodes.insert(first, cast)
+        del backward.graph.node[:]
+        backward.graph.node.extend(nodes)
+    return changed

@@ -74,9 +74,9 @@ def trace_head(
     count = len(constant_names)
 
     def head_function(*args: torch.Tensor) -> torch.Tensor:
-        state = dict(zip(constant_names, args[:count]))
+        state = dict(zip(constant_names, args[:count], strict=True))
         input_ids, attention_mask = args[count], args[count + 1]
-        matrices = dict(zip(lora_names, args[count + 2 :]))
+        matrices = dict(zip(lora_names, args[count + 2 :], strict=True))
         if not trainable:
             matrices = {name: torch.zeros(shape) for name, shape in head.shapes.items()}
         return torch.func.functional_call(head, state, (input_ids, attention_mask, matrices))
@@ -333,7 +333,7 @@ def _rewrite(
         raise RuntimeError(f"unexpected backward signature: {len(placeholders)} inputs for {len(saved)} saved")
     backward_inputs: list[str] = []
     kept: dict[str, fx.Node] = {}
-    for node, kind in zip(placeholders, [*saved_kinds, f"input:{ACTIVATION_GRADS}"]):
+    for node, kind in zip(placeholders, [*saved_kinds, f"input:{ACTIVATION_GRADS}"], strict=True):
         source, name = kind.split(":", 1)
         if source == "const":
             backward.register_buffer(name, getattr(forward, name))

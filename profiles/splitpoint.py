@@ -218,9 +218,9 @@ def run_worker(arguments: list[str]) -> dict[str, Any]:
 
 
 def _artifact_bytes(directory: Path) -> int:
-    return sum(
-        (directory / name).stat().st_size for name in ("head.onnx", "head_grad.onnx") if (directory / name).exists()
-    )
+    """The head's graphs and their external weight files (head.onnx.data, head_grad.onnx.data)."""
+    names = ("head.onnx", "head_grad.onnx", "head.onnx.data", "head_grad.onnx.data")
+    return sum((directory / name).stat().st_size for name in names if (directory / name).exists())
 
 
 @dataclass(frozen=True)
