@@ -42,7 +42,7 @@ from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from cloud_server.strategies import FRAMEWORKS, FedLlmStrategy, KdSettings, KdStrategy, encode_file
 from cloud_server.tail import OptimizerSettings, Tail
-from edge_client.artifacts import Manifest, load_manifest
+from edge_client.artifacts import load_manifest
 from edge_client.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edge_client.head import Head
 from edge_client.metrics import JsonlWriter
@@ -64,6 +64,7 @@ from edge_client.protocol import (
     Welcome,
     Wire,
     encode,
+    max_frame_bytes,
 )
 
 CLOSE_POLICY = 1008  # websocket close code: policy violation (bad token, wrong artifacts, bad tensor)
@@ -109,14 +110,6 @@ class ServerConfig:
         Wire(self.wire)  # raises on an unknown wire format
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
-
-
-def max_frame_bytes(manifest: Manifest) -> int:
-    """The largest frame an admitted client may send: fp32 activations, labels and mask, or its adapters."""
-    batch, seq, hidden = manifest.activations_shape
-    activations = batch * seq * (hidden * 4 + 16)
-    adapters = sum(int(np.prod(s)) * 4 for s in manifest.lora.matrices.values())
-    return max(activations, adapters) + (1 << 20)
 
 
 def read_tokens(path: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     "serve": ("cloud_server.cli", "run the cloud server (the tail) for many clients", "server"),
     "client": ("edge_client.client_cli", "run an edge client (the head) against a server", None),
     "demo": ("cloud_server.demo", "export, serve and train N clients on this machine, end to end", "export,server"),
-    "compare": ("cloud_server.compare", "run split, FedLLM and KD-FedLLM on the same data and compare them", "export,server"),
+    "compare": ("cloud_server.compare", "run split, FedLLM and KD-FedLLM on the same data, compare", "export,server"),
     "profile": ("profiles.cli", "measure the cost of each cut layer on this device", "export"),
 }
 

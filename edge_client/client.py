@@ -49,6 +49,7 @@ from edge_client.protocol import (
     Welcome,
     Wire,
     decode,
+    max_frame_bytes,
 )
 from edge_client.resources import MemorySampler, PhaseTimer
 
@@ -200,7 +201,7 @@ class Client:
             try:
                 return await connect(
                     self.config.server,
-                    max_size=self._max_frame_bytes(),
+                    max_size=max_frame_bytes(self.head.manifest),
                     compression=None,  # tensors do not deflate; compressing them costs CPU for nothing
                     ping_interval=20,
                     ping_timeout=120,  # a step on a slow device can take seconds; pings are answered anyway
@@ -218,11 +219,6 @@ class Client:
                 self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays is endless")
-
-    def _max_frame_bytes(self) -> int:
-        manifest = self.head.manifest
-        adapters = sum(int(np.prod(s)) * 4 for s in manifest.lora.matrices.values())
-        return max(int(np.prod(manifest.activations_shape)) * 4, adapters) + (1 << 20)
 
     async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire) -> Message:
         from websockets.exceptions import ConnectionClosed
@@ -250,7 +246,7 @@ class Client:
         return answer
 
     async def _session(self, websocket: Any) -> dict[str, Any]:
-        session = Session(Role.CLIENT, max_size=self._max_frame_bytes())
+        session = Session(Role.CLIENT, max_size=max_frame_bytes(self.head.manifest))
         hello = Hello(self.config.client_id, PROTOCOL_VERSION, self.head.manifest.manifest_hash,
                       self.config.token, self.num_samples)
         self.log(f"connecting to {self.config.server} with {self.num_samples} examples")

@@ -45,12 +45,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Any, ClassVar, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 from edge_client.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from edge_client.artifacts import Manifest
 
 PROTOCOL_VERSION = 1
 MAGIC = b"ES"
@@ -513,6 +516,18 @@ def encode(message: Message, wire: Wire = Wire.FP32) -> bytes:
     metadata_bytes = json.dumps(metadata, separators=(",", ":")).encode()
     header = _HEADER.pack(MAGIC, PROTOCOL_VERSION, message.kind, len(metadata_bytes))
     return b"".join([header, metadata_bytes, *(data for _, data in encoded)])
+
+
+def max_frame_bytes(manifest: Manifest) -> int:
+    """The largest frame either side of a session on these artifacts may send, plus 1 MiB for the headers.
+
+    The largest payloads are a step's float32 activations (or their gradients) with the int64 labels and
+    attention mask, and a set of adapters.
+    """
+    batch, seq, hidden = manifest.activations_shape
+    activations = batch * seq * (hidden * 4 + 16)
+    adapters = sum(math.prod(shape) * 4 for shape in manifest.lora.matrices.values())
+    return max(activations, adapters) + (1 << 20)
 
 
 def decode(frame: bytes | bytearray, max_size: int | None = None) -> Message:

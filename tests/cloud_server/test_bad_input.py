@@ -24,7 +24,7 @@ from loopback import (
 from websockets.exceptions import ConnectionClosed
 
 from cloud_server.checkpoint import load_latest
-from cloud_server.server import HELLO_MAX_BYTES, max_frame_bytes
+from cloud_server.server import HELLO_MAX_BYTES
 from edge_client.artifacts import load_manifest
 from edge_client.metrics import read_jsonl
 from edge_client.protocol import (
@@ -38,6 +38,7 @@ from edge_client.protocol import (
     Welcome,
     decode,
     encode,
+    max_frame_bytes,
 )
 
 
