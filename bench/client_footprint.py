@@ -1,21 +1,24 @@
 """The edge client's footprint on a device: its installed environment and its peak memory in training. JSON.
 
     python bench/client_footprint.py [--work-dir /var/tmp/edgesplit-footprint] [--steps 8] [--cut-layer 4]
-                                     [--quantize int8] [--reexport] [--fresh-venv]
+                                     [--quantize int8] [--reexport] [--plain] [--fresh-venv]
 
-- Environment: a new venv holding only the edge client (`pip install dist/edgesplit-*.whl`, the wheel built
-  from this checkout, so the edge dependencies only: no extras), measured as `du` of its site-packages, with
-  the size of each installed distribution from its RECORD. The venv's own pip and setuptools are counted
-  (they come with every venv) and also shown apart. For scale, the size of the PyTorch in this interpreter's
-  environment, if there is one.
-- Memory: a real `edgesplit serve` (this interpreter, torch) and a real `edgesplit client` from that venv (no
-  torch in it) train the default model cut at `--cut-layer` with `--quantize` over loopback for `--steps`
-  steps. The client's peak RSS is its own metrics summary: `peak_rss_mb` (its 10 ms RSS sampler) and
-  `memory.os_max_rss_bytes` (the kernel's ru_maxrss high-water mark, which a sampler cannot miss).
+- Environment: a new venv holding only the edge client, made by the device recipe, `tools/install_edge.py`
+  (the slim install: the wheel built from this checkout with its edge dependencies as pip resolves them, minus
+  huggingface-hub and what only it needs, minus pip and setuptools). It is measured as `du` of its
+  site-packages, with the size of each installed distribution from its RECORD and the installer's record of
+  what it dropped. It is built afresh on every run (it has no pip to update itself with). `--plain` also
+  measures a plain `pip install` of the same wheel into another venv, kept between runs (`--fresh-venv`
+  rebuilds it), with pip, setuptools and the huggingface_hub stack shown apart. For scale, the size of the
+  PyTorch in this interpreter's environment, if there is one.
+- Memory: a real `edgesplit serve` (this interpreter, torch) and a real `edgesplit client` from the slim venv
+  (no torch, no huggingface_hub in it) train the default model cut at `--cut-layer` with `--quantize` over
+  loopback for `--steps` steps. The client's peak RSS is its own metrics summary: `peak_rss_mb` (its 10 ms RSS
+  sampler) and `memory.os_max_rss_bytes` (the kernel's ru_maxrss high-water mark, which a sampler cannot miss).
 
 Bars (issue 9): environment under 200 MB installed, client peak under 400 MB. The figures are reported whether
-or not a bar is met. The work dir keeps the venv and the artifacts between runs (an int8 export of SmolLM2 at
-layer 4 takes about 40 s); `--fresh-venv` and `--reexport` rebuild them.
+or not a bar is met. The work dir keeps the plain venv and the artifacts between runs (an int8 export of
+SmolLM2 at layer 4 takes about 40 s); `--fresh-venv` and `--reexport` rebuild them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_TRAIN = REPO.parent / "shared" / "data" / "e2e" / "train.jsonl"
+INSTALLER = REPO / "tools" / "install_edge.py"
 ENVIRONMENT_BAR_MB = 200.0
 PEAK_MEMORY_BAR_MB = 400.0
 MB = 1e6  # installed sizes in decimal megabytes, like du --si and pip
@@ -47,7 +51,10 @@ import importlib.metadata, importlib.util, json, os, sysconfig
 try:
     from packaging.requirements import Requirement
 except ImportError:
-    from pip._vendor.packaging.requirements import Requirement
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+    except ImportError:
+        Requirement = None
 def canonical(name):
     return name.lower().replace("_", "-").replace(".", "-")
 sizes, requires = {}, {}
@@ -61,9 +68,10 @@ for dist in importlib.metadata.distributions():
     name = canonical(dist.metadata["Name"])
     sizes[name] = [dist.version, total]
     requires[name] = [canonical(r.name) for r in map(Requirement, dist.requires or [])
-                      if r.marker is None or r.marker.evaluate({"extra": ""})]
+                      if r.marker is None or r.marker.evaluate({"extra": ""})] if Requirement else []
 print(json.dumps({"site_packages": sysconfig.get_paths()["purelib"], "sizes": sizes, "requires": requires,
-                  "torch_importable": importlib.util.find_spec("torch") is not None}))
+                  "torch_importable": importlib.util.find_spec("torch") is not None,
+                  "huggingface_hub_importable": importlib.util.find_spec("huggingface_hub") is not None}))
 """
 
 
@@ -73,9 +81,7 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def du_bytes(path: Path) -> int:
     """Disk usage in bytes, as `du -s --block-size=1` counts it (blocks, not apparent sizes)."""
-    output = subprocess.run(
-        ["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True
-    )
+    output = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True)
     return int(output.stdout.split()[0])
 
 
@@ -85,15 +91,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def build_venv(work: Path, fresh: bool) -> tuple[Path, str]:
-    """A venv with only the edge client, installed from a wheel of this checkout; its python and the wheel."""
+def build_wheel(work: Path) -> Path:
+    """The edgesplit wheel of this checkout (pure Python, the same file for every device)."""
     dist = work / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(REPO)],
         stdout=subprocess.DEVNULL,
     )
-    wheel = next(dist.glob("edgesplit-*.whl"))
+    return next(dist.glob("edgesplit-*.whl"))
+
+
+def build_slim_venv(work: Path, wheel: Path) -> tuple[Path, dict[str, Any]]:
+    """The device recipe, tools/install_edge.py, into work/venv-slim; its python and the installer's record."""
+    venv = work / "venv-slim"
+    log = work / "install-slim.log"
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(
+            [sys.executable, str(INSTALLER), str(venv), str(wheel), "--replace"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"the slim install failed ({done.returncode}); its output:\n{log.read_text()[-4000:]}")
+    record: dict[str, Any] = json.loads((venv / "edgesplit-install.json").read_text())
+    record["install_seconds"] = round(time.perf_counter() - started, 1)
+    return venv / "bin" / "python", record
+
+
+def build_plain_venv(work: Path, wheel: Path, fresh: bool) -> Path:
+    """`pip install` of the wheel into work/venv, as a device would without the recipe; its python."""
     venv = work / "venv"
     if fresh:
         shutil.rmtree(venv, ignore_errors=True)
@@ -103,7 +132,7 @@ def build_venv(work: Path, fresh: bool) -> tuple[Path, str]:
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
     run([*pip, str(wheel)])
     run([*pip, "--no-deps", "--force-reinstall", str(wheel)])  # the checkout's code changes, its version not
-    return python, wheel.name
+    return python
 
 
 def reachable(requires: dict[str, list[str]], root: str, skip: frozenset[str] = frozenset()) -> set[str]:
@@ -119,7 +148,8 @@ def reachable(requires: dict[str, list[str]], root: str, skip: frozenset[str] = 
     return seen
 
 
-def environment_footprint(python: Path, wheel: str) -> dict[str, Any]:
+def environment_footprint(python: Path) -> dict[str, Any]:
+    """A venv's installed size (du of site-packages), each distribution's, and what would not need to be there."""
     probe = json.loads(run([str(python), "-c", SIZES_SCRIPT], capture_output=True).stdout)
     site_packages = Path(probe["site_packages"])
     sizes: dict[str, tuple[str, int]] = probe["sizes"]
@@ -130,8 +160,7 @@ def environment_footprint(python: Path, wheel: str) -> dict[str, Any]:
     # client never does (it reads the artifact's tokenizer.json): how much of the install that is.
     needed = reachable(requires, "edgesplit")
     hub_only = sorted(needed - reachable(requires, "edgesplit", frozenset({"huggingface-hub"})))
-    report = {
-        "wheel": wheel,
+    return {
         "python": run([str(python), "--version"], capture_output=True).stdout.strip(),
         "site_packages_mb": round(installed / MB, 1),
         "pip_and_setuptools_mb": round(bootstrap / MB, 1),
@@ -139,18 +168,16 @@ def environment_footprint(python: Path, wheel: str) -> dict[str, Any]:
         "huggingface_hub_and_what_only_it_needs_mb": round(sum(sizes[name][1] for name in hub_only) / MB, 1),
         "huggingface_hub_and_what_only_it_needs": hub_only,
         "venv_mb": round(du_bytes(python.parent.parent) / MB, 1),
+        "distribution_count": len(sizes),
         "distributions_mb": {
             f"{name}=={version}": round(size / MB, 2)
             for name, (version, size) in sorted(sizes.items(), key=lambda item: -item[1][1])
         },
         "torch_in_venv": probe["torch_importable"],
+        "huggingface_hub_in_venv": probe["huggingface_hub_importable"],
         "bar_mb": ENVIRONMENT_BAR_MB,
         "meets_bar": installed / MB < ENVIRONMENT_BAR_MB,
     }
-    torch_size = pytorch_size()
-    if torch_size is not None:
-        report["for_scale_pytorch_here_mb"] = torch_size
-    return report
 
 
 def pytorch_size() -> dict[str, float] | None:
@@ -267,9 +294,7 @@ def train(python: Path, artifacts: Path, data: Path, work: Path, steps: int, thr
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     started = time.perf_counter()
     try:
-        client = subprocess.run(
-            client_command, capture_output=True, text=True, timeout=1800, cwd=work, env=env
-        )
+        client = subprocess.run(client_command, capture_output=True, text=True, timeout=1800, cwd=work, env=env)
         server_output = server.communicate(timeout=120)[0]
     finally:
         if server.poll() is None:
@@ -277,8 +302,7 @@ def train(python: Path, artifacts: Path, data: Path, work: Path, steps: int, thr
             server.wait()
     if client.returncode != 0:
         raise SystemExit(
-            f"the client failed ({client.returncode}):\n{client.stdout}\n{client.stderr}\n"
-            f"server:\n{server_output}"
+            f"the client failed ({client.returncode}):\n{client.stdout}\n{client.stderr}\nserver:\n{server_output}"
         )
     records = [json.loads(line) for line in client_metrics.read_text().splitlines() if line.strip()]
     summary = next(r for r in records if r["event"] == "summary")
@@ -309,25 +333,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cut-layer", type=int, default=4)
     parser.add_argument("--quantize", choices=("none", "int8"), default="int8")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument(
-        "--threads", type=int, default=0, help="the client's ONNX Runtime threads (0: all cores)"
-    )
+    parser.add_argument("--threads", type=int, default=0, help="the client's ONNX Runtime threads (0: all cores)")
     parser.add_argument("--reexport", action="store_true")
-    parser.add_argument("--fresh-venv", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="also measure a plain `pip install` of the wheel")
+    parser.add_argument("--fresh-venv", action="store_true", help="rebuild the plain venv (the slim one always is)")
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    python, wheel = build_venv(work, args.fresh_venv)
-    environment = environment_footprint(python, wheel)
+    wheel = build_wheel(work)
+    python, record = build_slim_venv(work, wheel)
+    environment: dict[str, Any] = {
+        "recipe": f"python tools/install_edge.py {work / 'venv-slim'} {wheel.name} --replace",
+        "wheel": wheel.name,
+        "install_seconds": record["install_seconds"],
+        **environment_footprint(python),
+        "dropped": record["dropped"],
+        "removed": record["removed"],
+    }
+    plain = None
+    if args.plain:
+        plain = {
+            "recipe": f"python -m venv {work / 'venv'} && {work / 'venv'}/bin/pip install {wheel.name}",
+            **environment_footprint(build_plain_venv(work, wheel, args.fresh_venv)),
+        }
+    torch_size = pytorch_size()
     artifacts = ensure_artifacts(work, args.model, args.cut_layer, args.quantize, args.reexport)
     manifest = json.loads((artifacts / "manifest.json").read_text())
     data, data_source = write_training_data(work)
     training = train(python, artifacts, data, work, args.steps, args.threads)
-    artifact_files = {
-        p.name: round(p.stat().st_size / MB, 1) for p in sorted(artifacts.iterdir()) if p.is_file()
-    }
-    report = {
+    artifact_files = {p.name: round(p.stat().st_size / MB, 1) for p in sorted(artifacts.iterdir()) if p.is_file()}
+    report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()},
         "setup": {
             "model": args.model,
@@ -342,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         "training": training,
         "bars_met": environment["meets_bar"] and training["meets_bar"],
     }
+    if plain is not None:
+        report["environment_plain"] = plain
+        report["slim_saves_mb"] = round(plain["site_packages_mb"] - environment["site_packages_mb"], 1)
+    if torch_size is not None:
+        report["for_scale_pytorch_here_mb"] = torch_size
     print(json.dumps(report, indent=2))
     return 0
 

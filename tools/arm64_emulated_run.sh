@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The edge client on arm64 without PyTorch, emulated: a Debian bookworm arm64 userland (Python 3.11, the same
 # Python as Raspberry Pi OS bookworm) runs under qemu user-mode emulation on this x86 machine, installs the client
-# from aarch64 wheels only, and trains a tiny model's head for a few steps against a real server on this machine
-# over loopback (a chroot shares the host's network namespace).
+# from aarch64 wheels only with the device recipe (tools/install_edge.py: no huggingface-hub stack, no pip), and
+# trains a tiny model's head for a few steps against a real server on this machine over loopback (a chroot shares
+# the host's network namespace).
 #
 #   sudo tools/arm64_emulated_run.sh            # Linux, root; about 10-20 min the first time, a few after
 #
@@ -15,11 +16,12 @@
 #   EDGESPLIT_CLIENT_TIMEOUT  seconds the emulated client may take                                   (1800)
 #   EDGESPLIT_DEVICE_PROFILE  the client's --device-profile                                 (raspberry-pi-4)
 #   EDGESPLIT_ARTIFACTS    an export to train instead of the tiny model (SmolLM2 cut 4 int8: slow)   (none)
+#   EDGESPLIT_QUANTIZE     the tiny model's --quantize: int8 runs the MatMulNBits kernels of arm64     (int8)
 #   EDGESPLIT_QEMU_CPU     the Arm core qemu emulates: cortex-a72 (Pi 4) or cortex-a76 (Pi 5)    (cortex-a72)
 #
 # Idempotent: the rootfs is built once (a marker file says it is complete; a half-built one is removed and
-# built again), the venv is reused, and the wheels, the edgesplit wheel and the tiny model's artifacts are
-# rebuilt on every run so that they match the checkout; the artifacts are bind-mounted read-only into the
+# built again), and the wheels, the edgesplit wheel, the venv and the tiny model's artifacts are rebuilt on every
+# run so that they match the checkout; the artifacts are bind-mounted read-only into the
 # chroot and every mount is undone on exit. Not part of the test suite or CI: emulation is slow.
 # Needs: debootstrap, qemu-user-static and binfmt-support (apt-get install debootstrap qemu-user-static
 # binfmt-support), and network access to a Debian mirror and PyPI (the chroot itself needs neither).
@@ -129,25 +131,23 @@ rm -rf "$ROOTFS$IN_CHROOT/wheels"
 cp -r "$ROOT/wheels" "$ROOTFS$IN_CHROOT/wheels"
 
 # ------------------------------------------------------------------------------- the venv inside arm64
-say "venv inside the arm64 userland, from those wheels only (--no-index: the chroot downloads nothing)"
-if [[ ! -x $ROOTFS$IN_CHROOT/venv/bin/python ]]; then
-    in_chroot python3 -m venv "$IN_CHROOT/venv"
-fi
+say "venv inside the arm64 userland: tools/install_edge.py from those wheels only (--no-index: no downloads)"
+cp "$REPO/tools/install_edge.py" "$ROOTFS$IN_CHROOT/install_edge.py"
 WHEEL=$(cd "$ROOT/wheels/dist" && ls edgesplit-*.whl)
-in_chroot "$IN_CHROOT/venv/bin/pip" install --disable-pip-version-check --no-index --quiet \
-    --find-links "$IN_CHROOT/wheels/cp311" "$IN_CHROOT/wheels/dist/$WHEEL"
-# The checkout's code changes between runs while its version does not: reinstall our wheel every time.
-in_chroot "$IN_CHROOT/venv/bin/pip" install --disable-pip-version-check --no-index --no-deps --force-reinstall \
-    --quiet "$IN_CHROOT/wheels/dist/$WHEEL"
+# The one command of docs/devices.md, as a Pi runs it without internet; --replace: a new venv every run.
+in_chroot python3 "$IN_CHROOT/install_edge.py" "$IN_CHROOT/venv" "$IN_CHROOT/wheels/dist/$WHEEL" --replace \
+    -- --no-index --find-links "$IN_CHROOT/wheels/cp311"
 in_chroot "$IN_CHROOT/venv/bin/python" - <<'EOF'
 import importlib.util, platform, sys
 import numpy, onnxruntime
-missing = [name for name in ("torch", "transformers", "peft") if importlib.util.find_spec(name) is not None]
+missing = [name for name in ("torch", "transformers", "peft", "huggingface_hub", "pip")
+           if importlib.util.find_spec(name) is not None]
 assert not missing, f"the arm64 venv holds {missing}"
 print(f"inside: {platform.machine()} {platform.python_version()}; numpy {numpy.__version__}, onnxruntime "
       f"{onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}; torch: not installed")
 EOF
-echo "installed: $(in_chroot "$IN_CHROOT/venv/bin/pip" list --disable-pip-version-check --format=freeze | tr '\n' ' ')"
+echo "installed: $(in_chroot "$IN_CHROOT/venv/bin/python" -c 'import importlib.metadata as m
+print(" ".join(sorted(f"{d.name}=={d.version}" for d in m.distributions())))')"
 SITE=$ROOTFS$IN_CHROOT/venv/lib/python3.11/site-packages
 echo "site-packages: $(($(du -s --block-size=1 "$SITE" | cut -f1) / 1000000)) MB (onnxruntime $(($(du -s --block-size=1 "$SITE/onnxruntime" | cut -f1) / 1000000)) MB, numpy $(($(du -s --block-size=1 "$SITE/numpy" "$SITE/numpy.libs" 2>/dev/null | awk '{s += $1} END {print s}') / 1000000)) MB)"
 
@@ -157,7 +157,8 @@ if [[ -z $ARTIFACTS ]]; then
     rm -rf "$RUN/tiny" "$RUN/artifacts"
     PYTHONPATH=$REPO:$REPO/tests "$HOST_PY" -c 'import sys; from pathlib import Path; from tiny_models import save_tiny_model; save_tiny_model("llama", Path(sys.argv[1]))' "$RUN/tiny" 2>/dev/null
     PYTHONPATH=$REPO "$HOST_PY" -m edge_client.cli export --model "$RUN/tiny" --cut-layer 1 --batch-size 2 \
-        --max-seq-len 16 --lora-rank 4 --out "$RUN/artifacts" >"$RUN/export.log" 2>&1 \
+        --max-seq-len 16 --lora-rank 4 --quantize "${EDGESPLIT_QUANTIZE:-int8}" --out "$RUN/artifacts" \
+        >"$RUN/export.log" 2>&1 \
         || { cat "$RUN/export.log"; die "export failed"; }
     tail -1 "$RUN/export.log"
     ARTIFACTS=$RUN/artifacts

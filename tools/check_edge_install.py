@@ -19,6 +19,11 @@ So the markers of pyproject and of every downloaded wheel's METADATA are evaluat
 anything the target needs but pip skipped is downloaded in another pass, and wheels only the host's markers
 wanted are listed as `not_needed_on_target` and left out of the size.
 
+Each target also reports its `slim` set: the wheels tools/install_edge.py installs, which leaves out
+huggingface-hub and every wheel that only it needs (same markers, same graph), with that set's download size.
+The `--dest` folder keeps the full set: an offline slim install (`-- --no-index --find-links DIR/cpXY`) still
+resolves huggingface-hub's requirements in its dry run before dropping them, so it needs their wheels there.
+
 `--floors` also checks that each direct dependency's lower bound has a wheel for the target: a device that
 already has an old release installed keeps it only if the range admits it and a wheel exists.
 """
@@ -64,6 +69,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (glibc 2.35) and bookworm has glibc 2.36. pip widens each manylinux tag to the older ones itself.
 PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64")
 FORBIDDEN = ("torch", "transformers", "peft", "triton")
+# tools/install_edge.py, the device install, leaves these out with what only they need (tokenizers requires
+# huggingface-hub for downloading from the hub, onnxruntime up to 1.23 sympy and coloredlogs for its tools;
+# the client uses neither): the "slim" set below is what that installs.
+SLIM_DROPS = ("huggingface-hub", "sympy", "coloredlogs")
 # Target interpreters: the Python the device's OS ships, as markers see it.
 TARGETS: dict[str, dict[str, str]] = {
     "3.10": {"device": "Jetson, JetPack 6 (Ubuntu 22.04)", "python_full_version": "3.10.12"},
@@ -122,9 +131,7 @@ class Wheel:
         _, _, _, tags = parse_wheel_filename(self.path.name)
         cp = "cp" + python.replace(".", "")
         for tag in tags:
-            platform_ok = tag.platform == "any" or (
-                tag.platform.endswith("_aarch64") and "linux" in tag.platform
-            )
+            platform_ok = tag.platform == "any" or (tag.platform.endswith("_aarch64") and "linux" in tag.platform)
             python_ok = tag.interpreter in (cp, "py3", "py2", f"py{python.replace('.', '')}") or (
                 tag.abi == "abi3"
                 and tag.interpreter.startswith("cp3")
@@ -143,6 +150,7 @@ class TargetResult:
     not_needed_on_target: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     floors: list[dict[str, Any]] = field(default_factory=list)
+    slim_dropped: list[str] = field(default_factory=list)  # names: SLIM_DROPS and what only they need
 
     def fail(self, message: str) -> None:
         self.ok = False
@@ -158,6 +166,16 @@ class TargetResult:
             "total_bytes": total,
             "total_mb": round(total / 1e6, 1),
             "wheels": self.wheels,
+        }
+        slim = [w for w in self.wheels if w["name"] not in self.slim_dropped]
+        slim_total = sum(w["bytes"] for w in slim)
+        report["slim"] = {
+            "what": f"the set tools/install_edge.py installs: without {', '.join(SLIM_DROPS)} and what only they need",
+            "wheel_count": len(slim),
+            "total_bytes": slim_total,
+            "total_mb": round(slim_total / 1e6, 1),
+            "dropped": sorted(self.slim_dropped),
+            "dropped_mb": round((total - slim_total) / 1e6, 1),
         }
         if self.not_needed_on_target:
             report["not_needed_on_target"] = self.not_needed_on_target
@@ -218,9 +236,7 @@ def explain_pip_failure(output: str) -> str:
             f"Python is {versions[-1]} (oldest {versions[0]}); change the range in pyproject.toml"
         )
     errors = [line.strip() for line in output.splitlines() if line.startswith("ERROR")]
-    conflict = [
-        line.strip() for line in output.splitlines() if "conflict" in line.lower() or "depends on" in line
-    ]
+    conflict = [line.strip() for line in output.splitlines() if "conflict" in line.lower() or "depends on" in line]
     return " | ".join(errors + conflict) or output.strip()[-2000:]
 
 
@@ -264,6 +280,8 @@ def resolve(requirements: list[Requirement], python: str, dest: Path, *, isolate
             }
         )
     result.not_needed_on_target = sorted(wheels[n].path.name for n in set(wheels) - needed)
+    slim, _, _ = closure(roots, wheels, environment, TargetResult(python), skip=frozenset(SLIM_DROPS))
+    result.slim_dropped = sorted(needed - slim)
     forbidden = sorted(n for n in needed if n in FORBIDDEN)
     if forbidden:
         result.fail(f"the edge client's dependencies pull in {forbidden}: it must install without them")
@@ -276,9 +294,14 @@ def _without_marker(requirement: Requirement) -> str:
 
 
 def closure(
-    roots: list[Requirement], wheels: dict[str, Wheel], environment: dict[str, str], result: TargetResult
+    roots: list[Requirement],
+    wheels: dict[str, Wheel],
+    environment: dict[str, str],
+    result: TargetResult,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[set[str], list[str], dict[str, set[str]]]:
-    """The wheels the target needs, the requirements pip did not download for it, and who needs what."""
+    """The wheels the target needs, the requirements pip did not download for it, and who needs what; never
+    walking into `skip`."""
     needed: set[str] = set()
     missing: list[str] = []
     required_by: dict[str, set[str]] = {}
@@ -287,6 +310,8 @@ def closure(
     while queue:
         requirement, parent = queue.pop()
         name = str(canonicalize_name(requirement.name))
+        if name in skip:
+            continue
         required_by.setdefault(name, set()).add(parent)
         wheel = wheels.get(name)
         if wheel is None:
@@ -312,9 +337,7 @@ def available_versions(name: str, python: str, dest: Path, *, isolated: bool) ->
     return parse_versions(found.group(1)) if found else []
 
 
-def check_floors(
-    requirements: list[Requirement], python: str, dest: Path, *, isolated: bool
-) -> list[dict[str, Any]]:
+def check_floors(requirements: list[Requirement], python: str, dest: Path, *, isolated: bool) -> list[dict[str, Any]]:
     """For each direct dependency: its lower bound, and the oldest release in range with a wheel here."""
     environment = marker_environment(python)
     floors = []
@@ -344,14 +367,10 @@ def check_floors(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--python", action="append", help="target Python, repeatable (default: 3.10 and 3.11)"
-    )
+    parser.add_argument("--python", action="append", help="target Python, repeatable (default: 3.10 and 3.11)")
     parser.add_argument("--pyproject", type=Path, default=REPO / "pyproject.toml")
     parser.add_argument("--dest", type=Path, help="keep the wheels here, in one folder per Python (cpXY/)")
-    parser.add_argument(
-        "--floors", action="store_true", help="also check each direct dependency's lower bound"
-    )
+    parser.add_argument("--floors", action="store_true", help="also check each direct dependency's lower bound")
     parser.add_argument(
         "--isolated",
         action="store_true",
@@ -390,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report["ok"] = all(t["ok"] for t in report["targets"].values())
     report["summary"] = {
-        name: f"{t['wheel_count']} wheels, {t['total_mb']} MB" + ("" if t["ok"] else ", FAILED")
+        name: f"{t['wheel_count']} wheels, {t['total_mb']} MB; slim (tools/install_edge.py) "
+        f"{t['slim']['wheel_count']} wheels, {t['slim']['total_mb']} MB" + ("" if t["ok"] else ", FAILED")
         for name, t in report["targets"].items()
     }
     print(json.dumps(report, indent=2))
