@@ -358,6 +358,94 @@ def machine() -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------ roofline
+
+
+def matmul_flops(directory: Path) -> dict[str, float]:
+    """GFLOP of one step's matrix products, read from the fp32 graphs (2*M*K*N per MatMul after shape inference).
+
+    `frozen`: products with a frozen weight (the base model's projections, forward and input gradients), the
+    bulk of the step and the same work in every runtime; `other`: attention scores, LoRA, their gradients.
+    """
+    import onnx
+
+    totals = {"frozen": 0.0, "other": 0.0}
+    for name in ("head.onnx", "head_grad.onnx"):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(directory / name), load_external_data=False))
+        graph = model.graph
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+                  [*graph.input, *graph.output, *graph.value_info]}
+        shapes |= {t.name: list(t.dims) for t in graph.initializer}
+        constants = {t.name for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type != "MatMul":
+                continue
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if not a or not b or 0 in a or 0 in b:
+                raise RuntimeError(f"no static shape for {node.name} in {name}")
+            rows = float(np.prod(a[:-1]))  # batch dims fold into the rows (B broadcasts over them)
+            totals["frozen" if node.input[1] in constants else "other"] += 2 * rows * a[-1] * b[-1] / 1e9
+    return {key: round(value, 2) for key, value in totals.items()}
+
+
+def gemm_rates(threads: int | None, repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of ONNX Runtime's fp32 MatMul and 8-bit MatMulNBits on the head's largest products here.
+
+    The shapes are SmolLM2's MLP at batch 4 x 128 (M=512, K=576, N=1536 and back), the products that
+    dominate the step. The fp32 rate bounds what any fp32 runtime can do on this CPU; PyTorch's oneDNN/MKL
+    GEMM is at the same level (see docs/benchmarks.md).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_client.head import session_options
+    from export.quantize import BLOCK_SIZE, quantize_blocks
+
+    rng = np.random.default_rng(SEED)
+    rates: dict[str, list[float]] = {"fp32_matmul": [], "int8_matmulnbits": []}
+    for k, n in ((576, 1536), (1536, 576)):
+        weights = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        x = rng.standard_normal((512, k)).astype(np.float32)
+        codes, scales = quantize_blocks(weights)
+        forms = {
+            "fp32_matmul": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")]),
+            "int8_matmulnbits": (
+                [helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                                  block_size=BLOCK_SIZE, accuracy_level=4)],
+                [numpy_helper.from_array(codes, "q"), numpy_helper.from_array(scales, "s")],
+            ),
+        }
+        for form, (nodes, initializers) in forms.items():
+            graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, k])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512, n])], initializers)
+            model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                           helper.make_opsetid("com.microsoft", 1)])
+            session = ort.InferenceSession(model.SerializeToString(), session_options(threads))
+            for _ in range(3):
+                session.run(None, {"x": x})
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                session.run(None, {"x": x})
+                seconds.append(time.perf_counter() - started)
+            rates[form].append(2 * 512 * k * n / statistics.median(seconds) / 1e9)
+    return {form: round(statistics.median(values), 1) for form, values in rates.items()}
+
+
+def roofline(directory: Path, threads: int | None, torch_step_ms: float) -> dict[str, Any]:
+    """How fast the step could be if its frozen-weight products ran at the measured GEMM rates and all else took
+    no time: the floor each form of the head cannot go under, and the most it could gain over PyTorch."""
+    flops = matmul_flops(directory)
+    rates = gemm_rates(threads)
+    floors = {form: round(flops["frozen"] / rate * 1e3, 1) for form, rate in rates.items()}
+    return {
+        "matmul_gflop": flops,
+        "gemm_gflops": rates,
+        "frozen_matmul_floor_ms": floors,
+        "most_speedup_over_torch": {form: round(torch_step_ms / floor, 2) for form, floor in floors.items()},
+    }
+
+
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     prepare(args.work_dir, args.cut_layer, args.reexport)
@@ -421,6 +509,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             "int8_vs_fp32": errors(outputs["ort_int8"], outputs["ort_fp32"]),
             "ort_fp32_vs_torch": errors(outputs["ort_fp32"], outputs["torch"]),
         },
+        "roofline": roofline(args.work_dir / "fp32", args.threads, torch_run["step_median_ms"]),
         "artifact_mb": {
             variant: files_mb(args.work_dir / variant, ("head.onnx", "head_grad.onnx")) for variant in ("fp32", "int8")
         }
