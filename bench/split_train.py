@@ -7,6 +7,9 @@
 - Split: a real `edgesplit serve` and one real `edgesplit client` process on loopback, for each wire format
   (fp32, fp16, int8): tokens per second from the client's per-step wall time, bytes per step up and down,
   and the eval loss on E2E test examples after the run.
+- int8 head: the same split run (fp32 wire) with the head exported `--quantize int8`, against the fp32 head:
+  what the int8 head's weights and its LoRA gradients (about 10% off fp32's, bench/head_step.py) cost in
+  training. The tail is float32 in both.
 Bars (issue 4): split throughput >= 0.8x centralised; int8 wire's final eval loss within 2% of fp32's.
 Client and server share this machine's cores, as they would not in a deployment; they take turns (each
 waits for the other), so the split run's figure includes no contention beyond that.
@@ -36,11 +39,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_artifacts(work: Path, cut_layer: int) -> Path:
-    artifacts = work / f"artifacts-cut{cut_layer}"
+def ensure_artifacts(work: Path, cut_layer: int, quantize: str = "none") -> Path:
+    artifacts = work / (f"artifacts-cut{cut_layer}" + ("" if quantize == "none" else f"-{quantize}"))
     if not (artifacts / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "edge_client.cli", "export", "--cut-layer", str(cut_layer),
-                        "--out", str(artifacts), "--force"], check=True)
+                        "--quantize", quantize, "--out", str(artifacts), "--force"], check=True, stdout=sys.stderr)
     return artifacts
 
 
@@ -56,9 +59,12 @@ def write_subsets(work: Path, train_lines: int, eval_lines: int) -> tuple[Path, 
     return train, test
 
 
-def split_run(artifacts: Path, train: Path, test: Path, wire: str, steps: int, work: Path, lr: float) -> dict:
+def split_run(
+    artifacts: Path, train: Path, test: Path, wire: str, steps: int, work: Path, lr: float, tag: str = ""
+) -> dict:
     port = free_port()
-    server_metrics, client_metrics = work / f"server-{wire}.jsonl", work / f"client-{wire}.jsonl"
+    name = tag or wire
+    server_metrics, client_metrics = work / f"server-{name}.jsonl", work / f"client-{name}.jsonl"
     for path in (server_metrics, client_metrics):
         path.unlink(missing_ok=True)
     cli = [sys.executable, "-m", "edge_client.cli"]
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     train, test = write_subsets(work, args.train_lines, args.eval_lines)
     split = {wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate)
              for wire in ("fp32", "fp16", "int8")}
+    int8_head = split_run(ensure_artifacts(work, args.cut_layer, "int8"), train, test, "fp32", args.steps, work,
+                          args.learning_rate, tag="int8-head")
     central = centralized_run(artifacts, train, args.steps, args.learning_rate)
     ratio = split["fp32"]["tokens_per_second_median"] / central["tokens_per_second_median"]
     fp32_loss = split["fp32"]["eval_loss_after"]
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "split": split,
         "split_over_centralized_throughput": ratio,
         "int8_vs_fp32_eval_loss_relative_gap": int8_gap,
+        "int8_head": int8_head,
+        "int8_head_vs_fp32_head_eval_loss_relative_gap": abs(int8_head["eval_loss_after"] - fp32_loss) / fp32_loss,
         "bars": {"throughput_at_least_0.8x": ratio >= 0.8, "int8_eval_loss_within_2pct": int8_gap <= 0.02},
         "wall_seconds": time.time() - started,
     }
