@@ -64,6 +64,7 @@ class ClientConfig:
     metrics_out: Path | None = None
     seed: int = 0
     threads: int = 0
+    providers: tuple[str, ...] = ()  # ONNX Runtime execution providers by preference; () is the CPU
     device_profile: str | None = None
     ca_file: Path | None = None
     quiet: bool = False
@@ -106,7 +107,7 @@ def backoff_delays(first_s: float = 0.5, cap_s: float = 10.0, jitter: float = 0.
 class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.head = Head(config.artifacts, threads=config.threads or None)
+        self.head = Head(config.artifacts, threads=config.threads or None, providers=config.providers)
         manifest = self.head.manifest
         from tokenizers import Tokenizer
 
@@ -164,6 +165,7 @@ class Client:
             self.memory.stop()
             self.energy.stop()
         summary["seconds"] = time.perf_counter() - started
+        summary["providers"] = self.head.providers
         summary.update(self._resource_summary())
         self.metrics.write("summary", client_id=self.config.client_id, **summary)
         self.metrics.close()

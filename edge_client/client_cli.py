@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step metrics")
     parser.add_argument("--seed", type=int, default=0, help="added to the server's seed for this client's data order")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--providers", default="cpu",
+                        help="ONNX Runtime execution providers by preference, comma-separated: cpu (default), "
+                             "cuda, tensorrt, xnnpack or a full provider name; CPU always comes last")
     parser.add_argument("--device-profile", help="profile for the energy estimate where no sensor exists")
     parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ClientConfig(
         server=args.server, artifacts=args.artifacts, data=args.data, client_id=args.client_id, token=token,
         metrics_out=args.metrics_out, seed=args.seed, threads=args.threads, device_profile=args.device_profile,
+        providers=tuple(name for name in args.providers.split(",") if name.strip()),
         ca_file=args.ca_file, quiet=args.quiet,
         connect_timeout_s=args.connect_timeout,
     )

@@ -8,6 +8,7 @@ The graphs are traced for the manifest's (batch_size, max_seq_len); callers pad 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from edge_client.artifacts import Manifest, load_manifest, verify_files
-from edge_client.errors import ArtifactError, TrainingError
+from edge_client.errors import ArtifactError, EdgesplitError, TrainingError
 
 Arrays = dict[str, np.ndarray]
 
@@ -51,6 +52,38 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+# Short names for `--providers`; a full ONNX Runtime provider name is accepted as well.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",  # Jetson: NVIDIA's onnxruntime-gpu build for JetPack, not PyPI's
+    "tensorrt": "TensorrtExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",  # builds with XNNPACK (Arm); PyPI's wheels have none
+}
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """ONNX Runtime provider names, in order of preference, for short or full names; CPU is always last.
+
+    A provider that this ONNX Runtime build does not offer is an error that names what it does offer, rather
+    than a silent fall back to the CPU.
+    """
+    available = ort.get_available_providers()
+    resolved: list[str] = []
+    for name in names:
+        full = PROVIDER_NAMES.get(name.strip().lower(), name.strip())
+        if full not in available:
+            raise EdgesplitError(
+                f"execution provider {name!r} ({full}) is not in this onnxruntime {ort.__version__} build, "
+                f"which offers {', '.join(available)}. A Jetson's CUDA and TensorRT providers come with NVIDIA's "
+                "onnxruntime-gpu build for JetPack, not PyPI's onnxruntime (see docs/devices.md)"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")  # for the nodes another provider does not take
+    return resolved
+
+
 _shared_arena_registered = False
 
 
@@ -68,21 +101,30 @@ def _register_shared_arena() -> None:
 class Head:
     """Both head graphs of one artifact directory, ready to run."""
 
-    def __init__(self, artifact_dir: str | Path, threads: int | None = None, verify: bool = True) -> None:
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        threads: int | None = None,
+        verify: bool = True,
+        providers: Sequence[str] = (),
+    ) -> None:
+        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty."""
         self.root = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.root, verify=False)
         if verify:  # the device needs (and may hold) only its own files: the head and the tokenizer, no tail/
             verify_files(self.root, self.manifest, only=("head", "tokenizer"))
         options = session_options(threads)
+        chosen = resolve_providers(providers)
         try:
-            self.forward_session = ort.InferenceSession(str(self.root / "head.onnx"), options)
+            self.forward_session = ort.InferenceSession(str(self.root / "head.onnx"), options, providers=chosen)
             self.backward_session = (
                 None
                 if self.manifest.frozen_head
-                else ort.InferenceSession(str(self.root / "head_grad.onnx"), options)
+                else ort.InferenceSession(str(self.root / "head_grad.onnx"), options, providers=chosen)
             )
         except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
             raise ArtifactError(f"ONNX Runtime cannot load the head in {self.root}: {error}") from error
+        self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
         self.output_names = [o.name for o in self.forward_session.get_outputs()]
         self.backward_inputs = [i.name for i in self.backward_session.get_inputs()] if self.backward_session else []
 
