@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-deadline", type=float, default=1800.0,
                         help="seconds after which a round closes with the updates it has (if --min-clients); "
                              "a later update for it is dropped as stale")
+    parser.add_argument("--max-pending-hellos", type=int, default=64,
+                        help="connections that have not said Hello yet, at most; more are refused at once as "
+                             "busy (close 1013) and their clients retry")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=read_tokens(args.tokens_file) if args.tokens_file else {}, tokens_file=args.tokens_file,
             round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
             tls_cert=args.tls_cert, tls_key=args.tls_key, framework=args.framework, proxy_data=args.proxy_data,
-            kd_top_k=args.kd_top_k,
+            kd_top_k=args.kd_top_k, max_pending_hellos=args.max_pending_hellos,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))

@@ -68,6 +68,7 @@ from edge_client.protocol import (
 )
 
 CLOSE_POLICY = 1008  # websocket close code: policy violation (bad token, wrong artifacts, bad tensor)
+CLOSE_TRY_AGAIN_LATER = 1013  # websocket close code: the server is busy (too many connections awaiting Hello)
 # Until a client has shown a valid Hello, its frames may be no bigger than this: a stranger cannot make the
 # server buffer an activation-sized frame. A Hello is a few hundred bytes.
 HELLO_MAX_BYTES = 64 * 1024
@@ -96,6 +97,9 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks wss://
     tls_key: Path | None = None
     hello_timeout_s: float = 30.0  # a connection that has not said Hello by then is closed
+    # Connections that have not said Hello yet, at most; more are refused at once ("busy", close 1013) and
+    # their clients retry. Bounds what strangers can hold open before the token check.
+    max_pending_hellos: int = 64
     framework: str = "split"  # split | fedllm | kd (cloud_server/strategies.py)
     proxy_data: Path | None = None  # KD-FedLLM: the shared inputs the clients' logits are computed on
     kd_top_k: int = 16
@@ -105,6 +109,8 @@ class ServerConfig:
             raise ValueError("--rounds, --min-clients and --steps-per-round must be at least 1")
         if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0:
             raise ValueError("--round-deadline and the Hello timeout must be positive")
+        if self.max_pending_hellos < 1:
+            raise ValueError("--max-pending-hellos must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         Wire(self.wire)  # raises on an unknown wire format
@@ -204,6 +210,7 @@ class Server:
         self.round_started_at = time.monotonic()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()  # tasks must be referenced or they may vanish
+        self._awaiting_hello = 0  # connections open that have not said Hello yet
         self.eval_set = self._load_eval(config.eval_data) if self.strategy is None else self.strategy.eval_set
         self._resume()
 
@@ -312,12 +319,7 @@ class Server:
         client_id = "?"
         participant: Participant | None = None
         try:
-            try:
-                hello = await asyncio.wait_for(self._receive(websocket, session), self.config.hello_timeout_s)
-            except asyncio.TimeoutError:
-                timeout = self.config.hello_timeout_s
-                raise ProtocolError(f"no Hello within {timeout:g} s", CLOSE_POLICY) from None
-            assert isinstance(hello, Hello)  # the Session allows nothing else first
+            hello = await self._await_hello(websocket, session)
             client_id = hello.client_id
             participant = self._admit(hello, websocket)
             await self._start_barrier()
@@ -346,7 +348,7 @@ class Server:
         except _Refused as refusal:
             print(f"[server] {client_id}: refused: {refusal}", flush=True)
             self.metrics.write("refused", client_id=client_id, code=refusal.code, reason=str(refusal))
-            await self._refuse(websocket, session, refusal.code, str(refusal), CLOSE_POLICY)
+            await self._refuse(websocket, session, refusal.code, str(refusal), refusal.close_code)
         except ProtocolError as error:
             print(f"[server] {client_id}: protocol error: {error}", flush=True)
             self.metrics.write("refused", client_id=client_id, code="protocol", reason=str(error))
@@ -363,6 +365,25 @@ class Server:
         finally:
             if participant is not None:
                 self._leave(participant)
+
+    async def _await_hello(self, websocket: Any, session: Session) -> Hello:
+        """The connection's first message, a Hello, within the Hello timeout; refused at once ("busy") when
+        `max_pending_hellos` other connections are already waiting to say theirs."""
+        if self._awaiting_hello >= self.config.max_pending_hellos:
+            raise _Refused(
+                "busy",
+                f"{self._awaiting_hello} connections are already waiting to say Hello; try again later",
+                CLOSE_TRY_AGAIN_LATER,
+            )
+        self._awaiting_hello += 1
+        try:
+            hello = await asyncio.wait_for(self._receive(websocket, session), self.config.hello_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"no Hello within {self.config.hello_timeout_s:g} s", CLOSE_POLICY) from None
+        finally:
+            self._awaiting_hello -= 1
+        assert isinstance(hello, Hello)  # the Session allows nothing else first
+        return hello
 
     async def _receive(self, websocket: Any, session: Session) -> Any:
         frame = await websocket.recv()
@@ -713,9 +734,10 @@ class Server:
 
 
 class _Refused(Exception):
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, close_code: int = CLOSE_POLICY) -> None:
         super().__init__(reason)
         self.code = code
+        self.close_code = close_code
 
 
 def _check_kind_allowed(frame: bytes, state: State) -> None:

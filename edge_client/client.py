@@ -173,19 +173,31 @@ class Client:
 
     async def _run_sessions(self, connect: Any, ssl_context: Any) -> dict[str, Any]:
         """One session per connection, until training is done. A lost link is not the end of the run: the
-        client reconnects and the server's Welcome says where to pick up (see _resume)."""
+        client reconnects and the server's Welcome says where to pick up (see _resume). A busy server (too many
+        connections waiting to say Hello) is tried again with backoff for up to --connect-timeout."""
+        busy_delays = backoff_delays()
+        busy_since: float | None = None
         while True:
             websocket = await self._connect(connect, ssl_context)
             try:
                 async with websocket:
                     return await self._session(websocket)
             except _LinkLost as lost:
+                busy_since = None  # it got in: a later busy spell gets its own --connect-timeout
                 self.reconnects += 1
                 self.log(f"lost the server ({lost}); reconnecting")
                 self.metrics.write("disconnect", client_id=self.config.client_id, reason=str(lost),
                                    round=None if self.position is None else self.position.round,
                                    step=None if self.position is None else self.position.step)
             except ServerRefused as refusal:
+                if refusal.code == "busy":
+                    busy_since = busy_since or time.monotonic()
+                    delay = next(busy_delays)
+                    if time.monotonic() + delay - busy_since > self.config.connect_timeout_s:
+                        raise
+                    self.log(f"the server is busy ({refusal.reason}); retrying in {delay:.1f} s")
+                    await asyncio.sleep(delay)
+                    continue
                 if refusal.code != "finished":
                     raise
                 # The run ended while this client was mid-round (a straggler) or away: its part is done.

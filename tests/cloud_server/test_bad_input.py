@@ -4,8 +4,10 @@ reaches the tail's optimiser, and the server carries on serving the others to th
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from loopback import (
     serve_command,
     write_task,
 )
+from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
 from cloud_server.checkpoint import load_latest
@@ -280,3 +283,45 @@ def test_a_silent_connection_is_closed_after_the_hello_timeout(tiny_artifacts) -
             await serving
 
     assert asyncio.run(scenario()) == ("protocol", 1008)
+
+
+def test_connections_waiting_for_hello_are_capped_and_a_client_retries_when_busy(setup) -> None:  # type: ignore[no-untyped-def]
+    """Strangers cannot hold more than --max-pending-hellos connections open before the token check; a real
+    client that finds the server busy retries with backoff and trains once a place is free."""
+    artifacts, work = setup
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    extra = ["--max-pending-hellos", "2"]
+
+    async def hold_two_then_probe_a_third(client_started: Any) -> tuple[str | None, int | None]:
+        silent = [await async_connect(url, open_timeout=60) for _ in range(2)]
+        try:
+            async with async_connect(url, open_timeout=60) as third:
+                code = None
+                try:
+                    while True:
+                        message = decode(await asyncio.wait_for(third.recv(), 60))
+                        code = message.code if isinstance(message, Error) else code
+                except ConnectionClosed as closed:
+                    outcome = code, closed.rcvd.code if closed.rcvd is not None else None
+            client_started()
+            await asyncio.sleep(3)  # the client is refused as busy meanwhile, and retries
+            return outcome
+        finally:
+            for connection in silent:
+                await connection.close()
+
+    with Processes() as run:
+        server = run.start("server", serve_command(artifacts, port, work, rounds=1, min_clients=1, extra=extra))
+        server.wait_for("listening on")
+        started: list[Any] = []
+
+        def start_client() -> None:
+            started.append(run.start("a", client_command(url, artifacts, work / "a.jsonl", "a", work)))
+
+        assert asyncio.run(hold_two_then_probe_a_third(start_client)) == ("busy", 1013)
+        client = started[0]
+        assert client.wait() == 0, client.output
+        assert "the server is busy" in client.output
+        assert "trained 4 steps in 1 rounds" in client.output
+        assert server.wait() == 0, server.output
