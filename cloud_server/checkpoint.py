@@ -11,7 +11,10 @@
 
 Written atomically: files go into a temporary directory that is fsynced and renamed, then `latest` is
 replaced by rename, so a kill at any moment leaves the previous checkpoint intact. A kill mid-write can
-leave a `.round-*` scratch directory behind; `remove_partial` clears those when the server starts. Nothing is
+leave a `.round-*` scratch directory behind; `remove_partial` clears those when the server starts. Saving a
+round that is already there moves the old copy aside (`.round-0003.replaced`) before the new one is renamed
+in, and deletes it after: a kill between those renames leaves `latest` naming a directory that is gone for
+a moment, and `load_latest` and `remove_partial` then use or restore the copy set aside. Nothing is
 pickled, and nothing is written outside the checkpoint directory: client ids become file names only after
 the same check the protocol makes.
 """
@@ -99,23 +102,37 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
                 os.fsync(handle.fileno())
         _fsync_dir(scratch)
         final = directory / name
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = _set_aside(final) if final.exists() else None  # the same round again
         scratch.rename(final)
         pointer = directory / ".latest.tmp"
         _write_synced(pointer, name.encode())
         pointer.replace(directory / "latest")
         _fsync_dir(directory)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return directory / name
 
 
+def _set_aside(final: Path) -> Path:
+    aside = final.with_name(f".{final.name}.replaced")
+    if aside.exists():
+        shutil.rmtree(aside)
+    final.rename(aside)
+    return aside
+
+
 def remove_partial(directory: Path) -> list[str]:
-    """Delete the scratch directories of writes that never finished (the process died mid-write)."""
+    """Delete the scratch directories of writes that never finished (the process died mid-write), after
+    putting back a round's old copy whose replacement never landed."""
     if not directory.is_dir():
         return []
+    for aside in directory.glob(".round-*.replaced"):
+        final = directory / aside.name[1 : -len(".replaced")]
+        if not final.exists():
+            aside.rename(final)
     removed = []
     for scratch in sorted(directory.glob(".round-*")):
         if scratch.is_dir():
@@ -129,7 +146,12 @@ def load_latest(directory: Path) -> Checkpoint | None:
     pointer = directory / "latest"
     if not pointer.is_file():
         return None
-    return load_checkpoint(directory / pointer.read_text().strip())
+    name = pointer.read_text().strip()
+    folder = directory / name
+    aside = directory / f".{name}.replaced"
+    if not folder.is_dir() and aside.is_dir():  # killed while replacing this round: the old copy is whole
+        folder = aside
+    return load_checkpoint(folder)
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:

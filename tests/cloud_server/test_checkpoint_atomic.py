@@ -117,3 +117,36 @@ def test_a_kill_during_writes_leaves_a_whole_checkpoint(tmp_path: Path) -> None:
         remove_partial(directory)  # what the server does when it starts
         assert not list(directory.glob(".round-*"))
         first = latest.round + 1
+
+
+def same_round(round_index: int, value: int) -> Checkpoint:
+    checkpoint = make_checkpoint(value)
+    checkpoint.round = round_index
+    return checkpoint
+
+
+def test_saving_a_round_again_replaces_it_and_a_kill_between_the_renames_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_checkpoint(tmp_path, same_round(1, 5))
+    save_checkpoint(tmp_path, same_round(1, 6))  # the same round again: the new copy wins, nothing is left over
+    assert float(load_latest(tmp_path).global_adapters["w"][0, 0]) == 6  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "round-0001"]
+
+    real_rename = Path.rename
+
+    def killed_after_moving_the_old_copy_aside(self: Path, target: Any) -> Any:
+        if self.name.startswith(".round-0001.") and not self.name.endswith(".replaced"):
+            raise KeyboardInterrupt  # the scratch directory would be renamed into place now
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_moving_the_old_copy_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, same_round(1, 7))
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (tmp_path / "round-0001").exists()  # `latest` names a directory that is gone for the moment
+    survivor = load_latest(tmp_path)
+    assert survivor is not None and float(survivor.global_adapters["w"][0, 0]) == 6
+    remove_partial(tmp_path)  # what the server does when it starts: the old copy goes back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "round-0001"]
+    assert float(load_latest(tmp_path).global_adapters["w"][0, 0]) == 6  # type: ignore[union-attr]
