@@ -43,6 +43,7 @@ from typing import Any, ClassVar, TypeVar
 import psutil
 
 from edge_client.errors import EdgesplitError
+from edge_client.resources import Ticker
 from profiles.devices import DeviceProfile, load_profile
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,7 @@ class RaplReader(EnergyReader):
         self._lock = threading.Lock()
         self._total_uj = 0
         self._running = False
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = None if poll_interval_s is None else Ticker(self._poll, poll_interval_s, "edgesplit-rapl-poll")
 
     @property
     def method(self) -> str:
@@ -200,10 +200,8 @@ class RaplReader(EnergyReader):
             self._last_uj = [_read_sysfs_int(zone / "energy_uj") for zone in self._zones]
             self._total_uj = 0
             self._running = True
-        if self._poll_interval_s is not None:
-            self._stop_event.clear()
-            self._thread = threading.Thread(target=self._poll, name="edgesplit-rapl-poll", daemon=True)
-            self._thread.start()
+        if self._ticker is not None:
+            self._ticker.start()
 
     def read_joules(self) -> float:
         if self._running:
@@ -212,21 +210,17 @@ class RaplReader(EnergyReader):
             return self._total_uj / 1e6
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._stop_event.set()
-            self._thread.join()
-            self._thread = None
+        if self._ticker is not None:
+            self._ticker.stop()
         if self._running:
             self._update()
             self._running = False
 
     def _poll(self) -> None:
-        assert self._poll_interval_s is not None
-        while not self._stop_event.wait(self._poll_interval_s):
-            try:
-                self._update()
-            except SensorUnavailable as exc:  # keep polling: a transient read error must not end the run
-                log.warning("RAPL poll failed: %s", exc)
+        try:
+            self._update()
+        except SensorUnavailable as exc:  # keep polling: a transient read error must not end the run
+            log.warning("RAPL poll failed: %s", exc)
 
     def _update(self) -> None:
         with self._lock:
@@ -259,13 +253,11 @@ class _SampledPowerReader(EnergyReader):
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
         self._clock = clock
-        self._background = background
         self._lock = threading.Lock()
         self._joules = 0.0
         self._last: tuple[float, float] | None = None  # (time s, power W) of the latest good sample
         self._running = False
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self.sample, interval_s, f"edgesplit-{self.kind}-sampler") if background else None
         self.samples_taken = 0
         self.failed_samples = 0
         self.last_error: str | None = None
@@ -309,11 +301,8 @@ class _SampledPowerReader(EnergyReader):
             self.last_error = None
             self._running = True
         self.sample()
-        if self._background:
-            self._stop_event.clear()
-            name = f"edgesplit-{self.kind}-sampler"
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+        if self._ticker is not None:
+            self._ticker.start()
 
     def read_joules(self) -> float:
         if self._running:
@@ -322,17 +311,11 @@ class _SampledPowerReader(EnergyReader):
             return self._joules
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._stop_event.set()
-            self._thread.join()
-            self._thread = None
+        if self._ticker is not None:
+            self._ticker.stop()
         if self._running:
             self.sample()
             self._running = False
-
-    def _run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            self.sample()
 
 
 # -------------------------------------------------------------------------------------------------- INA3221

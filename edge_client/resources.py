@@ -81,6 +81,41 @@ class MemoryReport:
         }
 
 
+class Ticker:
+    """Calls `tick` every `interval_s` seconds in a daemon thread, between `start()` and `stop()`.
+
+    The thread waits on an event, so `stop()` returns at once rather than after the rest of an interval. A
+    tick runs to its end: `stop()` joins the thread after it."""
+
+    def __init__(self, tick: Callable[[], object], interval_s: float, name: str) -> None:
+        self._tick = tick
+        self._interval_s = interval_s
+        self._name = name
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop_event.clear()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop_event.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop_event.wait(self._interval_s):
+            self._tick()
+
+
 class MemorySampler:
     """Samples this process's RSS every `interval_ms` in a daemon thread; `phase(name)` records phase peaks.
 
@@ -111,22 +146,17 @@ class MemorySampler:
         self._peak = 0
         self._active: dict[str, int] = {}  # phase name -> how many times it is entered right now (nesting)
         self._phase_peaks: dict[str, int] = {}
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self.sample, interval_ms / 1000, "edgesplit-memory-sampler")
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._ticker.running:
             return
         self.sample()
-        self._stop_event.clear()
-        self._thread = threading.Thread(target=self._run, name="edgesplit-memory-sampler", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._stop_event.set()
-            self._thread.join()
-            self._thread = None
+        if self._ticker.running:
+            self._ticker.stop()
             self.sample()
 
     def __enter__(self) -> MemorySampler:
@@ -137,10 +167,6 @@ class MemorySampler:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-    def _run(self) -> None:
-        while not self._stop_event.wait(self.interval_ms / 1000):
-            self.sample()
 
     def sample(self) -> int:
         """Take one sample now (the thread calls this; so do phase boundaries) and return it."""

@@ -105,3 +105,32 @@ def test_timer_with_the_real_clock() -> None:
     with timer.phase("sleep"):
         time.sleep(0.02)
     assert 0.015 < timer.step_done()["sleep"] < 1.0
+
+
+def test_ticker_ticks_until_stopped_and_stops_at_once() -> None:
+    import threading
+    import time
+
+    from edge_client.resources import Ticker
+
+    ticked = threading.Event()
+    count = [0]
+
+    def tick() -> None:
+        count[0] += 1
+        ticked.set()
+
+    ticker = Ticker(tick, 0.01, "test-ticker")
+    ticker.start()
+    ticker.start()  # a second start is a no-op, not a second thread
+    assert ticked.wait(5) and ticker.running
+    assert sum(t.name == "test-ticker" for t in threading.enumerate()) == 1
+    slow = Ticker(tick, 3600.0, "slow-ticker")
+    slow.start()
+    started = time.monotonic()
+    slow.stop()  # waits on an event, not for the rest of its hour
+    assert time.monotonic() - started < 5 and not slow.running
+    ticker.stop()
+    after = count[0]
+    time.sleep(0.05)
+    assert count[0] == after and not ticker.running
