@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The edge client on a device, in one command: a venv at DIR with edgesplit's edge dependencies resolved by pip,
-# without huggingface-hub and the packages only it needs, and without pip and setuptools.
+# without huggingface-hub, sympy and coloredlogs (declared, never used by the client) and the packages only they
+# need, and without pip and setuptools.
 #
 #   tools/install_edge.sh ~/edgesplit ./edgesplit-0.1.0-py3-none-any.whl
 #   tools/install_edge.sh DIR SPEC [--keep-pip] [--replace] [-- PIP_OPTIONS...]
