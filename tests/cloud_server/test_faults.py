@@ -112,7 +112,9 @@ def test_link_cut_and_restored_client_resumes(setup) -> None:  # type: ignore[no
         b.wait_for(r"server not reachable .*; retrying in")  # refused while the link is down: backing off
         proxy.restore()
         server.wait_for(r"\bb reconnected; its new connection replaces the old one")
-        b.wait_for(r"rejoined at round 2/3, step [23]")
+        # Step 3, or 4 when step 3's activations reached the tail before the cut but its gradients did not
+        # reach the client: the server then counts it and moves on, and the client does not resend it.
+        b.wait_for(r"rejoined at round 2/3, step [234]")
         assert a.wait() == 0, a.output
         assert b.wait() == 0, b.output
         assert server.wait() == 0, server.output
