@@ -28,13 +28,14 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import export_command, free_port, serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_TRAIN = REPO.parent / "shared" / "data" / "e2e" / "train.jsonl"
@@ -83,12 +84,6 @@ def du_bytes(path: Path) -> int:
     """Disk usage in bytes, as `du -s --block-size=1` counts it (blocks, not apparent sizes)."""
     output = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True)
     return int(output.stdout.split()[0])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_wheel(work: Path) -> Path:
@@ -182,19 +177,12 @@ def environment_footprint(python: Path) -> dict[str, Any]:
 
 def pytorch_size() -> dict[str, float] | None:
     """The installed size of this interpreter's torch (and its nvidia-* libraries, if any), for scale."""
-    import importlib.metadata
-
-    sizes = {}
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name == "torch" or name.startswith("nvidia-") or name == "triton":
-            total = 0
-            for entry in dist.files or []:
-                try:
-                    total += os.path.getsize(entry.locate())
-                except OSError:
-                    pass
-            sizes[f"{name}=={dist.version}"] = round(total / MB, 1)
+    probe = json.loads(run([sys.executable, "-c", SIZES_SCRIPT], capture_output=True).stdout)
+    sizes = {
+        f"{name}=={version}": round(size / MB, 1)
+        for name, (version, size) in probe["sizes"].items()
+        if name in ("torch", "triton") or name.startswith("nvidia-")
+    }
     return sizes or None
 
 
@@ -202,21 +190,7 @@ def ensure_artifacts(work: Path, model: str, cut_layer: int, quantize: str, reex
     artifacts = work / f"artifacts-{model}-cut{cut_layer}-{quantize}"
     if reexport or not (artifacts / "manifest.json").exists():
         run(
-            [
-                sys.executable,
-                "-m",
-                "edge_client.cli",
-                "export",
-                "--model",
-                model,
-                "--cut-layer",
-                str(cut_layer),
-                "--quantize",
-                quantize,
-                "--out",
-                str(artifacts),
-                "--force",
-            ],
+            export_command(artifacts, cut_layer, quantize, model),
             cwd=REPO,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
             stdout=sys.stderr,  # the exporter's report would break this script's JSON on stdout
@@ -245,26 +219,7 @@ def train(python: Path, artifacts: Path, data: Path, work: Path, steps: int, thr
     for path in (server_metrics, client_metrics):
         path.unlink(missing_ok=True)
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_client.cli",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--rounds",
-            "1",
-            "--min-clients",
-            "1",
-            "--steps-per-round",
-            str(steps),
-            "--metrics-out",
-            str(server_metrics),
-        ],
+        serve_command(artifacts, port, server_metrics, steps=steps),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -118,6 +118,22 @@ def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- workers
 
 
+def step_times(c0: float, t0: float, t1: float, c2: float, t2: float) -> dict[str, float]:
+    """One step's ms from process_time (c) and perf_counter (t) at its start (0), mid-point (1) and end (2)."""
+    return {"step": (t2 - t0) * 1e3, "forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3,
+            "step_cpu": (c2 - c0) * 1e3}  # fmt: skip
+
+
+def memory_figures(rss_after_load: float) -> dict[str, float]:
+    """A worker's memory after its steps: peaks (ru_maxrss and VmHWM), after loading, and now."""
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "vm_hwm_mb": round(high_water_mb(), 1),
+        "peak_rss_after_load_mb": round(rss_after_load, 1),
+        "rss_after_steps_mb": round(current_rss_mb(), 1),
+    }
+
+
 def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The edge client's step in ONNX Runtime, numpy only."""
     import onnxruntime as ort
@@ -141,12 +157,7 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
         result["grads"] = head.backward(forward, grads_in)
         c2, t2 = time.process_time(), time.perf_counter()
         result["activations"] = forward.activations
-        return {
-            "step": (t2 - t0) * 1e3,
-            "forward": (t1 - t0) * 1e3,
-            "backward": (t2 - t1) * 1e3,
-            "step_cpu": (c2 - c0) * 1e3,
-        }
+        return step_times(c0, t0, t1, c2, t2)
 
     samples = timed(args.warmup, args.repeats, step)
     assert "torch" not in sys.modules, "the ONNX Runtime worker imported torch"
@@ -154,10 +165,7 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     saved = head.backward_inputs
     return {
         **summary(samples),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "vm_hwm_mb": round(high_water_mb(), 1),
-        "peak_rss_after_load_mb": round(rss_after_load, 1),
-        "rss_after_steps_mb": round(current_rss_mb(), 1),
+        **memory_figures(rss_after_load),
         "load_s": round(load_seconds, 2),
         "backward_inputs": len(saved),
         "torch_imported": "torch" in sys.modules,
@@ -214,12 +222,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         (activations * grads_in).sum().backward()
         c2, t2 = time.process_time(), time.perf_counter()
         result["activations"] = activations.detach()
-        return {
-            "step": (t2 - t0) * 1e3,
-            "forward": (t1 - t0) * 1e3,
-            "backward": (t2 - t1) * 1e3,
-            "step_cpu": (c2 - c0) * 1e3,
-        }
+        return step_times(c0, t0, t1, c2, t2)
 
     samples = timed(args.warmup, args.repeats, step)
     grads = {}
@@ -230,10 +233,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     np.savez(args.save, activations=result["activations"].numpy(), **grads)
     return {
         **summary(samples),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "vm_hwm_mb": round(high_water_mb(), 1),
-        "peak_rss_after_load_mb": round(rss_after_load, 1),
-        "rss_after_steps_mb": round(current_rss_mb(), 1),
+        **memory_figures(rss_after_load),
         "load_s": round(load_seconds, 2),
         "threads": torch.get_num_threads(),
         "attention": args.attention,

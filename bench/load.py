@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import free_port, serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = {"clients": 128, "rounds": 20, "steps": 50}
@@ -66,12 +66,6 @@ def ensure_artifacts(work: Path) -> Path:
         )
     )
     return artifacts
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_data(path: Path, seed: int, count: int) -> None:
@@ -166,9 +160,7 @@ def audit(work: Path, client_ids: list[str], rounds: int, steps: int) -> dict[st
 def latency_stats(work: Path, client_ids: list[str]) -> dict[str, Any]:
     from edge_client.metrics import read_jsonl
 
-    steps = [
-        r for c in client_ids for r in read_jsonl(work / "clients" / f"{c}.jsonl") if r["event"] == "step"
-    ]
+    steps = [r for c in client_ids for r in read_jsonl(work / "clients" / f"{c}.jsonl") if r["event"] == "step"]
     latencies_ms = np.array([sum(r["seconds"].values()) * 1000 for r in steps])
     waits_ms = np.array([r["wait_seconds"] * 1000 for r in steps])
     times = [r["time"] for r in steps]
@@ -224,15 +216,11 @@ class RssSampler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="steps per round")
-    parser.add_argument(
-        "--processes", type=int, default=4, help="worker processes the clients are spread over"
-    )
+    parser.add_argument("--processes", type=int, default=4, help="worker processes the clients are spread over")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before everything is killed")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-load")
     parser.add_argument("--worker", nargs=2, metavar=("SERVER", "IDS"), help=argparse.SUPPRESS)
@@ -258,45 +246,34 @@ def main(argv: list[str] | None = None) -> int:
         write_data(work / "data" / f"{client_id}.jsonl", seed=index, count=8 + index % 5)
 
     port = free_port()
-    edgesplit = [sys.executable, "-m", "edge_client.cli"]
     started = time.perf_counter()
     deadline = started + args.timeout
     server = subprocess.Popen(
-        [
-            *edgesplit,
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--rounds",
-            str(args.rounds),
-            "--min-clients",
-            str(args.clients),
-            "--steps-per-round",
-            str(args.steps),
-            "--round-deadline",
-            str(args.timeout),
-            "--checkpoint-dir",
-            str(work / "ckpt"),
-            "--metrics-out",
-            str(work / "server.jsonl"),
-            "--threads",
-            "1",
-            "--learning-rate",
-            "0.02",
-        ],
+        serve_command(
+            artifacts,
+            port,
+            work / "server.jsonl",
+            rounds=args.rounds,
+            min_clients=args.clients,
+            steps=args.steps,
+            extra=[
+                "--round-deadline",
+                str(args.timeout),
+                "--checkpoint-dir",
+                str(work / "ckpt"),
+                "--threads",
+                "1",
+                "--learning-rate",
+                "0.02",
+            ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
     )
     rss = RssSampler(server.pid)
-    shares = [
-        client_ids[i :: args.processes] for i in range(args.processes) if client_ids[i :: args.processes]
-    ]
+    shares = [client_ids[i :: args.processes] for i in range(args.processes) if client_ids[i :: args.processes]]
     workers = [
         subprocess.Popen(
             [

@@ -22,28 +22,26 @@ import itertools
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import EDGESPLIT, export_command, free_port, serve_command
+
 REPO = Path(__file__).resolve().parent.parent
 E2E = REPO.parent / "shared" / "data" / "e2e"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_artifacts(work: Path, cut_layer: int, quantize: str = "none") -> Path:
     artifacts = work / (f"artifacts-cut{cut_layer}" + ("" if quantize == "none" else f"-{quantize}"))
     if not (artifacts / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "edge_client.cli", "export", "--cut-layer", str(cut_layer),
-                        "--quantize", quantize, "--out", str(artifacts), "--force"], check=True, stdout=sys.stderr)
+        subprocess.run(
+            export_command(artifacts, cut_layer, quantize),
+            check=True,
+            stdout=sys.stderr,
+        )
     return artifacts
 
 
@@ -67,17 +65,35 @@ def split_run(
     server_metrics, client_metrics = work / f"server-{name}.jsonl", work / f"client-{name}.jsonl"
     for path in (server_metrics, client_metrics):
         path.unlink(missing_ok=True)
-    cli = [sys.executable, "-m", "edge_client.cli"]
     server = subprocess.Popen(
-        [*cli, "serve", "--artifacts", str(artifacts), "--port", str(port), "--rounds", "1", "--min-clients", "1",
-         "--steps-per-round", str(steps), "--wire", wire, "--learning-rate", str(lr), "--eval-data", str(test),
-         "--eval-batches", "8", "--metrics-out", str(server_metrics)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        serve_command(
+            artifacts,
+            port,
+            server_metrics,
+            steps=steps,
+            extra=["--wire", wire, "--learning-rate", str(lr), "--eval-data", str(test), "--eval-batches", "8"],
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     client = subprocess.run(
-        [*cli, "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts), "--data", str(train),
-         "--client-id", "bench", "--metrics-out", str(client_metrics), "--quiet"],
-        capture_output=True, text=True,
+        [
+            *EDGESPLIT,
+            "client",
+            "--server",
+            f"ws://127.0.0.1:{port}",
+            "--artifacts",
+            str(artifacts),
+            "--data",
+            str(train),
+            "--client-id",
+            "bench",
+            "--metrics-out",
+            str(client_metrics),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
     )
     server.wait(timeout=600)
     if client.returncode != 0:
@@ -91,8 +107,9 @@ def split_run(
     return {
         "tokens_per_second_median": statistics.median(rates),
         "step_seconds_median": statistics.median(sum(r["seconds"].values()) for r in step_records),
-        "phase_seconds_median": {k: statistics.median(r["seconds"][k] for r in step_records)
-                                 for k in step_records[0]["seconds"]},
+        "phase_seconds_median": {
+            k: statistics.median(r["seconds"][k] for r in step_records) for k in step_records[0]["seconds"]
+        },
         "bytes_up_per_step": statistics.median(r["bytes_up"] for r in step_records),
         "bytes_down_per_step": statistics.median(r["bytes_down"] for r in step_records),
         "losses": [r["loss"] for r in records if r["event"] == "step"],
@@ -115,18 +132,29 @@ def centralized_run(artifacts: Path, train: Path, steps: int, lr: float) -> dict
     manifest = load_manifest(artifacts, verify=False)
     model = load_model("smollm2-135m").model
     prepare_for_training(model)
-    model = get_peft_model(model, LoraConfig(r=manifest.lora.rank, lora_alpha=manifest.lora.alpha,
-                                             target_modules=list(manifest.lora.targets), lora_dropout=0.0))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=manifest.lora.rank,
+            lora_alpha=manifest.lora.alpha,
+            target_modules=list(manifest.lora.targets),
+            lora_dropout=0.0,
+        ),
+    )
     model.train()
     tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
-    encoded = encode_examples(tokenizer, read_jsonl(train), manifest.max_seq_len, manifest.eos_token_id,
-                              manifest.pad_token_id or 0)
+    encoded = encode_examples(
+        tokenizer, read_jsonl(train), manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rates, seconds = [], []
     for batch in itertools.islice(iterate_batches(encoded, manifest.batch_size, seed=0), steps):
         started = time.perf_counter()
-        logits = model(input_ids=torch.from_numpy(batch.input_ids),
-                       attention_mask=torch.from_numpy(batch.attention_mask), use_cache=False).logits
+        logits = model(
+            input_ids=torch.from_numpy(batch.input_ids),
+            attention_mask=torch.from_numpy(batch.attention_mask),
+            use_cache=False,
+        ).logits
         loss = causal_lm_loss(logits, torch.from_numpy(batch.labels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,8 +162,10 @@ def centralized_run(artifacts: Path, train: Path, steps: int, lr: float) -> dict
         elapsed = time.perf_counter() - started
         seconds.append(elapsed)
         rates.append(int(batch.attention_mask.sum()) / elapsed)
-    return {"tokens_per_second_median": statistics.median(rates[1:]),
-            "step_seconds_median": statistics.median(seconds[1:])}
+    return {
+        "tokens_per_second_median": statistics.median(rates[1:]),
+        "step_seconds_median": statistics.median(seconds[1:]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,10 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     artifacts = ensure_artifacts(work, args.cut_layer)
     train, test = write_subsets(work, args.train_lines, args.eval_lines)
-    split = {wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate)
-             for wire in ("fp32", "fp16", "int8")}
-    int8_head = split_run(ensure_artifacts(work, args.cut_layer, "int8"), train, test, "fp32", args.steps, work,
-                          args.learning_rate, tag="int8-head")
+    split = {
+        wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate)
+        for wire in ("fp32", "fp16", "int8")
+    }
+    int8_head = split_run(
+        ensure_artifacts(work, args.cut_layer, "int8"),
+        train,
+        test,
+        "fp32",
+        args.steps,
+        work,
+        args.learning_rate,
+        tag="int8-head",
+    )
     central = centralized_run(artifacts, train, args.steps, args.learning_rate)
     ratio = split["fp32"]["tokens_per_second_median"] / central["tokens_per_second_median"]
     fp32_loss = split["fp32"]["eval_loss_after"]

@@ -193,9 +193,9 @@ def score(
 
 
 def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> float:
-    """Mean token loss over up to `max_batches` batches, as the server's per-round evaluation computes it.
+    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation.
 
-    The demo uses it for the untrained model, so that its loss curve starts at round 0 on the same scale.
+    The demo also uses it for the untrained model, so that its loss curve starts at round 0 on the same scale.
     """
     batch = head.manifest.batch_size
     count = min(len(encoded.input_ids), batch * max_batches)

@@ -95,6 +95,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, figure: Any, path: Path, **options: Any) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, **options)
+    plt.close(figure)
+
+
 def _scale(series: Any) -> str:
     """Log scale where the losses span decades (a task being learned), linear where they hardly move."""
     values = [v for losses in series for v in losses if v is not None and v > 0]
@@ -135,9 +141,7 @@ def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) ->
     )
     per_round.set_xticks(range(0, len(metrics["rounds"]) + 1))
     per_round.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
@@ -154,9 +158,7 @@ def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
     axes.set_xticks(list(positions), names)
     axes.set(title="bytes on the link per client", ylabel="MB", ylim=(0, max(up + down, default=1) * 1.3))
     axes.legend(loc="upper center", ncol=2, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
@@ -171,9 +173,7 @@ def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
     axes.set(title="client step time by phase (mean per step)", xlabel="ms")
     axes.invert_yaxis()
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    _save(plt, figure, path, bbox_inches="tight")
 
 
 def plot_memory(path: Path, metrics: dict[str, Any]) -> None:
@@ -189,9 +189,7 @@ def plot_memory(path: Path, metrics: dict[str, Any]) -> None:
     peak = max((metrics["clients"][n]["peak_rss_mb"] or 0.0 for n in names), default=1.0)
     axes.set(title="client process memory (RSS)", ylabel="MB", ylim=(0, peak * 1.3))
     axes.legend(loc="upper center", ncol=3, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -40,6 +40,7 @@ import numpy as np
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
+from cloud_server.generate import eval_loss
 from cloud_server.strategies import FRAMEWORKS, FedLlmStrategy, KdSettings, KdStrategy, encode_file
 from cloud_server.tail import OptimizerSettings, Tail
 from edge_client.artifacts import load_manifest
@@ -715,22 +716,8 @@ class Server:
 
     def evaluate_with(self, adapters: dict[str, np.ndarray]) -> float:
         """Mean loss over the eval set (up to eval_batches batches) with these client adapters."""
-        encoded = self.eval_set
-        batch = self.manifest.batch_size
-        total, tokens = 0.0, 0
-        count = min(len(encoded.input_ids), batch * self.config.eval_batches)
-        for start in range(0, count, batch):
-            index = np.arange(start, start + batch) % len(encoded.input_ids)
-            ids, mask, labels = encoded.input_ids[index], encoded.attention_mask[index], encoded.labels[index]
-            if start + batch > count:  # wrapped rows fill the batch but must not count twice
-                labels = labels.copy()
-                labels[count - start:] = -100
-            activations = self.head.forward(ids, mask, adapters).activations
-            assert self.tail is not None
-            loss, counted = self.tail.eval_loss(activations, mask, labels)
-            total += loss * counted
-            tokens += counted
-        return total / max(tokens, 1)
+        assert self.tail is not None and self.eval_set is not None
+        return eval_loss(self.head, self.tail, self.eval_set, adapters, self.config.eval_batches)
 
 
 class _Refused(Exception):

@@ -43,6 +43,8 @@ from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
+from install_edge import DROPPED_ROOTS  # this folder's device installer (run as a script, tools/ is on sys.path)
+
 try:
     from packaging.markers import Marker
     from packaging.requirements import Requirement
@@ -69,10 +71,9 @@ REPO = Path(__file__).resolve().parents[1]
 # (glibc 2.35) and bookworm has glibc 2.36. pip widens each manylinux tag to the older ones itself.
 PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64")
 FORBIDDEN = ("torch", "transformers", "peft", "triton")
-# tools/install_edge.py, the device install, leaves these out with what only they need (tokenizers requires
-# huggingface-hub for downloading from the hub, onnxruntime up to 1.23 sympy and coloredlogs for its tools;
-# the client uses neither): the "slim" set below is what that installs.
-SLIM_DROPS = ("huggingface-hub", "sympy", "coloredlogs")
+# tools/install_edge.py, the device install, leaves these out with what only they need (its docstring says
+# why): the "slim" set below is what that installs.
+SLIM_DROPS = DROPPED_ROOTS
 # Target interpreters: the Python the device's OS ships, as markers see it.
 TARGETS: dict[str, dict[str, str]] = {
     "3.10": {"device": "Jetson, JetPack 6 (Ubuntu 22.04)", "python_full_version": "3.10.12"},

@@ -53,13 +53,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_task(path: Path, seed: int, count: int) -> None:
-    """Prompt 'wA wB' -> completion 'wA+2 wA+3': learnable by a tiny model in a few steps."""
+def write_task(path: Path, seed: int, count: int, prompt_key: str = "prompt") -> None:
+    """Prompt 'wA wB' -> completion 'wA+2 wA+3': learnable by a tiny model in a few steps. `prompt_key`:
+    "prompt", or "context" (the E2E files' name for it)."""
     rng = np.random.default_rng(seed)
     with path.open("w") as handle:
         for _ in range(count):
             a = int(rng.integers(0, 40))
-            handle.write(json.dumps({"prompt": f"w{a} w{a + 1}", "completion": f"w{a + 2} w{a + 3}"}) + "\n")
+            handle.write(json.dumps({prompt_key: f"w{a} w{a + 1}", "completion": f"w{a + 2} w{a + 3}"}) + "\n")
 
 
 def serve_command(

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+from loopback import write_task
 from tiny_models import save_tiny_model
 
 from cloud_server.compare import CompareConfig, run_compare
 from cloud_server.flops import Shapes, client_flops_per_step
 
 
-def write_task(path: Path, seed: int, count: int) -> None:
-    """Context 'wA wB' -> completion 'wA+2 wA+3', as context/completion lines (the E2E form: BLEU, ROUGE-L)."""
-    rng = np.random.default_rng(seed)
-    with path.open("w") as handle:
-        for _ in range(count):
-            a = int(rng.integers(0, 40))
-            handle.write(json.dumps({"context": f"w{a} w{a + 1}", "completion": f"w{a + 2} w{a + 3}"}) + "\n")
-
-
 def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
     model = save_tiny_model("llama", tmp_path / "model")
-    write_task(tmp_path / "train.jsonl", seed=1, count=40)
-    write_task(tmp_path / "eval.jsonl", seed=2, count=6)
+    # context/completion lines, the E2E form (BLEU, ROUGE-L)
+    write_task(tmp_path / "train.jsonl", seed=1, count=40, prompt_key="context")
+    write_task(tmp_path / "eval.jsonl", seed=2, count=6, prompt_key="context")
     config = CompareConfig(
         data=tmp_path / "train.jsonl", eval_data=tmp_path / "eval.jsonl", model=str(model), clients=2, rounds=1,
         steps_per_round=2, cut_layer=1, out=tmp_path / "out", max_seq_len=16, batch_size=2, lora_rank=4,

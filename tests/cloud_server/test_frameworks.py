@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from loopback import free_port, write_task
+from loopback import free_port, serve_command, write_task
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import load_latest
@@ -24,11 +24,10 @@ def run_framework(framework: str, artifacts, work):  # type: ignore[no-untyped-d
     write_task(work / "proxy.jsonl", seed=4, count=5)
     port = free_port()
     cli = [sys.executable, "-m", "edge_client.cli"]
+    extra = ["--framework", framework, "--proxy-data", str(work / "proxy.jsonl"), "--kd-top-k", str(TOP_K),
+             "--eval-data", str(work / "eval.jsonl")]  # fmt: skip
     server = subprocess.Popen(
-        [*cli, "serve", "--artifacts", str(artifacts), "--port", str(port), "--rounds", str(ROUNDS),
-         "--min-clients", "2", "--steps-per-round", str(STEPS), "--learning-rate", "0.02", "--framework", framework,
-         "--proxy-data", str(work / "proxy.jsonl"), "--kd-top-k", str(TOP_K), "--eval-data", str(work / "eval.jsonl"),
-         "--checkpoint-dir", str(work / "ckpt"), "--metrics-out", str(work / "server.jsonl")],
+        serve_command(artifacts, port, work, rounds=ROUNDS, steps=STEPS, extra=extra),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     clients = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback import free_port, write_task
+from loopback import free_port, serve_command, write_task
 
 from cloud_server.aggregate import fedavg
 from cloud_server.checkpoint import load_latest
@@ -38,10 +38,8 @@ def run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
     port = free_port()
     edgesplit = [sys.executable, "-m", "edge_client.cli"]
     server = subprocess.Popen(
-        [*edgesplit, "serve", "--artifacts", str(artifacts), "--port", str(port), "--rounds", str(ROUNDS),
-         "--min-clients", "2", "--steps-per-round", str(STEPS), "--learning-rate", "0.02",
-         "--eval-data", str(work / "eval.jsonl"), "--checkpoint-dir", str(work / "ckpt"),
-         "--metrics-out", str(work / "server.jsonl")],
+        serve_command(artifacts, port, work, rounds=ROUNDS, steps=STEPS,
+                      extra=["--eval-data", str(work / "eval.jsonl")]),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     # The client processes run with torch made unimportable: the edge client must not need it.
