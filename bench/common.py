@@ -1,5 +1,5 @@
 """What the bench scripts share. They run as scripts (`python bench/NAME.py`), so this is imported as `common`;
-they do not import the tests, whose loopback helpers (tests/cloud_server/loopback.py) do the same for them."""
+they do not import the tests, whose loopback helpers (tests/server/loopback.py) do the same for them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EDGESPLIT = [sys.executable, "-m", "edge_client.cli"]  # this interpreter's edgesplit, torch and all
+EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]  # this interpreter's edgesplit, torch and all
 
 
 def free_port() -> int:

@@ -138,7 +138,7 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The edge client's step in ONNX Runtime, numpy only."""
     import onnxruntime as ort
 
-    from edge_client.head import Head
+    from edgesplit.client.head import Head
 
     started = time.perf_counter()
     head = Head(args.artifacts, threads=args.threads)
@@ -180,7 +180,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.numpy import load_file
     from transformers import AutoModel
 
-    from edge_client.artifacts import load_manifest
+    from edgesplit.client.artifacts import load_manifest
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,9 +268,9 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The fp32 and int8 artifacts, and the head's own weights and config for the PyTorch worker."""
     import torch
 
-    from export.exporter import ExportConfig, export
-    from export.families import family_for, prepare_for_training
-    from export.models import DEFAULT_MODEL, load_model
+    from edgesplit.export.exporter import ExportConfig, export
+    from edgesplit.export.families import family_for, prepare_for_training
+    from edgesplit.export.models import DEFAULT_MODEL, load_model
 
     work_dir, cut_layer = args.artifacts, args.cut_layer
     loaded = load_model(DEFAULT_MODEL)
@@ -398,8 +398,8 @@ def gemm_rates(threads: int | None, repeats: int = 20) -> dict[str, float]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_client.head import session_options
-    from export.quantize import BLOCK_SIZE, quantize_blocks
+    from edgesplit.client.head import session_options
+    from edgesplit.export.quantize import BLOCK_SIZE, quantize_blocks
 
     rng = np.random.default_rng(SEED)
     rates: dict[str, list[float]] = {"fp32_matmul": [], "int8_matmulnbits": []}

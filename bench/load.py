@@ -50,7 +50,7 @@ def ensure_artifacts(work: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import save_tiny_model
 
-    from export.exporter import ExportConfig, export
+    from edgesplit.export.exporter import ExportConfig, export
 
     model = save_tiny_model("llama", work / "tiny-llama")
     export(
@@ -82,8 +82,8 @@ def write_data(path: Path, seed: int, count: int) -> None:
 async def run_clients(server: str, artifacts: Path, work: Path, client_ids: list[str]) -> None:
     from safetensors.numpy import save_file
 
-    from edge_client.client import Client, ClientConfig
-    from edge_client.resources import MemorySampler
+    from edgesplit.client.client import Client, ClientConfig
+    from edgesplit.client.resources import MemorySampler
 
     clients = []
     for client_id in client_ids:
@@ -112,9 +112,9 @@ async def run_clients(server: str, artifacts: Path, work: Path, client_ids: list
 def audit(work: Path, client_ids: list[str], rounds: int, steps: int) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
-    from cloud_server.aggregate import fedavg
-    from cloud_server.checkpoint import load_checkpoint
-    from edge_client.metrics import read_jsonl
+    from edgesplit.client.metrics import read_jsonl
+    from edgesplit.server.aggregate import fedavg
+    from edgesplit.server.checkpoint import load_checkpoint
 
     records = read_jsonl(work / "server.jsonl")
     updates = Counter((r["client_id"], r["round"]) for r in records if r["event"] == "update")
@@ -158,7 +158,7 @@ def audit(work: Path, client_ids: list[str], rounds: int, steps: int) -> dict[st
 
 
 def latency_stats(work: Path, client_ids: list[str]) -> dict[str, Any]:
-    from edge_client.metrics import read_jsonl
+    from edgesplit.client.metrics import read_jsonl
 
     steps = [r for c in client_ids for r in read_jsonl(work / "clients" / f"{c}.jsonl") if r["event"] == "step"]
     latencies_ms = np.array([sum(r["seconds"].values()) * 1000 for r in steps])

@@ -123,11 +123,11 @@ def centralized_run(artifacts: Path, train: Path, steps: int, lr: float) -> dict
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer
 
-    from cloud_server.tail import causal_lm_loss
-    from edge_client.artifacts import load_manifest
-    from edge_client.data import encode_examples, iterate_batches, read_jsonl
-    from export.families import prepare_for_training
-    from export.models import load_model
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import encode_examples, iterate_batches, read_jsonl
+    from edgesplit.export.families import prepare_for_training
+    from edgesplit.export.models import load_model
+    from edgesplit.server.tail import causal_lm_loss
 
     manifest = load_manifest(artifacts, verify=False)
     model = load_model("smollm2-135m").model

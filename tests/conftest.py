@@ -21,7 +21,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Export on demand, once per (family, cut_layer, options) for the whole session."""
-    from export.exporter import ExportConfig, export
+    from edgesplit.export.exporter import ExportConfig, export
 
     root = tmp_path_factory.mktemp("artifacts")
     made: dict[tuple[object, ...], Path] = {}

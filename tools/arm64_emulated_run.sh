@@ -156,7 +156,7 @@ if [[ -z $ARTIFACTS ]]; then
     say "tiny model and its artifacts (host: torch)"
     rm -rf "$RUN/tiny" "$RUN/artifacts"
     PYTHONPATH=$REPO:$REPO/tests "$HOST_PY" -c 'import sys; from pathlib import Path; from tiny_models import save_tiny_model; save_tiny_model("llama", Path(sys.argv[1]))' "$RUN/tiny" 2>/dev/null
-    PYTHONPATH=$REPO "$HOST_PY" -m edge_client.cli export --model "$RUN/tiny" --cut-layer 1 --batch-size 2 \
+    PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli export --model "$RUN/tiny" --cut-layer 1 --batch-size 2 \
         --max-seq-len 16 --lora-rank 4 --quantize "${EDGESPLIT_QUANTIZE:-int8}" --out "$RUN/artifacts" \
         >"$RUN/export.log" 2>&1 \
         || { cat "$RUN/export.log"; die "export failed"; }
@@ -183,7 +183,7 @@ mount_in_rootfs bind-ro "$ARTIFACTS" "$IN_CHROOT/run/artifacts"  # read-only: th
 PORT=$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 say "server on the host (x86, torch) at ws://127.0.0.1:$PORT: 1 round of $STEPS steps"
 rm -f "$RUN/server.jsonl"
-PYTHONPATH=$REPO "$HOST_PY" -m edge_client.cli serve --artifacts "$ARTIFACTS" --host 127.0.0.1 --port "$PORT" \
+PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli serve --artifacts "$ARTIFACTS" --host 127.0.0.1 --port "$PORT" \
     --rounds 1 --min-clients 1 --steps-per-round "$STEPS" --learning-rate 0.02 \
     --metrics-out "$RUN/server.jsonl" >"$RUN/server.log" 2>&1 &
 SERVER_PID=$!

@@ -26,7 +26,7 @@ What it does:
 5. `pip install --no-deps` installs the rest at exactly the resolved versions (a direct URL at the resolved
    file or commit).
 6. pip and setuptools are removed, unless `--keep-pip` (`DIR/bin/python -m ensurepip` brings pip back).
-7. A fresh process checks the venv: `edge_client.client` imports, `tokenizers` loads and encodes a tokenizer
+7. A fresh process checks the venv: `edgesplit.client.client` imports, `tokenizers` loads and encodes a tokenizer
    through the client's own code, and neither torch nor huggingface_hub can be imported.
 
 What was installed and dropped is written to DIR/edgesplit-install.json.
@@ -51,7 +51,7 @@ from typing import Any
 # - sympy, coloredlogs: onnxruntime up to 1.23 (the newest for Python 3.10, JetPack 6) requires them for its
 #   tools (symbolic shape inference, the transformers optimiser's logging); `import onnxruntime` and its
 #   sessions do not import them. Checked: the client's int8 head trains with both made unimportable on
-#   onnxruntime 1.22.0, 1.23.2 and 1.32.0 (tests/edge_client/test_without_hub.py blocks them too).
+#   onnxruntime 1.22.0, 1.23.2 and 1.32.0 (tests/client/test_without_hub.py blocks them too).
 DROPPED_ROOTS = ("huggingface-hub", "sympy", "coloredlogs")
 # Installed into every venv (setuptools up to Python 3.11) but needed by nothing the client runs.
 BOOTSTRAP = ("setuptools", "wheel", "pip")
@@ -69,8 +69,8 @@ def importable(name):
         return False
 found = [name for name in ("torch", "huggingface_hub") if importable(name)]
 assert not found, f"importable in the venv, and must not be: {found}"
-import edge_client.client
-from edge_client.data import Example, encode_examples
+import edgesplit.client.client
+from edgesplit.client.data import Example, encode_examples
 from tokenizers import Tokenizer, models, pre_tokenizers
 vocab = {"[UNK]": 0, "<pad>": 1, "</s>": 2, "hello": 3, "world": 4}
 built = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

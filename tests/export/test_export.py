@@ -12,13 +12,13 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from cloud_server.tail import Tail
-from edge_client.artifacts import load_manifest
-from edge_client.errors import ArtifactError, ExportError
-from edge_client.head import Head
-from export.exporter import ExportConfig, export
-from export.families import family_for, prepare_for_training
-from export.lora import HeadWithLora
+from edgesplit.client.artifacts import load_manifest
+from edgesplit.client.errors import ArtifactError, ExportError
+from edgesplit.client.head import Head
+from edgesplit.export.exporter import ExportConfig, export
+from edgesplit.export.families import family_for, prepare_for_training
+from edgesplit.export.lora import HeadWithLora
+from edgesplit.server.tail import Tail
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -169,7 +169,7 @@ def test_out_of_range_cut_is_refused(tiny_model_dirs, tmp_path, cut_layer) -> No
 
 
 def test_non_integer_cut_is_refused_by_the_cli(tmp_path, capsys) -> None:
-    from export.cli import main
+    from edgesplit.export.cli import main
 
     with pytest.raises(SystemExit):
         main(["--cut-layer", "two", "--out", str(tmp_path / "a")])
@@ -208,7 +208,7 @@ def test_unwritable_output_is_a_clear_error(tiny_model_dirs, tmp_path) -> None:
 def test_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
     from transformers import BertConfig, BertForMaskedLM
 
-    from export.families import family_for
+    from edgesplit.export.families import family_for
 
     with pytest.raises(ExportError, match="llama"):
         family_for(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,

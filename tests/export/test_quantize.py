@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_files import ALIGN_MIN_BYTES, ALIGNMENT, save_with_aligned_data
-from export.quantize import BLOCK_SIZE, dequantize_blocks, quantize_blocks, quantize_model
+from edgesplit.export.onnx_files import ALIGN_MIN_BYTES, ALIGNMENT, save_with_aligned_data
+from edgesplit.export.quantize import BLOCK_SIZE, dequantize_blocks, quantize_blocks, quantize_model
 
 
 @pytest.mark.parametrize("k", [BLOCK_SIZE * 3, BLOCK_SIZE * 3 + 5])  # a whole number of blocks, and a ragged end

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.errors import DataError, EdgesplitError
-from profiles.devices import (
+from edgesplit.client.errors import DataError, EdgesplitError
+from edgesplit.profiles.devices import (
     ENERGY_READERS,
     DeviceProfile,
     LinkProfile,
@@ -144,7 +144,8 @@ def test_construction_validates() -> None:
 
 def test_the_measurement_layer_does_not_import_torch() -> None:
     code = (
-        "import sys; import profiles, profiles.devices, edge_client.energy, edge_client.resources; "
+        "import sys; import edgesplit.profiles, edgesplit.profiles.devices, edgesplit.client.energy,"
+        " edgesplit.client.resources; "
         "bad = sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules); "
         "assert not bad, bad"
     )

@@ -15,10 +15,10 @@ import numpy as np
 import psutil
 import pytest
 
-from edge_client.protocol import Wire
-from profiles import cli
-from profiles.devices import LinkProfile, load_profile
-from profiles.splitpoint import (
+from edgesplit.client.protocol import Wire
+from edgesplit.profiles import cli
+from edgesplit.profiles.devices import LinkProfile, load_profile
+from edgesplit.profiles.splitpoint import (
     CutMeasurement,
     ProfileReport,
     ProfilingError,
@@ -31,7 +31,7 @@ from profiles.splitpoint import (
     sweep,
     wire_bytes,
 )
-from profiles.worker import REFERENCE_GFLOPS, Benchmark, usable_cores
+from edgesplit.profiles.worker import REFERENCE_GFLOPS, Benchmark, usable_cores
 
 B, T, H = 2, 16, 32  # the tiny Llama's hidden size is 32 (tests/tiny_models.py)
 MIB = 2**20
@@ -211,7 +211,7 @@ def test_save_profile_round_trips_and_loads_as_a_device(tmp_path: Path) -> None:
 def test_the_cli_prints_the_table_and_writes_the_report(
     swept: SweepResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import profiles.splitpoint
+    import edgesplit.profiles.splitpoint
 
     asked: list[SweepConfig] = []
 
@@ -219,7 +219,7 @@ def test_the_cli_prints_the_table_and_writes_the_report(
         asked.append(config)
         return dataclasses.replace(swept, config=config)
 
-    monkeypatch.setattr(profiles.splitpoint, "sweep", fake_sweep)
+    monkeypatch.setattr(edgesplit.profiles.splitpoint, "sweep", fake_sweep)
     device = tmp_path / "device.toml"
     assert cli.main(["--save-profile", str(device), "--skip-sweep", "--device", "raspberry-pi-4"]) == 0
     out = tmp_path / "run"
@@ -261,13 +261,16 @@ def test_parse_cut_layers() -> None:
 
 
 def test_the_device_side_never_imports_torch() -> None:
-    code = "import sys, profiles.worker, profiles.devices, edge_client.head; print('torch' in sys.modules)"
+    code = (
+        "import sys, edgesplit.profiles.worker, edgesplit.profiles.devices, edgesplit.client.head;"
+        " print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 def test_the_benchmark_reports_a_positive_speed() -> None:
-    from profiles.worker import cpu_benchmark
+    from edgesplit.profiles.worker import cpu_benchmark
 
     result = cpu_benchmark(rounds=2, per_round=1)
     assert result.gflops > 0 and result.speed_factor == pytest.approx(result.gflops / REFERENCE_GFLOPS)

@@ -157,7 +157,7 @@ def test_an_existing_directory_is_never_overwritten_unasked(tmp_path: Path) -> N
 
 def test_the_installers_own_check_passes_on_this_checkout() -> None:
     # The check the installer runs in the new venv, run here on the checkout with torch and huggingface_hub
-    # made unimportable: it must keep up with the client's code (edge_client.data's API) that it calls.
+    # made unimportable: it must keep up with the client's code (edgesplit.client.data's API) that it calls.
     blocker = (
         "import importlib.abc, sys\n"
         "class Blocker(importlib.abc.MetaPathFinder):\n"

@@ -1,0 +1,57 @@
+"""The `edgesplit` command. Each subcommand lives in its component and is imported only when asked for,
+so that `edgesplit client` on a Raspberry Pi never loads PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from edgesplit.client.errors import EdgesplitError
+
+# subcommand -> (module with a `main(argv)`, one-line help, pip extra it needs)
+SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "export": ("edgesplit.export.cli", "cut a model into an ONNX client head and a PyTorch server tail", "export"),
+    "serve": ("edgesplit.server.cli", "run the cloud server (the tail) for many clients", "server"),
+    "client": ("edgesplit.client.client_cli", "run an edge client (the head) against a server", None),
+    "demo": ("edgesplit.server.demo", "export, serve and train N clients on this machine", "export,server"),
+    "compare": ("edgesplit.server.compare", "run split, FedLLM and KD-FedLLM on the same data", "export,server"),
+    "profile": ("edgesplit.profiles.cli", "measure the cost of each cut layer on this device", "export"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: edgesplit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_text}" for name, (_, help_text, _) in SUBCOMMANDS.items()]
+    lines += ["", "`edgesplit <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in SUBCOMMANDS:
+        print(f"edgesplit: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, _, extra = SUBCOMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        hint = f"pip install 'edgesplit[{extra}]'" if extra else "reinstall edgesplit"
+        print(f"edgesplit {command}: missing dependency {error.name!r}: {hint}", file=sys.stderr)
+        return 2
+    try:
+        return int(module.main(rest) or 0)
+    except EdgesplitError as error:
+        print(f"edgesplit {command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edgesplit {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The edge client: trains the head's LoRA adapters with ONNX Runtime and numpy, against a cloud server.
+
+One step, with the phases the metrics time:
+
+    batch (B, T) ─ head_forward ─> activations (B, T, H) ─ encode ─> [network] ─> server: tail, loss, step
+    adapters <─ optimizer <─ grad_graph <─ activation_grads (B, T, H) <─ decode <─ [network] <─┘
+
+Everything that can be checked before connecting is checked first (artifacts, data, tokenizer), so that a
+bad file never costs the server a half-finished client. Blocking compute runs off the event loop, so the
+websocket answers pings while a slow device works.
+
+Devices lose Wi-Fi and power: a dropped connection is retried with capped exponential backoff and jitter
+(`backoff_delays`, for --connect-timeout seconds per outage), and the server's Welcome on the new connection
+says where to pick up (`Client._resume`). A restarted process rejoins the same way, with the global adapters.
+An Error from the server (bad token, wrong artifacts, a rejected tensor) is final: the client stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesplit.client.data import Batch, EncodedSet, encode_examples, iterate_batches, read_jsonl
+from edgesplit.client.energy import EnergyReader, detect_energy_reader
+from edgesplit.client.errors import EdgesplitError, ProtocolError
+from edgesplit.client.head import Head
+from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
+from edgesplit.client.metrics import JsonlWriter
+from edgesplit.client.optim import AdamW
+from edgesplit.client.protocol import (
+    PROTOCOL_VERSION,
+    Activations,
+    AdapterUpdate,
+    Error,
+    Gradients,
+    Hello,
+    Message,
+    Role,
+    RoundResult,
+    Session,
+    Welcome,
+    Wire,
+    decode,
+    max_frame_bytes,
+)
+from edgesplit.client.resources import MemorySampler, PhaseTimer
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str
+    artifacts: Path
+    data: Path
+    client_id: str
+    token: str | None = None
+    metrics_out: Path | None = None
+    seed: int = 0
+    threads: int = 0
+    providers: tuple[str, ...] = ()  # ONNX Runtime execution providers by preference; () is the CPU
+    device_profile: str | None = None
+    ca_file: Path | None = None
+    quiet: bool = False
+    connect_timeout_s: float = 60.0
+
+
+class ServerRefused(EdgesplitError):
+    """The server ended the session with an Error message: `code` says why (protocol.Error)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"the server refused: {reason} ({code})")
+        self.code = code
+        self.reason = reason
+
+
+class _LinkLost(Exception):
+    """The connection dropped mid-conversation: reconnect and resume."""
+
+
+@dataclass
+class _Position:
+    """Where this client stands in the run; it outlives connections."""
+
+    round: int
+    step: int  # the next step of `round` to run
+    losses: list[float] = field(default_factory=list)  # this round's, as far as this process has seen
+
+
+def backoff_delays(first_s: float = 0.5, cap_s: float = 10.0, jitter: float = 0.2,
+                   rng: random.Random | None = None) -> Iterator[float]:
+    """Seconds to wait before each retry: doubling from `first_s` up to `cap_s`, each scaled by a random
+    factor in [1 - jitter, 1 + jitter] so that clients cut off together do not all come back at once."""
+    rng = rng or random.Random()
+    delay = first_s
+    while True:
+        yield delay * rng.uniform(1 - jitter, 1 + jitter)
+        delay = min(delay * 2, cap_s)
+
+
+class Client:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.head = Head(config.artifacts, threads=config.threads or None, providers=config.providers)
+        manifest = self.head.manifest
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(config.artifacts / "tokenizer.json"))
+        examples = read_jsonl(config.data)
+        self.encoded = encode_examples(
+            tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+        )
+        self.num_samples = len(examples)
+        self.metrics = JsonlWriter(config.metrics_out)
+        self.timer = PhaseTimer()
+        self.memory = MemorySampler(interval_ms=10)
+        self.energy: EnergyReader = detect_energy_reader(config.device_profile)
+        self.adapters: dict[str, np.ndarray] = self.head.initial_adapters()
+        self.optimizer: AdamW | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.steps_done = 0
+        self.losses: list[float] = []
+        self.reconnects = 0
+        self.position: _Position | None = None  # None until the first Welcome
+        self.steps_per_round = 0
+        self.batch_iterator: Iterator[Batch] = iter(())
+        self.batches_drawn = 0
+        self._current_batch: tuple[int, Batch] | None = None
+        self.framework = "split"  # from the server's Welcome: split, fedllm or kd
+        self.trainer: LocalTrainer | None = None  # FedLLM and KD-FedLLM train the whole model locally
+        self.kd_settings: dict[str, object] = {}
+        self.proxy: EncodedSet | None = None
+
+    def log(self, text: str) -> None:
+        if not self.config.quiet:
+            print(f"[{self.config.client_id}] {text}", flush=True)
+
+    def batches(self, seed: int) -> Iterator[Batch]:
+        return iterate_batches(self.encoded, self.head.manifest.batch_size, seed=seed)
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    async def run(self) -> dict[str, Any]:
+        from websockets.asyncio.client import connect
+
+        ssl_context = None
+        if self.config.server.startswith("wss://"):
+            import ssl
+
+            cafile = str(self.config.ca_file) if self.config.ca_file else None
+            ssl_context = ssl.create_default_context(cafile=cafile)
+        self.memory.start()
+        self.energy.start()
+        started = time.perf_counter()
+        try:
+            summary = await self._run_sessions(connect, ssl_context)
+        finally:
+            self.memory.stop()
+            self.energy.stop()
+        summary["seconds"] = time.perf_counter() - started
+        summary["providers"] = self.head.providers
+        summary.update(self._resource_summary())
+        self.metrics.write("summary", client_id=self.config.client_id, **summary)
+        self.metrics.close()
+        return summary
+
+    async def _run_sessions(self, connect: Any, ssl_context: Any) -> dict[str, Any]:
+        """One session per connection, until training is done. A lost link is not the end of the run: the
+        client reconnects and the server's Welcome says where to pick up (see _resume). A busy server (too many
+        connections waiting to say Hello) is tried again with backoff for up to --connect-timeout."""
+        busy_delays = backoff_delays()
+        busy_since: float | None = None
+        while True:
+            websocket = await self._connect(connect, ssl_context)
+            try:
+                async with websocket:
+                    return await self._session(websocket)
+            except _LinkLost as lost:
+                busy_since = None  # it got in: a later busy spell gets its own --connect-timeout
+                self.reconnects += 1
+                self.log(f"lost the server ({lost}); reconnecting")
+                self.metrics.write("disconnect", client_id=self.config.client_id, reason=str(lost),
+                                   round=None if self.position is None else self.position.round,
+                                   step=None if self.position is None else self.position.step)
+            except ServerRefused as refusal:
+                if refusal.code == "busy":
+                    busy_since = busy_since or time.monotonic()
+                    delay = next(busy_delays)
+                    if time.monotonic() + delay - busy_since > self.config.connect_timeout_s:
+                        raise
+                    self.log(f"the server is busy ({refusal.reason}); retrying in {delay:.1f} s")
+                    await asyncio.sleep(delay)
+                    continue
+                if refusal.code != "finished":
+                    raise
+                # The run ended while this client was mid-round (a straggler) or away: its part is done.
+                self.log(f"the server has finished: {refusal.reason}")
+                return self._summary()
+
+    async def _connect(self, connect: Any, ssl_context: Any) -> Any:
+        """Connect, retrying with capped exponential backoff and jitter while the server is unreachable."""
+        import ssl
+
+        from websockets.exceptions import InvalidHandshake
+
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        for delay in backoff_delays():
+            try:
+                return await connect(
+                    self.config.server,
+                    max_size=max_frame_bytes(self.head.manifest),
+                    compression=None,  # tensors do not deflate; compressing them costs CPU for nothing
+                    ping_interval=20,
+                    ping_timeout=120,  # a step on a slow device can take seconds; pings are answered anyway
+                    open_timeout=30,
+                    ssl=ssl_context,
+                )
+            except ssl.SSLError as error:
+                # A certificate that does not verify will not verify on the next try either.
+                raise EdgesplitError(f"TLS with {self.config.server} failed: {error} (is --ca-file the CA "
+                                     "that signed the server's certificate?)") from error
+            except (OSError, asyncio.TimeoutError, InvalidHandshake) as error:
+                if time.monotonic() + delay > deadline:
+                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") \
+                        from error
+                self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
+                await asyncio.sleep(delay)
+        raise AssertionError("backoff_delays is endless")
+
+    async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire) -> Message:
+        from websockets.exceptions import ConnectionClosed
+
+        frame = session.send(message, wire)
+        try:
+            with self.timer.phase("network"):
+                await websocket.send(frame)
+                reply = await websocket.recv()
+        except (ConnectionClosed, OSError) as error:
+            # The server may have said why before it closed (a revoked token, say) while this side was
+            # sending: that Error is still queued, and it makes this the end rather than a lost link.
+            refusal = await _queued_error(websocket)
+            if refusal is not None:
+                raise ServerRefused(refusal.code, refusal.message) from error
+            raise _LinkLost(str(error) or type(error).__name__) from error
+        if isinstance(reply, str):
+            raise ProtocolError("the server sent a text frame", 1003)
+        self.bytes_up += len(frame)
+        self.bytes_down += len(reply)
+        with self.timer.phase("decode"):
+            answer = session.receive(reply)
+        if isinstance(answer, Error):
+            raise ServerRefused(answer.code, answer.message)
+        return answer
+
+    async def _session(self, websocket: Any) -> dict[str, Any]:
+        session = Session(Role.CLIENT, max_size=max_frame_bytes(self.head.manifest))
+        hello = Hello(self.config.client_id, PROTOCOL_VERSION, self.head.manifest.manifest_hash,
+                      self.config.token, self.num_samples)
+        self.log(f"connecting to {self.config.server} with {self.num_samples} examples")
+        welcome = await self._exchange(websocket, session, hello, Wire.FP32)
+        assert isinstance(welcome, Welcome)
+        position = self._resume(welcome)
+        wire = Wire(str(welcome.settings["wire"]))
+        loop = asyncio.get_running_loop()
+        while True:
+            while position.step < self.steps_per_round:
+                batch = self._batch(position.round, position.step)
+                if self.trainer is None:
+                    loss = await self._step(websocket, session, loop, batch, position.round, position.step, wire)
+                else:  # FedLLM and KD-FedLLM train on the device alone; only the round's upload travels
+                    loss = await self._local_step(loop, batch, position.round, position.step)
+                position.losses.append(loss)
+                position.step += 1
+            metrics = {"steps": float(len(position.losses))}
+            if position.losses:
+                metrics["mean_loss"] = float(np.mean(position.losses))
+            update = AdapterUpdate(position.round, self.num_samples, await self._upload(loop), metrics)
+            result = await self._exchange(websocket, session, update, Wire.FP32)
+            assert isinstance(result, RoundResult)
+            await self._take_result(loop, result)
+            mean_loss = metrics.get("mean_loss")
+            loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
+            eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
+            self.log(f"round {position.round + 1} done{loss_text}{eval_text}")
+            self.metrics.write("round", client_id=self.config.client_id, round=position.round,
+                               mean_loss=mean_loss, eval_loss=result.eval_loss)
+            if result.done:
+                return self._summary()
+            if result.next_round != position.round + 1:
+                self.log(f"the server is at round {result.next_round + 1}: catching up with its adapters")
+            self.position = position = _Position(result.next_round, 0)
+
+    def _resume(self, welcome: Welcome) -> _Position:
+        """Where to pick up after a Welcome: the first one of the run, or one after a reconnection.
+
+        The server says its round, how many of this client's steps of that round it has taken
+        (`resume_step`) and whether it has this client's update for it. A step the server took is never
+        sent again (the tail learnt from it already; only its gradients were lost). Within the same round
+        this process keeps its own adapters; otherwise it takes the global ones.
+        """
+        settings = welcome.settings
+        resume_step = int(settings.get("resume_step", 0))  # type: ignore[call-overload]
+        self.steps_per_round = int(settings["steps_per_round"])  # type: ignore[call-overload]
+        if self.optimizer is None:  # the first Welcome of this process
+            self.framework = str(settings.get("framework", "split"))
+            learning_rate = float(settings["learning_rate"])  # type: ignore[arg-type]
+            weight_decay = float(settings.get("weight_decay", 0.0))  # type: ignore[arg-type]
+            if self.framework == "split":
+                if self.head.manifest.full_model:
+                    raise EdgesplitError("the server runs split training, these artifacts are a --full-model export")
+                self.optimizer = AdamW(self.adapters, lr=learning_rate, weight_decay=weight_decay)
+            else:
+                self.trainer = LocalTrainer(self.head, self.adapters, learning_rate, weight_decay)
+                self.optimizer = self.trainer.optimizer
+                self.kd_settings = settings
+            seed = int(settings.get("seed", 0)) + self.config.seed  # type: ignore[call-overload]
+            self.batch_iterator = self.batches(seed=seed)
+        first = self.position is None
+        if self.framework == "kd":  # KD's Welcome carries the shared proxy set; its weights never travel
+            ids, mask = welcome.tensors["proxy.input_ids"], welcome.tensors["proxy.attention_mask"]
+            self.proxy = EncodedSet(ids, mask, np.full_like(ids, -100), 0, 0)
+        if self.position is None or self.position.round != welcome.round:
+            if self.framework != "kd":
+                self._set_adapters(welcome.tensors)
+            self.position = _Position(welcome.round, resume_step)
+        else:
+            self.position.step = max(self.position.step, resume_step)
+        if settings.get("update_received"):
+            self.position.step = self.steps_per_round  # straight to the update: the server waits to answer it
+        position = self.position
+        where = f"round {position.round + 1}/{welcome.total_rounds}"
+        if first and position.step == 0:
+            self.log(f"joined at {where}: {self.steps_per_round} steps a round, wire {settings['wire']}")
+        elif settings.get("update_received"):
+            self.log(f"rejoined at {where}: the server has this client's update; waiting for the round")
+        elif position.step >= self.steps_per_round:
+            self.log(f"rejoined at {where}: this client's steps are done; sending its update again")
+        else:
+            self.log(f"rejoined at {where}, step {position.step + 1} "
+                     f"(the server had taken {resume_step} steps of this round from this client)")
+        self.metrics.write("welcome", client_id=self.config.client_id, round=position.round,
+                           step=position.step, resume_step=resume_step,
+                           update_received=bool(settings.get("update_received")))
+        return position
+
+    def _batch(self, round_index: int, step: int) -> Batch:
+        """The batch of (round, step): number round * steps_per_round + step of this client's sequence, so
+        that a restarted process neither resends what the server already took nor trains on it twice."""
+        target = round_index * self.steps_per_round + step
+        if self._current_batch is not None and self._current_batch[0] == target:
+            return self._current_batch[1]  # the step was cut off before the server took it: send it again
+        while self.batches_drawn < target:
+            next(self.batch_iterator)
+            self.batches_drawn += 1
+        batch = next(self.batch_iterator)
+        self.batches_drawn += 1
+        self._current_batch = (target, batch)
+        return batch
+
+    def _summary(self) -> dict[str, Any]:
+        rounds = 0 if self.position is None else self.position.round + 1
+        return {"rounds": rounds, "steps": self.steps_done,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "first_loss": self.losses[0] if self.losses else None,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "reconnects": self.reconnects}
+
+    async def _local_step(self, loop: asyncio.AbstractEventLoop, batch: Batch, round_index: int, step: int) -> float:
+        """One FedLLM / KD-FedLLM step on the device: whole-model forward, numpy loss, gradient graph, AdamW."""
+        assert self.trainer is not None
+        energy_before = self.energy.read_joules()
+        with self.timer.phase("local_step"), self.memory.phase("local_step"):
+            loss = await loop.run_in_executor(None, self.trainer.cross_entropy_step, batch)
+        phases = self.timer.step_done()
+        self.steps_done += 1
+        self.losses.append(loss)
+        self.metrics.write(
+            "step", client_id=self.config.client_id, round=round_index, step=step, loss=loss,
+            tokens=int(batch.attention_mask.sum()), bytes_up=0, bytes_down=0,
+            seconds={k: round(v, 6) for k, v in phases.items()},
+            energy_j=round(self.energy.read_joules() - energy_before, 6),
+        )
+        self.log(f"round {round_index + 1} step {step + 1}: loss {loss:.4f} (local), "
+                 f"{sum(phases.values()) * 1000:.0f} ms")
+        return loss
+
+    async def _upload(self, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
+        """What this round sends up: the adapters, or for KD the top-k probabilities on the proxy set."""
+        if self.framework != "kd":
+            return self.adapters
+        top_k = int(self.kd_settings["top_k"])  # type: ignore[call-overload]
+        assert self.proxy is not None
+        with self.timer.phase("proxy_logits"):
+            values, indices = await loop.run_in_executor(None, proxy_top_k, self.head, self.adapters,
+                                                         self.proxy, top_k)
+        return {"proxy_values": values, "proxy_indices": indices}
+
+    async def _take_result(self, loop: asyncio.AbstractEventLoop, result: RoundResult) -> None:
+        """FedLLM and split take the global adapters; KD distils its own model towards the clients' consensus."""
+        if self.framework != "kd":
+            self._set_adapters(result.tensors)
+            return
+        if result.done or self.trainer is None:
+            return
+        assert self.proxy is not None
+        await loop.run_in_executor(
+            None, distil_on_proxy, self.trainer, self.proxy, result.tensors["proxy_values"],
+            result.tensors["proxy_indices"], float(self.kd_settings["temperature"]),  # type: ignore[arg-type]
+            int(self.kd_settings.get("client_distill_epochs", 1)),  # type: ignore[call-overload]
+        )
+
+    def _set_adapters(self, tensors: dict[str, np.ndarray]) -> None:
+        """Take new global adapters in place: the optimiser holds references to these arrays."""
+        self.head.check_adapters(tensors)
+        for name, value in tensors.items():
+            self.adapters[name][...] = value
+
+    async def _step(self, websocket: Any, session: Session, loop: asyncio.AbstractEventLoop, batch: Batch,
+                    round_index: int, step: int, wire: Wire) -> float:
+        up_before, down_before = self.bytes_up, self.bytes_down
+        energy_before = self.energy.read_joules()
+        with self.timer.phase("head_forward"), self.memory.phase("head_forward"):
+            forward = await loop.run_in_executor(
+                None, self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
+            )
+        with self.timer.phase("encode"):
+            message = Activations(round_index, step, {"activations": forward.activations,
+                                                      "attention_mask": batch.attention_mask,
+                                                      "labels": batch.labels})
+        waited = time.perf_counter()
+        gradients = await self._exchange(websocket, session, message, wire)
+        waited = time.perf_counter() - waited
+        assert isinstance(gradients, Gradients)
+        if self.head.trainable:
+            with self.timer.phase("grad_graph"), self.memory.phase("grad_graph"):
+                grads = await loop.run_in_executor(
+                    None, self.head.backward, forward, gradients.tensors["activation_grads"]
+                )
+            with self.timer.phase("optimizer"):
+                assert self.optimizer is not None
+                self.optimizer.step(grads)
+        del forward
+        phases = self.timer.step_done()
+        # The wait for the reply holds the server's compute; what is left of it is the network.
+        phases["server_compute"] = gradients.server_seconds
+        phases["network"] = max(phases.get("network", 0.0) - gradients.server_seconds, 0.0)
+        self.steps_done += 1
+        self.losses.append(gradients.loss)
+        self.metrics.write(
+            "step", client_id=self.config.client_id, round=round_index, step=step, loss=gradients.loss,
+            tokens=int(batch.attention_mask.sum()),
+            bytes_up=self.bytes_up - up_before, bytes_down=self.bytes_down - down_before,
+            seconds={k: round(v, 6) for k, v in phases.items()}, wait_seconds=round(waited, 6),
+            energy_j=round(self.energy.read_joules() - energy_before, 6),
+        )
+        self.log(f"round {round_index + 1} step {step + 1}: loss {gradients.loss:.4f}, "
+                 f"{sum(phases.values()) * 1000:.0f} ms")
+        return gradients.loss
+
+    def _resource_summary(self) -> dict[str, Any]:
+        report = self.memory.report()
+        return {
+            "memory": report.to_json(),
+            "peak_rss_mb": report.peak_bytes / 2**20,
+            "energy_j": self.energy.read_joules(),
+            "energy_method": self.energy.method,
+            "energy_source": self.energy.source,
+            "phase_seconds_total": {k: round(v, 6) for k, v in self.timer.totals.items()},
+        }
+
+
+async def _queued_error(websocket: Any) -> Error | None:
+    """An Error frame the closed connection had received but not yet handed over, if there is one."""
+    try:
+        frame = await asyncio.wait_for(websocket.recv(), timeout=1.0)
+        message = decode(frame) if isinstance(frame, bytes) else None
+    except Exception:  # closed with nothing queued, or not a frame of ours: a plain lost link
+        return None
+    return message if isinstance(message, Error) else None
+
+
+def run_client(config: ClientConfig) -> dict[str, Any]:
+    client = Client(config)
+    try:
+        return asyncio.run(client.run())
+    except OSError as error:
+        raise EdgesplitError(f"cannot reach the server at {config.server}: {error}") from error
+
+
+def main_summary(summary: dict[str, Any]) -> str:
+    loss = "no steps" if summary["final_loss"] is None else \
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+    reconnects = f", {summary['reconnects']} reconnections" if summary.get("reconnects") else ""
+    return (f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
+            f"{summary['bytes_up'] / 1e6:.1f} MB up, "
+            f"{summary['bytes_down'] / 1e6:.1f} MB down; peak RSS {summary['peak_rss_mb']:.0f} MB; "
+            f"energy {summary['energy_j']:.1f} J ({summary['energy_method']}, {summary['energy_source']})")
+
+
+if __name__ == "__main__":
+    sys.exit("use `edgesplit client`")

@@ -1,0 +1,325 @@
+"""Training data for the edge client: JSONL examples to fixed-shape token batches, and client partitions.
+
+Only `tokenizers` and numpy, never torch or transformers: this runs on the device.
+
+    read_jsonl           file -> [Example]           every line is checked before anything is returned
+    encode_examples      [Example] -> EncodedSet     input_ids, attention_mask, labels: (N, T) int64
+    iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full
+    iid_partition        example count -> one list of example indices per client
+    dirichlet_partition  group labels -> non-IID lists of example indices per client
+
+Labels follow the Hugging Face convention: aligned with input_ids (not shifted; the server's loss shifts),
+IGNORE_INDEX wherever the model is not trained to predict the token (prompt and padding).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from tokenizers import Tokenizer
+
+from edgesplit.client.errors import DataError
+
+# The label PyTorch's cross-entropy (and so the server's loss) skips.
+IGNORE_INDEX = -100
+
+_EXPECTED_LINE = '{"prompt": str, "completion": str}, {"context": str, "completion": str} or {"text": str}'
+# Accepted combinations of the recognised keys -> which key holds the prompt (None: a plain text example).
+# Other keys (ids, metadata) are ignored, so that existing datasets load without rewriting.
+_LINE_FORMS: dict[frozenset[str], str | None] = {
+    frozenset({"prompt", "completion"}): "prompt",
+    frozenset({"context", "completion"}): "context",
+    frozenset({"text"}): None,
+}
+_RECOGNISED_KEYS = frozenset({"prompt", "context", "completion", "text"})
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example. `prompt` is None for plain text, where every token is trained on."""
+
+    prompt: str | None
+    completion: str
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
+    """Read one example per line; blank lines are skipped.
+
+    Raises DataError naming the file and 1-based line of the first malformed line, or the file if it holds
+    no example at all. The whole file is parsed before returning, so training never starts on half a file.
+    """
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read training data: {error.strerror or error}") from error
+    # Editors on Windows often save UTF-8 with a byte-order mark, which json.loads rejects.
+    content = content.removeprefix(codecs.BOM_UTF8)
+
+    examples: list[Example] = []
+    # Split on b"\n" only: str.splitlines would also split on U+2028 and friends, which JSON allows
+    # unescaped inside strings, and would then misreport line numbers.
+    for line_number, raw_line in enumerate(content.split(b"\n"), start=1):
+        where = f"{path}:{line_number}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line)") from None
+        if line.strip():
+            examples.append(_parse_line(where, line))
+    if not examples:
+        raise DataError(
+            f"{path}: no examples in the file; expected one JSON object per line: {_EXPECTED_LINE}"
+        )
+    return examples
+
+
+def _parse_line(where: str, line: str) -> Example:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
+            f"expected one object per line: {_EXPECTED_LINE}"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object ({_EXPECTED_LINE}), got {_json_type(record)}")
+    form = frozenset(record) & _RECOGNISED_KEYS
+    if form not in _LINE_FORMS:
+        found = ", ".join(sorted(record)) or "none"
+        raise DataError(f"{where}: expected {_EXPECTED_LINE}; found keys: {found}")
+    for key in sorted(form):
+        if not isinstance(record[key], str):
+            raise DataError(f'{where}: "{key}" must be a string, got {_json_type(record[key])}')
+    prompt_key = _LINE_FORMS[form]
+    target_key = "text" if prompt_key is None else "completion"
+    if not record[target_key]:
+        raise DataError(f'{where}: "{target_key}" is empty; there is nothing to train on')
+    return Example(prompt=None if prompt_key is None else record[prompt_key], completion=record[target_key])
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How an example becomes text: prompt + separator + completion (+ EOS, added by `encode_examples`).
+
+    The separator belongs to the prompt side, so it is context and never a training target.
+    """
+
+    separator: str = "\n"
+
+    def context_and_target(self, example: Example) -> tuple[str, str]:
+        """The part the model reads without being trained on it, and the part it is trained to produce."""
+        if example.prompt is None:
+            return "", example.completion
+        return example.prompt + self.separator, example.completion
+
+    def text(self, example: Example) -> str:
+        """The whole example as one string, e.g. to show it or to prompt the model at inference."""
+        context, target = self.context_and_target(example)
+        return context + target
+
+
+DEFAULT_PROMPT_FORMAT = PromptFormat()
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    """A tokenized training set, padded on the right to the length the ONNX head was traced for."""
+
+    input_ids: NDArray[np.int64]  # (N, T), pad_token_id after each example's tokens
+    attention_mask: NDArray[np.int64]  # (N, T), 1 for the example's tokens then 0 for padding
+    labels: NDArray[np.int64]  # (N, T), input_ids where trained on, IGNORE_INDEX elsewhere; not shifted
+    num_truncated: int  # examples longer than T, cut on the right
+    num_without_targets: int  # no trained token left (truncated away); these add nothing to the loss
+
+    def __post_init__(self) -> None:
+        for name in ("input_ids", "attention_mask", "labels"):
+            array = getattr(self, name)
+            if array.ndim != 2 or array.shape != self.input_ids.shape or array.dtype != np.int64:
+                raise DataError(
+                    f"EncodedSet.{name} must be int64 with shape {self.input_ids.shape}, "
+                    f"got {array.dtype} {array.shape}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def encode_examples(
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    max_seq_len: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
+) -> EncodedSet:
+    """Tokenize `examples` into (N, max_seq_len) arrays.
+
+    Context (prompt + separator) and target (completion) are tokenized separately, without special tokens,
+    so the boundary between masked and trained tokens is exact. `eos_token_id`, if given, follows the
+    target and is trained on, so the model learns to stop. Sequences longer than `max_seq_len` are cut on
+    the right; the count is reported in `num_truncated`.
+    """
+    if max_seq_len < 1:
+        raise DataError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    if pad_token_id < 0:
+        raise DataError(f"pad_token_id must be >= 0, got {pad_token_id}")
+    if eos_token_id is not None and eos_token_id < 0:
+        raise DataError(f"eos_token_id must be >= 0 or None, got {eos_token_id}")
+
+    tokenizer = _without_padding_or_truncation(tokenizer)
+    parts = [prompt_format.context_and_target(example) for example in examples]
+    context_ids = _encode_all(tokenizer, [context for context, _ in parts])
+    target_ids = _encode_all(tokenizer, [target for _, target in parts])
+    eos = [] if eos_token_id is None else [eos_token_id]
+
+    shape = (len(examples), max_seq_len)
+    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    # Labels come from positions, not from comparing ids with pad_token_id: many models pad with their EOS
+    # id, and the EOS that ends a completion must still be trained on.
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    num_truncated = num_without_targets = 0
+    for row, (context, target) in enumerate(zip(context_ids, target_ids, strict=True)):
+        tokens = context + target + eos
+        if not tokens:
+            raise DataError(f"example {row} (0-based) tokenizes to no tokens at all")
+        if len(tokens) > max_seq_len:
+            num_truncated += 1
+            tokens = tokens[:max_seq_len]
+        length = len(tokens)
+        first_target = min(len(context), length)
+        input_ids[row, :length] = tokens
+        attention_mask[row, :length] = 1
+        labels[row, first_target:length] = input_ids[row, first_target:length]
+        if first_target == length:
+            num_without_targets += 1
+    return EncodedSet(input_ids, attention_mask, labels, num_truncated, num_without_targets)
+
+
+def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _without_padding_or_truncation(tokenizer: Tokenizer) -> Tokenizer:
+    # A tokenizer.json saved by transformers may carry padding or truncation settings; either would pad or
+    # cut the prompt and completion separately and break the boundary. Work on a copy: the caller's
+    # tokenizer is not ours to reconfigure.
+    if tokenizer.padding is None and tokenizer.truncation is None:
+        return tokenizer
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of the fixed size the ONNX head was traced for."""
+
+    input_ids: NDArray[np.int64]  # (B, T)
+    attention_mask: NDArray[np.int64]  # (B, T)
+    labels: NDArray[np.int64]  # (B, T)
+    indices: NDArray[np.int64]  # (B,), rows of the EncodedSet, for logging and reproducibility checks
+
+
+def iterate_batches(
+    encoded: EncodedSet, batch_size: int, seed: int, epoch_shuffle: bool = True
+) -> Iterator[Batch]:
+    """Yield full batches forever, the same sequence for the same seed.
+
+    Each epoch visits every example once, in a fresh order from numpy's Generator(seed) when
+    `epoch_shuffle`. A batch that would run past the end of an epoch is filled from the start of the next
+    one: the ONNX head only accepts `batch_size` rows, and padding rows would waste a round trip.
+    """
+    # Validated here rather than inside the generator, so a bad argument fails at the call, not at next().
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    if len(encoded) == 0:
+        raise DataError("cannot make batches from an empty training set")
+    return _batches(encoded, batch_size, np.random.default_rng(seed), epoch_shuffle)
+
+
+def _batches(
+    encoded: EncodedSet, batch_size: int, rng: np.random.Generator, epoch_shuffle: bool
+) -> Iterator[Batch]:
+    pending = np.empty(0, dtype=np.int64)
+    while True:
+        epoch_order = rng.permutation(len(encoded)) if epoch_shuffle else np.arange(len(encoded))
+        pending = np.concatenate([pending, epoch_order.astype(np.int64)])
+        # With fewer examples than batch_size, an epoch cannot fill a batch; the loop simply takes another.
+        while len(pending) >= batch_size:
+            indices, pending = pending[:batch_size], pending[batch_size:]
+            yield Batch(
+                input_ids=encoded.input_ids[indices],
+                attention_mask=encoded.attention_mask[indices],
+                labels=encoded.labels[indices],
+                indices=indices,
+            )
+
+
+def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[list[int]]:
+    """Shuffle example indices and deal them into `num_clients` parts whose sizes differ by at most one."""
+    _check_partition_size(num_examples, num_clients)
+    order = np.random.default_rng(seed).permutation(num_examples)
+    return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
+
+
+def dirichlet_partition(
+    labels_or_groups: Sequence[int], num_clients: int, alpha: float, seed: int
+) -> list[list[int]]:
+    """Non-IID split of example indices: each group is shared out by Dirichlet(alpha) proportions.
+
+    The usual label-skew benchmark (Hsu et al., 2019): small alpha gives each client few groups, large
+    alpha approaches an IID split. Every client gets at least one example: empty clients take one from the
+    largest client, which keeps the skew yet never leaves a client with nothing to train on.
+    Raises DataError if there are fewer examples than clients. Deterministic given the seed.
+    """
+    _check_partition_size(len(labels_or_groups), num_clients)
+    if not (math.isfinite(alpha) and alpha > 0.0):
+        raise DataError(f"the Dirichlet concentration alpha must be a finite number > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(labels_or_groups)
+    clients: list[list[int]] = [[] for _ in range(num_clients)]
+    for group in np.unique(groups):  # sorted, so the draws happen in the same order on every run
+        members = rng.permutation(np.flatnonzero(groups == group))
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        if not np.isfinite(proportions).all():
+            # numpy < 1.25 returns NaN when every gamma draw underflows (tiny alpha); the limit of
+            # Dirichlet(alpha) as alpha -> 0 puts the whole group on one client.
+            proportions = np.eye(num_clients)[rng.integers(num_clients)]
+        cuts = np.round(np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
+        for client, share in enumerate(np.split(members, cuts)):
+            clients[client].extend(share.tolist())
+
+    for indices in clients:
+        if not indices:
+            donor = max(clients, key=len)  # holds two or more: there are at least as many examples as clients
+            indices.append(donor.pop(int(rng.integers(len(donor)))))
+    return [sorted(indices) for indices in clients]
+
+
+def _check_partition_size(num_examples: int, num_clients: int) -> None:
+    if num_clients < 1:
+        raise DataError(f"num_clients must be at least 1, got {num_clients}")
+    if num_examples < num_clients:
+        raise DataError(
+            f"cannot give each of {num_clients} clients at least one example: there are only {num_examples}"
+        )

@@ -1,0 +1,186 @@
+"""The client head in ONNX Runtime: forward to the cut, and the LoRA gradients back from it. numpy only.
+
+    forward:   input_ids (B, T), attention_mask (B, T), LoRA matrices -> activations (B, T, H), saved...
+    backward:  saved..., activation_grads (B, T, H)                  -> grad.<LoRA input> for each matrix
+
+The graphs are traced for the manifest's (batch_size, max_seq_len); callers pad to it (see data.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
+from edgesplit.client.errors import ArtifactError, EdgesplitError, TrainingError
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class ForwardResult:
+    activations: np.ndarray  # (B, T, H) float32
+    saved: Arrays  # what the backward graph needs from this forward, by name
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for both head sessions: one CPU arena that they share, no memory pattern or reuse, no spinning.
+
+    Measured on SmolLM2 cut at layer 4, batch 4 x 128, int8 (see bench/head_step.py): with the arena off,
+    every tensor is malloc'd and glibc keeps much of what is freed, so the resident set crept up step after
+    step (253 MB after the first step, 272 MB after 30). One arena shared by the forward and the backward,
+    grown by exactly what is asked (not the default doubling), stays at ~245 MB: the backward reuses the
+    blocks the forward freed. The memory pattern (one block planned and allocated per run) is off: without
+    it a step took ~10% less CPU time and 40-80 MB less memory. Memory reuse (the planner handing a freed
+    buffer to a later tensor of the same size, holding it meanwhile) is off too: the arena already recycles
+    freed blocks across sizes, and without the planner's holds the int8 step's peak fell from 216 to 191 MB
+    and fp32's from 320 to 297 MB, at the same speed. Idle pool threads sleep instead of spinning:
+    on a quiet 2-core machine a step took 15-25% less wall time and 20-30% less CPU time (spinning threads
+    also burn a device's energy budget).
+    """
+    _register_shared_arena()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False
+    options.enable_mem_reuse = False
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+# Short names for `--providers`; a full ONNX Runtime provider name is accepted as well.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",  # Jetson: NVIDIA's onnxruntime-gpu build for JetPack, not PyPI's
+    "tensorrt": "TensorrtExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",  # builds with XNNPACK (Arm); PyPI's wheels have none
+}
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """ONNX Runtime provider names, in order of preference, for short or full names; CPU is always last.
+
+    A provider that this ONNX Runtime build does not offer is an error that names what it does offer, rather
+    than a silent fall back to the CPU.
+    """
+    available = ort.get_available_providers()
+    resolved: list[str] = []
+    for name in names:
+        full = PROVIDER_NAMES.get(name.strip().lower(), name.strip())
+        if full not in available:
+            raise EdgesplitError(
+                f"execution provider {name!r} ({full}) is not in this onnxruntime {ort.__version__} build, "
+                f"which offers {', '.join(available)}. A Jetson's CUDA and TensorRT providers come with NVIDIA's "
+                "onnxruntime-gpu build for JetPack, not PyPI's onnxruntime (see docs/devices.md)"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")  # for the nodes another provider does not take
+    return resolved
+
+
+_shared_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    """Register, once per process, the CPU arena that sessions with `session.use_env_allocators` share."""
+    global _shared_arena_registered
+    if _shared_arena_registered:
+        return
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # max_mem 0: no limit; arena_extend_strategy 1: kSameAsRequested; -1: defaults for the chunk sizes.
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+    _shared_arena_registered = True
+
+
+class Head:
+    """Both head graphs of one artifact directory, ready to run."""
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        threads: int | None = None,
+        verify: bool = True,
+        providers: Sequence[str] = (),
+    ) -> None:
+        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty."""
+        self.root = Path(artifact_dir)
+        self.manifest: Manifest = load_manifest(self.root, verify=False)
+        if verify:  # the device needs (and may hold) only its own files: the head and the tokenizer, no tail/
+            verify_files(self.root, self.manifest, only=("head", "tokenizer"))
+        options = session_options(threads)
+        chosen = resolve_providers(providers)
+        try:
+            self.forward_session = ort.InferenceSession(str(self.root / "head.onnx"), options, providers=chosen)
+            self.backward_session = (
+                None
+                if self.manifest.frozen_head
+                else ort.InferenceSession(str(self.root / "head_grad.onnx"), options, providers=chosen)
+            )
+        except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
+            raise ArtifactError(f"ONNX Runtime cannot load the head in {self.root}: {error}") from error
+        self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
+        self.output_names = [o.name for o in self.forward_session.get_outputs()]
+        self.backward_inputs = [i.name for i in self.backward_session.get_inputs()] if self.backward_session else []
+
+    @property
+    def trainable(self) -> bool:
+        return self.backward_session is not None
+
+    def initial_adapters(self) -> Arrays:
+        adapters = load_file(str(self.root / "head_adapters.safetensors"))
+        expected = set(self.manifest.lora.matrices)
+        if set(adapters) != expected:
+            raise ArtifactError(f"head_adapters.safetensors holds {sorted(adapters)}, the manifest {sorted(expected)}")
+        return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in adapters.items()}
+
+    def check_adapters(self, adapters: Arrays) -> None:
+        """The adapters fit the graph: the same names and shapes, finite float32."""
+        for name, shape in self.manifest.lora.matrices.items():
+            value = adapters.get(name)
+            if value is None or tuple(value.shape) != tuple(shape):
+                got = None if value is None else tuple(value.shape)
+                raise TrainingError(f"adapter {name} has shape {got}, the head expects {tuple(shape)}")
+            if not np.all(np.isfinite(value)):
+                raise TrainingError(f"adapter {name} contains NaN or Inf")
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, adapters: Arrays) -> ForwardResult:
+        expected = (self.manifest.batch_size, self.manifest.max_seq_len)
+        if input_ids.shape != expected or attention_mask.shape != expected:
+            raise TrainingError(f"the head takes batches of exactly {expected} tokens, got {input_ids.shape}")
+        feed = {"input_ids": input_ids.astype(np.int64, copy=False),
+                "attention_mask": attention_mask.astype(np.int64, copy=False)}
+        for name in self.manifest.lora.matrices:
+            feed[name] = adapters[name]
+        outputs = self.forward_session.run(None, feed)
+        named = dict(zip(self.output_names, outputs, strict=True))
+        activations = named.pop("activations")
+        # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
+        saved = {name: named[name] if name in named else feed[name] for name in self.backward_inputs
+                 if name != "activation_grads"}
+        return ForwardResult(activations=activations, saved=saved)
+
+    def backward(self, forward: ForwardResult, activation_grads: np.ndarray) -> Arrays:
+        """LoRA gradients of sum(activations * activation_grads), keyed by the LoRA input name."""
+        if self.backward_session is None:
+            raise TrainingError("this head was exported with --frozen-head: it has no gradient graph")
+        if activation_grads.shape != forward.activations.shape:
+            raise TrainingError(
+                f"activation_grads has shape {activation_grads.shape}, activations {forward.activations.shape}"
+            )
+        if not np.all(np.isfinite(activation_grads)):
+            raise TrainingError("activation_grads from the server contain NaN or Inf; the step is skipped")
+        feed = dict(forward.saved)
+        feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
+        outputs = self.backward_session.run(None, feed)
+        names = [o.name for o in self.backward_session.get_outputs()]
+        return {name.removeprefix("grad."): value for name, value in zip(names, outputs, strict=True)}

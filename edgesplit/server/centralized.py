@@ -1,0 +1,83 @@
+"""Centralised LoRA training of the whole model in PyTorch: the reference split training must reproduce.
+
+The reference model carries PEFT LoRA on every layer, started from exactly the split run's initial adapters:
+the head's layers from head_adapters.safetensors, the tail's from the server tail's (seeded) PEFT init.
+It trains on the same batches with the same loss and AdamW settings, so that with one client and fp32 on
+the wire the split run's losses and adapters must match it step for step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesplit.client.artifacts import Manifest
+from edgesplit.server.tail import OptimizerSettings, Tail, causal_lm_loss
+
+
+def build_reference(
+    model: nn.Module, manifest: Manifest, head_adapters: dict[str, np.ndarray], tail_lora: dict[str, np.ndarray]
+) -> nn.Module:
+    """`model` with PEFT LoRA on all layers, initialised from the split run's head and tail adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from edgesplit.export.families import family_by_name
+
+    family = family_by_name(manifest.family)
+    lora = manifest.lora
+    reference = get_peft_model(
+        model,
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets), lora_dropout=0.0,
+                   fan_in_fan_out=family.weight_is_in_out),
+    )
+    layer_path = re.compile(rf"\.{family.layers_attr}\.(\d+)\.(.+)\.lora_([AB])\.default\.weight$")
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            match = layer_path.search(name)
+            if not parameter.requires_grad or match is None:
+                continue
+            index, module_path, matrix = int(match.group(1)), match.group(2), match.group(3)
+            if index < manifest.cut_layer:
+                value = head_adapters[f"lora.{index}.{module_path.rsplit('.', 1)[-1]}.{matrix}"]
+            else:  # the tail numbers its layers from 0 after the cut
+                tail_name = name.replace(f".{family.layers_attr}.{index}.",
+                                         f".{family.layers_attr}.{index - manifest.cut_layer}.")
+                value = tail_lora[tail_name]
+            parameter.copy_(torch.from_numpy(np.asarray(value)))
+    return reference
+
+
+def reference_for_artifacts(model: nn.Module, artifact_dir: Path, seed: int = 0) -> nn.Module:
+    """The reference for the split run a server with `seed` would do on `artifact_dir`."""
+    from edgesplit.client.head import Head
+
+    head = Head(artifact_dir, verify=False)
+    tail = Tail(artifact_dir, seed=seed)
+    return build_reference(model, head.manifest, head.initial_adapters(), tail.lora_state())
+
+
+def train_centralized(
+    reference: nn.Module,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    settings: OptimizerSettings,
+) -> list[float]:
+    """AdamW on the LoRA parameters over `batches` of (input_ids, attention_mask, labels); the losses."""
+    parameters = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    reference.train()
+    losses = []
+    for input_ids, attention_mask, labels in batches:
+        logits = reference(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                           use_cache=False).logits
+        loss = causal_lm_loss(logits, torch.from_numpy(labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

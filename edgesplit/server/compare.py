@@ -1,0 +1,531 @@
+"""`edgesplit compare`: split learning, FedLLM and KD-FedLLM side by side on one model, one data split.
+
+    partition --data once ──> export once per kind (split at --cut-layer; --full-model for fedllm and kd)
+        ──> for each framework: `edgesplit serve --framework F` + N x `edgesplit client` (demo.py's processes)
+        ──> score the server's final model: eval loss, perplexity, BLEU-4 / ROUGE-L (context/completion data)
+            or exact match, and read the metrics: bytes per client per round (measured vs analytic),
+            client FLOPs and time per step, peak memory, energy
+        ──> compare.md, compare.csv, compare.json and plots under --out
+
+Every framework gets the same clients' shares, the same steps per round and the same (batch, sequence)
+shape, so each client trains on the same number of tokens whatever the framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesplit.export.models import DEFAULT_MODEL
+from edgesplit.server import demo
+from edgesplit.server.demo import Children, DemoConfig, DemoData, DemoError, say
+
+FRAMEWORKS = ("split", "fedllm", "kd")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    data: Path
+    eval_data: Path
+    model: str = DEFAULT_MODEL
+    frameworks: tuple[str, ...] = FRAMEWORKS
+    clients: int = 3
+    rounds: int = 3
+    steps_per_round: int = 4
+    proxy_data: Path | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    cut_layer: int = 4
+    out: Path = Path("runs/compare")
+    max_seq_len: int = 64
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+    lora_rank: int = 8
+    eval_examples: int = 32
+    train_examples: int = 0  # 0: every line of --data
+    proxy_examples: int = 16
+    kd_top_k: int = 16
+    max_new_tokens: int = 0  # 0: the longest reference + EOS, within the window
+    seed: int = 0
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.frameworks) - set(FRAMEWORKS)
+        if unknown or not self.frameworks:
+            raise DemoError(f"--frameworks takes a comma-separated subset of {','.join(FRAMEWORKS)}")
+        if self.partition not in ("iid", "dirichlet"):
+            raise DemoError("--partition is iid or dirichlet")
+        if min(self.clients, self.rounds, self.steps_per_round, self.eval_examples, self.proxy_examples) < 1:
+            raise DemoError("--clients, --rounds, --steps-per-round and the example counts must be at least 1")
+
+    def demo_config(self, out: Path) -> DemoConfig:
+        return DemoConfig(out=out, model=self.model, clients=self.clients, rounds=self.rounds,
+                          steps_per_round=self.steps_per_round, cut_layer=self.cut_layer,
+                          max_seq_len=self.max_seq_len, batch_size=self.batch_size, lora_rank=self.lora_rank,
+                          learning_rate=self.learning_rate, seed=self.seed, threads=self.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = CompareConfig(Path("-"), Path("-"))
+    p = argparse.ArgumentParser(prog="edgesplit compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="training JSONL, partitioned across the clients")
+    p.add_argument("--eval-data", type=Path, required=True, help="held-out JSONL: eval loss and task score")
+    p.add_argument("--proxy-data", type=Path, help="kd: shared inputs (default: held-out training contexts)")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--frameworks", default=",".join(d.frameworks), help="comma-separated: split,fedllm,kd")
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--steps-per-round", type=int, default=d.steps_per_round)
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (default %(default)s)")
+    p.add_argument("--cut-layer", type=int, default=d.cut_layer, help="split: layers [0, cut) on the device")
+    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out inputs scored")
+    p.add_argument("--train-examples", type=int, default=d.train_examples,
+                   help="a seeded sample of --data's lines (default 0: all)")
+    p.add_argument("--proxy-examples", type=int, default=d.proxy_examples, help="kd: proxy inputs")
+    p.add_argument("--kd-top-k", type=int, default=d.kd_top_k)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="PyTorch threads of server and scoring")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    from edgesplit.client.data import read_jsonl
+
+    read_jsonl(path)  # a malformed line fails here, naming it
+    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+def _input_of(record: dict[str, Any]) -> str | None:
+    return record.get("context", record.get("prompt"))
+
+
+@dataclass
+class CompareData:
+    demo_data: DemoData
+    eval_inputs: list[str]
+    references: list[list[str]]  # per eval input, every completion the data gives for it
+    text_task: bool  # context/completion data (E2E): BLEU and ROUGE-L; otherwise exact match
+    proxy: Path | None
+    proxy_note: str
+
+
+def prepare_data(config: CompareConfig) -> CompareData:
+    from edgesplit.client.data import dirichlet_partition, iid_partition, read_jsonl
+
+    folder = config.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = _read_records(config.data)
+    chosen = list(range(len(records)))
+    if 0 < config.train_examples < len(records):
+        rng = np.random.default_rng(config.seed)
+        chosen = sorted(rng.choice(len(records), config.train_examples, replace=False).tolist())
+    train = [records[i] for i in chosen]
+    held_out = [records[i] for i in sorted(set(range(len(records))) - set(chosen))]
+    # Group the eval lines by input: E2E gives several references per meaning representation.
+    grouped: dict[str, list[str]] = {}
+    for record in _read_records(config.eval_data):
+        key = _input_of(record)
+        if key is None:
+            raise DemoError(f"{config.eval_data}: the eval data needs prompt or context lines to score")
+        grouped.setdefault(key, []).append(record["completion"])
+    eval_inputs = list(grouped)[: config.eval_examples]
+    references = [grouped[k] for k in eval_inputs]
+    text_task = all("context" in r for r in train)
+    key_name = "context" if text_task else "prompt"
+    eval_path = folder / "eval.jsonl"  # one line per input, its first reference: the eval loss's data
+    eval_path.write_text("".join(json.dumps({key_name: k, "completion": r[0]}) + "\n"
+                                 for k, r in zip(eval_inputs, references, strict=True)))
+    # Proxy (kd): inputs only, never targets; held-out training inputs when there are any, else eval inputs.
+    proxy, proxy_note = config.proxy_data, f"--proxy-data {config.proxy_data}"
+    if proxy is None:
+        pool = [_input_of(r) for r in held_out] or eval_inputs
+        source = "held-out training inputs (lines of --data not sampled for training)" if held_out else \
+            "the eval inputs (prompts only; --data had no held-out lines)"
+        inputs = list(dict.fromkeys(p for p in pool if p))[: config.proxy_examples]
+        proxy = folder / "proxy.jsonl"
+        proxy.write_text("".join(json.dumps({"text": p}) + "\n" for p in inputs))
+        proxy_note = f"{len(inputs)} {source}, as plain text"
+    # Partition once, for every framework.
+    labels = [str(r.get("group") or (_input_of(r) or "").split("|")[0].strip()) for r in train]
+    if config.partition == "dirichlet":
+        names = sorted(set(labels))
+        index = {n: i for i, n in enumerate(names)}
+        parts = dirichlet_partition([index[g] for g in labels], config.clients, config.alpha, config.seed)
+        how = (f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(names)} groups "
+               "(\"group\", else the input's first field)")
+    else:
+        parts = iid_partition(len(train), config.clients, config.seed)
+        how = "IID (uniformly at random)"
+    client_files = []
+    for client, indices in enumerate(parts):
+        path = folder / f"client-{client}.jsonl"
+        path.write_text("".join(json.dumps(train[i]) + "\n" for i in indices))
+        client_files.append(path)
+        say(f"client-{client}: {len(indices)} examples")
+    train_path = folder / "train.jsonl"
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
+    say(f"{len(train)} training lines split {how}; {len(eval_inputs)} eval inputs; proxy: {proxy_note}")
+    data = DemoData(train_path, eval_path, client_files, how, [], [], read_jsonl(eval_path))
+    return CompareData(data, eval_inputs, references, text_task, proxy, proxy_note)
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+
+
+def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children) -> Path:
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.errors import EdgesplitError
+
+    name = "full" if full_model else f"split-cut{config.cut_layer}"
+    artifacts = config.out / "artifacts" / name
+    dconfig = config.demo_config(config.out)
+    if artifacts.exists():
+        try:
+            manifest = load_manifest(artifacts, verify=True)
+            reason = demo.artifacts_mismatch(dconfig, artifacts) if not full_model else None
+            if full_model:
+                differ = [f"{k} {a} != {b}" for k, a, b in (
+                    ("full_model", manifest.full_model, True), ("batch_size", manifest.batch_size, config.batch_size),
+                    ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
+                    ("lora_rank", manifest.lora.rank, config.lora_rank)) if a != b]
+                reason = "; ".join(differ) or None
+        except EdgesplitError as error:
+            reason = str(error)
+        if reason is None:
+            say(f"reusing {artifacts}")
+            return artifacts
+        say(f"exporting again: {artifacts} differs ({reason})")
+    args = demo.export_args(dconfig, artifacts) + (["--full-model"] if full_model else [])
+    say(f"exporting {config.model} ({name}) for {config.batch_size} x {config.max_seq_len} tokens")
+    demo.run_child(children, f"export-{name}", args, config.out / "logs" / f"export-{name}.log")
+    return artifacts
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def run_framework(config: CompareConfig, framework: str, artifacts: Path, data: CompareData,
+                  children: Children) -> Path:
+    run = config.out / framework
+    shutil.rmtree(run, ignore_errors=True)  # old checkpoints would make the server resume
+    run.mkdir(parents=True)
+    dconfig = config.demo_config(run)
+    batches = math.ceil(len(data.eval_inputs) / config.batch_size)
+    args = [
+        "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", "0",
+        "--rounds", str(config.rounds), "--min-clients", str(config.clients),
+        "--steps-per-round", str(config.steps_per_round), "--learning-rate", str(config.learning_rate),
+        "--eval-data", str(data.demo_data.eval), "--eval-batches", str(batches),
+        "--checkpoint-dir", str(run / "checkpoints"), "--metrics-out", str(run / "server.jsonl"),
+        "--seed", str(config.seed), "--threads", str(config.threads), "--framework", framework,
+        "--kd-top-k", str(config.kd_top_k),
+    ]  # fmt: skip
+    if framework == "kd":
+        args += ["--proxy-data", str(data.proxy)]
+    server = children.start(f"server-{framework}", args, run / "logs" / "server.log")
+    children.logs["server"] = children.logs[f"server-{framework}"]  # demo.train looks the server's log up so
+    demo.train(dconfig, artifacts, data.demo_data, children, server)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+class WholeModelGenerator:
+    """Greedy decoding with the whole-model head alone (FedLLM, KD): its `activations` are the logits."""
+
+    def __init__(self, head: Any, tokenizer: Any) -> None:
+        from edgesplit.server.generate import SplitGenerator
+
+        self._split = SplitGenerator(head, None, tokenizer)
+        self._split._last_logits = self._last_logits  # type: ignore[method-assign]
+        self.tokenizer = tokenizer
+        self.eos_token_id = self._split.eos_token_id
+
+    @staticmethod
+    def _last_logits(logits: np.ndarray, attention_mask: np.ndarray, last: np.ndarray) -> np.ndarray:
+        return logits[np.arange(len(last)), last]  # (B, T, V) -> (B, V) at each row's last real position
+
+    def generate(
+        self, prompts: list[list[int]], adapters: dict[str, np.ndarray], max_new_tokens: int
+    ) -> list[list[int]]:
+        return self._split.generate(prompts, adapters, max_new_tokens)
+
+
+def make_generator(config: CompareConfig, framework: str, artifacts: Path) -> Any:
+    if framework == "split":
+        return demo.Scorer(artifacts, config.demo_config(config.out)).generator
+    from tokenizers import Tokenizer
+
+    from edgesplit.client.head import Head
+
+    return WholeModelGenerator(Head(artifacts, verify=False, threads=config.threads),
+                               Tokenizer.from_file(str(artifacts / "tokenizer.json")))
+
+
+def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:
+    from edgesplit.client.data import DEFAULT_PROMPT_FORMAT
+    from edgesplit.server.checkpoint import load_latest
+    from edgesplit.server.textmetrics import corpus_bleu, corpus_rouge_l
+
+    checkpoint = load_latest(run / "checkpoints")
+    if checkpoint is None:
+        raise DemoError(f"{framework}: the server left no checkpoint in {run / 'checkpoints'}")
+    generator = make_generator(config, framework, artifacts)
+    if framework == "split":  # the server's tail adapters too
+        generator.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
+        generator.tail.model.eval()
+    adapters = dict(checkpoint.global_adapters)
+    started = time.perf_counter()
+    separator = DEFAULT_PROMPT_FORMAT.separator
+    encode = generator.tokenizer.encode_batch
+    prompts = [list(e.ids) for e in encode([p + separator for p in data.eval_inputs], add_special_tokens=False)]
+    longest = max(len(e.ids) for e in encode([r for refs in data.references for r in refs], add_special_tokens=False))
+    budget = config.max_new_tokens or longest + 1
+    outputs = generator.generate(prompts, adapters, budget)
+    eos = generator.eos_token_id
+    texts = [generator.tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True).strip() for o in outputs]
+    result: dict[str, Any] = {"generation_seconds": round(time.perf_counter() - started, 1),
+                              "examples": [{"input": i, "output": o, "reference": r[0]} for i, o, r
+                                           in list(zip(data.eval_inputs, texts, data.references, strict=True))[:3]]}
+    if data.text_task:
+        result["bleu"] = corpus_bleu(texts, data.references)
+        result["rouge_l"] = corpus_rouge_l(texts, data.references)
+    else:
+        result["exact_match"] = float(np.mean([any(t == r.strip() for r in refs)
+                                               for t, refs in zip(texts, data.references, strict=True)]))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def analytic_bytes(framework: str, manifest: Any, config: CompareConfig, proxy_count: int) -> tuple[int, int]:
+    """Per client per round: (up, down) payload bytes of what the framework must send."""
+    adapters = sum(int(np.prod(s)) * 4 for s in manifest.lora.matrices.values())
+    b, t, h = manifest.batch_size, manifest.max_seq_len, manifest.hidden_size
+    if framework == "split":  # activations fp32 + mask and labels int64 up, activation grads fp32 down
+        steps = config.steps_per_round
+        return steps * (b * t * h * 4 + 2 * b * t * 8) + adapters, steps * b * t * h * 4 + adapters
+    if framework == "fedllm":
+        return adapters, adapters
+    logits = proxy_count * t * config.kd_top_k * (4 + 8)  # float32 values, int64 indices
+    return logits, logits
+
+
+def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, proxy_count: int) -> dict[str, Any]:
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.server.flops import client_flops_per_step, load_shapes
+
+    manifest = load_manifest(artifacts, verify=False)
+    server = _jsonl(run / "server.jsonl")
+    finished = next(r for r in server if r["event"] == "finished")
+    rounds = [r for r in server if r["event"] == "round"]
+    eval_loss = finished.get("eval_loss")
+    received, sent = finished["bytes_received"], finished["bytes_sent"]
+    per = config.clients * config.rounds
+    # The handshake (HELLO, and WELCOME: for kd the proxy tokens) is paid once, not per round.
+    up_round = sum(v for k, v in received.items() if k != "HELLO") / per
+    down_round = sum(v for k, v in sent.items() if k != "WELCOME") / per
+    up_analytic, down_analytic = analytic_bytes(framework, manifest, config, proxy_count)
+    clients = {}
+    for path in sorted(run.glob("client-*.jsonl")):
+        records = _jsonl(path)
+        steps = [r for r in records if r["event"] == "step"]
+        summary = next(r for r in records if r["event"] == "summary")
+        own = [sum(v for k, v in r["seconds"].items() if k not in ("network", "server_compute")) for r in steps]
+        clients[path.stem] = {"steps": len(steps), "tokens": sum(r["tokens"] for r in steps),
+                              "client_seconds_per_step": float(np.median(own)) if own else None,
+                              "peak_rss_mb": summary["peak_rss_mb"], "energy_j": summary["energy_j"],
+                              "energy_method": summary["energy_method"],
+                              "energy_source": summary["energy_source"],
+                              "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"]}
+    shapes = load_shapes(artifacts, manifest.model_source)
+    layers = manifest.num_layers if manifest.full_model else manifest.cut_layer
+    flops = client_flops_per_step(shapes, layers, manifest.batch_size, manifest.max_seq_len, manifest.full_model)
+    values = list(clients.values())
+    return {
+        "framework": framework, "eval_loss": eval_loss,
+        "perplexity": math.exp(eval_loss) if eval_loss is not None else None,
+        "eval_loss_by_round": [r.get("eval_loss") for r in rounds],
+        "layers_on_device": layers, "num_layers": manifest.num_layers,
+        "bytes_up_per_client_round": up_round, "bytes_down_per_client_round": down_round,
+        "analytic_up": up_analytic, "analytic_down": down_analytic,
+        "up_vs_analytic": up_round / up_analytic - 1, "down_vs_analytic": down_round / down_analytic - 1,
+        "bytes_up_total": sum(c["bytes_up"] for c in values), "bytes_down_total": sum(c["bytes_down"] for c in values),
+        "client_flops_per_step": flops["total"],
+        "client_seconds_per_step": float(np.mean([c["client_seconds_per_step"] for c in values])),
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in values),
+        "energy_j_per_client": float(np.mean([c["energy_j"] for c in values])),
+        "energy_label": f"{values[0]['energy_method']} ({values[0]['energy_source']})",
+        "tokens_per_client": [c["tokens"] for c in values],
+        "steps_per_client": [c["steps"] for c in values],
+        "clients": clients,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+COLUMNS = [  # (csv key, markdown header, format)
+    ("framework", "framework", "{}"),
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("bleu", "BLEU-4", "{:.4f}"),
+    ("rouge_l", "ROUGE-L F1", "{:.4f}"),
+    ("exact_match", "exact match", "{:.1%}"),
+    ("bytes_up_per_client_round", "up / client / round (B)", "{:,.0f}"),
+    ("analytic_up", "analytic up (B)", "{:,}"),
+    ("up_vs_analytic", "up vs analytic", "{:+.2%}"),
+    ("bytes_down_per_client_round", "down / client / round (B)", "{:,.0f}"),
+    ("analytic_down", "analytic down (B)", "{:,}"),
+    ("down_vs_analytic", "down vs analytic", "{:+.2%}"),
+    ("bytes_up_total", "up total, all clients (B)", "{:,}"),
+    ("bytes_down_total", "down total, all clients (B)", "{:,}"),
+    ("client_flops_per_step", "client GFLOP / step", "{:.1e}"),
+    ("client_seconds_per_step", "client s / step (median)", "{:.3f}"),
+    ("peak_rss_mb", "client peak RSS (MB)", "{:.0f}"),
+    ("energy_j_per_client", "energy / client (J)", "{:.1f}"),
+    ("energy_label", "energy is", "{}"),
+]
+
+
+def _cell(value: Any, form: str) -> str:
+    if value is None:
+        return "-"
+    if form == "{:.1e}":
+        return f"{value / 1e9:.2f}"
+    return form.format(value)
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    if "split" not in results or "fedllm" not in results:
+        return None
+    s, f = results["split"], results["fedllm"]
+    return {"layers (cut / L)": s["layers_on_device"] / s["num_layers"],
+            "client FLOPs": s["client_flops_per_step"] / f["client_flops_per_step"],
+            "client time per step": s["client_seconds_per_step"] / f["client_seconds_per_step"],
+            "client peak memory": s["peak_rss_mb"] / f["peak_rss_mb"]}
+
+
+def write_outputs(config: CompareConfig, results: dict[str, dict[str, Any]], data: CompareData,
+                  command: str, seconds: float) -> str:
+    out = config.out
+    columns = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    with (out / "compare.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([c[0] for c in columns])
+        for r in results.values():
+            writer.writerow([r.get(c[0]) for c in columns])
+    (out / "compare.json").write_text(json.dumps({"command": command, "seconds": seconds, "results": results,
+                                                  "proxy": data.proxy_note, "partition": data.demo_data.split},
+                                                 indent=1, default=str))
+    lines = [f"| {' | '.join(h for _, h, _ in columns)} |", "|" + "---|" * len(columns)]
+    for r in results.values():
+        lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
+    ratio = ratios(results)
+    if ratio:
+        lines += ["", "split / fedllm: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items())]
+    lines += ["", f"Partition: {data.demo_data.split}. KD proxy: {data.proxy_note}.",
+              f"Tokens per client (all frameworks: {config.steps_per_round} steps x {config.rounds} rounds x "
+              f"{config.batch_size} x {config.max_seq_len}; counted without padding): "
+              + "; ".join(f"{k} {r['tokens_per_client']}" for k, r in results.items()),
+              "Bytes per client per round are measured at the server (every frame but the one-off handshake); "
+              "analytic sizes count payload only."]
+    table = "\n".join(lines)
+    (out / "compare.md").write_text(f"# edgesplit compare\n\n`{command}`\n\nwall time {seconds:.0f} s\n\n{table}\n")
+    _plots(out, results)
+    return table
+
+
+def _plots(out: Path, results: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    panels = [("eval loss", "eval_loss"), ("bytes up / client / round", "bytes_up_per_client_round"),
+              ("client GFLOP / step", "client_flops_per_step"), ("client s / step", "client_seconds_per_step"),
+              ("client peak RSS (MB)", "peak_rss_mb")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for axis, (title, key) in zip(axes, panels, strict=True):
+        values = [results[n].get(key) or 0.0 for n in names]
+        if key == "client_flops_per_step":
+            values = [v / 1e9 for v in values]
+        axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
+        axis.set_title(title)
+        if key == "bytes_up_per_client_round":
+            axis.set_yscale("log")
+    figure.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    figure.savefig(out / "plots" / "compare.png", dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_compare(config: CompareConfig, command: str = "edgesplit compare") -> dict[str, dict[str, Any]]:
+    started = time.monotonic()
+    config.out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(config)
+    proxy_count = sum(1 for line in data.proxy.read_text().splitlines() if line.strip()) if data.proxy else 0
+    results: dict[str, dict[str, Any]] = {}
+    with Children() as children:
+        artifacts = {fw: ensure_artifacts(config, fw != "split", children) for fw in config.frameworks}
+        for framework in config.frameworks:
+            say(f"--- {framework}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps")
+            t = time.monotonic()
+            run = run_framework(config, framework, artifacts[framework], data, children)
+            result = measure(config, framework, artifacts[framework], run, proxy_count)
+            result["train_seconds"] = round(time.monotonic() - t, 1)
+            say(f"{framework}: trained in {result['train_seconds']:.0f} s, eval loss {result['eval_loss']}; scoring")
+            result.update(task_score(config, framework, artifacts[framework], run, data))
+            results[framework] = result
+    seconds = time.monotonic() - started
+    table = write_outputs(config, results, data, command, seconds)
+    print(table, flush=True)
+    say(f"done in {seconds:.0f} s: {config.out / 'compare.md'}, compare.csv, compare.json, plots/compare.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    values["frameworks"] = tuple(f.strip() for f in values["frameworks"].split(",") if f.strip())
+    config = CompareConfig(**values)
+    command = "edgesplit compare " + " ".join(sys.argv[2:] if argv is None else argv)
+    with demo.sigterm_as_interrupt():
+        try:
+            run_compare(config, command)
+        except KeyboardInterrupt:
+            print("[compare] interrupted: every process it started has been stopped", file=sys.stderr, flush=True)
+            return 130
+    return 0

@@ -1,0 +1,678 @@
+"""`edgesplit demo`: the whole system on one machine, end to end, with real processes on loopback.
+
+    export (subprocess, or reuse OUT/artifacts) ──> generate the task, split it non-IID across clients
+        ──> score the untrained split model on held-out prompts (greedy generation: ORT head + torch tail)
+        ──> `edgesplit serve` + N x `edgesplit client` subprocesses train for --rounds rounds
+        ──> score again with the server's final checkpoint ──> report.md, plots, summary.json
+
+Children run in their own process groups: a Ctrl-C at the terminal reaches only the demo, which then
+stops every child in order (SIGINT, a grace period, then SIGKILL to the whole group, grandchildren included)
+so that nothing is left running and the exporter can clean up its half-written directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from edgesplit.client.errors import EdgesplitError
+from edgesplit.export.models import DEFAULT_MODEL  # the module imports torch only when it loads a model
+
+
+class DemoError(EdgesplitError):
+    """A stage of the demo failed; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    model: str = DEFAULT_MODEL
+    clients: int = 3
+    rounds: int = 3
+    steps_per_round: int = 4
+    cut_layer: int = 4
+    quantize: str = "none"
+    # A short task needs a short window: 16 tokens holds the longest shape-codes example (14 tokens with
+    # EOS), and a training step costs about 8x less than at the exporter's default of 128.
+    max_seq_len: int = 16
+    batch_size: int = 4
+    lora_rank: int = 8
+    learning_rate: float = 3e-3
+    task: str = "shape-codes"
+    train_examples: int = 240
+    eval_examples: int = 24
+    data: Path | None = None
+    eval_data: Path | None = None
+    alpha: float = 0.5
+    iid: bool = False
+    seed: int = 0
+    threads: int = 1
+    reexport: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clients < 1 or self.rounds < 1 or self.steps_per_round < 1:
+            raise DemoError("--clients, --rounds and --steps-per-round must be at least 1")
+        if (self.data is None) != (self.eval_data is None):
+            raise DemoError(
+                "--data and --eval-data go together: the demo scores on --eval-data after training on --data"
+            )
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise DemoError(f"--alpha must be a number > 0, got {self.alpha}")
+        if self.train_examples < self.clients or self.eval_examples < 1:
+            raise DemoError("--train-examples must be at least --clients, and --eval-examples at least 1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgesplit.server.tasks import TASKS
+
+    d = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="edgesplit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)"
+    )
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
+    parser.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=d.steps_per_round,
+        help="training steps each client takes per round (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients"
+    )
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights"
+    )
+    parser.add_argument("--out", type=Path, default=d.out, help="run directory (default %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default=d.task,
+        help="the generated task (default %(default)s; shape-codes-w is for the tests' tiny models)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="your own training JSONL instead of the generated task "
+        '(a "group" key on every line enables the non-IID split)',
+    )
+    parser.add_argument("--eval-data", type=Path, help="held-out prompt/completion JSONL, with --data")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help="Dirichlet concentration of the non-IID split: small = skewed (default %(default)s)",
+    )
+    parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
+    parser.add_argument("--train-examples", type=int, default=d.train_examples)
+    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out prompts scored")
+    parser.add_argument(
+        "--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)"
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the export's batch size")
+    parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="the export's sequence length")
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    # One by default: on a small machine shared by the server, N clients and the demo itself, a second
+    # PyTorch thread mostly waits at barriers for a core (measured: 5x slower generation on a busy
+    # 2-core machine).
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="PyTorch threads of the server and of the demo's scoring (default %(default)s)",
+    )
+    parser.add_argument("--reexport", action="store_true", help="export again even if OUT/artifacts matches")
+    return parser
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+class Children:
+    """The demo's child processes, each in its own process group, all stopped on exit whatever happens."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+        self._handles: list[IO[bytes]] = []
+
+    def start(self, name: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        """Run `edgesplit ARGS` with this interpreter, stdout and stderr into `log`."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handle = log.open("ab")
+        self._handles.append(handle)
+        argv = [sys.executable, "-m", "edgesplit.cli", *args]
+        handle.write(("$ edgesplit " + " ".join(args) + "\n").encode())
+        handle.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs readable while the child runs
+        process = subprocess.Popen(
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self.running[name] = process
+        self.logs[name] = log
+        return process
+
+    def stop_all(self, grace_s: float = 5.0) -> list[str]:
+        """SIGINT every live child's group, wait up to `grace_s`, then SIGKILL what is left; names stopped."""
+        with _ignoring_interrupts():  # a second Ctrl-C must not cut the clean-up short
+            return self._stop_all(grace_s)
+
+    def _stop_all(self, grace_s: float) -> list[str]:
+        live = {name: p for name, p in self.running.items() if p.poll() is None}
+        for process in live.values():
+            _signal_group(process, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        for process in live.values():
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        for process in self.running.values():
+            # The group too: a child may have children of its own (the exporter's pip download).
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+        return sorted(live)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stopped = self.stop_all()
+        if stopped:
+            say(f"stopped {', '.join(stopped)}")
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The group outlives its leader while a member lives; once all are gone, killpg finds nothing.
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes the Ctrl-C path, so that `kill DEMO_PID` also stops the children."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def run_child(children: Children, name: str, args: list[str], log: Path) -> None:
+    """Run one child to its end; a failure raises with the end of its log."""
+    process = children.start(name, args, log)
+    code = process.wait()
+    if code != 0:
+        raise DemoError(f"{name} exited with {code}; the end of {log}:\n{log_tail(log)}")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def default_model_source() -> Path:
+    """Where edgesplit.export.models caches the default model: the exporter records this path as the model source."""
+    from edgesplit.export.models import DEFAULT_GGUF_MEMBER, cache_dir
+
+    return cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
+
+
+def artifacts_mismatch(config: DemoConfig, artifacts: Path) -> str | None:
+    """Why OUT/artifacts cannot be reused for `config` (None: it can)."""
+    from edgesplit.client.artifacts import load_manifest
+
+    try:
+        manifest = load_manifest(artifacts, verify=True)
+    except EdgesplitError as error:
+        return str(error)
+    requested = default_model_source() if config.model == DEFAULT_MODEL else Path(config.model).expanduser()
+    if requested.exists():
+        same_model = requested.resolve() == Path(manifest.model_source).expanduser().resolve()
+    else:  # a hub id
+        same_model = manifest.model_source == config.model
+    differ = [] if same_model else [f"it was exported from {manifest.model_source}"]
+    for option, have, want in (
+        ("cut_layer", manifest.cut_layer, config.cut_layer),
+        ("quantize", manifest.quantize, config.quantize),
+        ("batch_size", manifest.batch_size, config.batch_size),
+        ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
+        ("lora_rank", manifest.lora.rank, config.lora_rank),
+        ("lora_alpha", manifest.lora.alpha, 2.0 * config.lora_rank),
+        ("frozen_head", manifest.frozen_head, False),
+    ):
+        if have != want:
+            differ.append(f"{option} {have} instead of {want}")
+    return "; ".join(differ) or None
+
+
+def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
+    artifacts = config.out / "artifacts"
+    if artifacts.exists() and not config.reexport:
+        reason = artifacts_mismatch(config, artifacts)
+        if reason is None:
+            say(f"reusing {artifacts} (same model and export options)")
+            return artifacts
+        say(f"exporting again: {artifacts} differs ({reason})")
+    else:
+        say(
+            f"exporting {config.model} cut at layer {config.cut_layer} for {config.batch_size} x "
+            f"{config.max_seq_len} tokens (quantize {config.quantize}) into {artifacts}"
+        )
+    run_child(children, "export", export_args(config, artifacts), config.out / "logs" / "export.log")
+    return artifacts
+
+
+def export_args(config: DemoConfig, artifacts: Path) -> list[str]:
+    """`edgesplit export` arguments for the demo's artifacts (LoRA alpha = 2 x rank, the exporter's ratio)."""
+    return [
+        "export", "--model", config.model, "--cut-layer", str(config.cut_layer), "--out", str(artifacts),
+        "--quantize", config.quantize, "--batch-size", str(config.batch_size),
+        "--max-seq-len", str(config.max_seq_len), "--lora-rank", str(config.lora_rank),
+        "--lora-alpha", str(2.0 * config.lora_rank), "--seed", str(config.seed), "--force",
+    ]  # fmt: skip
+
+
+@dataclass
+class DemoData:
+    train: Path
+    eval: Path
+    client_files: list[Path]
+    split: str  # how the clients' shares were drawn, in words
+    group_names: list[str]
+    client_groups: list[dict[str, int]]  # per client: group name -> examples
+    eval_examples: list[Any] = field(repr=False)  # edgesplit.client.data.Example, for scoring
+
+
+def _read_groups(path: Path) -> list[str] | None:
+    """The "group" value of every line of a JSONL file, or None if some line has none."""
+    groups = []
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if not isinstance(record, dict) or "group" not in record:
+                return None
+            groups.append(str(record["group"]))
+    return groups
+
+
+def prepare_data(config: DemoConfig) -> DemoData:
+    from edgesplit.client.data import dirichlet_partition, iid_partition, read_jsonl
+    from edgesplit.server.tasks import TASKS, generate, write_jsonl
+
+    folder = config.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.data is None:
+        task = TASKS[config.task]
+        split = generate(task, config.train_examples, config.eval_examples, config.seed)
+        train, evaluation = folder / "train.jsonl", folder / "eval.jsonl"
+        write_jsonl(train, split.train)
+        write_jsonl(evaluation, split.eval)
+        group_names = list(task.group_names)
+        labels = [group_names[e.group] for e in split.train]
+        say(
+            f"task {task.name}: {task.description}; {len(split.train)} training examples, "
+            f"{len(split.eval)} held-out combinations"
+        )
+    else:
+        assert config.eval_data is not None
+        train, evaluation = config.data, config.eval_data
+        for path in (train, evaluation):
+            read_jsonl(path)  # a malformed file fails here, naming its line, before any process starts
+        labels = _read_groups(train) or []
+        group_names = sorted(set(labels))
+    # Raw records, so that each client's share keeps every key the user wrote.
+    examples = [
+        json.loads(line) for line in train.read_text(encoding="utf-8-sig").splitlines() if line.strip()
+    ]
+    if config.iid or not labels:
+        parts = iid_partition(len(examples), config.clients, config.seed)
+        how = "IID (uniformly at random)" if config.iid else 'IID (the data has no "group" key to skew by)'
+    else:
+        index = {name: i for i, name in enumerate(group_names)}
+        parts = dirichlet_partition([index[g] for g in labels], config.clients, config.alpha, config.seed)
+        how = f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(group_names)} groups"
+    client_files, client_groups = [], []
+    for client, indices in enumerate(parts):
+        path = folder / f"client-{client}.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for i in indices:
+                handle.write(json.dumps(examples[i]) + "\n")
+        client_files.append(path)
+        counts: dict[str, int] = {}
+        for i in indices:
+            name = labels[i] if labels else "all"
+            counts[name] = counts.get(name, 0) + 1
+        client_groups.append(counts)
+        say(
+            f"client-{client}: {len(indices)} examples "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
+    say(f"split {how}")
+    return DemoData(train, evaluation, client_files, how, group_names, client_groups, read_jsonl(evaluation))
+
+
+class Scorer:
+    """The split model in this process, to score generations before and after training."""
+
+    def __init__(self, artifacts: Path, config: DemoConfig) -> None:
+        from tokenizers import Tokenizer
+
+        from edgesplit.client.head import Head
+        from edgesplit.server.generate import SplitGenerator
+        from edgesplit.server.tail import OptimizerSettings, Tail
+
+        self.head = Head(artifacts, verify=False)
+        with warnings.catch_warnings():  # PEFT's deprecation notices mean nothing to the person watching
+            warnings.simplefilter("ignore", FutureWarning)
+            # The server's seed: its tail starts from these very LoRA matrices.
+            self.tail = Tail(
+                artifacts,
+                OptimizerSettings(learning_rate=config.learning_rate),
+                seed=config.seed,
+                threads=config.threads,
+            )
+        self.tail.model.eval()
+        self.tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
+        self.generator = SplitGenerator(self.head, self.tail, self.tokenizer)
+
+    def score(self, examples: list[Any], adapters: dict[str, Any]) -> Any:
+        from edgesplit.server.generate import score
+
+        if not any(e.prompt is not None for e in examples):
+            return None
+        return score(self.generator, examples, adapters)
+
+    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float:
+        from edgesplit.client.data import encode_examples
+        from edgesplit.server.generate import eval_loss
+
+        manifest = self.head.manifest
+        encoded = encode_examples(
+            self.tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+        )
+        return eval_loss(self.head, self.tail, encoded, adapters, max_batches)
+
+    def load_checkpoint(self, directory: Path) -> dict[str, Any]:
+        from edgesplit.server.checkpoint import load_latest
+
+        checkpoint = load_latest(directory)
+        if checkpoint is None:
+            raise DemoError(f"the server left no checkpoint in {directory}")
+        self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
+        self.tail.model.eval()
+        return dict(checkpoint.global_adapters)
+
+
+def wait_for_port(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> int:
+    """The port the server printed it listens on (it was started with --port 0: the OS picks a free one)."""
+    pattern = re.compile(rb"listening on wss?://[^\s:]+:(\d+)")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = pattern.search(log.read_bytes()) if log.exists() else None
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            raise DemoError(f"the server exited with {process.returncode} before listening:\n{log_tail(log)}")
+        time.sleep(0.2)
+    raise DemoError(f"the server did not start listening within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+class Progress:
+    """Follows server.jsonl as the server writes it, and says what happened since the last look."""
+
+    def __init__(self, path: Path, config: DemoConfig) -> None:
+        self.path = path
+        self.config = config
+        self.offset = 0
+        self.steps = 0
+        self.last_said = time.monotonic()
+        self.started = time.monotonic()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            record = json.loads(line)
+            if record["event"] == "step":
+                self.steps += 1
+            elif record["event"] == "round":
+                losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
+                train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
+                eval_loss = record.get("eval_loss")
+                eval_text = "" if eval_loss is None else f"eval loss {eval_loss:.4f}; "
+                say(
+                    f"round {record['round'] + 1}/{self.config.rounds} closed after "
+                    f"{record['seconds']:.0f} s: {eval_text}train loss {train}"
+                )
+                self.last_said = time.monotonic()
+        total = self.config.clients * self.config.rounds * self.config.steps_per_round
+        if time.monotonic() - self.last_said > 15:
+            say(f"training: {self.steps}/{total} steps, {time.monotonic() - self.started:.0f} s")
+            self.last_said = time.monotonic()
+
+
+def start_server(
+    config: DemoConfig, artifacts: Path, data: DemoData, children: Children
+) -> subprocess.Popen[bytes]:
+    batches = math.ceil(len(data.eval_examples) / config.batch_size)
+    out = config.out
+    args = [
+        "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1",
+        "--port", "0",  # the OS picks a free port; the demo reads it from the server's log
+        "--rounds", str(config.rounds), "--min-clients", str(config.clients),
+        "--steps-per-round", str(config.steps_per_round), "--learning-rate", str(config.learning_rate),
+        "--eval-data", str(data.eval), "--eval-batches", str(batches),
+        "--checkpoint-dir", str(out / "checkpoints"), "--metrics-out", str(out / "server.jsonl"),
+        "--seed", str(config.seed), "--threads", str(config.threads),
+    ]  # fmt: skip
+    return children.start("server", args, out / "logs" / "server.log")
+
+
+def train(
+    config: DemoConfig, artifacts: Path, data: DemoData, children: Children, server: subprocess.Popen[bytes]
+) -> None:
+    """Start the clients once the server listens, follow everyone to the end; any failure raises."""
+    out = config.out
+    port = wait_for_port(server, children.logs["server"])
+    say(f"server listening on ws://127.0.0.1:{port}; starting {config.clients} clients")
+    clients = {}
+    for client, data_file in enumerate(data.client_files):
+        name = f"client-{client}"
+        # One ONNX Runtime thread each: the clients mostly wait for the server, and N clients plus the
+        # server on a small machine would otherwise fight over its cores.
+        args = [
+            "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts),
+            "--data", str(data_file), "--client-id", name, "--metrics-out", str(out / f"{name}.jsonl"),
+            "--seed", str(client), "--threads", "1",
+        ]  # fmt: skip
+        clients[name] = children.start(name, args, out / "logs" / f"{name}.log")
+    progress = Progress(out / "server.jsonl", config)
+    everyone = {"server": server, **clients}
+    while any(p.poll() is None for p in everyone.values()):
+        for name, process in everyone.items():
+            code = process.poll()
+            if code not in (None, 0):
+                raise DemoError(
+                    f"{name} exited with {code}; the end of {children.logs[name]}:\n"
+                    f"{log_tail(children.logs[name])}"
+                )
+        if server.poll() == 0 and any(p.poll() is None for p in clients.values()):
+            _wait_or_fail(clients, children, timeout_s=60.0)
+        progress.poll()
+        time.sleep(0.3)
+    progress.poll()
+    for name, process in everyone.items():
+        if process.returncode != 0:
+            raise DemoError(f"{name} exited with {process.returncode}:\n{log_tail(children.logs[name])}")
+
+
+def _wait_or_fail(clients: dict[str, subprocess.Popen[bytes]], children: Children, timeout_s: float) -> None:
+    """The server is done: the clients must follow within `timeout_s`."""
+    for name, process in clients.items():
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DemoError(
+                f"{name} still runs {timeout_s:.0f} s after the server finished:\n"
+                f"{log_tail(children.logs[name])}"
+            ) from None
+
+
+RUN_MARKER = ".edgesplit-demo"  # marks a directory as a demo run's, which a later demo may clear
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Make OUT ready: the outputs of an earlier demo there go (the checkpoints above all: the server would
+    resume from them), the export stays. A directory that is not a demo's is never cleared: --out . must not
+    cost anyone their ./data."""
+    if out.exists() and not (out / RUN_MARKER).exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name != "artifacts")
+        if foreign:
+            raise DemoError(
+                f"{out} is not an edgesplit demo run directory and holds {', '.join(foreign[:5])}: "
+                "choose another --out (an empty one, or an earlier demo's)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text(
+        "written by `edgesplit demo`; a later demo with this --out replaces the run\n"
+    )
+    for name in ("data", "logs", "checkpoints", "plots"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for pattern in ("server.jsonl", "client-*.jsonl", "report.md", "summary.json"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    from edgesplit.server.report import terminal_report, write_report
+
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.monotonic()
+        seconds[stage] = round(now - since, 2)
+        return now
+
+    prepare_run_dir(config.out)
+    with Children() as children:
+        t = time.monotonic()
+        artifacts = ensure_artifacts(config, children)
+        t = lap("export", t)
+        data = prepare_data(config)
+        # The server takes a while to load its tail; the untrained model is scored meanwhile.
+        server = start_server(config, artifacts, data, children)
+        say("scoring the untrained split model on the held-out prompts while the server starts")
+        scorer = Scorer(artifacts, config)
+        initial = scorer.head.initial_adapters()
+        eval_batches = math.ceil(len(data.eval_examples) / config.batch_size)
+        before_loss = scorer.eval_loss(data.eval_examples, initial, eval_batches)
+        before = scorer.score(data.eval_examples, initial)
+        if before is not None:
+            say(
+                f"before training: exact match {before.exact_match:.1%}, "
+                f"token accuracy {before.token_accuracy:.1%} "
+                f"on {len(before.generations)} held-out prompts; eval loss {before_loss:.4f}"
+            )
+        t = lap("score_before", t)
+        train(config, artifacts, data, children, server)
+        t = lap("train", t)
+        say("scoring the trained adapters (the server's last checkpoint)")
+        trained = scorer.load_checkpoint(config.out / "checkpoints")
+        after = scorer.score(data.eval_examples, trained)
+        t = lap("score_after", t)
+    seconds["total"] = round(time.monotonic() - started, 2)
+    summary = write_report(config, artifacts, data, before, after, before_loss, seconds)
+    print(terminal_report(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = DemoConfig(**vars(args))  # the flags are named after the fields
+    with sigterm_as_interrupt():
+        try:
+            run_demo(config)
+        except KeyboardInterrupt:
+            # The children are stopped by now (Children.__exit__); say so and leave with the usual code.
+            print(
+                "[demo] interrupted: every process the demo started has been stopped",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 130
+    return 0
+
+
+def config_json(config: DemoConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

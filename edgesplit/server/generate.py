@@ -1,0 +1,213 @@
+"""Greedy generation through the split model, and the held-out score it gives.
+
+The head is the client's ONNX graph, traced for a fixed (B, T): there is no KV cache, so every new token
+reruns the whole padded window.
+
+    prompts ─ pad right to (B, T) ─> head (ORT, client adapters) ─> activations (B, T, H)
+            ─> tail (PyTorch, its LoRA) ─> logits at each row's last real position (B, V)
+            ─> argmax ─> appended at that row's next position ─> repeat
+
+A row stops at EOS, at `max_new_tokens`, or when its window is full. The score is what the demo shows a
+person: the share of held-out prompts whose greedy completion is exactly the target, and the share of target
+tokens (the completion and its EOS) that the generation gets right position by position.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgesplit.client.data import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
+from edgesplit.client.head import Arrays, Head
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    target: str
+    output: str
+    exact: bool
+    token_accuracy: float
+
+
+@dataclass(frozen=True)
+class Score:
+    exact_match: float  # share of examples whose output equals the target (whitespace-trimmed)
+    token_accuracy: float  # mean over examples of the share of target tokens generated right
+    generations: list[Generation] = field(repr=False)
+    seconds: float = 0.0
+
+    def to_json(self, examples: int = 8) -> dict[str, Any]:
+        return {
+            "exact_match": self.exact_match,
+            "token_accuracy": self.token_accuracy,
+            "count": len(self.generations),
+            "seconds": round(self.seconds, 3),
+            "examples": [g.__dict__ for g in self.generations[:examples]],
+        }
+
+
+class SplitGenerator:
+    """Greedy decoding with a Head (ORT) and a Tail (PyTorch) of one artifact directory."""
+
+    def __init__(self, head: Head, tail: Any, tokenizer: Any) -> None:
+        self.head = head
+        self.tail = tail  # edgesplit.server.tail.Tail; typed loosely so this module imports without torch
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`
+        manifest = head.manifest
+        self.batch_size = manifest.batch_size
+        self.max_seq_len = manifest.max_seq_len
+        self.eos_token_id = manifest.eos_token_id
+        self.pad_token_id = manifest.pad_token_id or 0
+
+    def _last_logits(
+        self, activations: np.ndarray, attention_mask: np.ndarray, last: np.ndarray
+    ) -> np.ndarray:
+        """Logits (B, V) at position last[b] of each row b."""
+        import torch
+
+        positions = np.unique(last)
+        # Attention is causal and the padding is on the right: positions past the longest row change nothing
+        # before them, so the tail (which takes any length, unlike the traced head) skips them.
+        width = int(positions[-1]) + 1
+        with torch.no_grad():
+            output = self.tail.model(
+                inputs_embeds=torch.from_numpy(
+                    np.ascontiguousarray(activations[:, :width], dtype=np.float32)
+                ),
+                attention_mask=torch.from_numpy(np.ascontiguousarray(attention_mask[:, :width])),
+                use_cache=False,
+                # Only the positions some row needs: the LM head over all T positions and the whole
+                # vocabulary would cost as much as several tail layers.
+                logits_to_keep=torch.from_numpy(positions),
+            )
+        logits = output.logits.float().numpy()  # (B, len(positions), V)
+        column = np.searchsorted(positions, last)
+        return logits[np.arange(len(last)), column]  # type: ignore[no-any-return]
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], adapters: Arrays, max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy continuations of token-id `prompts`, ending with EOS where the model stopped by itself."""
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            outputs.extend(
+                self._generate_batch(prompts[start : start + self.batch_size], adapters, max_new_tokens)
+            )
+        return outputs
+
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], adapters: Arrays, max_new_tokens: int
+    ) -> list[list[int]]:
+        rows = len(prompts)
+        shape = (self.batch_size, self.max_seq_len)
+        input_ids = np.full(shape, self.pad_token_id, dtype=np.int64)  # (B, T)
+        attention_mask = np.zeros(shape, dtype=np.int64)  # (B, T)
+        lengths = np.ones(self.batch_size, dtype=np.int64)  # filler rows: one pad token, never read
+        attention_mask[:, 0] = 1
+        for row, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {row} of the batch is empty")
+            tokens = list(prompt)[-(self.max_seq_len - 1) :]  # keep room for one new token
+            input_ids[row, : len(tokens)] = tokens
+            attention_mask[row, : len(tokens)] = 1
+            lengths[row] = len(tokens)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        active = np.zeros(self.batch_size, dtype=bool)
+        active[:rows] = True
+        for _ in range(max_new_tokens):
+            if not active.any():
+                break
+            activations = self.head.forward(input_ids, attention_mask, adapters).activations  # (B, T, H)
+            next_tokens = self._last_logits(activations, attention_mask, lengths - 1).argmax(axis=-1)  # (B,)
+            for row in np.flatnonzero(active).tolist():
+                token = int(next_tokens[row])
+                generated[row].append(token)
+                if token == self.eos_token_id:
+                    active[row] = False
+                    continue
+                if lengths[row] >= self.max_seq_len:  # the window is full: the head cannot see further
+                    active[row] = False
+                    continue
+                input_ids[row, lengths[row]] = token
+                attention_mask[row, lengths[row]] = 1
+                lengths[row] += 1
+        return generated
+
+
+def token_accuracy(output: Sequence[int], target: Sequence[int]) -> float:
+    """Share of target positions where the output has the same token (a missing token counts as wrong)."""
+    if not target:
+        return 1.0 if not output else 0.0
+    right = sum(1 for index, token in enumerate(target) if index < len(output) and output[index] == token)
+    return right / len(target)
+
+
+def score(
+    generator: SplitGenerator,
+    examples: Sequence[Example],
+    adapters: Arrays,
+    prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
+    max_new_tokens: int | None = None,
+) -> Score:
+    """Exact match and token accuracy of greedy generations on prompt/completion `examples`.
+
+    Prompts are tokenized exactly as training tokenized them (prompt + separator, no special tokens), so
+    the model continues where training taught it to. The target includes EOS: stopping is part of the task.
+    """
+    started = time.perf_counter()
+    pairs = [prompt_format.context_and_target(e) for e in examples if e.prompt is not None]
+    if not pairs:
+        raise ValueError("scoring needs prompt/completion examples; plain text has no target to compare")
+    encode = generator.tokenizer.encode_batch
+    prompts = [list(e.ids) for e in encode([context for context, _ in pairs], add_special_tokens=False)]
+    eos = [] if generator.eos_token_id is None else [generator.eos_token_id]
+    targets = [list(e.ids) + eos for e in encode([target for _, target in pairs], add_special_tokens=False)]
+    if max_new_tokens is None:
+        max_new_tokens = max(len(t) for t in targets)
+    outputs = generator.generate(prompts, adapters, max_new_tokens)
+    generations = []
+    for (context, target), output, target_ids in zip(pairs, outputs, targets, strict=True):
+        stopped = bool(eos) and bool(output) and output[-1] == eos[0]
+        text = generator.tokenizer.decode(output[:-1] if stopped else output, skip_special_tokens=True)
+        generations.append(
+            Generation(
+                # Exact means the right text and then a stop: a model that runs on past the code is wrong.
+                prompt=context.rstrip("\n"),
+                target=target,
+                output=text,
+                exact=text.strip() == target.strip() and (stopped or not eos),
+                token_accuracy=token_accuracy(output, target_ids),
+            )
+        )
+    return Score(
+        exact_match=sum(g.exact for g in generations) / len(generations),
+        token_accuracy=float(np.mean([g.token_accuracy for g in generations])),
+        generations=generations,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> float:
+    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation.
+
+    The demo also uses it for the untrained model, so that its loss curve starts at round 0 on the same scale.
+    """
+    batch = head.manifest.batch_size
+    count = min(len(encoded.input_ids), batch * max_batches)
+    total, tokens = 0.0, 0
+    for start in range(0, count, batch):
+        index = np.arange(start, start + batch) % len(encoded.input_ids)
+        ids, mask, labels = encoded.input_ids[index], encoded.attention_mask[index], encoded.labels[index]
+        if start + batch > count:  # wrapped rows fill the batch but must not count twice
+            labels = labels.copy()
+            labels[count - start :] = -100
+        activations = head.forward(ids, mask, adapters).activations  # (B, T, H)
+        loss, counted = tail.eval_loss(activations, mask, labels)
+        total += loss * counted
+        tokens += counted
+    return total / max(tokens, 1)

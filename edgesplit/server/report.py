@@ -1,0 +1,413 @@
+"""The demo's report: summary.json, report.md and four PNG plots, all from the run's own metrics files.
+
+    server.jsonl     step, round, finished records   ->  eval loss per round, bytes on the server's side
+    client-*.jsonl   step, round, summary records    ->  loss per step, bytes, phase times, peak memory
+
+The numbers are read back from the files the processes wrote, not from the demo's memory, so the report
+shows exactly what a person would find in the run directory. Plots use matplotlib's Agg backend: no display.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from edgesplit.client.metrics import read_jsonl as read_metrics
+
+PHASES = ("head_forward", "encode", "network", "server_compute", "decode", "grad_graph", "optimizer")
+
+
+def _client_files(out: Path) -> list[Path]:
+    def number(path: Path) -> int:
+        found = re.search(r"(\d+)", path.stem)
+        return int(found.group(1)) if found else 0
+
+    return sorted(out.glob("client-*.jsonl"), key=number)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Everything the report shows, from server.jsonl and client-*.jsonl in `out`."""
+    server = read_metrics(out / "server.jsonl")
+    rounds = [r for r in server if r["event"] == "round"]
+    finished = next((r for r in server if r["event"] == "finished"), {})
+    clients: dict[str, Any] = {}
+    for path in _client_files(out):
+        records = read_metrics(path)
+        steps = [r for r in records if r["event"] == "step"]
+        summary = next((r for r in records if r["event"] == "summary"), {})
+        client_id = summary.get("client_id") or path.stem
+        phase_mean = {p: sum(s["seconds"].get(p, 0.0) for s in steps) / max(len(steps), 1) for p in PHASES}
+        memory = summary.get("memory", {})
+        clients[client_id] = {
+            "steps": len(steps),
+            "losses": [s["loss"] for s in steps],
+            "round_losses": [r["mean_loss"] for r in records if r["event"] == "round"],
+            "bytes_up": summary.get("bytes_up", 0),
+            "bytes_down": summary.get("bytes_down", 0),
+            "step_bytes_up": sum(s["bytes_up"] for s in steps),
+            "step_bytes_down": sum(s["bytes_down"] for s in steps),
+            "phase_mean_s": phase_mean,
+            "step_mean_s": sum(phase_mean.values()),
+            "peak_rss_mb": summary.get("peak_rss_mb"),
+            "baseline_rss_mb": memory.get("baseline_bytes", 0) / 2**20,
+            "steady_rss_mb": memory.get("steady_bytes", 0) / 2**20,
+            "energy_j": summary.get("energy_j"),
+            "energy_method": summary.get("energy_method"),
+            "seconds": summary.get("seconds"),
+        }
+    received = sum(finished.get("bytes_received", {}).values())
+    sent = sum(finished.get("bytes_sent", {}).values())
+    return {
+        "rounds": [
+            {
+                "round": r["round"] + 1,
+                "eval_loss": r.get("eval_loss"),
+                "seconds": r["seconds"],
+                "clients": r["clients"],
+            }
+            for r in rounds
+        ],
+        "server": {
+            "steps": sum(1 for r in server if r["event"] == "step"),
+            "bytes_received": received,
+            "bytes_sent": sent,
+            "bytes_received_by_kind": finished.get("bytes_received", {}),
+            "bytes_sent_by_kind": finished.get("bytes_sent", {}),
+        },
+        "clients": clients,
+        # Both ends count every frame: what the clients sent is what the server received, byte for byte.
+        "bytes_agree": received == sum(c["bytes_up"] for c in clients.values())
+        and sent == sum(c["bytes_down"] for c in clients.values()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: Path, **options: Any) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, **options)
+    plt.close(figure)
+
+
+def _scale(series: Any) -> str:
+    """Log scale where the losses span decades (a task being learned), linear where they hardly move."""
+    values = [v for losses in series for v in losses if v is not None and v > 0]
+    return "log" if values and max(values) / min(values) > 20 else "linear"
+
+
+def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) -> None:
+    plt = _pyplot()
+    figure, (per_step, per_round) = plt.subplots(1, 2, figsize=(11, 4))
+    for client_id, client in metrics["clients"].items():
+        per_step.plot(range(1, len(client["losses"]) + 1), client["losses"], label=client_id, linewidth=1.2)
+        per_round.plot(
+            range(1, len(client["round_losses"]) + 1),
+            client["round_losses"],
+            marker="o",
+            linestyle=":",
+            label=f"{client_id} train (mean)",
+        )
+    per_step.set(
+        title="training loss per step (from the tail)",
+        xlabel="client's step",
+        ylabel="loss",
+        yscale=_scale(c["losses"] for c in metrics["clients"].values()),
+    )
+    per_step.legend()
+    evals = [(r["round"], r["eval_loss"]) for r in metrics["rounds"] if r["eval_loss"] is not None]
+    if before_loss is not None:
+        evals.insert(0, (0, before_loss))
+    if evals:
+        per_round.plot(
+            *zip(*evals, strict=True), marker="s", color="black", linewidth=2, label="held-out eval"
+        )
+    per_round.set(
+        title="loss per round (0 = untrained)",
+        xlabel="round",
+        ylabel="loss",
+        yscale=_scale([[loss for _, loss in evals]]),
+    )
+    per_round.set_xticks(range(0, len(metrics["rounds"]) + 1))
+    per_round.legend(fontsize=8)
+    _save(plt, figure, path)
+
+
+def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
+    plt = _pyplot()
+    names = list(metrics["clients"])
+    up = [metrics["clients"][n]["bytes_up"] / 1e6 for n in names]
+    down = [metrics["clients"][n]["bytes_down"] / 1e6 for n in names]
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    positions = range(len(names))
+    bars_up = axes.bar([p - 0.2 for p in positions], up, width=0.4, label="up (activations, adapters)")
+    bars_down = axes.bar([p + 0.2 for p in positions], down, width=0.4, label="down (gradients, adapters)")
+    axes.bar_label(bars_up, fmt="%.1f", fontsize=8)
+    axes.bar_label(bars_down, fmt="%.1f", fontsize=8)
+    axes.set_xticks(list(positions), names)
+    axes.set(title="bytes on the link per client", ylabel="MB", ylim=(0, max(up + down, default=1) * 1.3))
+    axes.legend(loc="upper center", ncol=2, fontsize=8)
+    _save(plt, figure, path)
+
+
+def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
+    plt = _pyplot()
+    names = list(metrics["clients"])
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
+    left = [0.0] * len(names)
+    for phase in PHASES:
+        widths = [metrics["clients"][n]["phase_mean_s"][phase] * 1000 for n in names]
+        axes.barh(names, widths, left=left, label=phase)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    axes.set(title="client step time by phase (mean per step)", xlabel="ms")
+    axes.invert_yaxis()
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(plt, figure, path, bbox_inches="tight")
+
+
+def plot_memory(path: Path, metrics: dict[str, Any]) -> None:
+    plt = _pyplot()
+    names = list(metrics["clients"])
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    series = (("baseline_rss_mb", "at start"), ("steady_rss_mb", "steady"), ("peak_rss_mb", "peak"))
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), series, strict=True):
+        values = [metrics["clients"][n][key] or 0.0 for n in names]
+        bars = axes.bar([i + offset for i in range(len(names))], values, width=0.27, label=label)
+        axes.bar_label(bars, fmt="%.0f", fontsize=7)
+    axes.set_xticks(range(len(names)), names)
+    peak = max((metrics["clients"][n]["peak_rss_mb"] or 0.0 for n in names), default=1.0)
+    axes.set(title="client process memory (RSS)", ylabel="MB", ylim=(0, peak * 1.3))
+    axes.legend(loc="upper center", ncol=3, fontsize=8)
+    _save(plt, figure, path)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def _score_json(score: Any) -> dict[str, Any] | None:
+    return None if score is None else score.to_json(examples=len(score.generations))
+
+
+def write_report(
+    config: Any,
+    artifacts: Path,
+    data: Any,
+    before: Any,
+    after: Any,
+    before_loss: float | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Write summary.json, report.md and plots/*.png into config.out; return the summary."""
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.server.demo import config_json
+
+    out = Path(config.out)
+    manifest = load_manifest(artifacts, verify=False)
+    metrics = collect(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_loss(plots / "loss.png", metrics, before_loss)
+    plot_bytes(plots / "bytes.png", metrics)
+    plot_step_time(plots / "step_time.png", metrics)
+    plot_memory(plots / "memory.png", metrics)
+    checkpoint = (out / "checkpoints" / "latest").read_text().strip()
+    summary = {
+        "config": config_json(config),
+        "model": {
+            "source": manifest.model_source,
+            "family": manifest.family,
+            "num_layers": manifest.num_layers,
+            "cut_layer": manifest.cut_layer,
+            "hidden_size": manifest.hidden_size,
+            "batch_size": manifest.batch_size,
+            "max_seq_len": manifest.max_seq_len,
+            "quantize": manifest.quantize,
+        },
+        "split": data.split,
+        "client_groups": {f"client-{i}": groups for i, groups in enumerate(data.client_groups)},
+        "seconds": seconds,
+        "before": _score_json(before),
+        "after": _score_json(after),
+        "eval_loss": [before_loss] + [r["eval_loss"] for r in metrics["rounds"]],
+        "metrics": metrics,
+        "checkpoint": str(out / "checkpoints" / checkpoint),
+        "plots": sorted(str(p.relative_to(out)) for p in plots.glob("*.png")),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(summary))
+    return summary
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    config, model, metrics = summary["config"], summary["model"], summary["metrics"]
+    before, after = summary["before"], summary["after"]
+    lines = [
+        "# edgesplit demo report",
+        "",
+        f"{config['clients']} edge clients trained LoRA adapters of `{Path(model['source']).name}` "
+        f"({model['family']}, {model['num_layers']} layers) split after layer {model['cut_layer']}: "
+        "each client "
+        f"ran layers 0-{model['cut_layer'] - 1} in ONNX Runtime, the server the other "
+        f"{model['num_layers'] - model['cut_layer']} in PyTorch, for {config['rounds']} rounds of "
+        f"{config['steps_per_round']} steps (batch {model['batch_size']} x {model['max_seq_len']} tokens, "
+        f"learning rate {config['learning_rate']:g}, head weights quantize={model['quantize']}). "
+        f"Data split: {summary['split']}.",
+        "",
+        "## Held-out score (greedy generation through the split model)",
+        "",
+    ]
+    if before is None or after is None:
+        lines.append("Not scored: the eval data has no prompt/completion examples.")
+    else:
+        lines += [
+            "| | exact match | token accuracy | eval loss |",
+            "|---|---|---|---|",
+            f"| before training | {_pct(before['exact_match'])} | {_pct(before['token_accuracy'])} | "
+            f"{_loss(summary['eval_loss'][0])} |",
+            f"| after {config['rounds']} rounds | {_pct(after['exact_match'])} | "
+            f"{_pct(after['token_accuracy'])} | "
+            f"{_loss(summary['eval_loss'][-1])} |",
+            "",
+            f"On {after['count']} held-out prompts. Some of them:",
+            "",
+            "| prompt | target | before | after |",
+            "|---|---|---|---|",
+        ]
+        for old, new in list(zip(before["examples"], after["examples"], strict=True))[:8]:
+            lines.append(
+                f"| `{old['prompt']}` | `{old['target']}` | `{_cell(old['output'])}` | "
+                f"`{_cell(new['output'])}` {'✓' if new['exact'] else '✗'} |"
+            )
+    lines += [
+        "",
+        "## Rounds",
+        "",
+        "| round | eval loss | seconds | " + " | ".join(metrics["clients"]) + " |",
+        "|---|---|---|" + "---|" * len(metrics["clients"]),
+    ]
+    for index, entry in enumerate(metrics["rounds"]):
+        train = [
+            _loss(c["round_losses"][index]) if index < len(c["round_losses"]) else "-"
+            for c in metrics["clients"].values()
+        ]
+        lines.append(
+            f"| {entry['round']} | {_loss(entry['eval_loss'])} | {entry['seconds']:.1f} | "
+            + " | ".join(train)
+            + " |"
+        )
+    lines += [
+        "",
+        "Client columns: mean training loss of the round.",
+        "",
+        "![loss](plots/loss.png)",
+        "",
+        "## Clients",
+        "",
+        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy J |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, client in metrics["clients"].items():
+        groups = summary["client_groups"].get(name, {})
+        group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
+        energy = (
+            "-" if client["energy_j"] is None else f"{client['energy_j']:.1f} ({client['energy_method']})"
+        )
+        lines.append(
+            f"| {name} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
+            f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
+            f"{client['peak_rss_mb'] or 0:.0f} | {energy} |"
+        )
+    server = metrics["server"]
+    lines += [
+        "",
+        f"The server ran {server['steps']} tail steps, received {server['bytes_received'] / 1e6:.2f} MB "
+        "and sent "
+        f"{server['bytes_sent'] / 1e6:.2f} MB; the clients' own counts "
+        f"{'agree byte for byte' if metrics['bytes_agree'] else 'DO NOT agree'}.",
+        "",
+        "![bytes per client](plots/bytes.png)",
+        "",
+        "![client step time by phase](plots/step_time.png)",
+        "",
+        "`server_compute` is the tail's step as the server timed it; `network` is the rest of the wait for "
+        "the answer: the link, and the queue behind the other clients' steps at the one shared tail.",
+        "",
+        "![client memory](plots/memory.png)",
+        "",
+        "## Time",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {stage} | {value:.1f} |" for stage, value in summary["seconds"].items()],
+        "",
+        "## Files",
+        "",
+        "- `server.jsonl`, `client-*.jsonl`: the metrics every process wrote (JSON Lines)",
+        f"- `{Path(summary['checkpoint']).relative_to(Path(config['out']))}/`: the trained adapters "
+        "(`global_adapters.safetensors` for the clients' head,\n"
+        "  `tail_lora.safetensors` for the server's tail)",
+        "- `artifacts/`: the export (reused by the next demo with the same options)",
+        "- `data/`: the generated task and each client's share; `logs/`: every process's output",
+        "- `summary.json`: all of the above as numbers",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'")[:40]
+
+
+def terminal_report(summary: dict[str, Any]) -> str:
+    config, model, metrics = summary["config"], summary["model"], summary["metrics"]
+    before, after = summary["before"], summary["after"]
+    out = Path(config["out"])
+    lines = [
+        "",
+        f"edgesplit demo: {config['clients']} clients x {config['rounds']} rounds x "
+        f"{config['steps_per_round']} steps, {Path(model['source']).name} cut after layer "
+        f"{model['cut_layer']} of {model['num_layers']}; {summary['split']}",
+    ]
+    if before is not None and after is not None:
+        lines.append(
+            f"  held-out exact match   {_pct(before['exact_match']):>7} -> {_pct(after['exact_match'])}"
+            f"   ({after['count']} prompts, greedy generation)"
+        )
+        lines.append(
+            f"  held-out token accuracy {_pct(before['token_accuracy']):>6} -> "
+            f"{_pct(after['token_accuracy'])}"
+        )
+        example = next((g for g in after["examples"] if g["exact"]), after["examples"][0])
+        lines.append(f"  e.g. {example['prompt']!r} -> {example['output']!r} (target {example['target']!r})")
+    lines.append(f"  eval loss {_loss(summary['eval_loss'][0])} -> {_loss(summary['eval_loss'][-1])}")
+    for name, client in metrics["clients"].items():
+        lines.append(
+            f"  {name}: {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
+            f"{client['bytes_down'] / 1e6:.1f} MB down, {client['step_mean_s'] * 1000:.0f} ms/step, "
+            f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB"
+        )
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items() if k != "total")
+    lines.append(f"  wall time {summary['seconds']['total']:.0f} s ({stages})")
+    lines.append(
+        f"  report: {out / 'report.md'}   plots: {out / 'plots'}/   adapters: {summary['checkpoint']}/"
+    )
+    return "\n".join(lines)

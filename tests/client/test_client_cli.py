@@ -1,0 +1,71 @@
+"""The client as a command: what it refuses before it connects, how it backs off, what it leaves on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from edgesplit.client.client import backoff_delays
+
+EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]
+
+
+def test_a_malformed_data_line_stops_the_client_before_it_connects(tiny_artifacts, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "w1 w2", "completion": "w3 w4"})
+    data.write_text(f'{good}\n{good}\n{{"prompt": "w1", "completion": \n{good}\n')
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # a "server" that counts who knocks
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [
+                *EDGESPLIT,
+                "client",
+                "--server",
+                f"ws://127.0.0.1:{port}",
+                "--artifacts",
+                str(tiny_artifacts("llama", 1)),
+                "--data",
+                str(data),
+                "--client-id",
+                "a",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        listener.setblocking(False)
+        try:
+            listener.accept()
+            connected = True
+        except BlockingIOError:
+            connected = False
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{data}:3:" in result.stderr  # file and line
+    assert not connected and "connecting" not in result.stdout
+
+
+def test_backoff_doubles_up_to_a_cap_with_jitter() -> None:
+    delays = backoff_delays(first_s=0.5, cap_s=10.0, jitter=0.2, rng=random.Random(0))
+    nominal = [0.5, 1, 2, 4, 8, 10, 10, 10]
+    observed = [next(delays) for _ in nominal]
+    for seen, expected in zip(observed, nominal, strict=True):
+        assert 0.8 * expected <= seen <= 1.2 * expected
+    # Jitter: two clients cut off together do not retry in lockstep.
+    other = backoff_delays(rng=random.Random(1))
+    assert [next(other) for _ in nominal] != observed
+
+
+def test_importing_the_client_writes_nothing_to_home(tmp_path: Path) -> None:
+    """ONNX Runtime's telemetry would write a device id under ~/.cache at import; the edge client opts out."""
+    env = dict(os.environ, HOME=str(tmp_path))
+    for name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
+        env.pop(name, None)
+    subprocess.run(
+        [sys.executable, "-c", "import edgesplit.client.client, onnxruntime"], env=env, check=True, timeout=120
+    )
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -1,0 +1,250 @@
+"""`edgesplit demo` end to end on a tiny model: real export reuse, real server and client processes, the
+report, and Ctrl-C leaving nothing running."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edgesplit.client.metrics import read_jsonl
+from edgesplit.server.demo import (
+    RUN_MARKER,
+    DemoConfig,
+    DemoError,
+    artifacts_mismatch,
+    export_args,
+    prepare_data,
+    prepare_run_dir,
+)
+
+CLIENTS, ROUNDS, STEPS = 2, 2, 3
+TRAIN_EXAMPLES, EVAL_EXAMPLES = 40, 6
+
+
+def demo_flags(model_dir: Path, out: Path, rounds: int = ROUNDS, steps: int = STEPS) -> list[str]:
+    # The tiny_artifacts fixture's export options: the demo must find them matching and reuse the export.
+    return [
+        "--model", str(model_dir), "--task", "shape-codes-w", "--cut-layer", "1", "--batch-size", "2",
+        "--max-seq-len", "16", "--lora-rank", "4", "--clients", str(CLIENTS), "--rounds", str(rounds),
+        "--steps-per-round", str(steps), "--train-examples", str(TRAIN_EXAMPLES),
+        "--eval-examples", str(EVAL_EXAMPLES), "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tiny_artifacts, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    shutil.copytree(tiny_artifacts("llama", 1), out / "artifacts")
+    return out
+
+
+def demo_command(flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "edgesplit.cli", "demo", *flags]
+
+
+def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tiny_model_dirs) -> None:  # type: ignore[no-untyped-def]
+    # Leftovers of an earlier run must not leak in (a stale checkpoint would make the server resume).
+    (run_dir / RUN_MARKER).write_text("")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("round-0099")
+    (run_dir / "client-7.jsonl").write_text("{}\n")
+
+    done = subprocess.run(
+        demo_command(demo_flags(tiny_model_dirs["llama"], run_dir)),
+        capture_output=True, text=True, timeout=300, cwd=run_dir.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "reusing" in done.stdout
+    assert "held-out exact match" in done.stdout
+
+    expected = [
+        "report.md",
+        "summary.json",
+        "server.jsonl",
+        "logs/server.log",
+        "data/train.jsonl",
+        "data/eval.jsonl",
+    ]
+    expected += [
+        f"{kind}client-{i}.{ext}" for i in range(CLIENTS) for kind, ext in (("", "jsonl"), ("logs/", "log"))
+    ]
+    for name in expected:
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "client-7.jsonl").exists()
+    for plot in ("loss", "bytes", "step_time", "memory"):
+        assert (run_dir / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The clients' shares partition the training set.
+    shares = [(run_dir / "data" / f"client-{i}.jsonl").read_text().splitlines() for i in range(CLIENTS)]
+    assert sorted(line for share in shares for line in share) == sorted(
+        (run_dir / "data" / "train.jsonl").read_text().splitlines()
+    )
+
+    # Metrics add up: every step once on each side, every byte counted by both ends.
+    server = read_jsonl(run_dir / "server.jsonl")
+    assert sum(r["event"] == "step" for r in server) == CLIENTS * ROUNDS * STEPS
+    assert [r["round"] for r in server if r["event"] == "round"] == list(range(ROUNDS))
+    joined = {r["client_id"]: r["num_samples"] for r in server if r["event"] == "join"}
+    assert joined == {f"client-{i}": len(shares[i]) for i in range(CLIENTS)}
+    finished = next(r for r in server if r["event"] == "finished")
+    clients = [read_jsonl(run_dir / f"client-{i}.jsonl") for i in range(CLIENTS)]
+    summaries = [next(r for r in records if r["event"] == "summary") for records in clients]
+    assert [sum(r["event"] == "step" for r in records) for records in clients] == [ROUNDS * STEPS] * CLIENTS
+    assert sum(finished["bytes_received"].values()) == sum(s["bytes_up"] for s in summaries)
+    assert sum(finished["bytes_sent"].values()) == sum(s["bytes_down"] for s in summaries)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metrics"]["bytes_agree"] is True
+    assert len(summary["eval_loss"]) == ROUNDS + 1 and all(math.isfinite(v) for v in summary["eval_loss"])
+    for key in ("before", "after"):
+        assert summary[key]["count"] == EVAL_EXAMPLES
+        assert 0.0 <= summary[key]["exact_match"] <= 1.0 and 0.0 <= summary[key]["token_accuracy"] <= 1.0
+    assert set(summary["seconds"]) == {"export", "score_before", "train", "score_after", "total"}
+
+    # The trained adapters are the server's final checkpoint, and training moved them.
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint.name == f"round-{ROUNDS:04d}"
+    from safetensors.numpy import load_file
+
+    adapters = load_file(str(checkpoint / "global_adapters.safetensors"))
+    assert any(abs(value).max() > 0 for name, value in adapters.items() if name.endswith(".B"))
+    assert (checkpoint / "tail_lora.safetensors").is_file()
+
+    report = (run_dir / "report.md").read_text()
+    assert "## Held-out score" in report and "plots/loss.png" in report
+    assert "agree byte for byte" in report
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(run_dir, tiny_model_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = (tmp_path / "demo.out").open("w")
+    # Far more rounds than the test waits for: the demo is interrupted mid-training.
+    demo = subprocess.Popen(
+        demo_command(demo_flags(tiny_model_dirs["llama"], run_dir, rounds=500, steps=20)),
+        stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        metrics = run_dir / "server.jsonl"
+        while not (metrics.exists() and '"event": "step"' in metrics.read_text()):
+            assert demo.poll() is None, (tmp_path / "demo.out").read_text()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        children = descendants(demo.pid)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "serve" in names and names.count(" client ") == CLIENTS, names
+
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 130
+    finally:
+        if demo.poll() is None:  # the test failed: do not leave the demo behind either
+            demo.kill()
+            demo.wait()
+        log.close()
+    output = (tmp_path / "demo.out").read_text()
+    assert "interrupted" in output and "stopped" in output
+    survivors = [c for c in children if not gone(c)]
+    assert not survivors, [c.cmdline() for c in survivors]
+    # Every child ran in its own process group: no group of theirs has a member left either.
+    for child in children:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(child.pid, 0)
+
+
+def test_exported_artifacts_are_reused_only_when_they_match(
+    tiny_artifacts, tiny_model_dirs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    artifacts = tiny_artifacts("llama", 1)
+    model = str(tiny_model_dirs["llama"])
+    matching = DemoConfig(out=tmp_path, model=model, cut_layer=1, batch_size=2, max_seq_len=16, lora_rank=4)
+    assert artifacts_mismatch(matching, artifacts) is None
+    other_cut = DemoConfig(out=tmp_path, model=model, cut_layer=2, batch_size=2, max_seq_len=16, lora_rank=4)
+    assert "cut_layer 1 instead of 2" in (artifacts_mismatch(other_cut, artifacts) or "")
+    other_model = DemoConfig(out=tmp_path, model=str(tiny_model_dirs["gpt2"]), cut_layer=1, batch_size=2,
+                             max_seq_len=16, lora_rank=4)  # fmt: skip
+    assert "exported from" in (artifacts_mismatch(other_model, artifacts) or "")
+    assert "does not exist" in (artifacts_mismatch(matching, tmp_path / "nothing") or "")
+
+
+def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
+    from edgesplit.export.cli import build_parser
+
+    config = DemoConfig(out=tmp_path, cut_layer=3, quantize="int8", max_seq_len=24, lora_rank=4)
+    args = build_parser().parse_args(export_args(config, tmp_path / "artifacts")[1:])
+    assert (args.cut_layer, args.quantize, args.max_seq_len, args.lora_rank, args.lora_alpha) == (
+        3,
+        "int8",
+        24,
+        4,
+        8.0,
+    )
+    assert args.force
+
+
+def write_lines(path: Path, records: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_own_data_is_split_by_its_group_key_or_else_iid(tmp_path: Path) -> None:
+    records = [{"prompt": f"w{i}", "completion": f"w{i + 1}", "group": "ab"[i % 2]} for i in range(20)]
+    grouped = write_lines(tmp_path / "grouped.jsonl", records)
+    plain = write_lines(
+        tmp_path / "plain.jsonl", [{k: r[k] for k in ("prompt", "completion")} for r in records]
+    )
+    evaluation = write_lines(tmp_path / "eval.jsonl", records[:3])
+
+    data = prepare_data(
+        DemoConfig(out=tmp_path / "a", clients=3, data=grouped, eval_data=evaluation, alpha=0.3)
+    )
+    assert data.split.startswith("non-IID") and data.group_names == ["a", "b"]
+    assert sum(sum(groups.values()) for groups in data.client_groups) == 20
+    assert len(data.eval_examples) == 3
+
+    data = prepare_data(DemoConfig(out=tmp_path / "b", clients=3, data=plain, eval_data=evaluation))
+    assert "IID" in data.split and 'no "group" key' in data.split
+    lines = [line for path in data.client_files for line in path.read_text().splitlines()]
+    assert len(lines) == 20
+
+
+def test_own_data_needs_its_eval_data(tmp_path: Path) -> None:
+    with pytest.raises(DemoError, match="go together"):
+        DemoConfig(out=tmp_path, data=tmp_path / "train.jsonl")
+
+
+def test_a_directory_that_is_not_a_demo_run_is_never_cleared(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.jsonl").write_text("{}\n")
+    with pytest.raises(DemoError, match="not an edgesplit demo run directory"):
+        prepare_run_dir(tmp_path)
+    assert (tmp_path / "data" / "precious.jsonl").exists()
+
+    run = tmp_path / "run"
+    (run / "artifacts").mkdir(parents=True)  # an export placed there beforehand is fine, and kept
+    prepare_run_dir(run)
+    (run / "logs").mkdir()
+    prepare_run_dir(run)  # now a demo's: cleared again without complaint
+    assert (run / "artifacts").is_dir() and not (run / "logs").exists()

@@ -1,0 +1,59 @@
+"""Server strategies for whole-model frameworks: FedLLM averages adapters, KD averages and distils logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesplit.client.errors import ArtifactError, TrainingError
+from edgesplit.client.local import proxy_top_k
+from edgesplit.server.strategies import FedLlmStrategy, KdSettings, KdStrategy
+
+
+def write_lines(path: Path, count: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        a = int(rng.integers(0, 60))
+        rows.append(json.dumps({"prompt": f"w{a}", "completion": f"w{a + 1} w{a + 2}"}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_fedllm_averages_adapters_and_evaluates(tiny_artifacts, tmp_path) -> None:
+    strategy = FedLlmStrategy(tiny_artifacts("llama", full_model=True), write_lines(tmp_path / "e.jsonl", 4, 0), 2)
+    first = {k: np.ones_like(v) for k, v in strategy.global_adapters.items()}
+    second = {k: np.zeros_like(v) for k, v in strategy.global_adapters.items()}
+    merged = strategy.aggregate([(first, 1), (second, 3)])
+    assert all(np.allclose(v, 0.25) for v in merged.values())
+    assert strategy.evaluate() > 0
+
+
+def test_kd_averages_logits_and_distils_into_the_global_model(tiny_artifacts, tmp_path) -> None:
+    artifacts = tiny_artifacts("llama", full_model=True)
+    strategy = KdStrategy(artifacts, write_lines(tmp_path / "e.jsonl", 4, 0), 2,
+                          write_lines(tmp_path / "proxy.jsonl", 5, 1), learning_rate=0.05,
+                          settings=KdSettings(top_k=4))
+    before = {k: v.copy() for k, v in strategy.global_adapters.items()}
+    updates = []
+    for seed, samples in ((2, 10), (3, 30)):
+        rng = np.random.default_rng(seed)
+        adapters = {k: (rng.standard_normal(v.shape) * 0.3).astype(np.float32) for k, v in before.items()}
+        values, indices = proxy_top_k(strategy.head, adapters, strategy.proxy, k=4)
+        update = {"proxy_values": values, "proxy_indices": indices}
+        strategy.check_update(update)
+        updates.append((update, samples))
+    result = strategy.aggregate(updates)
+    assert result["proxy_values"].shape == (5, strategy.head.manifest.max_seq_len, 4)
+    assert any(not np.allclose(before[k], strategy.global_adapters[k]) for k in before)  # it distilled
+    with pytest.raises(TrainingError, match="vocabulary"):
+        strategy.check_update({"proxy_values": updates[0][0]["proxy_values"],
+                               "proxy_indices": updates[0][0]["proxy_indices"] + 10_000})
+
+
+def test_whole_model_strategies_refuse_split_artifacts(tiny_artifacts) -> None:
+    with pytest.raises(ArtifactError, match="--full-model"):
+        FedLlmStrategy(tiny_artifacts("llama", 1), None, 1)
