@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from edgesplit.client.errors import EdgesplitError
+from edgesplit.errors import EdgesplitError
 
 # subcommand -> (module with a `main(argv)`, one-line help, pip extra it needs)
 SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {

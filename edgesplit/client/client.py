@@ -30,7 +30,6 @@ import numpy as np
 
 from edgesplit.client.data import Batch, EncodedSet, encode_examples, iterate_batches, read_jsonl
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
-from edgesplit.client.errors import EdgesplitError, ProtocolError
 from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.metrics import JsonlWriter
@@ -52,6 +51,7 @@ from edgesplit.client.protocol import (
     max_frame_bytes,
 )
 from edgesplit.client.resources import MemorySampler, PhaseTimer
+from edgesplit.errors import EdgesplitError, ProtocolError
 
 
 @dataclass(frozen=True)

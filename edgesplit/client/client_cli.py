@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgesplit.client.client import ClientConfig, main_summary, run_client
-from edgesplit.client.errors import EdgesplitError
+from edgesplit.errors import EdgesplitError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
-from edgesplit.client.errors import DataError
+from edgesplit.errors import DataError
 
 # The label PyTorch's cross-entropy (and so the server's loss) skips.
 IGNORE_INDEX = -100

@@ -42,8 +42,8 @@ from typing import Any, ClassVar, TypeVar
 
 import psutil
 
-from edgesplit.client.errors import EdgesplitError
 from edgesplit.client.resources import Ticker
+from edgesplit.errors import EdgesplitError
 from edgesplit.profiles.devices import DeviceProfile, load_profile
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
-from edgesplit.client.errors import ArtifactError, EdgesplitError, TrainingError
+from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
 
 Arrays = dict[str, np.ndarray]
 

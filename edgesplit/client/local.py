@@ -11,10 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from edgesplit.client.data import Batch, EncodedSet
-from edgesplit.client.errors import ArtifactError
 from edgesplit.client.head import Head
 from edgesplit.client.losses import cross_entropy_and_grad, distillation_and_grad, top_k
 from edgesplit.client.optim import AdamW
+from edgesplit.errors import ArtifactError
 
 Arrays = dict[str, np.ndarray]
 

@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 import numpy as np
 from numpy.typing import NDArray
 
-from edgesplit.client.errors import TrainingError
+from edgesplit.errors import TrainingError
 
 # What torch.nn.utils.clip_grad_norm_ adds to the norm so that an all-zero gradient does not divide by zero.
 _CLIP_EPS = 1e-6

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
-from edgesplit.client.errors import ProtocolError
+from edgesplit.errors import ProtocolError
 
 if TYPE_CHECKING:
     from edgesplit.client.artifacts import Manifest

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesplit.client.artifacts import MANIFEST_NAME, SCHEMA_VERSION, LoraSpec, Manifest, TensorSpec, sha256_file
-from edgesplit.client.errors import ExportError
+from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
 
 

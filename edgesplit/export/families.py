@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgesplit.client.errors import ExportError
+from edgesplit.errors import ExportError
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgesplit.client.errors import DataError
+from edgesplit.errors import DataError
 
 PROFILE_DIR = Path(__file__).resolve().parent
 

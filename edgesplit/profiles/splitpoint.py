@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from edgesplit.client.energy import EstimatedEnergy
-from edgesplit.client.errors import DataError
 from edgesplit.client.protocol import Activations, Gradients, Wire, encode, tensor_nbytes_on_wire
+from edgesplit.errors import DataError
 from edgesplit.profiles.devices import DeviceProfile, LinkProfile
 from edgesplit.profiles.worker import REFERENCE_GFLOPS, Benchmark, benchmark_round, cpu_name, usable_cores
 

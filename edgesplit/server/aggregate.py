@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edgesplit.client.errors import TrainingError
+from edgesplit.errors import TrainingError
 
 
 def fedavg(updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]]) -> dict[str, NDArray[np.float32]]:

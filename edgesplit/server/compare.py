@@ -196,7 +196,7 @@ def prepare_data(config: CompareConfig) -> CompareData:
 
 def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children) -> Path:
     from edgesplit.client.artifacts import load_manifest
-    from edgesplit.client.errors import EdgesplitError
+    from edgesplit.errors import EdgesplitError
 
     name = "full" if full_model else f"split-cut{config.cut_layer}"
     artifacts = config.out / "artifacts" / name

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from edgesplit.client.errors import EdgesplitError
+from edgesplit.errors import EdgesplitError
 from edgesplit.export.models import DEFAULT_MODEL  # the module imports torch only when it loads a model
 
 

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from edgesplit.client.artifacts import load_manifest
-from edgesplit.client.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edgesplit.client.head import Head
 from edgesplit.client.metrics import JsonlWriter
 from edgesplit.client.protocol import (
@@ -62,6 +61,7 @@ from edgesplit.client.protocol import (
     encode,
     max_frame_bytes,
 )
+from edgesplit.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server.aggregate import fedavg
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.generate import eval_loss

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from edgesplit.client.data import EncodedSet, encode_examples, read_jsonl
-from edgesplit.client.errors import ArtifactError, TrainingError
 from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, eval_loss
+from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.server.aggregate import average_top_k, fedavg
 
 Arrays = dict[str, np.ndarray]

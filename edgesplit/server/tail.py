@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
-from edgesplit.client.errors import ArtifactError
+from edgesplit.errors import ArtifactError
 
 
 @dataclass(frozen=True)

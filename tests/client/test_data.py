@@ -22,7 +22,7 @@ from edgesplit.client.data import (
     iterate_batches,
     read_jsonl,
 )
-from edgesplit.client.errors import DataError
+from edgesplit.errors import DataError
 
 UNK, PAD, EOS, SEP = 0, 1, 2, 3
 WORDS = "what is two plus three five hello world one four six seven eight nine ten".split()

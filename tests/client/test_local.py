@@ -14,9 +14,9 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from edgesplit.client.data import EncodedSet, encode_examples, iterate_batches, read_jsonl
-from edgesplit.client.errors import ArtifactError
 from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, eval_loss, proxy_top_k
+from edgesplit.errors import ArtifactError
 from edgesplit.export.families import prepare_for_training
 from edgesplit.server.centralized import build_reference, train_centralized
 from edgesplit.server.tail import OptimizerSettings

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from edgesplit.client.errors import TrainingError
 from edgesplit.client.optim import AdamW
+from edgesplit.errors import TrainingError
 
 torch = pytest.importorskip("torch")  # the reference implementation; absent on a client-only install
 

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgesplit.client.errors import ProtocolError
 from edgesplit.client.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -38,6 +37,7 @@ from edgesplit.client.protocol import (
     encode_tensor,
     tensor_nbytes_on_wire,
 )
+from edgesplit.errors import ProtocolError
 
 # decode runs on a peer's bytes: a warning there is a log line any peer could make the server print.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

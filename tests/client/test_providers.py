@@ -10,8 +10,8 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from edgesplit.client.errors import EdgesplitError
 from edgesplit.client.head import Head, resolve_providers
+from edgesplit.errors import EdgesplitError
 
 
 def test_short_and_full_names_resolve_and_cpu_comes_last() -> None:

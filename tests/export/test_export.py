@@ -13,8 +13,8 @@ from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from edgesplit.client.artifacts import load_manifest
-from edgesplit.client.errors import ArtifactError, ExportError
 from edgesplit.client.head import Head
+from edgesplit.errors import ArtifactError, ExportError
 from edgesplit.export.exporter import ExportConfig, export
 from edgesplit.export.families import family_for, prepare_for_training
 from edgesplit.export.lora import HeadWithLora

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgesplit.client.errors import DataError, EdgesplitError
+from edgesplit.errors import DataError, EdgesplitError
 from edgesplit.profiles.devices import (
     ENERGY_READERS,
     DeviceProfile,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from edgesplit.client.errors import TrainingError
+from edgesplit.errors import TrainingError
 from edgesplit.server.aggregate import fedavg
 
 SHAPES = {"layer0.q.lora_A": (4, 16), "layer0.q.lora_B": (24, 4)}

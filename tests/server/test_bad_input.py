@@ -212,8 +212,8 @@ def test_kind_precheck_raises_only_protocol_errors() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from edgesplit.client.errors import ProtocolError
     from edgesplit.client.protocol import State
+    from edgesplit.errors import ProtocolError
     from edgesplit.server.server import _check_kind_allowed
 
     @settings(max_examples=300, deadline=None)

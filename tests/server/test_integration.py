@@ -128,7 +128,7 @@ def test_client_with_wrong_artifacts_is_refused(tiny_artifacts, tmp_path) -> Non
         from pathlib import Path
         from edgesplit.server.server import Server, ServerConfig
         from edgesplit.client.client import Client, ClientConfig
-        from edgesplit.client.errors import EdgesplitError
+        from edgesplit.errors import EdgesplitError
 
         async def main():
             server = Server(ServerConfig(artifacts=Path(sys.argv[1]), port=0, rounds=1, min_clients=1,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgesplit.client.errors import ArtifactError, TrainingError
 from edgesplit.client.local import proxy_top_k
+from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.server.strategies import FedLlmStrategy, KdSettings, KdStrategy
 
 
