@@ -373,8 +373,10 @@ def matmul_flops(directory: Path) -> dict[str, float]:
     for name in ("head.onnx", "head_grad.onnx"):
         model = onnx.shape_inference.infer_shapes(onnx.load(str(directory / name), load_external_data=False))
         graph = model.graph
-        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
-                  [*graph.input, *graph.output, *graph.value_info]}
+        shapes = {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output, *graph.value_info]
+        }
         shapes |= {t.name: list(t.dims) for t in graph.initializer}
         constants = {t.name for t in graph.initializer}
         for node in graph.node:
@@ -410,16 +412,35 @@ def gemm_rates(threads: int | None, repeats: int = 20) -> dict[str, float]:
         forms = {
             "fp32_matmul": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")]),
             "int8_matmulnbits": (
-                [helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
-                                  block_size=BLOCK_SIZE, accuracy_level=4)],
+                [
+                    helper.make_node(
+                        "MatMulNBits",
+                        ["x", "q", "s"],
+                        ["y"],
+                        domain="com.microsoft",
+                        K=k,
+                        N=n,
+                        bits=8,
+                        block_size=BLOCK_SIZE,
+                        accuracy_level=4,
+                    )
+                ],
                 [numpy_helper.from_array(codes, "q"), numpy_helper.from_array(scales, "s")],
             ),
         }
         for form, (nodes, initializers) in forms.items():
-            graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, k])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512, n])], initializers)
-            model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                           helper.make_opsetid("com.microsoft", 1)])
+            graph = helper.make_graph(
+                nodes,
+                form,
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, k])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512, n])],
+                initializers,
+            )
+            model = helper.make_model(
+                graph,
+                ir_version=10,
+                opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+            )
             session = ort.InferenceSession(model.SerializeToString(), session_options(threads))
             for _ in range(3):
                 session.run(None, {"x": x})

@@ -12,8 +12,15 @@ SPECIAL = ["<pad>", "<unk>", "<eos>"]
 
 FAMILY_CONFIGS: dict[str, dict[str, object]] = {
     "llama": dict(
-        model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     ),
     "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64),
 }
@@ -27,9 +34,7 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     vocab = {token: index for index, token in enumerate(SPECIAL + VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
 def save_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:

@@ -194,9 +194,7 @@ def needed(packages: dict[str, Resolved], environment: dict[str, str], skip: fro
     return set(active)
 
 
-def plan(
-    packages: dict[str, Resolved], environment: dict[str, str], roots: tuple[str, ...] = DROPPED_ROOTS
-) -> Plan:
+def plan(packages: dict[str, Resolved], environment: dict[str, str], roots: tuple[str, ...] = DROPPED_ROOTS) -> Plan:
     """Keep everything except `roots` and the packages reachable from the requested ones only through them.
 
     A root that SPEC itself asks for is kept.

@@ -93,8 +93,9 @@ class _Position:
     losses: list[float] = field(default_factory=list)  # this round's, as far as this process has seen
 
 
-def backoff_delays(first_s: float = 0.5, cap_s: float = 10.0, jitter: float = 0.2,
-                   rng: random.Random | None = None) -> Iterator[float]:
+def backoff_delays(
+    first_s: float = 0.5, cap_s: float = 10.0, jitter: float = 0.2, rng: random.Random | None = None
+) -> Iterator[float]:
     """Seconds to wait before each retry: doubling from `first_s` up to `cap_s`, each scaled by a random
     factor in [1 - jitter, 1 + jitter] so that clients cut off together do not all come back at once."""
     rng = rng or random.Random()
@@ -186,9 +187,13 @@ class Client:
                 busy_since = None  # it got in: a later busy spell gets its own --connect-timeout
                 self.reconnects += 1
                 self.log(f"lost the server ({lost}); reconnecting")
-                self.metrics.write("disconnect", client_id=self.config.client_id, reason=str(lost),
-                                   round=None if self.position is None else self.position.round,
-                                   step=None if self.position is None else self.position.step)
+                self.metrics.write(
+                    "disconnect",
+                    client_id=self.config.client_id,
+                    reason=str(lost),
+                    round=None if self.position is None else self.position.round,
+                    step=None if self.position is None else self.position.step,
+                )
             except ServerRefused as refusal:
                 if refusal.code == "busy":
                     busy_since = busy_since or time.monotonic()
@@ -224,12 +229,13 @@ class Client:
                 )
             except ssl.SSLError as error:
                 # A certificate that does not verify will not verify on the next try either.
-                raise EdgesplitError(f"TLS with {self.config.server} failed: {error} (is --ca-file the CA "
-                                     "that signed the server's certificate?)") from error
+                raise EdgesplitError(
+                    f"TLS with {self.config.server} failed: {error} (is --ca-file the CA "
+                    "that signed the server's certificate?)"
+                ) from error
             except (OSError, asyncio.TimeoutError, InvalidHandshake) as error:
                 if time.monotonic() + delay > deadline:
-                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") \
-                        from error
+                    raise EdgesplitError(f"cannot reach the server at {self.config.server}: {error}") from error
                 self.log(f"server not reachable ({error}); retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays is endless")
@@ -261,8 +267,13 @@ class Client:
 
     async def _session(self, websocket: Any) -> dict[str, Any]:
         session = Session(Role.CLIENT, max_size=max_frame_bytes(self.head.manifest))
-        hello = Hello(self.config.client_id, PROTOCOL_VERSION, self.head.manifest.manifest_hash,
-                      self.config.token, self.num_samples)
+        hello = Hello(
+            self.config.client_id,
+            PROTOCOL_VERSION,
+            self.head.manifest.manifest_hash,
+            self.config.token,
+            self.num_samples,
+        )
         self.log(f"connecting to {self.config.server} with {self.num_samples} examples")
         welcome = await self._exchange(websocket, session, hello, Wire.FP32)
         assert isinstance(welcome, Welcome)
@@ -289,8 +300,13 @@ class Client:
             loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
             self.log(f"round {position.round + 1} done{loss_text}{eval_text}")
-            self.metrics.write("round", client_id=self.config.client_id, round=position.round,
-                               mean_loss=mean_loss, eval_loss=result.eval_loss)
+            self.metrics.write(
+                "round",
+                client_id=self.config.client_id,
+                round=position.round,
+                mean_loss=mean_loss,
+                eval_loss=result.eval_loss,
+            )
             if result.done:
                 return self._summary()
             if result.next_round != position.round + 1:
@@ -343,11 +359,18 @@ class Client:
         elif position.step >= self.steps_per_round:
             self.log(f"rejoined at {where}: this client's steps are done; sending its update again")
         else:
-            self.log(f"rejoined at {where}, step {position.step + 1} "
-                     f"(the server had taken {resume_step} steps of this round from this client)")
-        self.metrics.write("welcome", client_id=self.config.client_id, round=position.round,
-                           step=position.step, resume_step=resume_step,
-                           update_received=bool(settings.get("update_received")))
+            self.log(
+                f"rejoined at {where}, step {position.step + 1} "
+                f"(the server had taken {resume_step} steps of this round from this client)"
+            )
+        self.metrics.write(
+            "welcome",
+            client_id=self.config.client_id,
+            round=position.round,
+            step=position.step,
+            resume_step=resume_step,
+            update_received=bool(settings.get("update_received")),
+        )
         return position
 
     def _batch(self, round_index: int, step: int) -> Batch:
@@ -366,10 +389,15 @@ class Client:
 
     def _summary(self) -> dict[str, Any]:
         rounds = 0 if self.position is None else self.position.round + 1
-        return {"rounds": rounds, "steps": self.steps_done,
-                "final_loss": self.losses[-1] if self.losses else None,
-                "first_loss": self.losses[0] if self.losses else None,
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "reconnects": self.reconnects}
+        return {
+            "rounds": rounds,
+            "steps": self.steps_done,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "first_loss": self.losses[0] if self.losses else None,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "reconnects": self.reconnects,
+        }
 
     async def _local_step(self, loop: asyncio.AbstractEventLoop, batch: Batch, round_index: int, step: int) -> float:
         """One FedLLM / KD-FedLLM step on the device: whole-model forward, numpy loss, gradient graph, AdamW."""
@@ -381,13 +409,20 @@ class Client:
         self.steps_done += 1
         self.losses.append(loss)
         self.metrics.write(
-            "step", client_id=self.config.client_id, round=round_index, step=step, loss=loss,
-            tokens=int(batch.attention_mask.sum()), bytes_up=0, bytes_down=0,
+            "step",
+            client_id=self.config.client_id,
+            round=round_index,
+            step=step,
+            loss=loss,
+            tokens=int(batch.attention_mask.sum()),
+            bytes_up=0,
+            bytes_down=0,
             seconds={k: round(v, 6) for k, v in phases.items()},
             energy_j=round(self.energy.read_joules() - energy_before, 6),
         )
-        self.log(f"round {round_index + 1} step {step + 1}: loss {loss:.4f} (local), "
-                 f"{sum(phases.values()) * 1000:.0f} ms")
+        self.log(
+            f"round {round_index + 1} step {step + 1}: loss {loss:.4f} (local), {sum(phases.values()) * 1000:.0f} ms"
+        )
         return loss
 
     async def _upload(self, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
@@ -397,8 +432,7 @@ class Client:
         top_k = int(self.kd_settings["top_k"])  # type: ignore[call-overload]
         assert self.proxy is not None
         with self.timer.phase("proxy_logits"):
-            values, indices = await loop.run_in_executor(None, proxy_top_k, self.head, self.adapters,
-                                                         self.proxy, top_k)
+            values, indices = await loop.run_in_executor(None, proxy_top_k, self.head, self.adapters, self.proxy, top_k)
         return {"proxy_values": values, "proxy_indices": indices}
 
     async def _take_result(self, loop: asyncio.AbstractEventLoop, result: RoundResult) -> None:
@@ -410,8 +444,13 @@ class Client:
             return
         assert self.proxy is not None
         await loop.run_in_executor(
-            None, distil_on_proxy, self.trainer, self.proxy, result.tensors["proxy_values"],
-            result.tensors["proxy_indices"], float(self.kd_settings["temperature"]),  # type: ignore[arg-type]
+            None,
+            distil_on_proxy,
+            self.trainer,
+            self.proxy,
+            result.tensors["proxy_values"],
+            result.tensors["proxy_indices"],
+            float(self.kd_settings["temperature"]),  # type: ignore[arg-type]
             int(self.kd_settings.get("client_distill_epochs", 1)),  # type: ignore[call-overload]
         )
 
@@ -421,8 +460,16 @@ class Client:
         for name, value in tensors.items():
             self.adapters[name][...] = value
 
-    async def _step(self, websocket: Any, session: Session, loop: asyncio.AbstractEventLoop, batch: Batch,
-                    round_index: int, step: int, wire: Wire) -> float:
+    async def _step(
+        self,
+        websocket: Any,
+        session: Session,
+        loop: asyncio.AbstractEventLoop,
+        batch: Batch,
+        round_index: int,
+        step: int,
+        wire: Wire,
+    ) -> float:
         up_before, down_before = self.bytes_up, self.bytes_down
         energy_before = self.energy.read_joules()
         with self.timer.phase("head_forward"), self.memory.phase("head_forward"):
@@ -430,9 +477,11 @@ class Client:
                 None, self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
             )
         with self.timer.phase("encode"):
-            message = Activations(round_index, step, {"activations": forward.activations,
-                                                      "attention_mask": batch.attention_mask,
-                                                      "labels": batch.labels})
+            message = Activations(
+                round_index,
+                step,
+                {"activations": forward.activations, "attention_mask": batch.attention_mask, "labels": batch.labels},
+            )
         waited = time.perf_counter()
         gradients = await self._exchange(websocket, session, message, wire)
         waited = time.perf_counter() - waited
@@ -453,14 +502,21 @@ class Client:
         self.steps_done += 1
         self.losses.append(gradients.loss)
         self.metrics.write(
-            "step", client_id=self.config.client_id, round=round_index, step=step, loss=gradients.loss,
+            "step",
+            client_id=self.config.client_id,
+            round=round_index,
+            step=step,
+            loss=gradients.loss,
             tokens=int(batch.attention_mask.sum()),
-            bytes_up=self.bytes_up - up_before, bytes_down=self.bytes_down - down_before,
-            seconds={k: round(v, 6) for k, v in phases.items()}, wait_seconds=round(waited, 6),
+            bytes_up=self.bytes_up - up_before,
+            bytes_down=self.bytes_down - down_before,
+            seconds={k: round(v, 6) for k, v in phases.items()},
+            wait_seconds=round(waited, 6),
             energy_j=round(self.energy.read_joules() - energy_before, 6),
         )
-        self.log(f"round {round_index + 1} step {step + 1}: loss {gradients.loss:.4f}, "
-                 f"{sum(phases.values()) * 1000:.0f} ms")
+        self.log(
+            f"round {round_index + 1} step {step + 1}: loss {gradients.loss:.4f}, {sum(phases.values()) * 1000:.0f} ms"
+        )
         return gradients.loss
 
     def _resource_summary(self) -> dict[str, Any]:
@@ -494,13 +550,18 @@ def run_client(config: ClientConfig) -> dict[str, Any]:
 
 
 def main_summary(summary: dict[str, Any]) -> str:
-    loss = "no steps" if summary["final_loss"] is None else \
-        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+    loss = (
+        "no steps"
+        if summary["final_loss"] is None
+        else f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+    )
     reconnects = f", {summary['reconnects']} reconnections" if summary.get("reconnects") else ""
-    return (f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
-            f"{summary['bytes_up'] / 1e6:.1f} MB up, "
-            f"{summary['bytes_down'] / 1e6:.1f} MB down; peak RSS {summary['peak_rss_mb']:.0f} MB; "
-            f"energy {summary['energy_j']:.1f} J ({summary['energy_method']}, {summary['energy_source']})")
+    return (
+        f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
+        f"{summary['bytes_up'] / 1e6:.1f} MB up, "
+        f"{summary['bytes_down'] / 1e6:.1f} MB down; peak RSS {summary['peak_rss_mb']:.0f} MB; "
+        f"energy {summary['energy_j']:.1f} J ({summary['energy_method']}, {summary['energy_source']})"
+    )
 
 
 if __name__ == "__main__":

@@ -76,9 +76,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
         if line.strip():
             examples.append(_parse_line(where, line))
     if not examples:
-        raise DataError(
-            f"{path}: no examples in the file; expected one JSON object per line: {_EXPECTED_LINE}"
-        )
+        raise DataError(f"{path}: no examples in the file; expected one JSON object per line: {_EXPECTED_LINE}")
     return examples
 
 
@@ -240,9 +238,7 @@ class Batch:
     indices: NDArray[np.int64]  # (B,), rows of the EncodedSet, for logging and reproducibility checks
 
 
-def iterate_batches(
-    encoded: EncodedSet, batch_size: int, seed: int, epoch_shuffle: bool = True
-) -> Iterator[Batch]:
+def iterate_batches(encoded: EncodedSet, batch_size: int, seed: int, epoch_shuffle: bool = True) -> Iterator[Batch]:
     """Yield full batches forever, the same sequence for the same seed.
 
     Each epoch visits every example once, in a fresh order from numpy's Generator(seed) when
@@ -257,9 +253,7 @@ def iterate_batches(
     return _batches(encoded, batch_size, np.random.default_rng(seed), epoch_shuffle)
 
 
-def _batches(
-    encoded: EncodedSet, batch_size: int, rng: np.random.Generator, epoch_shuffle: bool
-) -> Iterator[Batch]:
+def _batches(encoded: EncodedSet, batch_size: int, rng: np.random.Generator, epoch_shuffle: bool) -> Iterator[Batch]:
     pending = np.empty(0, dtype=np.int64)
     while True:
         epoch_order = rng.permutation(len(encoded)) if epoch_shuffle else np.arange(len(encoded))
@@ -282,9 +276,7 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[list[i
     return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
 
 
-def dirichlet_partition(
-    labels_or_groups: Sequence[int], num_clients: int, alpha: float, seed: int
-) -> list[list[int]]:
+def dirichlet_partition(labels_or_groups: Sequence[int], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
     """Non-IID split of example indices: each group is shared out by Dirichlet(alpha) proportions.
 
     The usual label-skew benchmark (Hsu et al., 2019): small alpha gives each client few groups, large

@@ -366,9 +366,7 @@ class Ina3221Reader(_SampledPowerReader):
                     continue  # a label without a current (the sum channel) is no rail
                 label = _read_sysfs(label_path)
                 enable_path = hwmon / f"in{channel}_enable"
-                if label.upper() in _UNCONNECTED_LABELS or (
-                    enable_path.exists() and _read_sysfs(enable_path) == "0"
-                ):
+                if label.upper() in _UNCONNECTED_LABELS or (enable_path.exists() and _read_sysfs(enable_path) == "0"):
                     continue
                 rails.append((label, hwmon / f"in{channel}_input", current_path))
         if not rails:
@@ -435,9 +433,7 @@ def run_command(argv: Sequence[str], timeout_s: float = 5.0) -> str:
         raise SensorUnavailable(f"{' '.join(argv)} failed: {exc}") from None
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
-        raise SensorUnavailable(
-            f"{' '.join(argv)} exited {done.returncode}" + (f": {said[0][:120]}" if said else "")
-        )
+        raise SensorUnavailable(f"{' '.join(argv)} exited {done.returncode}" + (f": {said[0][:120]}" if said else ""))
     return done.stdout
 
 

@@ -157,16 +157,21 @@ class Head:
         expected = (self.manifest.batch_size, self.manifest.max_seq_len)
         if input_ids.shape != expected or attention_mask.shape != expected:
             raise TrainingError(f"the head takes batches of exactly {expected} tokens, got {input_ids.shape}")
-        feed = {"input_ids": input_ids.astype(np.int64, copy=False),
-                "attention_mask": attention_mask.astype(np.int64, copy=False)}
+        feed = {
+            "input_ids": input_ids.astype(np.int64, copy=False),
+            "attention_mask": attention_mask.astype(np.int64, copy=False),
+        }
         for name in self.manifest.lora.matrices:
             feed[name] = adapters[name]
         outputs = self.forward_session.run(None, feed)
         named = dict(zip(self.output_names, outputs, strict=True))
         activations = named.pop("activations")
         # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
-        saved = {name: named[name] if name in named else feed[name] for name in self.backward_inputs
-                 if name != "activation_grads"}
+        saved = {
+            name: named[name] if name in named else feed[name]
+            for name in self.backward_inputs
+            if name != "activation_grads"
+        }
         return ForwardResult(activations=activations, saved=saved)
 
     def backward(self, forward: ForwardResult, activation_grads: np.ndarray) -> Arrays:

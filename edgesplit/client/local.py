@@ -37,8 +37,12 @@ class LocalTrainer:
         return loss
 
     def distillation_step(
-        self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64], target_values: np.ndarray,
-        target_indices: npt.NDArray[np.int64], temperature: float,
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        target_values: np.ndarray,
+        target_indices: npt.NDArray[np.int64],
+        temperature: float,
     ) -> float:
         forward = self.head.forward(input_ids, attention_mask, self.adapters)
         loss, logit_grads = distillation_and_grad(
@@ -64,8 +68,12 @@ def proxy_batches(proxy: EncodedSet, batch_size: int) -> list[tuple[np.ndarray, 
 
 
 def distil_on_proxy(
-    trainer: LocalTrainer, proxy: EncodedSet, values: np.ndarray, indices: npt.NDArray[np.int64],
-    temperature: float, epochs: int = 1,
+    trainer: LocalTrainer,
+    proxy: EncodedSet,
+    values: np.ndarray,
+    indices: npt.NDArray[np.int64],
+    temperature: float,
+    epochs: int = 1,
 ) -> list[float]:
     """Distil `trainer`'s model towards target top-k distributions (N, T, k) on the proxy set, batch by batch."""
     batch_size = trainer.head.manifest.batch_size

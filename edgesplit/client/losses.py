@@ -67,7 +67,10 @@ def densify(values: FloatArray, indices: IntArray, vocab_size: int) -> FloatArra
 
 
 def distillation_and_grad(
-    logits: FloatArray, target_values: FloatArray, target_indices: IntArray, mask: npt.NDArray[np.int64],
+    logits: FloatArray,
+    target_values: FloatArray,
+    target_indices: IntArray,
+    mask: npt.NDArray[np.int64],
     temperature: float = 1.0,
 ) -> tuple[float, FloatArray]:
     """KL(target || student) at temperature tau, averaged over masked positions, and d loss / d logits."""

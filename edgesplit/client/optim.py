@@ -141,9 +141,7 @@ class AdamW:
             checked[name] = _as_finite_float32(f"gradient {name!r}", grads[name], param.shape)
         return checked
 
-    def _check_moments(
-        self, label: str, moments: Mapping[str, NDArray[Any]]
-    ) -> dict[str, NDArray[np.float32]]:
+    def _check_moments(self, label: str, moments: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[np.float32]]:
         if set(moments) != set(self.params):
             missing = sorted(set(self.params) - set(moments))
             unexpected = sorted(set(moments) - set(self.params))
@@ -193,6 +191,4 @@ def _check_hyperparameters(
     if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
         raise TrainingError(f"AdamW weight_decay must be a finite number >= 0, got {weight_decay}")
     if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0.0):
-        raise TrainingError(
-            f"max_grad_norm must be a finite number > 0, or None for no clipping; got {max_grad_norm}"
-        )
+        raise TrainingError(f"max_grad_norm must be a finite number > 0, or None for no clipping; got {max_grad_norm}")

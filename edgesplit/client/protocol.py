@@ -118,9 +118,7 @@ class TensorHeader:
 
     def __post_init__(self) -> None:
         if self.dtype != "float32" and self.dtype not in _RAW_DTYPES:
-            raise ProtocolError(
-                f"tensor {self.name!r}: unsupported dtype {self.dtype!r:.40}", CLOSE_UNSUPPORTED_DATA
-            )
+            raise ProtocolError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r:.40}", CLOSE_UNSUPPORTED_DATA)
         if (self.dtype == "float32") != (self.wire is not None):
             raise ProtocolError(
                 f"tensor {self.name!r}: float32 tensors travel as fp32, fp16 or int8 and other dtypes raw,"
@@ -157,9 +155,7 @@ class TensorHeader:
     def from_json(raw: object) -> TensorHeader:
         keys = {"name", "dtype", "shape", "wire", "nbytes"}
         if not isinstance(raw, dict) or set(raw) != keys:
-            raise ProtocolError(
-                f"a tensor header is an object with exactly the keys {sorted(keys)}, got {raw!r:.200}"
-            )
+            raise ProtocolError(f"a tensor header is an object with exactly the keys {sorted(keys)}, got {raw!r:.200}")
         name, dtype, shape, wire, nbytes = raw["name"], raw["dtype"], raw["shape"], raw["wire"], raw["nbytes"]
         if not (
             isinstance(name, str)
@@ -176,9 +172,7 @@ class TensorHeader:
             )
         wires = {member.value: member for member in Wire}
         if wire != _RAW and wire not in wires:
-            raise ProtocolError(
-                f"tensor {name!r}: unknown wire encoding {wire!r:.40}", CLOSE_UNSUPPORTED_DATA
-            )
+            raise ProtocolError(f"tensor {name!r}: unknown wire encoding {wire!r:.40}", CLOSE_UNSUPPORTED_DATA)
         return TensorHeader(name, dtype, tuple(shape), None if wire == _RAW else wires[wire], nbytes)
 
 
@@ -199,9 +193,7 @@ def _wire_format(dtype: np.dtype[Any], wire: Wire) -> tuple[str, Wire | None]:
         return "float32", wire
     if dtype.name in _RAW_DTYPES:
         return dtype.name, None
-    raise ProtocolError(
-        f"cannot send a {dtype} tensor: send float, int64, int32, int8 or bool", CLOSE_UNSUPPORTED_DATA
-    )
+    raise ProtocolError(f"cannot send a {dtype} tensor: send float, int64, int32, int8 or bool", CLOSE_UNSUPPORTED_DATA)
 
 
 def tensor_nbytes_on_wire(shape: Sequence[int], dtype: npt.DTypeLike, wire: Wire) -> int:
@@ -236,9 +228,7 @@ def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[Tens
         values = array.astype(_F32, copy=False)
         if not np.isfinite(values).all():
             # A NaN would poison its row's scale and silently zero the whole token.
-            raise ProtocolError(
-                f"tensor {name!r} holds NaN or inf, which int8 cannot carry", CLOSE_UNSUPPORTED_DATA
-            )
+            raise ProtocolError(f"tensor {name!r} holds NaN or inf, which int8 cannot carry", CLOSE_UNSUPPORTED_DATA)
         rows = values.reshape(_rows(shape))
         scales = (np.max(np.abs(rows), axis=1, initial=0.0) / 127).astype(_F32)
         # An all-zero row, or one so small that its scale underflows, still needs a divisor.
@@ -351,18 +341,14 @@ class Activations:
     def __post_init__(self) -> None:
         _require_counts(self, "round", "step")
         names = {"activations", "attention_mask", "labels"}
-        _require(
-            set(self.tensors) == names, f"Activations carries {sorted(names)}, got {sorted(self.tensors)}"
-        )
+        _require(set(self.tensors) == names, f"Activations carries {sorted(names)}, got {sorted(self.tensors)}")
         activations = self.tensors["activations"]
         _require_float_tensors(self, {"activations": activations})
         _require(activations.ndim == 3, f"activations must be (B, T, H), got shape {activations.shape}")
         for name in ("attention_mask", "labels"):
             tensor = self.tensors[name]
             _require(
-                isinstance(tensor, np.ndarray)
-                and tensor.dtype == np.int64
-                and tensor.shape == activations.shape[:2],
+                isinstance(tensor, np.ndarray) and tensor.dtype == np.int64 and tensor.shape == activations.shape[:2],
                 f"{name} must be int64 of shape (B, T) = {activations.shape[:2]}",
             )
 
@@ -410,9 +396,7 @@ class Welcome:
         _require_round_tensors(self, self.tensors)
         try:
             # json.dumps would turn a key 1 into "1", and the settings would not round-trip.
-            _require(
-                all(isinstance(key, str) for key in self.settings), "Welcome settings keys must be strings"
-            )
+            _require(all(isinstance(key, str) for key in self.settings), "Welcome settings keys must be strings")
             json.dumps(self.settings)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"Welcome settings must be a JSON object: {exc}") from exc
@@ -436,9 +420,7 @@ class Gradients:
             f"Gradients carries only activation_grads, got {sorted(self.tensors)}",
         )
         _require_float_tensors(self, self.tensors)
-        _require(
-            all(grads.ndim == 3 for grads in self.tensors.values()), "activation_grads must be (B, T, H)"
-        )
+        _require(all(grads.ndim == 3 for grads in self.tensors.values()), "activation_grads must be (B, T, H)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -589,8 +571,7 @@ def _decode_payload(kind: Kind, entries: object, payload: memoryview) -> dict[st
     if declared != len(payload):
         problem = "is truncated" if declared > len(payload) else "has trailing bytes"
         raise ProtocolError(
-            f"{kind.name} frame {problem}: its tensors declare {declared} payload bytes,"
-            f" it carries {len(payload)}"
+            f"{kind.name} frame {problem}: its tensors declare {declared} payload bytes, it carries {len(payload)}"
         )
     tensors: dict[str, Array] = {}
     offset = 0
@@ -608,9 +589,7 @@ def _build(kind: Kind, metadata: dict[str, Any], tensors: dict[str, Array]) -> M
         raise ProtocolError(f"{kind.name} carries no tensors, the frame has {sorted(tensors)}")
     missing, unexpected = fields.keys() - metadata.keys(), metadata.keys() - fields.keys()
     if missing or unexpected:
-        raise ProtocolError(
-            f"{kind.name} metadata: missing fields {sorted(missing)}, unexpected {sorted(unexpected)}"
-        )
+        raise ProtocolError(f"{kind.name} metadata: missing fields {sorted(missing)}, unexpected {sorted(unexpected)}")
     values: dict[str, Any] = {}
     for name, annotation in fields.items():
         try:
@@ -686,9 +665,7 @@ class Session:
         """The frame to send; ProtocolError (and no state change) if this side may not send it now."""
         after = next_state(self.peer, self.state, message)
         if after is None:
-            raise ProtocolError(
-                f"the {self.role.value} may not send {message.kind.name} in state {self.state.name}"
-            )
+            raise ProtocolError(f"the {self.role.value} may not send {message.kind.name} in state {self.state.name}")
         frame = encode(message, wire)
         self.state = after
         kind = message.kind.name

@@ -18,19 +18,35 @@ def parse_cut_layer(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit export", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)")
-    parser.add_argument("--cut-layer", type=parse_cut_layer,
-                        help="layers [0, cut) run on the device, the rest on the server (required unless --full-model)")
-    parser.add_argument("--full-model", action="store_true",
-                        help="the whole model on the device, trainable, outputting logits (for FedLLM and KD-FedLLM)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)",
+    )
+    parser.add_argument(
+        "--cut-layer",
+        type=parse_cut_layer,
+        help="layers [0, cut) run on the device, the rest on the server (required unless --full-model)",
+    )
+    parser.add_argument(
+        "--full-model",
+        action="store_true",
+        help="the whole model on the device, trainable, outputting logits (for FedLLM and KD-FedLLM)",
+    )
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact directory (default artifacts/)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-targets", default=None,
-                        help="comma-separated module names (default: the family's, q_proj,v_proj for Llama)")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                        help="int8: weight-only, the head's frozen weights (matmuls in blocks of 32, embedding rows)")
+    parser.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names (default: the family's, q_proj,v_proj for Llama)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: weight-only, the head's frozen weights (matmuls in blocks of 32, embedding rows)",
+    )
     parser.add_argument("--frozen-head", action="store_true", help="no client adapters: the client only runs forward")
     parser.add_argument("--batch-size", type=int, default=4, help="batch size the head graphs are traced for")
     parser.add_argument("--max-seq-len", type=int, default=128, help="sequence length the client pads to")
@@ -46,23 +62,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cut-layer is required (or --full-model)")
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     config = ExportConfig(
-        model=args.model, cut_layer=args.cut_layer or 0, out=args.out, full_model=args.full_model,
+        model=args.model,
+        cut_layer=args.cut_layer or 0,
+        out=args.out,
+        full_model=args.full_model,
         lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, lora_targets=targets, quantize=args.quantize, frozen_head=args.frozen_head,
-        batch_size=args.batch_size, max_seq_len=args.max_seq_len, force=args.force, seed=args.seed,
+        lora_alpha=args.lora_alpha,
+        lora_targets=targets,
+        quantize=args.quantize,
+        frozen_head=args.frozen_head,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        force=args.force,
+        seed=args.seed,
     )
     result = export(config)
     manifest = result.manifest
     sizes = {name: (result.out / name).stat().st_size for name in manifest.files}
-    print(f"wrote {result.out}/ ({sum(sizes.values()) / 1e6:.1f} MB): {manifest.family} cut after layer "
-          f"{manifest.cut_layer} of {manifest.num_layers}, hidden {manifest.hidden_size}, "
-          f"{len(manifest.lora.matrices)} client LoRA matrices, quantize={manifest.quantize}")
+    print(
+        f"wrote {result.out}/ ({sum(sizes.values()) / 1e6:.1f} MB): {manifest.family} cut after layer "
+        f"{manifest.cut_layer} of {manifest.num_layers}, hidden {manifest.hidden_size}, "
+        f"{len(manifest.lora.matrices)} client LoRA matrices, quantize={manifest.quantize}"
+    )
     for name, size in sorted(sizes.items()):
         print(f"  {name:<28} {size / 1e6:9.2f} MB")
     if result.quantize_report is not None:
         report = result.quantize_report
-        print(f"  int8: {len(report.quantized)} weight matrices, {report.bytes_before / 1e6:.1f} MB -> "
-              f"{report.bytes_after / 1e6:.1f} MB")
+        print(
+            f"  int8: {len(report.quantized)} weight matrices, {report.bytes_before / 1e6:.1f} MB -> "
+            f"{report.bytes_after / 1e6:.1f} MB"
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"  time: {timings}")
     return 0

@@ -139,8 +139,10 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
 
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     try:
-        log(f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
-            f"{config.max_seq_len} tokens")
+        log(
+            f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
+            f"{config.max_seq_len} tokens"
+        )
         t0 = time.perf_counter()
         with torch.no_grad() if not trainable else torch.enable_grad():
             traced = trace_head(head, lora, config.batch_size, config.max_seq_len, trainable=trainable)
@@ -150,16 +152,20 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
         with _quiet_exporter():
             export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
             if traced.backward is not None:
-                export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs,
-                             scratch / "head_grad.onnx")
+                export_graph(
+                    traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / "head_grad.onnx"
+                )
         seconds["export"] = time.perf_counter() - t0
 
         report = None
         if config.quantize == "int8":
             log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
         t0 = time.perf_counter()
-        graphs = {name: onnx.load(str(scratch / name)) for name in ("head.onnx", "head_grad.onnx")
-                  if (scratch / name).exists()}
+        graphs = {
+            name: onnx.load(str(scratch / name))
+            for name in ("head.onnx", "head_grad.onnx")
+            if (scratch / name).exists()
+        }
         if config.quantize == "int8":
             for graph in graphs.values():
                 part = quantize_model(graph)
@@ -170,8 +176,10 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             save_with_aligned_data(graph, scratch / name)
         seconds["quantize" if config.quantize == "int8" else "save"] = time.perf_counter() - t0
 
-        save_numpy({k: v.detach().numpy().astype("float32") for k, v in lora.items()},
-                   str(scratch / "head_adapters.safetensors"))
+        save_numpy(
+            {k: v.detach().numpy().astype("float32") for k, v in lora.items()},
+            str(scratch / "head_adapters.safetensors"),
+        )
         loaded.tokenizer.backend_tokenizer.save(str(scratch / "tokenizer.json"))
         # A full-model export has no tail: the client holds every layer.
         if config.write_tail and not config.full_model:
@@ -183,9 +191,7 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
 
         head_inputs, head_outputs = _specs(scratch / "head.onnx")
         grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx") if trainable else ((), ())
-        files = {
-            str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()
-        }
+        files = {str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()}
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_id
         manifest = Manifest(

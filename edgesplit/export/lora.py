@@ -43,8 +43,15 @@ class HeadWithLora(nn.Module):
     that FedLLM and KD-FedLLM clients train.
     """
 
-    def __init__(self, backbone: nn.Module, family: Family, rank: int, alpha: float, targets: tuple[str, ...],
-                 full_model: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        family: Family,
+        rank: int,
+        alpha: float,
+        targets: tuple[str, ...],
+        full_model: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.full_model = full_model

@@ -128,8 +128,7 @@ class DeviceProfile:
             raise ProfileError(f"{where}: description must be a string, got {self.description!r}")
         if self.energy_reader not in ENERGY_READERS:
             raise ProfileError(
-                f"{where}: energy_reader must be one of {', '.join(ENERGY_READERS)}, "
-                f"got {self.energy_reader!r}"
+                f"{where}: energy_reader must be one of {', '.join(ENERGY_READERS)}, got {self.energy_reader!r}"
             )
         if not isinstance(self.links, dict) or not self.links:
             raise ProfileError(f"{where}: needs at least one link table, such as [links.wifi]")

@@ -56,9 +56,7 @@ def fedavg(updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]]) -> dict[st
     return averaged
 
 
-def _check_tensors(
-    client: int, tensors: Mapping[str, NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]
-) -> None:
+def _check_tensors(client: int, tensors: Mapping[str, NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]) -> None:
     if set(tensors) != set(shapes):
         missing = sorted(set(shapes) - set(tensors))
         unexpected = sorted(set(tensors) - set(shapes))
@@ -70,9 +68,7 @@ def _check_tensors(
         tensor = tensors[name]
         if not isinstance(tensor, np.ndarray) or not np.issubdtype(tensor.dtype, np.floating):
             kind = tensor.dtype if isinstance(tensor, np.ndarray) else type(tensor).__name__
-            raise TrainingError(
-                f"client {client}: tensor {name!r} must be a floating-point array, got {kind}"
-            )
+            raise TrainingError(f"client {client}: tensor {name!r} must be a floating-point array, got {kind}")
         if tensor.shape != expected_shape:
             raise TrainingError(
                 f"client {client}: tensor {name!r} has shape {tensor.shape}, client 0 sent {expected_shape}"

@@ -32,8 +32,13 @@ def build_reference(
     lora = manifest.lora
     reference = get_peft_model(
         model,
-        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets), lora_dropout=0.0,
-                   fan_in_fan_out=family.weight_is_in_out),
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            target_modules=list(lora.targets),
+            lora_dropout=0.0,
+            fan_in_fan_out=family.weight_is_in_out,
+        ),
     )
     layer_path = re.compile(rf"\.{family.layers_attr}\.(\d+)\.(.+)\.lora_([AB])\.default\.weight$")
     with torch.no_grad():
@@ -45,8 +50,9 @@ def build_reference(
             if index < manifest.cut_layer:
                 value = head_adapters[f"lora.{index}.{module_path.rsplit('.', 1)[-1]}.{matrix}"]
             else:  # the tail numbers its layers from 0 after the cut
-                tail_name = name.replace(f".{family.layers_attr}.{index}.",
-                                         f".{family.layers_attr}.{index - manifest.cut_layer}.")
+                tail_name = name.replace(
+                    f".{family.layers_attr}.{index}.", f".{family.layers_attr}.{index - manifest.cut_layer}."
+                )
                 value = tail_lora[tail_name]
             parameter.copy_(torch.from_numpy(np.asarray(value)))
     return reference
@@ -68,13 +74,19 @@ def train_centralized(
 ) -> list[float]:
     """AdamW on the LoRA parameters over `batches` of (input_ids, attention_mask, labels); the losses."""
     parameters = [p for p in reference.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=settings.learning_rate,
+        betas=settings.betas,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+    )
     reference.train()
     losses = []
     for input_ids, attention_mask, labels in batches:
-        logits = reference(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                           use_cache=False).logits
+        logits = reference(
+            input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask), use_cache=False
+        ).logits
         loss = causal_lm_loss(logits, torch.from_numpy(labels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -165,8 +165,10 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         index, name = key.split(".", 1)
         optimizer_state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
     extra = {k: v for k, v in state.items() if k not in ("round", "param_groups")}
-    updates = {p.name.removesuffix(".safetensors"): load_file(str(p))
-               for p in sorted((folder / "updates").glob("*.safetensors"))}
+    updates = {
+        p.name.removesuffix(".safetensors"): load_file(str(p))
+        for p in sorted((folder / "updates").glob("*.safetensors"))
+    }
     return Checkpoint(
         round=int(state["round"]),
         global_adapters=load_file(str(folder / "global_adapters.safetensors")),

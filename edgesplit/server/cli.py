@@ -18,27 +18,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-round", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, for the tail and the clients")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--wire", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="how activations and gradients travel")
+    parser.add_argument(
+        "--wire", choices=("fp32", "fp16", "int8"), default="fp32", help="how activations and gradients travel"
+    )
     parser.add_argument("--eval-data", type=Path, help="JSONL evaluated after every round")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every round here, and resume from it")
     parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step and per-round metrics")
-    parser.add_argument("--tokens-file", type=Path,
-                        help="'client_id token' lines; clients then need their token. Re-read on SIGHUP: a "
-                             "client whose line is gone or changed is disconnected")
-    parser.add_argument("--round-deadline", type=float, default=1800.0,
-                        help="seconds after which a round closes with the updates it has (if --min-clients); "
-                             "a later update for it is dropped as stale")
-    parser.add_argument("--max-pending-hellos", type=int, default=64,
-                        help="connections that have not said Hello yet, at most; more are refused at once as "
-                             "busy (close 1013) and their clients retry")
+    parser.add_argument(
+        "--tokens-file",
+        type=Path,
+        help="'client_id token' lines; clients then need their token. Re-read on SIGHUP: a "
+        "client whose line is gone or changed is disconnected",
+    )
+    parser.add_argument(
+        "--round-deadline",
+        type=float,
+        default=1800.0,
+        help="seconds after which a round closes with the updates it has (if --min-clients); "
+        "a later update for it is dropped as stale",
+    )
+    parser.add_argument(
+        "--max-pending-hellos",
+        type=int,
+        default=64,
+        help="connections that have not said Hello yet, at most; more are refused at once as "
+        "busy (close 1013) and their clients retry",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--framework", choices=("split", "fedllm", "kd"), default="split",
-                        help="split: the device runs the head, the server the tail; fedllm and kd: the device trains "
-                             "the whole model (artifacts from `export --full-model`)")
+    parser.add_argument(
+        "--framework",
+        choices=("split", "fedllm", "kd"),
+        default="split",
+        help="split: the device runs the head, the server the tail; fedllm and kd: the device trains "
+        "the whole model (artifacts from `export --full-model`)",
+    )
     parser.add_argument("--proxy-data", type=Path, help="kd: JSONL of shared inputs the clients' logits are on")
     parser.add_argument("--kd-top-k", type=int, default=16, help="kd: probabilities kept per position on the wire")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
@@ -50,14 +66,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = ServerConfig(
-            artifacts=args.artifacts, host=args.host, port=args.port, rounds=args.rounds,
-            min_clients=args.min_clients, steps_per_round=args.steps_per_round, learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay, wire=args.wire, eval_data=args.eval_data,
-            eval_batches=args.eval_batches, checkpoint_dir=args.checkpoint_dir, metrics_out=args.metrics_out,
-            tokens=read_tokens(args.tokens_file) if args.tokens_file else {}, tokens_file=args.tokens_file,
-            round_deadline_s=args.round_deadline, seed=args.seed, threads=args.threads,
-            tls_cert=args.tls_cert, tls_key=args.tls_key, framework=args.framework, proxy_data=args.proxy_data,
-            kd_top_k=args.kd_top_k, max_pending_hellos=args.max_pending_hellos,
+            artifacts=args.artifacts,
+            host=args.host,
+            port=args.port,
+            rounds=args.rounds,
+            min_clients=args.min_clients,
+            steps_per_round=args.steps_per_round,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            wire=args.wire,
+            eval_data=args.eval_data,
+            eval_batches=args.eval_batches,
+            checkpoint_dir=args.checkpoint_dir,
+            metrics_out=args.metrics_out,
+            tokens=read_tokens(args.tokens_file) if args.tokens_file else {},
+            tokens_file=args.tokens_file,
+            round_deadline_s=args.round_deadline,
+            seed=args.seed,
+            threads=args.threads,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            framework=args.framework,
+            proxy_data=args.proxy_data,
+            kd_top_k=args.kd_top_k,
+            max_pending_hellos=args.max_pending_hellos,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))

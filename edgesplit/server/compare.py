@@ -70,16 +70,27 @@ class CompareConfig:
             raise DemoError("--clients, --rounds, --steps-per-round and the example counts must be at least 1")
 
     def demo_config(self, out: Path) -> DemoConfig:
-        return DemoConfig(out=out, model=self.model, clients=self.clients, rounds=self.rounds,
-                          steps_per_round=self.steps_per_round, cut_layer=self.cut_layer,
-                          max_seq_len=self.max_seq_len, batch_size=self.batch_size, lora_rank=self.lora_rank,
-                          learning_rate=self.learning_rate, seed=self.seed, threads=self.threads)
+        return DemoConfig(
+            out=out,
+            model=self.model,
+            clients=self.clients,
+            rounds=self.rounds,
+            steps_per_round=self.steps_per_round,
+            cut_layer=self.cut_layer,
+            max_seq_len=self.max_seq_len,
+            batch_size=self.batch_size,
+            lora_rank=self.lora_rank,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            threads=self.threads,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = CompareConfig(Path("-"), Path("-"))
-    p = argparse.ArgumentParser(prog="edgesplit compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="edgesplit compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, required=True, help="training JSONL, partitioned across the clients")
     p.add_argument("--eval-data", type=Path, required=True, help="held-out JSONL: eval loss and task score")
     p.add_argument("--proxy-data", type=Path, help="kd: shared inputs (default: held-out training contexts)")
@@ -97,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out inputs scored")
-    p.add_argument("--train-examples", type=int, default=d.train_examples,
-                   help="a seeded sample of --data's lines (default 0: all)")
+    p.add_argument(
+        "--train-examples",
+        type=int,
+        default=d.train_examples,
+        help="a seeded sample of --data's lines (default 0: all)",
+    )
     p.add_argument("--proxy-examples", type=int, default=d.proxy_examples, help="kd: proxy inputs")
     p.add_argument("--kd-top-k", type=int, default=d.kd_top_k)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -155,14 +170,20 @@ def prepare_data(config: CompareConfig) -> CompareData:
     text_task = all("context" in r for r in train)
     key_name = "context" if text_task else "prompt"
     eval_path = folder / "eval.jsonl"  # one line per input, its first reference: the eval loss's data
-    eval_path.write_text("".join(json.dumps({key_name: k, "completion": r[0]}) + "\n"
-                                 for k, r in zip(eval_inputs, references, strict=True)))
+    eval_path.write_text(
+        "".join(
+            json.dumps({key_name: k, "completion": r[0]}) + "\n" for k, r in zip(eval_inputs, references, strict=True)
+        )
+    )
     # Proxy (kd): inputs only, never targets; held-out training inputs when there are any, else eval inputs.
     proxy, proxy_note = config.proxy_data, f"--proxy-data {config.proxy_data}"
     if proxy is None:
         pool = [_input_of(r) for r in held_out] or eval_inputs
-        source = "held-out training inputs (lines of --data not sampled for training)" if held_out else \
-            "the eval inputs (prompts only; --data had no held-out lines)"
+        source = (
+            "held-out training inputs (lines of --data not sampled for training)"
+            if held_out
+            else "the eval inputs (prompts only; --data had no held-out lines)"
+        )
         inputs = list(dict.fromkeys(p for p in pool if p))[: config.proxy_examples]
         proxy = folder / "proxy.jsonl"
         proxy.write_text("".join(json.dumps({"text": p}) + "\n" for p in inputs))
@@ -173,8 +194,10 @@ def prepare_data(config: CompareConfig) -> CompareData:
         names = sorted(set(labels))
         index = {n: i for i, n in enumerate(names)}
         parts = dirichlet_partition([index[g] for g in labels], config.clients, config.alpha, config.seed)
-        how = (f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(names)} groups "
-               "(\"group\", else the input's first field)")
+        how = (
+            f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(names)} groups "
+            '("group", else the input\'s first field)'
+        )
     else:
         parts = iid_partition(len(train), config.clients, config.seed)
         how = "IID (uniformly at random)"
@@ -206,10 +229,16 @@ def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children
             manifest = load_manifest(artifacts, verify=True)
             reason = demo.artifacts_mismatch(dconfig, artifacts) if not full_model else None
             if full_model:
-                differ = [f"{k} {a} != {b}" for k, a, b in (
-                    ("full_model", manifest.full_model, True), ("batch_size", manifest.batch_size, config.batch_size),
-                    ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
-                    ("lora_rank", manifest.lora.rank, config.lora_rank)) if a != b]
+                differ = [
+                    f"{k} {a} != {b}"
+                    for k, a, b in (
+                        ("full_model", manifest.full_model, True),
+                        ("batch_size", manifest.batch_size, config.batch_size),
+                        ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
+                        ("lora_rank", manifest.lora.rank, config.lora_rank),
+                    )
+                    if a != b
+                ]
                 reason = "; ".join(differ) or None
         except EdgesplitError as error:
             reason = str(error)
@@ -226,8 +255,9 @@ def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children
 # ---------------------------------------------------------------------------------------------- training
 
 
-def run_framework(config: CompareConfig, framework: str, artifacts: Path, data: CompareData,
-                  children: Children) -> Path:
+def run_framework(
+    config: CompareConfig, framework: str, artifacts: Path, data: CompareData, children: Children
+) -> Path:
     run = config.out / framework
     shutil.rmtree(run, ignore_errors=True)  # old checkpoints would make the server resume
     run.mkdir(parents=True)
@@ -281,8 +311,9 @@ def make_generator(config: CompareConfig, framework: str, artifacts: Path) -> An
 
     from edgesplit.client.head import Head
 
-    return WholeModelGenerator(Head(artifacts, verify=False, threads=config.threads),
-                               Tokenizer.from_file(str(artifacts / "tokenizer.json")))
+    return WholeModelGenerator(
+        Head(artifacts, verify=False, threads=config.threads), Tokenizer.from_file(str(artifacts / "tokenizer.json"))
+    )
 
 
 def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:
@@ -307,15 +338,20 @@ def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path
     outputs = generator.generate(prompts, adapters, budget)
     eos = generator.eos_token_id
     texts = [generator.tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True).strip() for o in outputs]
-    result: dict[str, Any] = {"generation_seconds": round(time.perf_counter() - started, 1),
-                              "examples": [{"input": i, "output": o, "reference": r[0]} for i, o, r
-                                           in list(zip(data.eval_inputs, texts, data.references, strict=True))[:3]]}
+    result: dict[str, Any] = {
+        "generation_seconds": round(time.perf_counter() - started, 1),
+        "examples": [
+            {"input": i, "output": o, "reference": r[0]}
+            for i, o, r in list(zip(data.eval_inputs, texts, data.references, strict=True))[:3]
+        ],
+    }
     if data.text_task:
         result["bleu"] = corpus_bleu(texts, data.references)
         result["rouge_l"] = corpus_rouge_l(texts, data.references)
     else:
-        result["exact_match"] = float(np.mean([any(t == r.strip() for r in refs)
-                                               for t, refs in zip(texts, data.references, strict=True)]))
+        result["exact_match"] = float(
+            np.mean([any(t == r.strip() for r in refs) for t, refs in zip(texts, data.references, strict=True)])
+        )
     return result
 
 
@@ -360,25 +396,36 @@ def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, p
         steps = [r for r in records if r["event"] == "step"]
         summary = next(r for r in records if r["event"] == "summary")
         own = [sum(v for k, v in r["seconds"].items() if k not in ("network", "server_compute")) for r in steps]
-        clients[path.stem] = {"steps": len(steps), "tokens": sum(r["tokens"] for r in steps),
-                              "client_seconds_per_step": float(np.median(own)) if own else None,
-                              "peak_rss_mb": summary["peak_rss_mb"], "energy_j": summary["energy_j"],
-                              "energy_method": summary["energy_method"],
-                              "energy_source": summary["energy_source"],
-                              "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"]}
+        clients[path.stem] = {
+            "steps": len(steps),
+            "tokens": sum(r["tokens"] for r in steps),
+            "client_seconds_per_step": float(np.median(own)) if own else None,
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "energy_j": summary["energy_j"],
+            "energy_method": summary["energy_method"],
+            "energy_source": summary["energy_source"],
+            "bytes_up": summary["bytes_up"],
+            "bytes_down": summary["bytes_down"],
+        }
     shapes = load_shapes(artifacts, manifest.model_source)
     layers = manifest.num_layers if manifest.full_model else manifest.cut_layer
     flops = client_flops_per_step(shapes, layers, manifest.batch_size, manifest.max_seq_len, manifest.full_model)
     values = list(clients.values())
     return {
-        "framework": framework, "eval_loss": eval_loss,
+        "framework": framework,
+        "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss) if eval_loss is not None else None,
         "eval_loss_by_round": [r.get("eval_loss") for r in rounds],
-        "layers_on_device": layers, "num_layers": manifest.num_layers,
-        "bytes_up_per_client_round": up_round, "bytes_down_per_client_round": down_round,
-        "analytic_up": up_analytic, "analytic_down": down_analytic,
-        "up_vs_analytic": up_round / up_analytic - 1, "down_vs_analytic": down_round / down_analytic - 1,
-        "bytes_up_total": sum(c["bytes_up"] for c in values), "bytes_down_total": sum(c["bytes_down"] for c in values),
+        "layers_on_device": layers,
+        "num_layers": manifest.num_layers,
+        "bytes_up_per_client_round": up_round,
+        "bytes_down_per_client_round": down_round,
+        "analytic_up": up_analytic,
+        "analytic_down": down_analytic,
+        "up_vs_analytic": up_round / up_analytic - 1,
+        "down_vs_analytic": down_round / down_analytic - 1,
+        "bytes_up_total": sum(c["bytes_up"] for c in values),
+        "bytes_down_total": sum(c["bytes_down"] for c in values),
         "client_flops_per_step": flops["total"],
         "client_seconds_per_step": float(np.mean([c["client_seconds_per_step"] for c in values])),
         "peak_rss_mb": max(c["peak_rss_mb"] for c in values),
@@ -428,14 +475,17 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     if "split" not in results or "fedllm" not in results:
         return None
     s, f = results["split"], results["fedllm"]
-    return {"layers (cut / L)": s["layers_on_device"] / s["num_layers"],
-            "client FLOPs": s["client_flops_per_step"] / f["client_flops_per_step"],
-            "client time per step": s["client_seconds_per_step"] / f["client_seconds_per_step"],
-            "client peak memory": s["peak_rss_mb"] / f["peak_rss_mb"]}
+    return {
+        "layers (cut / L)": s["layers_on_device"] / s["num_layers"],
+        "client FLOPs": s["client_flops_per_step"] / f["client_flops_per_step"],
+        "client time per step": s["client_seconds_per_step"] / f["client_seconds_per_step"],
+        "client peak memory": s["peak_rss_mb"] / f["peak_rss_mb"],
+    }
 
 
-def write_outputs(config: CompareConfig, results: dict[str, dict[str, Any]], data: CompareData,
-                  command: str, seconds: float) -> str:
+def write_outputs(
+    config: CompareConfig, results: dict[str, dict[str, Any]], data: CompareData, command: str, seconds: float
+) -> str:
     out = config.out
     columns = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
     with (out / "compare.csv").open("w", newline="") as handle:
@@ -443,21 +493,34 @@ def write_outputs(config: CompareConfig, results: dict[str, dict[str, Any]], dat
         writer.writerow([c[0] for c in columns])
         for r in results.values():
             writer.writerow([r.get(c[0]) for c in columns])
-    (out / "compare.json").write_text(json.dumps({"command": command, "seconds": seconds, "results": results,
-                                                  "proxy": data.proxy_note, "partition": data.demo_data.split},
-                                                 indent=1, default=str))
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "seconds": seconds,
+                "results": results,
+                "proxy": data.proxy_note,
+                "partition": data.demo_data.split,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     lines = [f"| {' | '.join(h for _, h, _ in columns)} |", "|" + "---|" * len(columns)]
     for r in results.values():
         lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
     ratio = ratios(results)
     if ratio:
         lines += ["", "split / fedllm: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items())]
-    lines += ["", f"Partition: {data.demo_data.split}. KD proxy: {data.proxy_note}.",
-              f"Tokens per client (all frameworks: {config.steps_per_round} steps x {config.rounds} rounds x "
-              f"{config.batch_size} x {config.max_seq_len}; counted without padding): "
-              + "; ".join(f"{k} {r['tokens_per_client']}" for k, r in results.items()),
-              "Bytes per client per round are measured at the server (every frame but the one-off handshake); "
-              "analytic sizes count payload only."]
+    lines += [
+        "",
+        f"Partition: {data.demo_data.split}. KD proxy: {data.proxy_note}.",
+        f"Tokens per client (all frameworks: {config.steps_per_round} steps x {config.rounds} rounds x "
+        f"{config.batch_size} x {config.max_seq_len}; counted without padding): "
+        + "; ".join(f"{k} {r['tokens_per_client']}" for k, r in results.items()),
+        "Bytes per client per round are measured at the server (every frame but the one-off handshake); "
+        "analytic sizes count payload only.",
+    ]
     table = "\n".join(lines)
     (out / "compare.md").write_text(f"# edgesplit compare\n\n`{command}`\n\nwall time {seconds:.0f} s\n\n{table}\n")
     _plots(out, results)
@@ -471,9 +534,13 @@ def _plots(out: Path, results: dict[str, dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    panels = [("eval loss", "eval_loss"), ("bytes up / client / round", "bytes_up_per_client_round"),
-              ("client GFLOP / step", "client_flops_per_step"), ("client s / step", "client_seconds_per_step"),
-              ("client peak RSS (MB)", "peak_rss_mb")]
+    panels = [
+        ("eval loss", "eval_loss"),
+        ("bytes up / client / round", "bytes_up_per_client_round"),
+        ("client GFLOP / step", "client_flops_per_step"),
+        ("client s / step", "client_seconds_per_step"),
+        ("client peak RSS (MB)", "peak_rss_mb"),
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for axis, (title, key) in zip(axes, panels, strict=True):
         values = [results[n].get(key) or 0.0 for n in names]

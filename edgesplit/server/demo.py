@@ -84,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesplit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)"
-    )
+    parser.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
     parser.add_argument(
         "--steps-per-round",
@@ -94,12 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.steps_per_round,
         help="training steps each client takes per round (default %(default)s)",
     )
-    parser.add_argument(
-        "--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients"
-    )
-    parser.add_argument(
-        "--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights"
-    )
+    parser.add_argument("--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients")
+    parser.add_argument("--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights")
     parser.add_argument("--out", type=Path, default=d.out, help="run directory (default %(default)s)")
     parser.add_argument(
         "--model",
@@ -128,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
     parser.add_argument("--train-examples", type=int, default=d.train_examples)
     parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out prompts scored")
-    parser.add_argument(
-        "--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)"
-    )
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the export's batch size")
     parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="the export's sequence length")
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
@@ -383,9 +375,7 @@ def prepare_data(config: DemoConfig) -> DemoData:
         labels = _read_groups(train) or []
         group_names = sorted(set(labels))
     # Raw records, so that each client's share keeps every key the user wrote.
-    examples = [
-        json.loads(line) for line in train.read_text(encoding="utf-8-sig").splitlines() if line.strip()
-    ]
+    examples = [json.loads(line) for line in train.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if config.iid or not labels:
         parts = iid_partition(len(examples), config.clients, config.seed)
         how = "IID (uniformly at random)" if config.iid else 'IID (the data has no "group" key to skew by)'
@@ -405,10 +395,7 @@ def prepare_data(config: DemoConfig) -> DemoData:
             name = labels[i] if labels else "all"
             counts[name] = counts.get(name, 0) + 1
         client_groups.append(counts)
-        say(
-            f"client-{client}: {len(indices)} examples "
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        )
+        say(f"client-{client}: {len(indices)} examples " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     say(f"split {how}")
     return DemoData(train, evaluation, client_files, how, group_names, client_groups, read_jsonl(evaluation))
 
@@ -518,9 +505,7 @@ class Progress:
             self.last_said = time.monotonic()
 
 
-def start_server(
-    config: DemoConfig, artifacts: Path, data: DemoData, children: Children
-) -> subprocess.Popen[bytes]:
+def start_server(config: DemoConfig, artifacts: Path, data: DemoData, children: Children) -> subprocess.Popen[bytes]:
     batches = math.ceil(len(data.eval_examples) / config.batch_size)
     out = config.out
     args = [
@@ -560,8 +545,7 @@ def train(
             code = process.poll()
             if code not in (None, 0):
                 raise DemoError(
-                    f"{name} exited with {code}; the end of {children.logs[name]}:\n"
-                    f"{log_tail(children.logs[name])}"
+                    f"{name} exited with {code}; the end of {children.logs[name]}:\n{log_tail(children.logs[name])}"
                 )
         if server.poll() == 0 and any(p.poll() is None for p in clients.values()):
             _wait_or_fail(clients, children, timeout_s=60.0)
@@ -580,8 +564,7 @@ def _wait_or_fail(clients: dict[str, subprocess.Popen[bytes]], children: Childre
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise DemoError(
-                f"{name} still runs {timeout_s:.0f} s after the server finished:\n"
-                f"{log_tail(children.logs[name])}"
+                f"{name} still runs {timeout_s:.0f} s after the server finished:\n{log_tail(children.logs[name])}"
             ) from None
 
 
@@ -600,9 +583,7 @@ def prepare_run_dir(out: Path) -> None:
                 "choose another --out (an empty one, or an earlier demo's)"
             )
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARKER).write_text(
-        "written by `edgesplit demo`; a later demo with this --out replaces the run\n"
-    )
+    (out / RUN_MARKER).write_text("written by `edgesplit demo`; a later demo with this --out replaces the run\n")
     for name in ("data", "logs", "checkpoints", "plots"):
         shutil.rmtree(out / name, ignore_errors=True)
     for pattern in ("server.jsonl", "client-*.jsonl", "report.md", "summary.json"):

@@ -59,8 +59,9 @@ def load_shapes(artifacts: Path, model_source: str) -> Shapes:
     return shapes_from_config(config.to_dict())
 
 
-def client_flops_per_step(shapes: Shapes, layers_on_device: int, batch_size: int, seq_len: int,
-                          lm_head: bool) -> dict[str, float]:
+def client_flops_per_step(
+    shapes: Shapes, layers_on_device: int, batch_size: int, seq_len: int, lm_head: bool
+) -> dict[str, float]:
     """Forward and backward FLOPs of one (batch_size, seq_len) step of the device's layers."""
     tokens = batch_size * seq_len
     per_token = 2 * shapes.layer_params + 4 * seq_len * shapes.hidden_size

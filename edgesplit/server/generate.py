@@ -64,9 +64,7 @@ class SplitGenerator:
         self.eos_token_id = manifest.eos_token_id
         self.pad_token_id = manifest.pad_token_id or 0
 
-    def _last_logits(
-        self, activations: np.ndarray, attention_mask: np.ndarray, last: np.ndarray
-    ) -> np.ndarray:
+    def _last_logits(self, activations: np.ndarray, attention_mask: np.ndarray, last: np.ndarray) -> np.ndarray:
         """Logits (B, V) at position last[b] of each row b."""
         import torch
 
@@ -76,9 +74,7 @@ class SplitGenerator:
         width = int(positions[-1]) + 1
         with torch.no_grad():
             output = self.tail.model(
-                inputs_embeds=torch.from_numpy(
-                    np.ascontiguousarray(activations[:, :width], dtype=np.float32)
-                ),
+                inputs_embeds=torch.from_numpy(np.ascontiguousarray(activations[:, :width], dtype=np.float32)),
                 attention_mask=torch.from_numpy(np.ascontiguousarray(attention_mask[:, :width])),
                 use_cache=False,
                 # Only the positions some row needs: the LM head over all T positions and the whole
@@ -89,15 +85,11 @@ class SplitGenerator:
         column = np.searchsorted(positions, last)
         return logits[np.arange(len(last)), column]  # type: ignore[no-any-return]
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], adapters: Arrays, max_new_tokens: int
-    ) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], adapters: Arrays, max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations of token-id `prompts`, ending with EOS where the model stopped by itself."""
         outputs: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
-            outputs.extend(
-                self._generate_batch(prompts[start : start + self.batch_size], adapters, max_new_tokens)
-            )
+            outputs.extend(self._generate_batch(prompts[start : start + self.batch_size], adapters, max_new_tokens))
         return outputs
 
     def _generate_batch(

@@ -130,9 +130,7 @@ def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) ->
     if before_loss is not None:
         evals.insert(0, (0, before_loss))
     if evals:
-        per_round.plot(
-            *zip(*evals, strict=True), marker="s", color="black", linewidth=2, label="held-out eval"
-        )
+        per_round.plot(*zip(*evals, strict=True), marker="s", color="black", linewidth=2, label="held-out eval")
     per_round.set(
         title="loss per round (0 = untrained)",
         xlabel="round",
@@ -310,9 +308,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
             for c in metrics["clients"].values()
         ]
         lines.append(
-            f"| {entry['round']} | {_loss(entry['eval_loss'])} | {entry['seconds']:.1f} | "
-            + " | ".join(train)
-            + " |"
+            f"| {entry['round']} | {_loss(entry['eval_loss'])} | {entry['seconds']:.1f} | " + " | ".join(train) + " |"
         )
     lines += [
         "",
@@ -328,9 +324,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     for name, client in metrics["clients"].items():
         groups = summary["client_groups"].get(name, {})
         group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
-        energy = (
-            "-" if client["energy_j"] is None else f"{client['energy_j']:.1f} ({client['energy_method']})"
-        )
+        energy = "-" if client["energy_j"] is None else f"{client['energy_j']:.1f} ({client['energy_method']})"
         lines.append(
             f"| {name} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
             f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
@@ -393,8 +387,7 @@ def terminal_report(summary: dict[str, Any]) -> str:
             f"   ({after['count']} prompts, greedy generation)"
         )
         lines.append(
-            f"  held-out token accuracy {_pct(before['token_accuracy']):>6} -> "
-            f"{_pct(after['token_accuracy'])}"
+            f"  held-out token accuracy {_pct(before['token_accuracy']):>6} -> {_pct(after['token_accuracy'])}"
         )
         example = next((g for g in after["examples"] if g["exact"]), after["examples"][0])
         lines.append(f"  e.g. {example['prompt']!r} -> {example['output']!r} (target {example['target']!r})")
@@ -407,7 +400,5 @@ def terminal_report(summary: dict[str, Any]) -> str:
         )
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items() if k != "total")
     lines.append(f"  wall time {summary['seconds']['total']:.0f} s ({stages})")
-    lines.append(
-        f"  report: {out / 'report.md'}   plots: {out / 'plots'}/   adapters: {summary['checkpoint']}/"
-    )
+    lines.append(f"  report: {out / 'report.md'}   plots: {out / 'plots'}/   adapters: {summary['checkpoint']}/")
     return "\n".join(lines)

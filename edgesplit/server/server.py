@@ -172,8 +172,10 @@ class Server:
         self.strategy: FedLlmStrategy | None = None
         if config.framework == "split":
             if self.manifest.full_model:
-                raise ArtifactError(f"{config.artifacts} is a --full-model export: serve it with --framework "
-                                    "fedllm or kd, or export a split head with --cut-layer")
+                raise ArtifactError(
+                    f"{config.artifacts} is a --full-model export: serve it with --framework "
+                    "fedllm or kd, or export a split head with --cut-layer"
+                )
             self.tail = Tail(
                 config.artifacts,
                 OptimizerSettings(learning_rate=config.learning_rate, weight_decay=config.weight_decay),
@@ -185,8 +187,14 @@ class Server:
             self.strategy = FedLlmStrategy(config.artifacts, config.eval_data, config.eval_batches)
             self.head = self.strategy.head
         else:
-            self.strategy = KdStrategy(config.artifacts, config.eval_data, config.eval_batches, config.proxy_data,
-                                       config.learning_rate, KdSettings(top_k=config.kd_top_k))
+            self.strategy = KdStrategy(
+                config.artifacts,
+                config.eval_data,
+                config.eval_batches,
+                config.proxy_data,
+                config.learning_rate,
+                KdSettings(top_k=config.kd_top_k),
+            )
             self.head = self.strategy.head
         self.global_adapters = self.head.initial_adapters() if self.strategy is None else self.strategy.global_adapters
         # What a RoundResult carries: the global adapters, or for KD the clients' averaged top-k logits.
@@ -225,8 +233,7 @@ class Server:
             return
         removed = remove_partial(self.config.checkpoint_dir)
         if removed:
-            print(f"[server] removed {len(removed)} unfinished checkpoint write(s): {', '.join(removed)}",
-                  flush=True)
+            print(f"[server] removed {len(removed)} unfinished checkpoint write(s): {', '.join(removed)}", flush=True)
         checkpoint = load_latest(self.config.checkpoint_dir)
         if checkpoint is None:
             return
@@ -237,8 +244,11 @@ class Server:
             self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
         self.last_eval_loss = checkpoint.extra.get("eval_loss")
         folder = checkpoint.path
-        print(f"[server] resumed from checkpoint {folder}: {self.round} of {self.config.rounds} rounds done, "
-              f"continuing with round {self.round + 1}", flush=True)
+        print(
+            f"[server] resumed from checkpoint {folder}: {self.round} of {self.config.rounds} rounds done, "
+            f"continuing with round {self.round + 1}",
+            flush=True,
+        )
         self.metrics.write("resume", round=self.round, checkpoint=str(folder))
         if self.round >= self.config.rounds:
             self.finished.set()
@@ -281,14 +291,18 @@ class Server:
                 _on_sighup(self.reload_tokens)
             scheme = "wss" if self.ssl_context else "ws"
             config = self.config
-            print(f"[server] listening on {scheme}://{config.host}:{port} for {config.rounds} rounds, "
-                  f"at least {config.min_clients} clients, {config.steps_per_round} steps a round",
-                  flush=True)
+            print(
+                f"[server] listening on {scheme}://{config.host}:{port} for {config.rounds} rounds, "
+                f"at least {config.min_clients} clients, {config.steps_per_round} steps a round",
+                flush=True,
+            )
             loopback = config.host in ("127.0.0.1", "localhost", "::1")
             if not loopback and not (self.ssl_context and self.tokens):
-                print("[server] warning: reachable from other machines without TLS and tokens: anyone who "
-                      "can reach this port can join, and the link is readable (see docs/security.md)",
-                      flush=True)
+                print(
+                    "[server] warning: reachable from other machines without TLS and tokens: anyone who "
+                    "can reach this port can join, and the link is readable (see docs/security.md)",
+                    flush=True,
+                )
             self.port = port
             if self.eval_set is not None and self.round == 0:  # the untrained model's score, for comparison
                 before = await asyncio.get_running_loop().run_in_executor(self.executor, self.evaluate)
@@ -303,12 +317,19 @@ class Server:
             # the socket close and retrying against a server that is gone.
             code, close_code = ("failed", 1011) if self.failure else ("finished", 1000)
             reason = self.failure or f"training finished after {self.round} rounds"
-            await asyncio.gather(*(self._refuse(p.websocket, None, code, reason, close_code)
-                                   for p in list(self.participants.values())))
+            await asyncio.gather(
+                *(self._refuse(p.websocket, None, code, reason, close_code) for p in list(self.participants.values()))
+            )
             deadline_task.cancel()
         self.executor.shutdown(wait=True)
-        self.metrics.write("finished", round=self.round, eval_loss=self.last_eval_loss, failure=self.failure,
-                           bytes_received=self.bytes_received, bytes_sent=self.bytes_sent)
+        self.metrics.write(
+            "finished",
+            round=self.round,
+            eval_loss=self.last_eval_loss,
+            failure=self.failure,
+            bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+        )
         self.metrics.close()
         if self.failure is not None:
             raise EdgesplitError(self.failure)
@@ -327,8 +348,7 @@ class Server:
             async with self._step_lock(client_id):  # a step of the old connection may still be running
                 resume_step = self._resume_step(client_id)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
-            settings = {**self.settings, "resume_step": resume_step,
-                        "update_received": client_id in self.updates}
+            settings = {**self.settings, "resume_step": resume_step, "update_received": client_id in self.updates}
             _set_frame_limit(websocket, self.max_frame_bytes())
             welcome_tensors = self.global_adapters if self.strategy is None else self.strategy.welcome_tensors()
             await self._send(websocket, session, Welcome(self.round, self.config.rounds, settings, welcome_tensors))
@@ -403,8 +423,7 @@ class Server:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + len(frame)
         return len(frame)
 
-    async def _refuse(self, websocket: Any, session: Session | None, code: str, reason: str,
-                      close_code: int) -> None:
+    async def _refuse(self, websocket: Any, session: Session | None, code: str, reason: str, close_code: int) -> None:
         """Tell the peer why, then close with `close_code`. `session` None: a connection another task owns,
         whose Session must not change under it."""
         try:
@@ -435,8 +454,7 @@ class Server:
                 "copy the server's artifact directory to the client",
             )
         if hello.protocol_version != PROTOCOL_VERSION:
-            raise _Refused("protocol_version",
-                           f"protocol {hello.protocol_version}, server {PROTOCOL_VERSION}")
+            raise _Refused("protocol_version", f"protocol {hello.protocol_version}, server {PROTOCOL_VERSION}")
         if self.finished.is_set():
             raise _Refused("finished", self.failure or f"training finished after {self.round} rounds")
         participant = Participant(hello.client_id, hello.num_samples, self.round, websocket, hello.token)
@@ -447,12 +465,14 @@ class Server:
             old.gone = True
             reason = "this client connected again; this older connection is closed"
             self._spawn(self._refuse(old.websocket, None, "replaced", reason, CLOSE_POLICY))
-            print(f"[server] {hello.client_id} reconnected; its new connection replaces the old one",
-                  flush=True)
+            print(f"[server] {hello.client_id} reconnected; its new connection replaces the old one", flush=True)
             self.metrics.write("replace", client_id=hello.client_id, round=self.round)
         self.participants[hello.client_id] = participant
-        print(f"[server] {hello.client_id} joined at round {self.round + 1} ({hello.num_samples} samples); "
-              f"{len(self.participants)} connected", flush=True)
+        print(
+            f"[server] {hello.client_id} joined at round {self.round + 1} ({hello.num_samples} samples); "
+            f"{len(self.participants)} connected",
+            flush=True,
+        )
         self.metrics.write("join", client_id=hello.client_id, round=self.round, num_samples=hello.num_samples)
         return participant
 
@@ -486,11 +506,17 @@ class Server:
                 del self.participants[participant.client_id]
                 # Its update for the open round goes too: a revoked client may be a compromised one.
                 dropped = self.updates.pop(participant.client_id, None) is not None and not self._closing
-                print(f"[server] {participant.client_id}: token revoked; disconnected"
-                      f"{', its update for this round dropped' if dropped else ''}", flush=True)
+                print(
+                    f"[server] {participant.client_id}: token revoked; disconnected"
+                    f"{', its update for this round dropped' if dropped else ''}",
+                    flush=True,
+                )
                 self.metrics.write("revoked", client_id=participant.client_id, round=self.round)
-                self._spawn(self._refuse(participant.websocket, None, "revoked",
-                                         "this client's token was revoked", CLOSE_POLICY))
+                self._spawn(
+                    self._refuse(
+                        participant.websocket, None, "revoked", "this client's token was revoked", CLOSE_POLICY
+                    )
+                )
         self._maybe_close_round()
 
     async def _start_barrier(self) -> None:
@@ -534,20 +560,26 @@ class Server:
     def _check_step_order(self, client_id: str, message: Activations) -> None:
         """Each (round, step) once per client, in order: a replay would train the tail twice on one batch."""
         if message.round > self.round:
-            raise ProtocolError(f"Activations for round {message.round + 1}, which has not started "
-                                f"(the server is at round {self.round + 1})")
+            raise ProtocolError(
+                f"Activations for round {message.round + 1}, which has not started "
+                f"(the server is at round {self.round + 1})"
+            )
         if message.step >= self.config.steps_per_round:
             raise ProtocolError(f"step {message.step} of a round of {self.config.steps_per_round} steps")
         taken_round, taken = self.steps_taken.get(client_id, (-1, 0))
         if (message.round, message.step) < (taken_round, taken):
-            raise ProtocolError(f"round {message.round + 1} step {message.step + 1} again: the server has "
-                                f"taken this client's steps up to round {taken_round + 1} step {taken}")
+            raise ProtocolError(
+                f"round {message.round + 1} step {message.step + 1} again: the server has "
+                f"taken this client's steps up to round {taken_round + 1} step {taken}"
+            )
 
     async def _train_step(self, participant: Participant, message: Activations) -> Gradients | None:
         client_id = participant.client_id
         if self.tail is None:
-            raise ProtocolError(f"this server runs {self.config.framework}: clients train on the device and send "
-                                "no activations", CLOSE_POLICY)
+            raise ProtocolError(
+                f"this server runs {self.config.framework}: clients train on the device and send no activations",
+                CLOSE_POLICY,
+            )
         self._check_activations(message)
         self._check_step_order(client_id, message)
         started = time.perf_counter()
@@ -562,17 +594,25 @@ class Server:
                 message.tensors["labels"],
             )
             if outcome is None:
-                print(f"[server] {client_id}: dropped its queued step (round {message.round + 1} step "
-                      f"{message.step + 1}): the client is gone", flush=True)
-                self.metrics.write("step_dropped", client_id=client_id, round=message.round,
-                                   step=message.step)
+                print(
+                    f"[server] {client_id}: dropped its queued step (round {message.round + 1} step "
+                    f"{message.step + 1}): the client is gone",
+                    flush=True,
+                )
+                self.metrics.write("step_dropped", client_id=client_id, round=message.round, step=message.step)
                 return None
             # Taken: the tail has learnt from it, so a reconnecting client must not send it again.
             self.steps_taken[client_id] = (message.round, message.step + 1)
         loss, grads = outcome
         seconds = time.perf_counter() - started
-        self.metrics.write("step", client_id=client_id, round=message.round, step=message.step, loss=loss,
-                           server_seconds=round(seconds, 6))
+        self.metrics.write(
+            "step",
+            client_id=client_id,
+            round=message.round,
+            step=message.step,
+            loss=loss,
+            server_seconds=round(seconds, 6),
+        )
         tensors = {} if grads is None else {"activation_grads": grads}
         return Gradients(message.round, message.step, loss, seconds, tensors)
 
@@ -590,25 +630,30 @@ class Server:
             return
         names, expected = set(message.tensors), set(self.manifest.lora.matrices)
         if names != expected:
-            raise TrainingError(f"AdapterUpdate carries {sorted(names)[:8]}, the head's adapters are "
-                                f"{sorted(expected)[:8]}")
+            raise TrainingError(
+                f"AdapterUpdate carries {sorted(names)[:8]}, the head's adapters are {sorted(expected)[:8]}"
+            )
         self.head.check_adapters(message.tensors)  # shapes, finite
 
     async def _adapter_update(self, participant: Participant, message: AdapterUpdate) -> RoundResult:
         client_id, round_index = participant.client_id, self.round
         if message.round > round_index:
-            raise ProtocolError(f"AdapterUpdate for round {message.round + 1}, which has not started "
-                                f"(the server is at round {round_index + 1})")
+            raise ProtocolError(
+                f"AdapterUpdate for round {message.round + 1}, which has not started "
+                f"(the server is at round {round_index + 1})"
+            )
         self._check_update(message)
         if participant.gone:
             pass  # a connection that has been replaced: the client's newer connection speaks for it
         elif message.round < round_index or self._closing:
             # The round closed (or is closing) without it: a straggler, or a client that was away. It
             # catches up with the global adapters in the result.
-            print(f"[server] {client_id}: stale update for round {message.round + 1} dropped; the server is "
-                  f"at round {round_index + 1}{' (closing)' if self._closing else ''}", flush=True)
-            self.metrics.write("stale_update", client_id=client_id, round=message.round,
-                               server_round=round_index)
+            print(
+                f"[server] {client_id}: stale update for round {message.round + 1} dropped; the server is "
+                f"at round {round_index + 1}{' (closing)' if self._closing else ''}",
+                flush=True,
+            )
+            self.metrics.write("stale_update", client_id=client_id, round=message.round, server_round=round_index)
             if message.round == round_index:
                 await self._round_event(round_index).wait()
         elif client_id in self.updates:
@@ -618,9 +663,13 @@ class Server:
             await self._round_event(round_index).wait()
         else:
             self.updates[client_id] = (message.tensors, message.num_samples, message.metrics)
-            self.metrics.write("update", client_id=client_id, round=round_index,
-                               num_samples=message.num_samples,
-                               **{f"client_{k}": v for k, v in message.metrics.items()})
+            self.metrics.write(
+                "update",
+                client_id=client_id,
+                round=round_index,
+                num_samples=message.num_samples,
+                **{f"client_{k}": v for k, v in message.metrics.items()},
+            )
             self._maybe_close_round()
             await self._round_event(round_index).wait()
         done = self.round >= self.config.rounds
@@ -684,7 +733,10 @@ class Server:
             if self.tail is not None:
                 tail_state = await loop.run_in_executor(self.executor, self.tail.state_dict)
             checkpoint = Checkpoint(
-                round_index + 1, global_adapters, tail_state["lora"], tail_state["optimizer"],
+                round_index + 1,
+                global_adapters,
+                tail_state["lora"],
+                tail_state["optimizer"],
                 {"eval_loss": eval_loss, "num_samples": summary["num_samples"]},
                 updates={client: tensors for client, (tensors, _, _) in updates.items()},
             )
@@ -698,8 +750,11 @@ class Server:
         self.round = round_index + 1
         self.metrics.write("round", **summary)
         eval_text = "" if eval_loss is None else f", eval loss {eval_loss:.4f}"
-        print(f"[server] round {round_index + 1}/{self.config.rounds} closed with {len(updates)} clients "
-              f"({', '.join(sorted(updates))}){eval_text}", flush=True)
+        print(
+            f"[server] round {round_index + 1}/{self.config.rounds} closed with {len(updates)} clients "
+            f"({', '.join(sorted(updates))}){eval_text}",
+            flush=True,
+        )
         self.round_started_at = time.monotonic()
 
     async def _deadlines(self) -> None:
@@ -737,8 +792,7 @@ def _check_kind_allowed(frame: bytes, state: State) -> None:
     except ValueError:
         return
     if (Role.SERVER, state, kind) not in TRANSITIONS:
-        raise ProtocolError(f"unexpected {kind.name} in state {state.name} "
-                            "(refused before its payload was read)")
+        raise ProtocolError(f"unexpected {kind.name} in state {state.name} (refused before its payload was read)")
 
 
 def _set_frame_limit(websocket: Any, limit: int) -> None:

@@ -51,8 +51,9 @@ def encode_file(head: Head, path: Path) -> EncodedSet:
 
     manifest = head.manifest
     tokenizer = Tokenizer.from_file(str(head.root / "tokenizer.json"))
-    return encode_examples(tokenizer, read_jsonl(path), manifest.max_seq_len, manifest.eos_token_id,
-                           manifest.pad_token_id or 0)
+    return encode_examples(
+        tokenizer, read_jsonl(path), manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
 
 
 class FedLlmStrategy:
@@ -92,8 +93,15 @@ class KdStrategy(FedLlmStrategy):
 
     name = "kd"
 
-    def __init__(self, artifacts: Path, eval_data: Path | None, eval_batches: int, proxy_data: Path | None,
-                 learning_rate: float, settings: KdSettings | None = None) -> None:
+    def __init__(
+        self,
+        artifacts: Path,
+        eval_data: Path | None,
+        eval_batches: int,
+        proxy_data: Path | None,
+        learning_rate: float,
+        settings: KdSettings | None = None,
+    ) -> None:
         super().__init__(artifacts, eval_data, eval_batches)
         if proxy_data is None:
             raise TrainingError("--framework kd needs --proxy-data: the shared inputs the clients' logits are on")
@@ -103,8 +111,12 @@ class KdStrategy(FedLlmStrategy):
         self.targets: tuple[np.ndarray, np.ndarray] | None = None
 
     def settings(self) -> dict[str, object]:
-        return {"framework": self.name, "top_k": self.kd.top_k, "temperature": self.kd.temperature,
-                "client_distill_epochs": self.kd.client_distill_epochs}
+        return {
+            "framework": self.name,
+            "top_k": self.kd.top_k,
+            "temperature": self.kd.temperature,
+            "client_distill_epochs": self.kd.client_distill_epochs,
+        }
 
     def welcome_tensors(self) -> Arrays:
         # The proxy set travels once, as tokens; no weights ever do.
@@ -121,9 +133,6 @@ class KdStrategy(FedLlmStrategy):
             raise TrainingError("proxy_values must be probabilities in [0, 1]")
 
     def aggregate(self, updates: list[tuple[Arrays, int]]) -> Arrays:
-        values, indices = average_top_k(
-            [(t["proxy_values"], t["proxy_indices"], n) for t, n in updates], self.kd.top_k
-        )
-        distil_on_proxy(self.trainer, self.proxy, values, indices, self.kd.temperature,
-                        self.kd.server_distill_epochs)
+        values, indices = average_top_k([(t["proxy_values"], t["proxy_indices"], n) for t, n in updates], self.kd.top_k)
+        distil_on_proxy(self.trainer, self.proxy, values, indices, self.kd.temperature, self.kd.server_distill_epochs)
         return {"proxy_values": values, "proxy_indices": indices}

@@ -157,8 +157,7 @@ def generate(task: CodeTask, num_train: int, num_eval: int, seed: int = 0) -> Ta
         raise ValueError(f"need at least one training and one eval example, got {num_train} and {num_eval}")
     if num_eval >= task.num_combinations:
         raise ValueError(
-            f"task {task.name} has {task.num_combinations} combinations: "
-            f"holding out {num_eval} leaves none to train on"
+            f"task {task.name} has {task.num_combinations} combinations: holding out {num_eval} leaves none to train on"
         )
     rng = random.Random(seed)
     combinations = list(itertools.product(*(range(len(a.words)) for a in task.attributes)))

@@ -228,9 +228,7 @@ def ten_examples() -> EncodedSet:
     return encode([Example(None, " ".join(WORDS[: i + 1])) for i in range(10)], max_seq_len=12)
 
 
-def take(
-    encoded: EncodedSet, count: int, batch_size: int, seed: int, shuffle: bool = True
-) -> list[list[int]]:
+def take(encoded: EncodedSet, count: int, batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
     batches = iterate_batches(encoded, batch_size, seed, epoch_shuffle=shuffle)
     return [next(batches).indices.tolist() for _ in range(count)]
 

@@ -237,9 +237,9 @@ def test_pmic_output_parses_to_watts_per_rail() -> None:
     assert set(rails) == set(PMIC_RAILS), "EXT5V and BATT have a voltage only"
     assert rails["VDD_CORE"] == pytest.approx(2.1 * 0.88)
     assert sum(rails.values()) == pytest.approx(PMIC_TOTAL_W)
-    assert pmic_rail_power_w(
-        "   VDD_CORE_A current(7)=2.10000000A\n   VDD_CORE_V volt(15)=0.88000000V\n"
-    ) == {"VDD_CORE": pytest.approx(1.848)}
+    assert pmic_rail_power_w("   VDD_CORE_A current(7)=2.10000000A\n   VDD_CORE_V volt(15)=0.88000000V\n") == {
+        "VDD_CORE": pytest.approx(1.848)
+    }
     assert pmic_rail_power_w('error=1 error_msg="Command not registered"\n') == {}
 
 
@@ -257,9 +257,7 @@ def test_pmic_reader_integrates_sampled_power() -> None:
     assert calls[0] == ("vcgencmd", "pmic_read_adc")
     reader.start()
     clock.now = 2.0
-    outputs.append(
-        PMIC_OUTPUT.replace("VDD_CORE_A current(7)=2.10000000A", "VDD_CORE_A current(7)=4.10000000A")
-    )
+    outputs.append(PMIC_OUTPUT.replace("VDD_CORE_A current(7)=2.10000000A", "VDD_CORE_A current(7)=4.10000000A"))
     reader.sample()
     clock.now = 4.0
     extra_w = 2.0 * 0.88

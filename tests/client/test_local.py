@@ -32,8 +32,13 @@ def encoded_task(artifacts: Path, tmp_path: Path, count: int = 10):  # type: ign
     head = Head(artifacts)
     tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
     manifest = head.manifest
-    return head, encode_examples(tokenizer, read_jsonl(tmp_path / "data.jsonl"), manifest.max_seq_len,
-                                 manifest.eos_token_id, manifest.pad_token_id or 0)
+    return head, encode_examples(
+        tokenizer,
+        read_jsonl(tmp_path / "data.jsonl"),
+        manifest.max_seq_len,
+        manifest.eos_token_id,
+        manifest.pad_token_id or 0,
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,12 +53,14 @@ def test_local_training_equals_pytorch_lora_training(tiny_artifacts, tiny_model_
     batches = list(itertools.islice(iterate_batches(encoded, head.manifest.batch_size, seed=0), 2)) * 3
     local_losses = [trainer.cross_entropy_step(b) for b in batches]
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], attn_implementation="eager",
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dirs[family], attn_implementation="eager", dtype=torch.float32
+    )
     prepare_for_training(model)
     reference = build_reference(model, head.manifest, initial, {})
-    central = train_centralized(reference, ((b.input_ids, b.attention_mask, b.labels) for b in batches),
-                                OptimizerSettings(learning_rate=0.01))
+    central = train_centralized(
+        reference, ((b.input_ids, b.attention_mask, b.labels) for b in batches), OptimizerSettings(learning_rate=0.01)
+    )
     np.testing.assert_allclose(local_losses, central, rtol=1e-4)
     assert central[-1] < central[0]
     # eval_loss over the first batch's examples, with the initial adapters, is that batch's training loss.

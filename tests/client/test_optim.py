@@ -50,9 +50,7 @@ def random_grads(rng: np.random.Generator, scale: float) -> dict[str, NDArray[np
 def test_matches_torch_adamw(lr: float, weight_decay: float, max_grad_norm: float | None) -> None:
     params = random_params(seed=0)
     torch_params = {name: torch.nn.Parameter(torch.from_numpy(p.copy())) for name, p in params.items()}
-    ours = AdamW(
-        params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, max_grad_norm=max_grad_norm
-    )
+    ours = AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     reference = torch.optim.AdamW(
         list(torch_params.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
     )

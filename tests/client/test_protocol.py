@@ -230,9 +230,7 @@ def test_int8_error_is_at_most_half_a_step_of_each_rows_scale(tensor: np.ndarray
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6), elements=st.floats(-6e4, 6e4, width=32))
-)
+@given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6), elements=st.floats(-6e4, 6e4, width=32)))
 def test_fp16_error_is_float16_rounding(tensor: np.ndarray) -> None:
     decoded = decode_tensor(*encode_tensor("x", tensor, Wire.FP16))
     bound = np.abs(tensor) * 2**-11 + 2**-25  # relative half-ulp, plus float16's smallest subnormal step
@@ -285,9 +283,7 @@ def test_decoded_tensors_are_fresh_writable_contiguous_float32(wire: Wire) -> No
     decoded = decode(frame)
     assert isinstance(decoded, Activations)
     before = {name: tensor.copy() for name, tensor in decoded.tensors.items()}
-    frame[len(frame) - len(payload_of(bytes(frame))) :] = bytes(
-        len(payload_of(bytes(frame)))
-    )  # zero the payload
+    frame[len(frame) - len(payload_of(bytes(frame))) :] = bytes(len(payload_of(bytes(frame))))  # zero the payload
     for name, tensor in decoded.tensors.items():
         assert tensor.flags.c_contiguous and tensor.flags.writeable, name
         np.testing.assert_array_equal(tensor, before[name])  # no view into the frame
@@ -317,9 +313,7 @@ def test_nan_travels_in_fp32_and_fp16() -> None:
     ],
     ids=["fp16-overflow", "int8-nan", "complex", "uint8"],
 )
-def test_tensors_a_wire_cannot_carry_are_refused_when_encoding(
-    tensor: np.ndarray, wire: Wire, match: str
-) -> None:
+def test_tensors_a_wire_cannot_carry_are_refused_when_encoding(tensor: np.ndarray, wire: Wire, match: str) -> None:
     with pytest.raises(ProtocolError, match=match) as caught:
         encode_tensor("x", tensor, wire)
     assert caught.value.close_code == 1003
@@ -371,9 +365,7 @@ DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
 
 def grads_frame(payload: bytes = b"", **header: object) -> bytes:
     """A Gradients frame with one tensor, activation_grads, whose header is MASK with `header` changes."""
-    return craft(
-        Kind.GRADIENTS, {**GRADS, "tensors": [{**MASK, "name": "activation_grads", **header}]}, payload
-    )
+    return craft(Kind.GRADIENTS, {**GRADS, "tensors": [{**MASK, "name": "activation_grads", **header}]}, payload)
 
 
 F32 = {"dtype": "float32", "wire": "fp32"}
@@ -442,9 +434,7 @@ def test_mask_shape_must_match_the_activations() -> None:
     metadata = metadata_of(frame)
     metadata["tensors"][1].update(shape=[B, T + 1], nbytes=8 * B * (T + 1))
     payload = payload_of(frame)
-    spliced = (
-        payload[: 4 * B * T * H] + wrong["attention_mask"].tobytes() + payload[4 * B * T * H + 8 * B * T :]
-    )
+    spliced = payload[: 4 * B * T * H] + wrong["attention_mask"].tobytes() + payload[4 * B * T * H + 8 * B * T :]
     expect_protocol_error(craft(Kind.ACTIVATIONS, metadata, spliced), 1002, "attention_mask")
 
 
@@ -505,9 +495,7 @@ def test_mutated_valid_frames_only_ever_raise_protocol_error(
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
 
@@ -602,9 +590,7 @@ def test_out_of_order_messages_are_protocol_errors_and_close_the_session(
     sides = sessions()
     play(sides, flow()[:prefix])
     state = sides[receiver].state
-    with pytest.raises(
-        ProtocolError, match=f"unexpected {message.kind.name} in state {state.name}"
-    ) as caught:
+    with pytest.raises(ProtocolError, match=f"unexpected {message.kind.name} in state {state.name}") as caught:
         sides[receiver].receive(encode(message))
     assert caught.value.close_code == 1002
     assert sides[receiver].state is State.CLOSED

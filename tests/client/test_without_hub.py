@@ -17,7 +17,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def blocking(*names: str) -> str:
     """Script lines that put a meta-path finder first in line: importing `names` fails before they are found."""
     return f"""
@@ -32,7 +31,9 @@ sys.meta_path.insert(0, Blocker())
 """
 
 
-SCRIPT = blocking("huggingface_hub", "hf_xet", "torch", "transformers") + r"""
+SCRIPT = (
+    blocking("huggingface_hub", "hf_xet", "torch", "transformers")
+    + r"""
 try:
     import huggingface_hub
 except ImportError:
@@ -50,6 +51,7 @@ encoded = encode_examples(tokenizer, read_jsonl(data), 8, 2, 1)
 print(json.dumps({"input_ids": encoded.input_ids.tolist(), "labels": encoded.labels.tolist(),
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED + ("tokenizers",))}))
 """
+)
 
 
 def test_the_client_tokenises_with_huggingface_hub_unimportable(tmp_path: Path) -> None:
@@ -77,7 +79,9 @@ def test_the_client_tokenises_with_huggingface_hub_unimportable(tmp_path: Path) 
 
 # onnxruntime up to 1.23 (the newest for Python 3.10) requires sympy and coloredlogs for its tools; the slim
 # install drops them too. The client's int8 head, the one with contrib ops, must train without them.
-HEAD_SCRIPT = blocking("sympy", "mpmath", "coloredlogs", "humanfriendly", "huggingface_hub", "torch") + r"""
+HEAD_SCRIPT = (
+    blocking("sympy", "mpmath", "coloredlogs", "humanfriendly", "huggingface_hub", "torch")
+    + r"""
 import numpy as np
 import onnxruntime
 from edgesplit.client.head import Head
@@ -88,6 +92,7 @@ grads = head.backward(forward, np.ones(head.manifest.activations_shape, dtype=np
 print(json.dumps({"finite": bool(all(np.isfinite(g).all() for g in grads.values())), "grads": len(grads),
                   "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))}))
 """
+)
 
 
 def test_the_int8_head_trains_without_onnxruntimes_tool_dependencies(tiny_artifacts) -> None:  # type: ignore[no-untyped-def]

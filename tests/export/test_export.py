@@ -111,8 +111,15 @@ def test_manifest_describes_the_files(tiny_artifacts) -> None:
     artifacts = tiny_artifacts("llama", 1)
     manifest = load_manifest(artifacts)
     assert manifest.cut_layer == 1 and manifest.num_layers == 3 and manifest.hidden_size == 32
-    assert {"head.onnx", "head_grad.onnx", "head_adapters.safetensors", "tokenizer.json", "tail/config.json",
-            "tail/model.safetensors", "tail/lora.json"} <= set(manifest.files)
+    assert {
+        "head.onnx",
+        "head_grad.onnx",
+        "head_adapters.safetensors",
+        "tokenizer.json",
+        "tail/config.json",
+        "tail/model.safetensors",
+        "tail/lora.json",
+    } <= set(manifest.files)
     assert [s.name for s in manifest.head_inputs][:2] == ["input_ids", "attention_mask"]
     assert {f"grad.{n}" for n in manifest.lora.matrices} == {s.name for s in manifest.grad_outputs}
     assert "activation_grads" in {s.name for s in manifest.grad_inputs}
@@ -134,6 +141,7 @@ def test_tokenizer_json_needs_no_transformers(tiny_artifacts) -> None:
 def test_int8_head_trains_and_stays_close(tiny_artifacts) -> None:
     fp32 = Head(tiny_artifacts("llama", 2))
     int8 = Head(tiny_artifacts("llama", 2, quantize="int8"))
+
     def head_bytes(head: Head) -> int:
         return sum((head.root / name).stat().st_size for name in ("head.onnx", "head.onnx.data"))
 
@@ -211,8 +219,11 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
     from edgesplit.export.families import family_for
 
     with pytest.raises(ExportError, match="llama"):
-        family_for(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                              intermediate_size=32)))
+        family_for(
+            BertForMaskedLM(
+                BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32)
+            )
+        )
 
 
 def test_tampered_artifact_is_refused(tiny_artifacts, tmp_path) -> None:

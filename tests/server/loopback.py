@@ -319,9 +319,7 @@ def raw_frame(
     """A frame built by hand, so that it can say what the message classes would refuse to construct."""
     encoded = [encode_tensor(name, array) for name, array in (tensors or {}).items()]
     body = json.dumps({**metadata, "tensors": [header.to_json() for header, _ in encoded]}).encode()
-    return (
-        struct.pack("<2sBBI", MAGIC, version, kind, len(body)) + body + b"".join(data for _, data in encoded)
-    )
+    return struct.pack("<2sBBI", MAGIC, version, kind, len(body)) + body + b"".join(data for _, data in encoded)
 
 
 @dataclass

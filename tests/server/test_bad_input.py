@@ -201,9 +201,7 @@ def test_bad_peers_are_refused_and_training_carries_on(setup) -> None:  # type: 
     assert {r["client_id"] for r in records if r["event"] == "update"} == {"a", "b"}
     final = load_latest(work / "ckpt")
     assert final is not None and final.round == rounds
-    assert all(
-        np.isfinite(value).all() for value in [*final.global_adapters.values(), *final.tail_lora.values()]
-    )
+    assert all(np.isfinite(value).all() for value in [*final.global_adapters.values(), *final.tail_lora.values()])
 
 
 def test_kind_precheck_raises_only_protocol_errors() -> None:
@@ -262,9 +260,7 @@ def test_a_silent_connection_is_closed_after_the_hello_timeout(tiny_artifacts) -
 
     async def scenario() -> tuple[str | None, int | None]:
         server = Server(
-            ServerConfig(
-                artifacts=tiny_artifacts("llama", 1), port=0, rounds=1, min_clients=1, hello_timeout_s=1.0
-            )
+            ServerConfig(artifacts=tiny_artifacts("llama", 1), port=0, rounds=1, min_clients=1, hello_timeout_s=1.0)
         )
         ready = asyncio.Event()
         serving = asyncio.create_task(server.serve(ready))

@@ -22,9 +22,7 @@ def make_checkpoint(round_index: int, size: int = 16) -> Checkpoint:
         "state": {0: {"step": np.array(float(round_index))}},
         "param_groups": [{"lr": 0.1, "params": [0]}],
     }
-    return Checkpoint(
-        round_index, tensors, tensors, optimizer, {"num_samples": {"c": round_index}}, {"c": tensors}
-    )
+    return Checkpoint(round_index, tensors, tensors, optimizer, {"num_samples": {"c": round_index}}, {"c": tensors})
 
 
 def assert_whole(checkpoint: Checkpoint | None, round_index: int) -> None:
@@ -35,9 +33,7 @@ def assert_whole(checkpoint: Checkpoint | None, round_index: int) -> None:
     assert checkpoint.extra["num_samples"] == {"c": round_index}
 
 
-def test_a_failure_mid_write_leaves_the_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failure_mid_write_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_checkpoint(tmp_path, make_checkpoint(1))
     real_save_file = checkpoint_module.save_file
     calls = []

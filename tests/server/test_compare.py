@@ -18,9 +18,23 @@ def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
     write_task(tmp_path / "train.jsonl", seed=1, count=40, prompt_key="context")
     write_task(tmp_path / "eval.jsonl", seed=2, count=6, prompt_key="context")
     config = CompareConfig(
-        data=tmp_path / "train.jsonl", eval_data=tmp_path / "eval.jsonl", model=str(model), clients=2, rounds=1,
-        steps_per_round=2, cut_layer=1, out=tmp_path / "out", max_seq_len=16, batch_size=2, lora_rank=4,
-        learning_rate=0.02, eval_examples=4, train_examples=30, proxy_examples=3, kd_top_k=4, threads=1,
+        data=tmp_path / "train.jsonl",
+        eval_data=tmp_path / "eval.jsonl",
+        model=str(model),
+        clients=2,
+        rounds=1,
+        steps_per_round=2,
+        cut_layer=1,
+        out=tmp_path / "out",
+        max_seq_len=16,
+        batch_size=2,
+        lora_rank=4,
+        learning_rate=0.02,
+        eval_examples=4,
+        train_examples=30,
+        proxy_examples=3,
+        kd_top_k=4,
+        threads=1,
     )
     results = run_compare(config)
     assert list(results) == ["split", "fedllm", "kd"]

@@ -75,9 +75,7 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
         "data/train.jsonl",
         "data/eval.jsonl",
     ]
-    expected += [
-        f"{kind}client-{i}.{ext}" for i in range(CLIENTS) for kind, ext in (("", "jsonl"), ("logs/", "log"))
-    ]
+    expected += [f"{kind}client-{i}.{ext}" for i in range(CLIENTS) for kind, ext in (("", "jsonl"), ("logs/", "log"))]
     for name in expected:
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "client-7.jsonl").exists()
@@ -174,9 +172,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(run_dir, tiny_model_dirs, t
             os.killpg(child.pid, 0)
 
 
-def test_exported_artifacts_are_reused_only_when_they_match(
-    tiny_artifacts, tiny_model_dirs, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+def test_exported_artifacts_are_reused_only_when_they_match(tiny_artifacts, tiny_model_dirs, tmp_path) -> None:  # type: ignore[no-untyped-def]
     artifacts = tiny_artifacts("llama", 1)
     model = str(tiny_model_dirs["llama"])
     matching = DemoConfig(out=tmp_path, model=model, cut_layer=1, batch_size=2, max_seq_len=16, lora_rank=4)
@@ -212,14 +208,10 @@ def write_lines(path: Path, records: list[dict[str, object]]) -> Path:
 def test_own_data_is_split_by_its_group_key_or_else_iid(tmp_path: Path) -> None:
     records = [{"prompt": f"w{i}", "completion": f"w{i + 1}", "group": "ab"[i % 2]} for i in range(20)]
     grouped = write_lines(tmp_path / "grouped.jsonl", records)
-    plain = write_lines(
-        tmp_path / "plain.jsonl", [{k: r[k] for k in ("prompt", "completion")} for r in records]
-    )
+    plain = write_lines(tmp_path / "plain.jsonl", [{k: r[k] for k in ("prompt", "completion")} for r in records])
     evaluation = write_lines(tmp_path / "eval.jsonl", records[:3])
 
-    data = prepare_data(
-        DemoConfig(out=tmp_path / "a", clients=3, data=grouped, eval_data=evaluation, alpha=0.3)
-    )
+    data = prepare_data(DemoConfig(out=tmp_path / "a", clients=3, data=grouped, eval_data=evaluation, alpha=0.3))
     assert data.split.startswith("non-IID") and data.group_names == ["a", "b"]
     assert sum(sum(groups.values()) for groups in data.client_groups) == 20
     assert len(data.eval_examples) == 3

@@ -39,13 +39,25 @@ def write_data(path: Path) -> None:
 
 
 async def split_run(artifacts: Path, data: Path, checkpoint_dir: Path) -> list[float]:
-    server = Server(ServerConfig(artifacts=artifacts, port=0, rounds=ROUNDS, min_clients=1, steps_per_round=STEPS,
-                                 learning_rate=LEARNING_RATE, checkpoint_dir=checkpoint_dir))
+    server = Server(
+        ServerConfig(
+            artifacts=artifacts,
+            port=0,
+            rounds=ROUNDS,
+            min_clients=1,
+            steps_per_round=STEPS,
+            learning_rate=LEARNING_RATE,
+            checkpoint_dir=checkpoint_dir,
+        )
+    )
     ready = asyncio.Event()
     serving = asyncio.create_task(server.serve(ready))
     await ready.wait()
-    client = Client(ClientConfig(server=f"ws://127.0.0.1:{server.port}", artifacts=artifacts, data=data,
-                                 client_id="only", quiet=True))
+    client = Client(
+        ClientConfig(
+            server=f"ws://127.0.0.1:{server.port}", artifacts=artifacts, data=data, client_id="only", quiet=True
+        )
+    )
     await client.run()
     await serving
     return client.losses
@@ -57,12 +69,16 @@ def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_d
     write_data(tmp_path / "data.jsonl")
     split_losses = asyncio.run(split_run(artifacts, tmp_path / "data.jsonl", tmp_path / "ckpt"))
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], attn_implementation="eager",
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dirs[family], attn_implementation="eager", dtype=torch.float32
+    )
     prepare_for_training(model)
     reference = reference_for_artifacts(model, artifacts, seed=0)
-    client = Client(ClientConfig(server="ws://unused", artifacts=artifacts, data=tmp_path / "data.jsonl",
-                                 client_id="only", quiet=True))
+    client = Client(
+        ClientConfig(
+            server="ws://unused", artifacts=artifacts, data=tmp_path / "data.jsonl", client_id="only", quiet=True
+        )
+    )
     batches = iterate_batches(client.encoded, client.head.manifest.batch_size, seed=0)
     steps = ((b.input_ids, b.attention_mask, b.labels) for b in itertools.islice(batches, ROUNDS * STEPS))
     central_losses = train_centralized(reference, steps, OptimizerSettings(learning_rate=LEARNING_RATE))
@@ -79,7 +95,9 @@ def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_d
     # Map the split run's final adapters onto the reference's names by building a second reference from them.
     split_as_reference = build_reference(
         AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], attn_implementation="eager"),
-        client.head.manifest, checkpoint.global_adapters, checkpoint.tail_lora,
+        client.head.manifest,
+        checkpoint.global_adapters,
+        checkpoint.tail_lora,
     )
     # Adam divides each gradient by its running magnitude, so float rounding in a gradient near zero (A's
     # gradient is zero while B starts at zero) can move that element by a fraction of a step: the absolute
@@ -87,7 +105,8 @@ def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_d
     moved = 0
     for name, parameter in split_as_reference.named_parameters():
         if parameter.requires_grad:
-            np.testing.assert_allclose(parameter.detach().numpy(), trained[name], rtol=1e-3, atol=0.05 * LEARNING_RATE,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                parameter.detach().numpy(), trained[name], rtol=1e-3, atol=0.05 * LEARNING_RATE, err_msg=name
+            )
             moved += int(not np.allclose(parameter.detach().numpy(), 0) and "lora_B" in name)
     assert moved > 0  # the B matrices left zero: the adapters really were trained

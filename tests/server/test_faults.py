@@ -86,9 +86,7 @@ def test_client_killed_mid_step_rejoins_and_nothing_counts_twice(setup) -> None:
     assert re.search(r"round 1/2 closed with 2 clients \(a, c\)", server.output)
     assert f"round {rounds}/{rounds} closed" in server.output
     # c's steps of round 1: every one of the four reached the tail exactly once, across both processes.
-    c_steps = sorted(
-        r["step"] for r in server_events(work, "step") if r["client_id"] == "c" and r["round"] == 0
-    )
+    c_steps = sorted(r["step"] for r in server_events(work, "step") if r["client_id"] == "c" and r["round"] == 0)
     assert c_steps == list(range(STEPS))
     assert_nothing_counted_twice(work, rounds)
 
@@ -103,9 +101,7 @@ def test_link_cut_and_restored_client_resumes(setup) -> None:  # type: ignore[no
         server.wait_for("listening on")
         proxy = run.proxy(port)
         a = run.start("a", client_command(f"ws://127.0.0.1:{port}", artifacts, work / "a.jsonl", "a", work))
-        b = run.start(
-            "b", client_command(f"ws://127.0.0.1:{proxy.port}", artifacts, work / "b.jsonl", "b", work)
-        )
+        b = run.start("b", client_command(f"ws://127.0.0.1:{proxy.port}", artifacts, work / "b.jsonl", "b", work))
         b.wait_for(r"round 2 step 2:")
         proxy.cut()
         b.wait_for("lost the server")
@@ -120,9 +116,7 @@ def test_link_cut_and_restored_client_resumes(setup) -> None:  # type: ignore[no
         assert server.wait() == 0, server.output
 
     assert "1 reconnections" in b.output
-    assert all(
-        f"round {r}/{rounds} closed with 2 clients (a, b)" in server.output for r in range(1, rounds + 1)
-    )
+    assert all(f"round {r}/{rounds} closed with 2 clients (a, b)" in server.output for r in range(1, rounds + 1))
     # The dead connection's last step was taken once or dropped and resent, never both.
     b_steps = Counter(r["round"] for r in server_events(work, "step") if r["client_id"] == "b")
     assert b_steps == {r: STEPS for r in range(rounds)}
@@ -188,15 +182,11 @@ def test_straggler_does_not_hold_the_round_and_catches_up(setup) -> None:  # typ
     with Processes() as run:
         server = run.start(
             "server",
-            serve_command(
-                artifacts, port, work, rounds=rounds, steps=STEPS, extra=["--round-deadline", str(deadline)]
-            ),
+            serve_command(artifacts, port, work, rounds=rounds, steps=STEPS, extra=["--round-deadline", str(deadline)]),
         )
         server.wait_for("listening on")
         proxy = run.proxy(port)
-        c = run.start(
-            "c", client_command(f"ws://127.0.0.1:{proxy.port}", artifacts, work / "c.jsonl", "c", work)
-        )
+        c = run.start("c", client_command(f"ws://127.0.0.1:{proxy.port}", artifacts, work / "c.jsonl", "c", work))
         server.wait_for(r"\bc joined")  # c is in round 1 from its start
         proxy.delay_s = 5.0  # each frame up takes 5 s: c's round needs over 20 s
         url = f"ws://127.0.0.1:{port}"

@@ -28,13 +28,29 @@ def run_framework(framework: str, artifacts, work):  # type: ignore[no-untyped-d
              "--eval-data", str(work / "eval.jsonl")]  # fmt: skip
     server = subprocess.Popen(
         serve_command(artifacts, port, work, rounds=ROUNDS, steps=STEPS, extra=extra),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     clients = {
         name: subprocess.Popen(
-            [*cli, "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts), "--data",
-             str(work / f"{name}.jsonl"), "--client-id", name, "--metrics-out", str(work / f"{name}.metrics.jsonl")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *cli,
+                "client",
+                "--server",
+                f"ws://127.0.0.1:{port}",
+                "--artifacts",
+                str(artifacts),
+                "--data",
+                str(work / f"{name}.jsonl"),
+                "--client-id",
+                name,
+                "--metrics-out",
+                str(work / f"{name}.metrics.jsonl"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for name in ("a", "b")
     }

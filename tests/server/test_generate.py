@@ -20,9 +20,7 @@ from edgesplit.server.tail import Tail
 
 def reference_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
     """The unsplit model, one full forward per token, stopping after EOS as the generator does."""
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation="eager", dtype=torch.float32
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     tokens: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):

@@ -38,18 +38,35 @@ def run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
     port = free_port()
     edgesplit = [sys.executable, "-m", "edgesplit.cli"]
     server = subprocess.Popen(
-        serve_command(artifacts, port, work, rounds=ROUNDS, steps=STEPS,
-                      extra=["--eval-data", str(work / "eval.jsonl")]),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        serve_command(
+            artifacts, port, work, rounds=ROUNDS, steps=STEPS, extra=["--eval-data", str(work / "eval.jsonl")]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     # The client processes run with torch made unimportable: the edge client must not need it.
     env = dict(os.environ, PYTHONPATH=f"{torch_blocker(work / 'blocker')}{os.pathsep}{Path.cwd()}")
     clients = {
         name: subprocess.Popen(
-            [*edgesplit, "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts),
-             "--data", str(work / f"{name}.jsonl"), "--client-id", name, "--metrics-out",
-             str(work / f"{name}-metrics.jsonl")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                *edgesplit,
+                "client",
+                "--server",
+                f"ws://127.0.0.1:{port}",
+                "--artifacts",
+                str(artifacts),
+                "--data",
+                str(work / f"{name}.jsonl"),
+                "--client-id",
+                name,
+                "--metrics-out",
+                str(work / f"{name}-metrics.jsonl"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         for name in ("a", "b")
     }
@@ -62,8 +79,13 @@ def run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return {"work": work, "outputs": outputs, "codes": codes, "server_output": server_output,
-            "server_code": server.returncode}
+    return {
+        "work": work,
+        "outputs": outputs,
+        "codes": codes,
+        "server_output": server_output,
+        "server_code": server.returncode,
+    }
 
 
 def test_both_clients_and_the_server_finish(run) -> None:  # type: ignore[no-untyped-def]
@@ -149,8 +171,17 @@ def test_client_with_wrong_artifacts_is_refused(tiny_artifacts, tmp_path) -> Non
     """)
     write_task(tmp_path / "d.jsonl", seed=0, count=4)
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_artifacts("llama", 1)), str(tiny_artifacts("llama", 2)),
-         str(tmp_path / "d.jsonl")], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tiny_artifacts("llama", 1)),
+            str(tiny_artifacts("llama", 2)),
+            str(tmp_path / "d.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "REFUSED:" in result.stdout, result.stdout + result.stderr
     assert "manifest_mismatch" in result.stdout and "copy the server's artifact directory" in result.stdout

@@ -80,16 +80,12 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     server = (
         builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), server_key)
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
@@ -189,9 +185,7 @@ def tls_run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
             failing = run.start(name, command)
             results[name] = (failing.wait(120), failing.output)
 
-        b = run.start(
-            "b", client("b", "--ca-file", str(ca), "--token-file", str(outside / "b.token"), data="b")
-        )
+        b = run.start("b", client("b", "--ca-file", str(ca), "--token-file", str(outside / "b.token"), data="b"))
         results.update(a=(a.wait(), a.output), b=(b.wait(), b.output))
         results["server"] = (server.wait(), server.output)
     return results
@@ -271,9 +265,7 @@ def test_update_file_names_stay_inside_the_checkpoint(tmp_path: Path) -> None:
     adapters = {"w": np.ones((2, 2), np.float32)}
     optimizer = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     ids = ["..", ".", ".hidden", "a.b", "x" * 64]
-    save_checkpoint(
-        tmp_path / "ckpt", Checkpoint(1, adapters, adapters, optimizer, {}, {c: adapters for c in ids})
-    )
+    save_checkpoint(tmp_path / "ckpt", Checkpoint(1, adapters, adapters, optimizer, {}, {c: adapters for c in ids}))
     checkpoint = load_latest(tmp_path / "ckpt")
     assert checkpoint is not None and sorted(checkpoint.updates) == sorted(ids)
     assert tree(tmp_path) == {f"ckpt/round-0001/updates/{c}.safetensors" for c in ids} | {
@@ -285,9 +277,7 @@ def test_update_file_names_stay_inside_the_checkpoint(tmp_path: Path) -> None:
     }
     for bad in ["../escape", "a/b", "", "x" * 65, "nul\x00"]:
         with pytest.raises(ValueError):
-            save_checkpoint(
-                tmp_path / "ckpt", Checkpoint(2, adapters, adapters, optimizer, {}, {bad: adapters})
-            )
+            save_checkpoint(tmp_path / "ckpt", Checkpoint(2, adapters, adapters, optimizer, {}, {bad: adapters}))
     assert not (tmp_path / "escape.safetensors").exists()
     loaded = load_latest(tmp_path / "ckpt")
     assert loaded is not None and loaded.round == 1  # the refused writes left the checkpoint as it was
@@ -309,16 +299,15 @@ def test_a_revoked_token_ends_its_session_and_is_refused(tiny_artifacts, tmp_pat
     with Processes() as run:
         server = run.start(
             "server",
-            serve_command(
-                artifacts, port, tmp_path, rounds=rounds, extra=["--tokens-file", str(tokens_file)]
-            ),
+            serve_command(artifacts, port, tmp_path, rounds=rounds, extra=["--tokens-file", str(tokens_file)]),
         )
         server.wait_for("listening on")
         clients = {}
         for client_id in "cab":  # c first, so that it is in round 1 from the start
             token_file = tmp_path / f"{client_id}.token"
-            command = client_command(url, artifacts, tmp_path / f"{client_id}.jsonl", client_id, tmp_path,
-                                     ["--token-file", str(token_file)])
+            command = client_command(
+                url, artifacts, tmp_path / f"{client_id}.jsonl", client_id, tmp_path, ["--token-file", str(token_file)]
+            )
             clients[client_id] = run.start(client_id, command)
             if client_id == "c":
                 server.wait_for(r"\bc joined")
@@ -326,9 +315,7 @@ def test_a_revoked_token_ends_its_session_and_is_refused(tiny_artifacts, tmp_pat
         tokens_file.write_text("".join(f"{c} {tokens[c]}\n" for c in "ab"))
         server.process.send_signal(signal.SIGHUP)
         server.wait_for(r"c: token revoked; disconnected")
-        refused = probe(
-            url, hello_frame("c", manifest, tokens["c"])
-        )  # c's old token no longer opens the door
+        refused = probe(url, hello_frame("c", manifest, tokens["c"]))  # c's old token no longer opens the door
         outcome = (refused.error, refused.close_code)
         assert clients["c"].wait() == 1
         for client_id in "ab":

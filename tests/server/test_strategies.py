@@ -34,9 +34,14 @@ def test_fedllm_averages_adapters_and_evaluates(tiny_artifacts, tmp_path) -> Non
 
 def test_kd_averages_logits_and_distils_into_the_global_model(tiny_artifacts, tmp_path) -> None:
     artifacts = tiny_artifacts("llama", full_model=True)
-    strategy = KdStrategy(artifacts, write_lines(tmp_path / "e.jsonl", 4, 0), 2,
-                          write_lines(tmp_path / "proxy.jsonl", 5, 1), learning_rate=0.05,
-                          settings=KdSettings(top_k=4))
+    strategy = KdStrategy(
+        artifacts,
+        write_lines(tmp_path / "e.jsonl", 4, 0),
+        2,
+        write_lines(tmp_path / "proxy.jsonl", 5, 1),
+        learning_rate=0.05,
+        settings=KdSettings(top_k=4),
+    )
     before = {k: v.copy() for k, v in strategy.global_adapters.items()}
     updates = []
     for seed, samples in ((2, 10), (3, 30)):
@@ -50,8 +55,9 @@ def test_kd_averages_logits_and_distils_into_the_global_model(tiny_artifacts, tm
     assert result["proxy_values"].shape == (5, strategy.head.manifest.max_seq_len, 4)
     assert any(not np.allclose(before[k], strategy.global_adapters[k]) for k in before)  # it distilled
     with pytest.raises(TrainingError, match="vocabulary"):
-        strategy.check_update({"proxy_values": updates[0][0]["proxy_values"],
-                               "proxy_indices": updates[0][0]["proxy_indices"] + 10_000})
+        strategy.check_update(
+            {"proxy_values": updates[0][0]["proxy_values"], "proxy_indices": updates[0][0]["proxy_indices"] + 10_000}
+        )
 
 
 def test_whole_model_strategies_refuse_split_artifacts(tiny_artifacts) -> None:

@@ -65,9 +65,7 @@ def test_written_files_load_as_edgesplit_data_and_split_by_group(tmp_path: Path)
 def test_tiny_task_tokenizes_without_unknown_words() -> None:
     tokenizer = build_tokenizer().backend_tokenizer
     split = generate(SHAPE_CODES_W, num_train=30, num_eval=5, seed=0)
-    encoded = encode_examples(
-        tokenizer, [_example(e) for e in split.train], 16, eos_token_id=2, pad_token_id=0
-    )
+    encoded = encode_examples(tokenizer, [_example(e) for e in split.train], 16, eos_token_id=2, pad_token_id=0)
     assert encoded.num_truncated == 0
     assert not (encoded.input_ids == tokenizer.token_to_id("<unk>")).any()
     assert (encoded.labels != -100).sum(axis=1).tolist() == [4] * 30  # three codes and EOS
