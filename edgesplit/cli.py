@@ -4,6 +4,7 @@ so that `edgesplit client` on a Raspberry Pi never loads PyTorch.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -34,17 +35,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:
-        print(f"edgesplit: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+        suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"edgesplit: unknown command {command!r}{suggestion}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, _, extra = SUBCOMMANDS[command]
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        hint = f"pip install 'edgesplit[{extra}]'" if extra else "reinstall edgesplit"
-        print(f"edgesplit {command}: missing dependency {error.name!r}: {hint}", file=sys.stderr)
-        return 2
-    try:
         return int(module.main(rest) or 0)
+    except ModuleNotFoundError as error:
+        # Heavy dependencies are imported lazily, deep inside a command: a device install (no torch, no onnx)
+        # meets them only there. A module of edgesplit's own that is missing is a broken install, not this.
+        missing = (error.name or "").split(".")[0]
+        if not missing or missing == "edgesplit":
+            raise
+        hint = f"pip install 'edgesplit[{extra}]'" if extra else "reinstall edgesplit"
+        print(
+            f"edgesplit {command}: this install lacks {missing!r}, which `edgesplit {command}` needs: {hint}",
+            file=sys.stderr,
+        )
+        return 2
     except EdgesplitError as error:
         print(f"edgesplit {command}: error: {error}", file=sys.stderr)
         return 1
