@@ -71,16 +71,20 @@ def test_a_u_shaped_step_holds_two_exchanges_in_both_directions() -> None:
         for sender, message, state_after in u_step(*round_step):
             received = deliver(sides, sender, message)
             assert sides[Role.CLIENT].state is sides[Role.SERVER].state is state_after
-            assert received.kind is message.kind and received.stage == message.stage
+            assert isinstance(message, Activations | Gradients) and type(received) is type(message)
+            assert isinstance(received, Activations | Gradients) and received.stage == message.stage
             # The session's wire (fp16 from the Welcome) carried the float tensors.
-            np.testing.assert_allclose(
-                received.tensors[next(iter(message.tensors))],
-                next(iter(message.tensors.values())),
-                atol=1e-2,
-            )
+            assert received.tensors.keys() == message.tensors.keys()
+            for name, sent in message.tensors.items():
+                np.testing.assert_allclose(received.tensors[name], sent, atol=1e-2)
     deliver(sides, Role.CLIENT, AdapterUpdate(0, 1, {}, {}))
     assert sides[Role.SERVER].state is State.AWAIT_ROUND_RESULT
     assert sides[Role.SERVER].bytes_received["ACTIVATIONS"] == sides[Role.CLIENT].bytes_sent["ACTIVATIONS"]
+    # Without a wire of their own, the step's frames went in the session's: fp16, from the Welcome.
+    lower_up = [
+        message for sender, message, _ in u_step(0, 0) if sender is Role.CLIENT and message.kind is Kind.ACTIVATIONS
+    ]
+    assert sides[Role.CLIENT].bytes_sent["ACTIVATIONS"] == 2 * sum(len(encode(m, Wire.FP16)) for m in lower_up)
     assert "ACTIVATIONS" in sides[Role.SERVER].bytes_sent and "GRADIENTS" in sides[Role.CLIENT].bytes_sent
 
 

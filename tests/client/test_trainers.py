@@ -89,7 +89,7 @@ def copy(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: value.copy() for name, value in arrays.items()}
 
 
-def test_one_trainer_per_framework_and_the_welcome_picks_it(tiny_artifacts) -> None:
+def test_one_trainer_per_framework_and_the_welcome_picks_it(tiny_artifacts: Callable[..., Path]) -> None:
     assert sorted(TRAINERS) == sorted(FRAMEWORKS)
     assert all(trainer.framework == name for name, trainer in TRAINERS.items())
     split_head = Head(tiny_artifacts("llama", 1))
@@ -101,7 +101,9 @@ def test_one_trainer_per_framework_and_the_welcome_picks_it(tiny_artifacts) -> N
         SplitTrainer(full_head, full_head.initial_adapters(), settings())
 
 
-def test_a_split_step_sends_the_heads_activations_and_applies_the_gradients(tiny_artifacts, tmp_path) -> None:
+def test_a_split_step_sends_the_heads_activations_and_applies_the_gradients(
+    tiny_artifacts: Callable[..., Path], tmp_path: Path
+) -> None:
     head, encoded = task(tiny_artifacts("llama", 1), tmp_path)
     initial = head.initial_adapters()
     trainer = SplitTrainer(head, copy(initial), settings())
@@ -124,7 +126,9 @@ def test_a_split_step_sends_the_heads_activations_and_applies_the_gradients(tiny
     assert any(not np.array_equal(trainer.adapters[name], initial[name]) for name in initial), "no update"
 
 
-def test_a_split_step_without_gradients_for_a_trainable_head_is_a_protocol_error(tiny_artifacts, tmp_path) -> None:
+def test_a_split_step_without_gradients_for_a_trainable_head_is_a_protocol_error(
+    tiny_artifacts: Callable[..., Path], tmp_path: Path
+) -> None:
     head, encoded = task(tiny_artifacts("llama", 1), tmp_path)
     trainer = SplitTrainer(head, head.initial_adapters(), settings())
     runtime = FakeRuntime(lambda message: Gradients(0, 0, 1.0, 0.0, {}))
@@ -132,7 +136,9 @@ def test_a_split_step_without_gradients_for_a_trainable_head_is_a_protocol_error
         asyncio.run(trainer.step(first_batch(head, encoded), 0, 0, runtime))
 
 
-def test_a_welcome_of_a_new_round_replaces_the_adapters_and_one_of_the_same_round_keeps_them(tiny_artifacts) -> None:
+def test_a_welcome_of_a_new_round_replaces_the_adapters_and_one_of_the_same_round_keeps_them(
+    tiny_artifacts: Callable[..., Path],
+) -> None:
     head = Head(tiny_artifacts("llama", 1))
     own = {name: value + 1 for name, value in head.initial_adapters().items()}
     trainer = SplitTrainer(head, copy(own), settings())
@@ -143,7 +149,9 @@ def test_a_welcome_of_a_new_round_replaces_the_adapters_and_one_of_the_same_roun
     assert all(np.array_equal(trainer.adapters[name], global_adapters[name]) for name in own)
 
 
-def test_a_fedllm_step_is_a_local_step_and_uploads_the_adapters(tiny_artifacts, tmp_path) -> None:
+def test_a_fedllm_step_is_a_local_step_and_uploads_the_adapters(
+    tiny_artifacts: Callable[..., Path], tmp_path: Path
+) -> None:
     head, encoded = task(tiny_artifacts("llama", full_model=True), tmp_path)
     batch = first_batch(head, encoded)
     reference = LocalTrainer(head, head.initial_adapters(), learning_rate=0.01)
@@ -158,7 +166,9 @@ def test_a_fedllm_step_is_a_local_step_and_uploads_the_adapters(tiny_artifacts, 
         np.testing.assert_allclose(upload[name], value, rtol=1e-6)
 
 
-def test_kd_uploads_top_k_on_the_proxy_set_and_distils_towards_the_result(tiny_artifacts, tmp_path) -> None:
+def test_kd_uploads_top_k_on_the_proxy_set_and_distils_towards_the_result(
+    tiny_artifacts: Callable[..., Path], tmp_path: Path
+) -> None:
     head, proxy = task(tiny_artifacts("llama", full_model=True), tmp_path, count=3)
     trainer = KdTrainer(head, head.initial_adapters(), settings("kd"))
     with pytest.raises(ProtocolError, match="proxy.input_ids"):
