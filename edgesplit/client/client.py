@@ -21,25 +21,22 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgesplit.client.data import Batch, EncodedSet, encode_examples, iterate_batches, read_jsonl
+from edgesplit.client.data import Batch, encode_examples, iterate_batches, read_jsonl
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
 from edgesplit.client.head import Head
-from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.metrics import JsonlWriter
-from edgesplit.client.optim import AdamW
 from edgesplit.client.protocol import (
     PROTOCOL_VERSION,
-    Activations,
     AdapterUpdate,
     Error,
-    Gradients,
     Hello,
     Message,
     Role,
@@ -51,6 +48,7 @@ from edgesplit.client.protocol import (
     max_frame_bytes,
 )
 from edgesplit.client.resources import MemorySampler, PhaseTimer
+from edgesplit.client.trainers import Result, StepResult, Trainer, trainer_for
 from edgesplit.errors import EdgesplitError, ProtocolError
 
 
@@ -123,7 +121,7 @@ class Client:
         self.memory = MemorySampler(interval_ms=10)
         self.energy: EnergyReader = detect_energy_reader(config.device_profile)
         self.adapters: dict[str, np.ndarray] = self.head.initial_adapters()
-        self.optimizer: AdamW | None = None
+        self.trainer: Trainer | None = None  # from the run's first Welcome: its framework's trainer
         self.bytes_up = 0
         self.bytes_down = 0
         self.steps_done = 0
@@ -134,10 +132,6 @@ class Client:
         self.batch_iterator: Iterator[Batch] = iter(())
         self.batches_drawn = 0
         self._current_batch: tuple[int, Batch] | None = None
-        self.framework = "split"  # from the server's Welcome: split, fedllm or kd
-        self.trainer: LocalTrainer | None = None  # FedLLM and KD-FedLLM train the whole model locally
-        self.kd_settings: dict[str, object] = {}
-        self.proxy: EncodedSet | None = None
 
     def log(self, text: str) -> None:
         if not self.config.quiet:
@@ -240,7 +234,8 @@ class Client:
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays is endless")
 
-    async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire) -> Message:
+    async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire | None = None) -> Message:
+        """Send one message (in `wire`, by default the session's) and return the server's answer."""
         from websockets.exceptions import ConnectionClosed
 
         frame = session.send(message, wire)
@@ -275,27 +270,26 @@ class Client:
             self.num_samples,
         )
         self.log(f"connecting to {self.config.server} with {self.num_samples} examples")
-        welcome = await self._exchange(websocket, session, hello, Wire.FP32)
+        welcome = await self._exchange(websocket, session, hello)
         assert isinstance(welcome, Welcome)
         position = self._resume(welcome)
-        wire = Wire(str(welcome.settings["wire"]))
-        loop = asyncio.get_running_loop()
+        trainer = self.trainer
+        assert trainer is not None  # _resume made it
+        runtime = _SessionRuntime(self, websocket, session)
         while True:
             while position.step < self.steps_per_round:
                 batch = self._batch(position.round, position.step)
-                if self.trainer is None:
-                    loss = await self._step(websocket, session, loop, batch, position.round, position.step, wire)
-                else:  # FedLLM and KD-FedLLM train on the device alone; only the round's upload travels
-                    loss = await self._local_step(loop, batch, position.round, position.step)
+                loss = await self._step(trainer, runtime, batch, position.round, position.step)
                 position.losses.append(loss)
                 position.step += 1
             metrics = {"steps": float(len(position.losses))}
             if position.losses:
                 metrics["mean_loss"] = float(np.mean(position.losses))
-            update = AdapterUpdate(position.round, self.num_samples, await self._upload(loop), metrics)
+            update = AdapterUpdate(position.round, self.num_samples, await trainer.upload(runtime), metrics)
+            # The round's upload goes in fp32 whatever the step's wire: it is what the server averages.
             result = await self._exchange(websocket, session, update, Wire.FP32)
             assert isinstance(result, RoundResult)
-            await self._take_result(loop, result)
+            await trainer.take_result(result, runtime)
             mean_loss = metrics.get("mean_loss")
             loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
@@ -322,39 +316,29 @@ class Client:
         this process keeps its own adapters; otherwise it takes the global ones.
         """
         settings = welcome.settings
-        resume_step = int(settings.get("resume_step", 0))  # type: ignore[call-overload]
-        self.steps_per_round = int(settings["steps_per_round"])  # type: ignore[call-overload]
-        if self.optimizer is None:  # the first Welcome of this process
-            self.framework = str(settings.get("framework", "split"))
-            learning_rate = float(settings["learning_rate"])  # type: ignore[arg-type]
-            weight_decay = float(settings.get("weight_decay", 0.0))  # type: ignore[arg-type]
-            if self.framework == "split":
-                if self.head.manifest.full_model:
-                    raise EdgesplitError("the server runs split training, these artifacts are a --full-model export")
-                self.optimizer = AdamW(self.adapters, lr=learning_rate, weight_decay=weight_decay)
-            else:
-                self.trainer = LocalTrainer(self.head, self.adapters, learning_rate, weight_decay)
-                self.optimizer = self.trainer.optimizer
-                self.kd_settings = settings
-            seed = int(settings.get("seed", 0)) + self.config.seed  # type: ignore[call-overload]
-            self.batch_iterator = self.batches(seed=seed)
+        resume_step = settings.resume_step
+        self.steps_per_round = settings.steps_per_round
+        if self.trainer is None:  # the first Welcome of this process
+            self.trainer = trainer_for(self.head, self.adapters, settings)
+            self.batch_iterator = self.batches(seed=settings.seed + self.config.seed)
+        elif settings.framework != self.trainer.framework:
+            raise EdgesplitError(
+                f"the server now runs {settings.framework}, this process trained with {self.trainer.framework}"
+            )
         first = self.position is None
-        if self.framework == "kd":  # KD's Welcome carries the shared proxy set; its weights never travel
-            ids, mask = welcome.tensors["proxy.input_ids"], welcome.tensors["proxy.attention_mask"]
-            self.proxy = EncodedSet(ids, mask, np.full_like(ids, -100), 0, 0)
-        if self.position is None or self.position.round != welcome.round:
-            if self.framework != "kd":
-                self._set_adapters(welcome.tensors)
+        new_round = self.position is None or self.position.round != welcome.round
+        self.trainer.take_welcome(welcome.tensors, new_round)
+        if self.position is None or new_round:
             self.position = _Position(welcome.round, resume_step)
         else:
             self.position.step = max(self.position.step, resume_step)
-        if settings.get("update_received"):
+        if settings.update_received:
             self.position.step = self.steps_per_round  # straight to the update: the server waits to answer it
         position = self.position
         where = f"round {position.round + 1}/{welcome.total_rounds}"
         if first and position.step == 0:
-            self.log(f"joined at {where}: {self.steps_per_round} steps a round, wire {settings['wire']}")
-        elif settings.get("update_received"):
+            self.log(f"joined at {where}: {self.steps_per_round} steps a round, wire {settings.wire.value}")
+        elif settings.update_received:
             self.log(f"rejoined at {where}: the server has this client's update; waiting for the round")
         elif position.step >= self.steps_per_round:
             self.log(f"rejoined at {where}: this client's steps are done; sending its update again")
@@ -369,7 +353,7 @@ class Client:
             round=position.round,
             step=position.step,
             resume_step=resume_step,
-            update_received=bool(settings.get("update_received")),
+            update_received=settings.update_received,
         )
         return position
 
@@ -399,125 +383,41 @@ class Client:
             "reconnects": self.reconnects,
         }
 
-    async def _local_step(self, loop: asyncio.AbstractEventLoop, batch: Batch, round_index: int, step: int) -> float:
-        """One FedLLM / KD-FedLLM step on the device: whole-model forward, numpy loss, gradient graph, AdamW."""
-        assert self.trainer is not None
-        energy_before = self.energy.read_joules()
-        with self.timer.phase("local_step"), self.memory.phase("local_step"):
-            loss = await loop.run_in_executor(None, self.trainer.cross_entropy_step, batch)
-        phases = self.timer.step_done()
-        self.steps_done += 1
-        self.losses.append(loss)
-        self.metrics.write(
-            "step",
-            client_id=self.config.client_id,
-            round=round_index,
-            step=step,
-            loss=loss,
-            tokens=int(batch.attention_mask.sum()),
-            bytes_up=0,
-            bytes_down=0,
-            seconds={k: round(v, 6) for k, v in phases.items()},
-            energy_j=round(self.energy.read_joules() - energy_before, 6),
-        )
-        self.log(
-            f"round {round_index + 1} step {step + 1}: loss {loss:.4f} (local), {sum(phases.values()) * 1000:.0f} ms"
-        )
-        return loss
-
-    async def _upload(self, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
-        """What this round sends up: the adapters, or for KD the top-k probabilities on the proxy set."""
-        if self.framework != "kd":
-            return self.adapters
-        top_k = int(self.kd_settings["top_k"])  # type: ignore[call-overload]
-        assert self.proxy is not None
-        with self.timer.phase("proxy_logits"):
-            values, indices = await loop.run_in_executor(None, proxy_top_k, self.head, self.adapters, self.proxy, top_k)
-        return {"proxy_values": values, "proxy_indices": indices}
-
-    async def _take_result(self, loop: asyncio.AbstractEventLoop, result: RoundResult) -> None:
-        """FedLLM and split take the global adapters; KD distils its own model towards the clients' consensus."""
-        if self.framework != "kd":
-            self._set_adapters(result.tensors)
-            return
-        if result.done or self.trainer is None:
-            return
-        assert self.proxy is not None
-        await loop.run_in_executor(
-            None,
-            distil_on_proxy,
-            self.trainer,
-            self.proxy,
-            result.tensors["proxy_values"],
-            result.tensors["proxy_indices"],
-            float(self.kd_settings["temperature"]),  # type: ignore[arg-type]
-            int(self.kd_settings.get("client_distill_epochs", 1)),  # type: ignore[call-overload]
-        )
-
-    def _set_adapters(self, tensors: dict[str, np.ndarray]) -> None:
-        """Take new global adapters in place: the optimiser holds references to these arrays."""
-        self.head.check_adapters(tensors)
-        for name, value in tensors.items():
-            self.adapters[name][...] = value
-
     async def _step(
-        self,
-        websocket: Any,
-        session: Session,
-        loop: asyncio.AbstractEventLoop,
-        batch: Batch,
-        round_index: int,
-        step: int,
-        wire: Wire,
+        self, trainer: Trainer, runtime: _SessionRuntime, batch: Batch, round_index: int, step: int
     ) -> float:
+        """One step of the framework's trainer, with its metrics line."""
         up_before, down_before = self.bytes_up, self.bytes_down
         energy_before = self.energy.read_joules()
-        with self.timer.phase("head_forward"), self.memory.phase("head_forward"):
-            forward = await loop.run_in_executor(
-                None, self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
-            )
-        with self.timer.phase("encode"):
-            message = Activations(
-                round_index,
-                step,
-                {"activations": forward.activations, "attention_mask": batch.attention_mask, "labels": batch.labels},
-            )
-        waited = time.perf_counter()
-        gradients = await self._exchange(websocket, session, message, wire)
-        waited = time.perf_counter() - waited
-        assert isinstance(gradients, Gradients)
-        if self.head.trainable:
-            with self.timer.phase("grad_graph"), self.memory.phase("grad_graph"):
-                grads = await loop.run_in_executor(
-                    None, self.head.backward, forward, gradients.tensors["activation_grads"]
-                )
-            with self.timer.phase("optimizer"):
-                assert self.optimizer is not None
-                self.optimizer.step(grads)
-        del forward
+        outcome: StepResult = await trainer.step(batch, round_index, step, runtime)
         phases = self.timer.step_done()
-        # The wait for the reply holds the server's compute; what is left of it is the network.
-        phases["server_compute"] = gradients.server_seconds
-        phases["network"] = max(phases.get("network", 0.0) - gradients.server_seconds, 0.0)
+        extra: dict[str, float] = {}
+        if outcome.server_seconds is not None and outcome.wait_seconds is not None:
+            # The wait for the reply holds the server's compute; what is left of it is the network.
+            phases["server_compute"] = outcome.server_seconds
+            phases["network"] = max(phases.get("network", 0.0) - outcome.server_seconds, 0.0)
+            extra["wait_seconds"] = round(outcome.wait_seconds, 6)
         self.steps_done += 1
-        self.losses.append(gradients.loss)
+        self.losses.append(outcome.loss)
         self.metrics.write(
             "step",
             client_id=self.config.client_id,
             round=round_index,
             step=step,
-            loss=gradients.loss,
+            loss=outcome.loss,
             tokens=int(batch.attention_mask.sum()),
             bytes_up=self.bytes_up - up_before,
             bytes_down=self.bytes_down - down_before,
             seconds={k: round(v, 6) for k, v in phases.items()},
-            wait_seconds=round(waited, 6),
+            **extra,
             energy_j=round(self.energy.read_joules() - energy_before, 6),
         )
+        where = "" if outcome.server_seconds is not None else " (local)"
         self.log(
-            f"round {round_index + 1} step {step + 1}: loss {gradients.loss:.4f}, {sum(phases.values()) * 1000:.0f} ms"
+            f"round {round_index + 1} step {step + 1}: loss {outcome.loss:.4f}{where}, "
+            f"{sum(phases.values()) * 1000:.0f} ms"
         )
-        return gradients.loss
+        return outcome.loss
 
     def _resource_summary(self) -> dict[str, Any]:
         report = self.memory.report()
@@ -529,6 +429,29 @@ class Client:
             "energy_source": self.energy.source,
             "phase_seconds_total": {k: round(v, 6) for k, v in self.timer.totals.items()},
         }
+
+
+class _SessionRuntime:
+    """What a trainer may use of the client while one session is open (trainers.Runtime)."""
+
+    def __init__(self, client: Client, websocket: Any, session: Session) -> None:
+        self.client = client
+        self.websocket = websocket
+        self.session = session
+
+    async def compute(self, phase: str, function: Callable[..., Result], *args: object) -> Result:
+        # Blocking compute runs off the event loop, so the websocket answers pings while a slow device works.
+        with self.client.timer.phase(phase), self.client.memory.phase(phase):
+            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def offload(self, function: Callable[..., Result], *args: object) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        return self.client.timer.phase(name)
+
+    async def exchange(self, message: Message) -> Message:
+        return await self.client._exchange(self.websocket, self.session, message)
 
 
 async def _queued_error(websocket: Any) -> Error | None:

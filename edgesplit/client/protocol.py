@@ -3,7 +3,8 @@
 Sans-I/O: `encode` turns a message into the bytes of one binary websocket frame, `decode` turns such bytes
 back into a message or raises `ProtocolError`, and `Session` checks that messages come in the order the
 protocol allows. Nothing here touches a socket, asyncio or torch: the client runs this file with numpy
-alone, and the tests feed it bytes.
+alone, and the tests feed it bytes. The messages live in messages.py, how one tensor becomes bytes in
+tensors.py, the Welcome's settings record in session_settings.py; all are re-exported here.
 
 A frame, little-endian:
 
@@ -20,19 +21,22 @@ Float tensors travel in the `Wire` encoding the sender picks and always decode t
 bool tensors travel as their own dtype ("wire": "raw"). Never pickle: a frame is untrusted input, and
 unpickling untrusted input is running the peer's code.
 
-The conversation (`TRANSITIONS` is the authority):
+The conversation (`TRANSITIONS` is the authority), for the split's one exchange a step:
 
     client                         server
     Hello             ------->
                       <-------     Welcome        settings, global client adapters
     per step:
-      Activations     ------->
-                      <-------     Gradients
+      Activations     ------->                    stage "split"
+                      <-------     Gradients      stage "split"
     per round end:
       AdapterUpdate   ------->
                       <-------     RoundResult    done=False: next round; done=True: closed
     Bye (any time)    ------->
                       <-------     Error (any time)
+
+A U-shaped step (settings.exchange "u_shaped") holds two exchanges: Activations "lower" up, Activations
+"upper" down, Gradients "upper" up, Gradients "lower" down.
 """
 
 from __future__ import annotations
@@ -40,428 +44,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum, IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from edgesplit.client.messages import MESSAGE_TYPES as MESSAGE_TYPES
+from edgesplit.client.messages import SPLIT_STAGE as SPLIT_STAGE
+from edgesplit.client.messages import STAGE_TENSORS as STAGE_TENSORS
+from edgesplit.client.messages import Activations as Activations
+from edgesplit.client.messages import AdapterUpdate as AdapterUpdate
+from edgesplit.client.messages import Bye as Bye
+from edgesplit.client.messages import Error as Error
+from edgesplit.client.messages import Gradients as Gradients
+from edgesplit.client.messages import Hello as Hello
+from edgesplit.client.messages import Kind as Kind
+from edgesplit.client.messages import Message as Message
+from edgesplit.client.messages import RoundResult as RoundResult
+from edgesplit.client.messages import TensorRule as TensorRule
+from edgesplit.client.messages import Welcome as Welcome
+from edgesplit.client.session_settings import EXCHANGES as EXCHANGES
+from edgesplit.client.session_settings import FRAMEWORKS as FRAMEWORKS
+from edgesplit.client.session_settings import SessionSettings as SessionSettings
+from edgesplit.client.tensors import CLOSE_PROTOCOL_ERROR as CLOSE_PROTOCOL_ERROR
+from edgesplit.client.tensors import CLOSE_TOO_BIG as CLOSE_TOO_BIG
+from edgesplit.client.tensors import CLOSE_UNSUPPORTED_DATA as CLOSE_UNSUPPORTED_DATA
+from edgesplit.client.tensors import Array as Array
+from edgesplit.client.tensors import TensorHeader as TensorHeader
+from edgesplit.client.tensors import Wire as Wire
+from edgesplit.client.tensors import decode_tensor as decode_tensor
+from edgesplit.client.tensors import encode_tensor as encode_tensor
+from edgesplit.client.tensors import is_int, is_number
+from edgesplit.client.tensors import tensor_nbytes_on_wire as tensor_nbytes_on_wire
 from edgesplit.errors import ProtocolError
 
 if TYPE_CHECKING:
     from edgesplit.client.artifacts import Manifest
 
-PROTOCOL_VERSION = 1
+# 2: Activations and Gradients name their stage; the Welcome's settings are a checked record.
+PROTOCOL_VERSION = 2
 MAGIC = b"ES"
 _HEADER = struct.Struct("<2sBBI")  # magic, version, kind, metadata length
-
-# Websocket close codes (RFC 6455) carried by ProtocolError.
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_TOO_BIG = 1009
-
-Array: TypeAlias = npt.NDArray[Any]
-
-
-class Kind(IntEnum):
-    """The message kind: one byte of the frame header. Never renumber, older peers read these bytes."""
-
-    HELLO = 1
-    WELCOME = 2
-    ACTIVATIONS = 3
-    GRADIENTS = 4
-    ADAPTER_UPDATE = 5
-    ROUND_RESULT = 6
-    ERROR = 7
-    BYE = 8
-
-
-class Wire(str, Enum):
-    """How float tensors travel. The server picks one for the session (settings["wire"])."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"  # half the bytes; values beyond float16's +-65504 are refused rather than sent as inf
-    INT8 = "int8"  # a quarter of the bytes, plus one float32 scale per row (per token, for activations)
-
-
-# ---------------------------------------------------------------------------------------------- tensors
-
-_RAW = "raw"
-# Integer and bool tensors travel as themselves; little-endian spelled out so a big-endian host agrees.
-_RAW_DTYPES: dict[str, np.dtype[Any]] = {
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-    "int8": np.dtype("i1"),
-    "bool": np.dtype("?"),
-}
-_F32 = np.dtype("<f4")
-_F16 = np.dtype("<f2")
-_MAX_NDIM = 8
-# numpy refuses shapes whose non-zero dimensions multiply past its index range, even for an empty array,
-# so a zero-sized tensor could otherwise declare (0, 2**40, 2**40) and make reshape fail.
-_MAX_ELEMENTS = 2**40
-
-
-@dataclass(frozen=True)
-class TensorHeader:
-    """One entry of the metadata's "tensors" list: everything `decode_tensor` needs besides the bytes."""
-
-    name: str
-    dtype: str  # what decode returns: "float32" for every float tensor, else a key of _RAW_DTYPES
-    shape: tuple[int, ...]
-    wire: Wire | None  # None for raw tensors ("raw" in the JSON)
-    nbytes: int
-
-    def __post_init__(self) -> None:
-        if self.dtype != "float32" and self.dtype not in _RAW_DTYPES:
-            raise ProtocolError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r:.40}", CLOSE_UNSUPPORTED_DATA)
-        if (self.dtype == "float32") != (self.wire is not None):
-            raise ProtocolError(
-                f"tensor {self.name!r}: float32 tensors travel as fp32, fp16 or int8 and other dtypes raw,"
-                f" got {self.dtype} as {self.wire_name}",
-                CLOSE_UNSUPPORTED_DATA,
-            )
-        if (
-            len(self.shape) > _MAX_NDIM
-            or any(dim < 0 for dim in self.shape)
-            or math.prod(max(dim, 1) for dim in self.shape) > _MAX_ELEMENTS
-        ):
-            raise ProtocolError(f"tensor {self.name!r}: impossible shape {list(self.shape)!r:.100}")
-        expected = _payload_nbytes(self.shape, self.dtype, self.wire)
-        if self.nbytes != expected:
-            raise ProtocolError(
-                f"tensor {self.name!r}: shape {list(self.shape)} of {self.dtype} as {self.wire_name}"
-                f" takes {expected} bytes, header says {self.nbytes}"
-            )
-
-    @property
-    def wire_name(self) -> str:
-        return _RAW if self.wire is None else self.wire.value
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "wire": self.wire_name,
-            "nbytes": self.nbytes,
-        }
-
-    @staticmethod
-    def from_json(raw: object) -> TensorHeader:
-        keys = {"name", "dtype", "shape", "wire", "nbytes"}
-        if not isinstance(raw, dict) or set(raw) != keys:
-            raise ProtocolError(f"a tensor header is an object with exactly the keys {sorted(keys)}, got {raw!r:.200}")
-        name, dtype, shape, wire, nbytes = raw["name"], raw["dtype"], raw["shape"], raw["wire"], raw["nbytes"]
-        if not (
-            isinstance(name, str)
-            and name
-            and isinstance(dtype, str)
-            and isinstance(shape, list)
-            and all(map(_is_int, shape))
-            and isinstance(wire, str)
-            and _is_int(nbytes)
-        ):
-            raise ProtocolError(
-                f"a tensor header needs a non-empty name, string dtype and wire, integer shape list and"
-                f" integer nbytes, got {raw!r:.200}"
-            )
-        wires = {member.value: member for member in Wire}
-        if wire != _RAW and wire not in wires:
-            raise ProtocolError(f"tensor {name!r}: unknown wire encoding {wire!r:.40}", CLOSE_UNSUPPORTED_DATA)
-        return TensorHeader(name, dtype, tuple(shape), None if wire == _RAW else wires[wire], nbytes)
-
-
-def _payload_nbytes(shape: Sequence[int], dtype: str, wire: Wire | None) -> int:
-    count = math.prod(shape)
-    if wire is None:
-        return count * _RAW_DTYPES[dtype].itemsize
-    if wire is Wire.FP32:
-        return 4 * count
-    if wire is Wire.FP16:
-        return 2 * count
-    return 4 * math.prod(shape[:-1]) + count  # one float32 scale per row, then one int8 per value
-
-
-def _wire_format(dtype: np.dtype[Any], wire: Wire) -> tuple[str, Wire | None]:
-    """The (decoded dtype, wire) a tensor of `dtype` travels as when the message's encoding is `wire`."""
-    if np.issubdtype(dtype, np.floating):
-        return "float32", wire
-    if dtype.name in _RAW_DTYPES:
-        return dtype.name, None
-    raise ProtocolError(f"cannot send a {dtype} tensor: send float, int64, int32, int8 or bool", CLOSE_UNSUPPORTED_DATA)
-
-
-def tensor_nbytes_on_wire(shape: Sequence[int], dtype: npt.DTypeLike, wire: Wire) -> int:
-    """Payload bytes of one tensor of this shape and dtype in encoding `wire` (its metadata not counted)."""
-    return _payload_nbytes(tuple(shape), *_wire_format(np.dtype(dtype), Wire(wire)))
-
-
-def _rows(shape: Sequence[int]) -> tuple[int, int]:
-    """int8 quantises along the last axis: (number of rows, row length); a 0-d tensor is one row of one."""
-    return math.prod(shape[:-1]), (shape[-1] if shape else 1)
-
-
-def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[TensorHeader, bytes]:
-    """A tensor's metadata entry and wire bytes. Raises ProtocolError if `wire` cannot carry it."""
-    wire = Wire(wire)
-    dtype, tensor_wire = _wire_format(array.dtype, wire)
-    shape = tuple(int(dim) for dim in array.shape)
-    if tensor_wire is None:
-        data = array.astype(_RAW_DTYPES[dtype], copy=False).tobytes()
-    elif tensor_wire is Wire.FP32:
-        data = array.astype(_F32, copy=False).tobytes()
-    elif tensor_wire is Wire.FP16:
-        with np.errstate(over="ignore"):
-            half = array.astype(_F16)
-        if np.any(np.isinf(half) & np.isfinite(array)):
-            raise ProtocolError(
-                f"tensor {name!r} has values beyond float16's range (+-65504): use wire fp32 or int8",
-                CLOSE_UNSUPPORTED_DATA,
-            )
-        data = half.tobytes()
-    else:
-        values = array.astype(_F32, copy=False)
-        if not np.isfinite(values).all():
-            # A NaN would poison its row's scale and silently zero the whole token.
-            raise ProtocolError(f"tensor {name!r} holds NaN or inf, which int8 cannot carry", CLOSE_UNSUPPORTED_DATA)
-        rows = values.reshape(_rows(shape))
-        scales = (np.max(np.abs(rows), axis=1, initial=0.0) / 127).astype(_F32)
-        # An all-zero row, or one so small that its scale underflows, still needs a divisor.
-        scales[scales == 0] = 1
-        quantised = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
-        data = scales.tobytes() + quantised.tobytes()
-    return TensorHeader(name, dtype, shape, tensor_wire, len(data)), data
-
-
-def decode_tensor(header: TensorHeader, data: bytes | memoryview) -> Array:
-    """Rebuild a tensor from its wire bytes: a new, writable, C-contiguous array, float32 for floats."""
-    if len(data) != header.nbytes:
-        raise ProtocolError(f"tensor {header.name!r}: expected {header.nbytes} bytes, got {len(data)}")
-    # astype copies: the result must not pin, or alias, the frame it came from.
-    if header.wire is None:
-        if header.dtype == "bool" and np.frombuffer(data, np.uint8).max(initial=0) > 1:
-            raise ProtocolError(f"tensor {header.name!r}: bool bytes must be 0 or 1", CLOSE_UNSUPPORTED_DATA)
-        array = np.frombuffer(data, _RAW_DTYPES[header.dtype]).astype(header.dtype)
-    elif header.wire is Wire.FP32:
-        array = np.frombuffer(data, _F32).astype(np.float32)
-    elif header.wire is Wire.FP16:
-        array = np.frombuffer(data, _F16).astype(np.float32)
-    else:
-        num_rows, row_len = _rows(header.shape)
-        scales = np.frombuffer(data[: 4 * num_rows], _F32).astype(np.float32)
-        if not np.all(np.isfinite(scales) & (scales > 0)):
-            raise ProtocolError(f"tensor {header.name!r}: int8 scales must be finite and positive")
-        quantised = np.frombuffer(data[4 * num_rows :], np.int8).reshape(num_rows, row_len)
-        with np.errstate(over="ignore"):  # a scale near float32's limit times 127 is inf, as it was sent
-            array = quantised.astype(np.float32) * scales[:, None]
-    return array.reshape(header.shape)
-
-
-# --------------------------------------------------------------------------------------------- messages
-
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # it ends up in file names and log lines
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count of 1
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ProtocolError(message)
-
-
-def _require_counts(message: object, *names: str) -> None:
-    for name in names:
-        value = getattr(message, name)
-        _require(value >= 0, f"{type(message).__name__}.{name} must be >= 0, got {value}")
-
-
-def _require_round_tensors(message: object, tensors: dict[str, Array]) -> None:
-    """Adapters are float. KD-FedLLM also sends int64 tensors: top-k token indices and the proxy set's tokens."""
-    for name, array in tensors.items():
-        is_indices = (
-            isinstance(array, np.ndarray)
-            and array.dtype == np.int64
-            and name.endswith(("indices", "input_ids", "attention_mask"))
-        )
-        if not is_indices:
-            _require_float_tensors(message, {name: array})
-
-
-def _require_float_tensors(message: object, tensors: dict[str, Array]) -> None:
-    for name, array in tensors.items():
-        _require(
-            isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating),
-            f"{type(message).__name__} tensor {name!r} must be a float array",
-        )
-
-
-@dataclass(frozen=True)
-class Hello:
-    """Client -> server, first: who this client is and which artifacts it runs."""
-
-    kind: ClassVar[Kind] = Kind.HELLO
-    client_id: str
-    protocol_version: int  # informational: the frame header's version is the one enforced
-    manifest_hash: str  # Manifest.manifest_hash; the server refuses a client running other artifacts
-    token: str | None
-    num_samples: int  # the client's training examples: FedAvg's weight
-
-    def __post_init__(self) -> None:
-        _require(
-            _CLIENT_ID.fullmatch(self.client_id) is not None,
-            f"client_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -, got {self.client_id!r:.80}",
-        )
-        _require_counts(self, "protocol_version", "num_samples")
-
-
-# eq=False on messages with tensors: dataclass == on dicts of arrays raises instead of comparing.
-@dataclass(frozen=True, eq=False)
-class Activations:
-    """Client -> server: the head's output for one batch.
-
-    activations (B, T, H) float, attention_mask (B, T) int64, labels (B, T) int64 with -100 = no loss.
-    """
-
-    kind: ClassVar[Kind] = Kind.ACTIVATIONS
-    round: int
-    step: int
-    tensors: dict[str, Array]
-
-    def __post_init__(self) -> None:
-        _require_counts(self, "round", "step")
-        names = {"activations", "attention_mask", "labels"}
-        _require(set(self.tensors) == names, f"Activations carries {sorted(names)}, got {sorted(self.tensors)}")
-        activations = self.tensors["activations"]
-        _require_float_tensors(self, {"activations": activations})
-        _require(activations.ndim == 3, f"activations must be (B, T, H), got shape {activations.shape}")
-        for name in ("attention_mask", "labels"):
-            tensor = self.tensors[name]
-            _require(
-                isinstance(tensor, np.ndarray) and tensor.dtype == np.int64 and tensor.shape == activations.shape[:2],
-                f"{name} must be int64 of shape (B, T) = {activations.shape[:2]}",
-            )
-
-
-@dataclass(frozen=True, eq=False)
-class AdapterUpdate:
-    """Client -> server at round end: the client's LoRA matrices, keyed by head.onnx input name."""
-
-    kind: ClassVar[Kind] = Kind.ADAPTER_UPDATE
-    round: int
-    num_samples: int
-    tensors: dict[str, Array]
-    metrics: dict[str, float]
-
-    def __post_init__(self) -> None:
-        _require_counts(self, "round", "num_samples")
-        _require_round_tensors(self, self.tensors)
-        _require(
-            all(isinstance(name, str) and _is_number(value) for name, value in self.metrics.items()),
-            "AdapterUpdate metrics must map names to numbers",
-        )
-
-
-@dataclass(frozen=True)
-class Bye:
-    """Client -> server, any time: the client is leaving."""
-
-    kind: ClassVar[Kind] = Kind.BYE
-    reason: str
-
-
-@dataclass(frozen=True, eq=False)
-class Welcome:
-    """Server -> client after Hello: the run's settings and the current global client adapters."""
-
-    kind: ClassVar[Kind] = Kind.WELCOME
-    round: int
-    total_rounds: int
-    # steps_per_round, learning_rate, wire, batch_size, max_seq_len, frozen_head, ...
-    settings: dict[str, object]
-    tensors: dict[str, Array]
-
-    def __post_init__(self) -> None:
-        _require_counts(self, "round", "total_rounds")
-        _require_round_tensors(self, self.tensors)
-        try:
-            # json.dumps would turn a key 1 into "1", and the settings would not round-trip.
-            _require(all(isinstance(key, str) for key in self.settings), "Welcome settings keys must be strings")
-            json.dumps(self.settings)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"Welcome settings must be a JSON object: {exc}") from exc
-
-
-@dataclass(frozen=True, eq=False)
-class Gradients:
-    """Server -> client per step: the loss, and activation_grads (B, T, H) unless the head is frozen."""
-
-    kind: ClassVar[Kind] = Kind.GRADIENTS
-    round: int
-    step: int
-    loss: float  # NaN travels: the client should see its run diverge
-    server_seconds: float
-    tensors: dict[str, Array]
-
-    def __post_init__(self) -> None:
-        _require_counts(self, "round", "step", "server_seconds")
-        _require(
-            set(self.tensors) <= {"activation_grads"},
-            f"Gradients carries only activation_grads, got {sorted(self.tensors)}",
-        )
-        _require_float_tensors(self, self.tensors)
-        _require(all(grads.ndim == 3 for grads in self.tensors.values()), "activation_grads must be (B, T, H)")
-
-
-@dataclass(frozen=True, eq=False)
-class RoundResult:
-    """Server -> client after AdapterUpdate: the new global adapters, and whether training is over."""
-
-    kind: ClassVar[Kind] = Kind.ROUND_RESULT
-    round: int
-    next_round: int
-    done: bool
-    eval_loss: float | None
-    tensors: dict[str, Array]
-
-    def __post_init__(self) -> None:
-        _require_counts(self, "round", "next_round")
-        _require_round_tensors(self, self.tensors)
-
-
-@dataclass(frozen=True)
-class Error:
-    """Server -> client, any time: why the server is ending the conversation."""
-
-    kind: ClassVar[Kind] = Kind.ERROR
-    code: str  # machine-readable: "bad_token", "manifest_mismatch", "protocol", ...
-    message: str  # for the person at the client's terminal
-
-    def __post_init__(self) -> None:
-        _require(self.code != "", "Error.code must not be empty")
-
-
-Message: TypeAlias = Hello | Activations | AdapterUpdate | Bye | Welcome | Gradients | RoundResult | Error
-_MESSAGE_TYPES: dict[Kind, type[Message]] = {
-    Kind.HELLO: Hello,
-    Kind.WELCOME: Welcome,
-    Kind.ACTIVATIONS: Activations,
-    Kind.GRADIENTS: Gradients,
-    Kind.ADAPTER_UPDATE: AdapterUpdate,
-    Kind.ROUND_RESULT: RoundResult,
-    Kind.ERROR: Error,
-    Kind.BYE: Bye,
-}
 
 
 # ------------------------------------------------------------------------------------- encode / decode
@@ -473,13 +95,15 @@ def _parse_field(annotation: str, value: object) -> object:
     if value is None and annotation.endswith(" | None"):
         return None
     expected = annotation.removesuffix(" | None")
-    if expected == "int" and _is_int(value):
+    if expected == "int" and is_int(value):
         return value
-    if expected == "float" and _is_number(value):
+    if expected == "float" and is_number(value):
         return float(value)
-    if (expected, type(value)) in {("str", str), ("bool", bool), ("dict[str, object]", dict)}:
+    if (expected, type(value)) in {("str", str), ("bool", bool)}:
         return value
-    if expected == "dict[str, float]" and isinstance(value, dict) and all(map(_is_number, value.values())):
+    if expected == "SessionSettings" and isinstance(value, dict):
+        return SessionSettings.from_mapping(value)  # raises ProtocolError with what is wrong
+    if expected == "dict[str, float]" and isinstance(value, dict) and all(map(is_number, value.values())):
         return {name: float(number) for name, number in value.items()}
     raise TypeError(f"expected {annotation}, got {type(value).__name__}")
 
@@ -489,10 +113,11 @@ def encode(message: Message, wire: Wire = Wire.FP32) -> bytes:
     metadata: dict[str, object] = {}
     tensors: dict[str, Array] = {}
     for field in dataclasses.fields(message):
+        value = getattr(message, field.name)
         if field.name == "tensors":
-            tensors = getattr(message, field.name)
+            tensors = value
         else:
-            metadata[field.name] = getattr(message, field.name)
+            metadata[field.name] = value.to_json() if isinstance(value, SessionSettings) else value
     encoded = [encode_tensor(name, array, wire) for name, array in tensors.items()]
     metadata["tensors"] = [header.to_json() for header, _ in encoded]
     metadata_bytes = json.dumps(metadata, separators=(",", ":")).encode()
@@ -582,7 +207,7 @@ def _decode_payload(kind: Kind, entries: object, payload: memoryview) -> dict[st
 
 
 def _build(kind: Kind, metadata: dict[str, Any], tensors: dict[str, Array]) -> Message:
-    cls = _MESSAGE_TYPES[kind]
+    cls = MESSAGE_TYPES[kind]
     fields = {field.name: str(field.type) for field in dataclasses.fields(cls)}
     carries_tensors = fields.pop("tensors", None) is not None
     if tensors and not carries_tensors:
@@ -614,33 +239,54 @@ class State(Enum):
 
     AWAIT_HELLO = "await_hello"
     AWAIT_WELCOME = "await_welcome"
-    TRAINING = "training"  # the client may send Activations or AdapterUpdate
-    AWAIT_GRADIENTS = "await_gradients"
+    TRAINING = "training"  # the client may start a step (Activations) or send its AdapterUpdate
+    AWAIT_GRADIENTS = "await_gradients"  # split: the server's Gradients close the step
+    AWAIT_UPPER_ACTIVATIONS = "await_upper_activations"  # U-shaped: the server's middle output
+    AWAIT_UPPER_GRADIENTS = "await_upper_gradients"  # U-shaped: the device's gradient at the upper cut
+    AWAIT_LOWER_GRADIENTS = "await_lower_gradients"  # U-shaped: the server's gradient at the lower cut
     AWAIT_ROUND_RESULT = "await_round_result"
     CLOSED = "closed"
 
 
 _OPEN_STATES = [state for state in State if state is not State.CLOSED]
 
-# Everything that moves the conversation: (receiving role, state, kind) -> next state. Both sides walk the
-# same states, so a sender checks the entry under its peer's role: what one may not send, the other may
-# not receive. The one rule the table cannot hold: RoundResult with done=True goes to CLOSED (next_state).
-# Welcome comes once; later rounds take their adapters from RoundResult.
-TRANSITIONS: dict[tuple[Role, State, Kind], State] = {
-    (Role.SERVER, State.AWAIT_HELLO, Kind.HELLO): State.AWAIT_WELCOME,
-    (Role.CLIENT, State.AWAIT_WELCOME, Kind.WELCOME): State.TRAINING,
-    (Role.SERVER, State.TRAINING, Kind.ACTIVATIONS): State.AWAIT_GRADIENTS,
-    (Role.CLIENT, State.AWAIT_GRADIENTS, Kind.GRADIENTS): State.TRAINING,
-    (Role.SERVER, State.TRAINING, Kind.ADAPTER_UPDATE): State.AWAIT_ROUND_RESULT,
-    (Role.CLIENT, State.AWAIT_ROUND_RESULT, Kind.ROUND_RESULT): State.TRAINING,
-    **{(Role.SERVER, state, Kind.BYE): State.CLOSED for state in _OPEN_STATES},
-    **{(Role.CLIENT, state, Kind.ERROR): State.CLOSED for state in _OPEN_STATES},
+# Everything that moves the conversation: (receiving role, state, kind, stage) -> next state; the stage is
+# None for the kinds that have none. Both sides walk the same states, so a sender checks the entry under
+# its peer's role: what one may not send, the other may not receive. Rules the table cannot hold live in
+# Session._refusal (the stage belongs to the session's exchange; one step's exchanges name one round and
+# step) and next_state (RoundResult with done=True goes to CLOSED). Welcome comes once; later rounds take
+# their adapters from RoundResult.
+TRANSITIONS: dict[tuple[Role, State, Kind, str | None], State] = {
+    (Role.SERVER, State.AWAIT_HELLO, Kind.HELLO, None): State.AWAIT_WELCOME,
+    (Role.CLIENT, State.AWAIT_WELCOME, Kind.WELCOME, None): State.TRAINING,
+    # The split: one exchange a step.
+    (Role.SERVER, State.TRAINING, Kind.ACTIVATIONS, SPLIT_STAGE): State.AWAIT_GRADIENTS,
+    (Role.CLIENT, State.AWAIT_GRADIENTS, Kind.GRADIENTS, SPLIT_STAGE): State.TRAINING,
+    # The U-shape: up the lower cut, down the upper cut, its gradient up, the lower cut's gradient down.
+    (Role.SERVER, State.TRAINING, Kind.ACTIVATIONS, "lower"): State.AWAIT_UPPER_ACTIVATIONS,
+    (Role.CLIENT, State.AWAIT_UPPER_ACTIVATIONS, Kind.ACTIVATIONS, "upper"): State.AWAIT_UPPER_GRADIENTS,
+    (Role.SERVER, State.AWAIT_UPPER_GRADIENTS, Kind.GRADIENTS, "upper"): State.AWAIT_LOWER_GRADIENTS,
+    (Role.CLIENT, State.AWAIT_LOWER_GRADIENTS, Kind.GRADIENTS, "lower"): State.TRAINING,
+    (Role.SERVER, State.TRAINING, Kind.ADAPTER_UPDATE, None): State.AWAIT_ROUND_RESULT,
+    (Role.CLIENT, State.AWAIT_ROUND_RESULT, Kind.ROUND_RESULT, None): State.TRAINING,
+    **{(Role.SERVER, state, Kind.BYE, None): State.CLOSED for state in _OPEN_STATES},
+    **{(Role.CLIENT, state, Kind.ERROR, None): State.CLOSED for state in _OPEN_STATES},
 }
+
+
+def stage_of(message: Message) -> str | None:
+    return message.stage if isinstance(message, Activations | Gradients) else None
+
+
+def kind_may_come(receiver: Role, state: State, kind: Kind) -> bool:
+    """Whether some message of `kind` (of any stage) may reach `receiver` in `state`: what a frame's header
+    alone can tell, before its payload is decoded."""
+    return any(key[:3] == (receiver, state, kind) for key in TRANSITIONS)
 
 
 def next_state(receiver: Role, state: State, message: Message) -> State | None:
     """Where the conversation goes when `receiver` gets `message` in `state`; None if it may not."""
-    after = TRANSITIONS.get((receiver, state, message.kind))
+    after = TRANSITIONS.get((receiver, state, message.kind, stage_of(message)))
     if after is not None and isinstance(message, RoundResult) and message.done:
         return State.CLOSED
     return after
@@ -651,6 +297,7 @@ class Session:
 
     The runtime sends the bytes `send` returns and passes every binary frame it gets to `receive`. A
     ProtocolError from `receive` closes the session: close the socket with the error's `close_code`.
+    The session keeps what the Welcome negotiated (`settings`, and so the step's `wire`).
     """
 
     def __init__(self, role: Role, max_size: int | None = None) -> None:
@@ -658,16 +305,27 @@ class Session:
         self.peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self.max_size = max_size
         self.state = State.AWAIT_HELLO
+        self.settings: SessionSettings | None = None  # from the Welcome, sent or received
+        self.step_in_progress: tuple[int, int] | None = None  # (round, step) while a step's exchanges run
         self.bytes_sent: dict[str, int] = {}  # Kind name -> frame bytes
         self.bytes_received: dict[str, int] = {}
 
-    def send(self, message: Message, wire: Wire = Wire.FP32) -> bytes:
-        """The frame to send; ProtocolError (and no state change) if this side may not send it now."""
+    @property
+    def wire(self) -> Wire:
+        """How this session's float tensors travel: the Welcome's choice, fp32 until then."""
+        return Wire.FP32 if self.settings is None else self.settings.wire
+
+    def send(self, message: Message, wire: Wire | None = None) -> bytes:
+        """The frame to send, in `wire` (default: the session's); ProtocolError, and no state change, if this
+        side may not send it now."""
         after = next_state(self.peer, self.state, message)
         if after is None:
             raise ProtocolError(f"the {self.role.value} may not send {message.kind.name} in state {self.state.name}")
-        frame = encode(message, wire)
-        self.state = after
+        refusal = self._refusal(message)
+        if refusal is not None:
+            raise ProtocolError(f"the {self.role.value} may not send it: {refusal}")
+        frame = encode(message, self.wire if wire is None else wire)
+        self._advance(message, after)
         kind = message.kind.name
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + len(frame)
         return frame
@@ -681,9 +339,35 @@ class Session:
             after = next_state(self.role, self.state, message)
             if after is None:
                 raise ProtocolError(f"unexpected {message.kind.name} in state {self.state.name}")
+            refusal = self._refusal(message)
+            if refusal is not None:
+                raise ProtocolError(refusal)
         except ProtocolError:
             # As in h11: once a peer has broken the protocol, nothing more it sends can be trusted.
             self.state = State.CLOSED
             raise
-        self.state = after
+        self._advance(message, after)
         return message
+
+    def _refusal(self, message: Message) -> str | None:
+        """Why a message the table allows may still not come now, or None."""
+        if not isinstance(message, Activations | Gradients):
+            return None
+        stages = EXCHANGES["split"] if self.settings is None else self.settings.stages
+        if message.stage not in stages:
+            return f"{message.kind.name} of stage {message.stage!r}: this session's steps use {list(stages)}"
+        if self.step_in_progress not in (None, (message.round, message.step)):
+            step_round, step = self.step_in_progress
+            return (
+                f"{message.kind.name} for round {message.round + 1} step {message.step + 1} in the middle of"
+                f" round {step_round + 1} step {step + 1}"
+            )
+        return None
+
+    def _advance(self, message: Message, after: State) -> None:
+        if isinstance(message, Welcome):
+            self.settings = message.settings
+        if isinstance(message, Activations | Gradients):
+            # Back in TRAINING the step is over; anywhere else its next exchange must name it again.
+            self.step_in_progress = None if after is State.TRAINING else (message.round, message.step)
+        self.state = after

@@ -44,7 +44,6 @@ from edgesplit.client.metrics import JsonlWriter
 from edgesplit.client.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
-    TRANSITIONS,
     Activations,
     AdapterUpdate,
     Bye,
@@ -55,10 +54,12 @@ from edgesplit.client.protocol import (
     Role,
     RoundResult,
     Session,
+    SessionSettings,
     State,
     Welcome,
     Wire,
     encode,
+    kind_may_come,
     max_frame_bytes,
 )
 from edgesplit.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
@@ -348,7 +349,9 @@ class Server:
             async with self._step_lock(client_id):  # a step of the old connection may still be running
                 resume_step = self._resume_step(client_id)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
-            settings = {**self.settings, "resume_step": resume_step, "update_received": client_id in self.updates}
+            settings = SessionSettings.from_mapping(
+                {**self.settings, "resume_step": resume_step, "update_received": client_id in self.updates}
+            )
             _set_frame_limit(websocket, self.max_frame_bytes())
             welcome_tensors = self.global_adapters if self.strategy is None else self.strategy.welcome_tensors()
             await self._send(websocket, session, Welcome(self.round, self.config.rounds, settings, welcome_tensors))
@@ -791,7 +794,7 @@ def _check_kind_allowed(frame: bytes, state: State) -> None:
         kind = Kind(frame[3])
     except ValueError:
         return
-    if (Role.SERVER, state, kind) not in TRANSITIONS:
+    if not kind_may_come(Role.SERVER, state, kind):
         raise ProtocolError(f"unexpected {kind.name} in state {state.name} (refused before its payload was read)")
 
 

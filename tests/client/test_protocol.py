@@ -28,6 +28,7 @@ from edgesplit.client.protocol import (
     Role,
     RoundResult,
     Session,
+    SessionSettings,
     State,
     Welcome,
     Wire,
@@ -63,17 +64,15 @@ def activations_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+SETTINGS = SessionSettings(steps_per_round=4, learning_rate=1e-4, wire=Wire.INT8, batch_size=B, max_seq_len=T)
+
+
 def examples() -> list[Message]:
     """One message of every kind, with every optional field used."""
     grads = np.random.default_rng(7).normal(size=(B, T, H)).astype(np.float32)
     return [
         Hello("pi-4.kitchen_01", PROTOCOL_VERSION, "0123456789abcdef", "s3cret", 128),
-        Welcome(
-            0,
-            3,
-            {"steps_per_round": 4, "learning_rate": 1e-4, "wire": "int8", "frozen_head": False},
-            adapters(1),
-        ),
+        Welcome(0, 3, SETTINGS, adapters(1)),
         Activations(0, 2, activations_tensors()),
         Gradients(0, 2, 2.75, 0.125, {"activation_grads": grads}),
         AdapterUpdate(0, 128, adapters(2), {"train_loss": 2.5, "client_seconds": 3.0}),
@@ -168,9 +167,9 @@ def test_frame_layout_is_header_json_metadata_then_concatenated_tensor_bytes() -
     message = EXAMPLES[Kind.ACTIVATIONS]
     frame = encode(message, Wire.FP16)
     magic, version, kind, length = struct.unpack_from("<2sBBI", frame)
-    assert (magic, version, kind) == (b"ES", 1, Kind.ACTIVATIONS)
+    assert (magic, version, kind) == (b"ES", 2, Kind.ACTIVATIONS)
     metadata = metadata_of(frame)
-    assert (metadata["round"], metadata["step"]) == (0, 2)
+    assert (metadata["round"], metadata["step"], metadata["stage"]) == (0, 2, "split")
     assert metadata["tensors"] == [
         {
             "name": "activations",
@@ -202,7 +201,9 @@ def test_nan_loss_and_missing_optional_values_travel() -> None:
 
 
 def test_integer_json_values_decode_as_float_fields() -> None:
-    frame = craft(Kind.GRADIENTS, {"round": 0, "step": 0, "loss": 3, "server_seconds": 1, "tensors": []})
+    frame = craft(
+        Kind.GRADIENTS, {"round": 0, "step": 0, "loss": 3, "server_seconds": 1, "stage": "split", "tensors": []}
+    )
     gradients = decode(frame)
     assert isinstance(gradients, Gradients)
     assert isinstance(gradients.loss, float) and isinstance(gradients.server_seconds, float)
@@ -355,10 +356,10 @@ def test_a_text_frame_is_unsupported_data() -> None:
 
 
 BYE = {"reason": "x", "tensors": []}
-GRADS = {"round": 0, "step": 0, "loss": 1.0, "server_seconds": 0.0, "tensors": []}
+GRADS = {"round": 0, "step": 0, "loss": 1.0, "server_seconds": 0.0, "stage": "split", "tensors": []}
 HELLO = {"client_id": "c", "protocol_version": 1, "manifest_hash": "h", "token": None, "num_samples": 1}
 RESULT: dict[str, object] = {"round": 0, "next_round": 1, "done": False, "eval_loss": None, "tensors": []}
-WELCOME = {"round": 0, "total_rounds": 1, "settings": {}}
+WELCOME = {"round": 0, "total_rounds": 1, "settings": SETTINGS.to_json()}
 MASK = {"name": "mask", "dtype": "int64", "shape": [2], "wire": "raw", "nbytes": 16}
 DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
 
@@ -412,7 +413,7 @@ BAD_FRAMES: list[tuple[str, bytes, int, str]] = [
     ("tensors on Bye", craft(Kind.BYE, {**BYE, "tensors": [MASK]}, bytes(16)), 1002, "carries no tensors"),
     ("same name twice", craft(Kind.WELCOME, {**WELCOME, "tensors": [MASK, MASK]}, bytes(32)), 1002, "twice"),
     ("int adapters", craft(Kind.WELCOME, {**WELCOME, "tensors": [MASK]}, bytes(16)), 1002, "float array"),
-    ("no tensors", craft(Kind.ACTIVATIONS, {"round": 0, "step": 0, "tensors": []}), 1002, "carries"),
+    ("no tensors", craft(Kind.ACTIVATIONS, {"round": 0, "step": 0, "stage": "split", "tensors": []}), 1002, "carries"),
 ]
 # fmt: on
 
@@ -633,12 +634,12 @@ def test_a_malformed_frame_closes_the_session_and_bad_frames_are_not_counted() -
 
 def test_the_table_gives_every_open_state_an_exit_and_closed_none() -> None:
     for state in State:
-        exits = {kind for (_, from_state, kind) in TRANSITIONS if from_state is state}
+        exits = {kind for (_, from_state, kind, _) in TRANSITIONS if from_state is state}
         if state is State.CLOSED:
             assert not exits
         else:
             assert {Kind.ERROR, Kind.BYE} <= exits
-    assert {kind for (_, _, kind) in TRANSITIONS} == set(Kind)
+    assert {kind for (_, _, kind, _) in TRANSITIONS} == set(Kind)
 
 
 def test_round_messages_carry_top_k_indices_for_kd() -> None:

@@ -130,7 +130,7 @@ def test_bad_peers_are_refused_and_training_carries_on(setup) -> None:  # type: 
             "labels as int32",
             lambda: raw_frame(
                 Kind.ACTIVATIONS,
-                {"round": 0, "step": 0},
+                {"round": 0, "step": 0, "stage": "split"},
                 {
                     "activations": np.zeros((batch, seq, hidden), np.float32),
                     "attention_mask": np.ones((batch, seq), np.int64),
