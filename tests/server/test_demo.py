@@ -22,7 +22,7 @@ from edgesplit.server.demo import (
     DemoConfig,
     DemoError,
     artifacts_mismatch,
-    export_args,
+    export_command,
     prepare_data,
     prepare_run_dir,
 )
@@ -189,7 +189,7 @@ def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
     from edgesplit.export.cli import build_parser
 
     config = DemoConfig(out=tmp_path, cut_layer=3, quantize="int8", max_seq_len=24, lora_rank=4)
-    args = build_parser().parse_args(export_args(config, tmp_path / "artifacts")[1:])
+    args = build_parser().parse_args(export_command(config, tmp_path / "artifacts").argv()[1:])
     assert (args.cut_layer, args.quantize, args.max_seq_len, args.lora_rank, args.lora_alpha) == (
         3,
         "int8",
