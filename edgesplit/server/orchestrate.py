@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -214,6 +215,7 @@ class ClientCommand:
     seed: int | None = None
     threads: int | None = None
     connect_timeout_s: float | None = None
+    device_profile: str | None = None
     quiet: bool = False
     extra: tuple[str, ...] = ()
 
@@ -224,6 +226,8 @@ class ClientCommand:
             raise RunError(f"client: client_id takes 1-64 letters, digits, '.', '_' and '-', got {self.client_id!r}")
         _at_least("client", 0, seed=self.seed, threads=self.threads)
         _positive_number("client", connect_timeout_s=self.connect_timeout_s)
+        if self.device_profile is not None and not self.device_profile.strip():
+            raise RunError("client: device_profile is empty; give a profile's name or a .toml file")
         _check_extra("client", self.extra, self._flags())
 
     def _flags(self) -> list[str]:
@@ -237,6 +241,7 @@ class ClientCommand:
                 ("--seed", self.seed),
                 ("--threads", self.threads),
                 ("--connect-timeout", self.connect_timeout_s),
+                ("--device-profile", self.device_profile),
                 ("--quiet", self.quiet),
             ]
         )
@@ -252,6 +257,63 @@ Command = ExportCommand | ServeCommand | ClientCommand
 def command_line(command: Command, launcher: Sequence[str] = EDGESPLIT) -> list[str]:
     """The whole command line: `launcher` (this interpreter's edgesplit unless told) and the record's argv."""
     return [*launcher, *command.argv()]
+
+
+RECORDS: dict[str, type[Command]] = {"export": ExportCommand, "serve": ServeCommand, "client": ClientCommand}
+
+
+def record_from_pairs(kind: str, pairs: Sequence[str]) -> Command:
+    """A record from FIELD=VALUE strings, each value read as its field's type (for shell scripts). An empty
+    value leaves an optional field unset; `extra` is split as a shell would split it."""
+    if kind not in RECORDS:
+        raise RunError(f"the command is one of {', '.join(RECORDS)}, got {kind!r}")
+    record = RECORDS[kind]
+    annotations = {f.name: str(f.type) for f in fields(record)}
+    values: dict[str, object] = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals or name not in annotations:
+            raise RunError(f"{kind}: expected FIELD=VALUE, FIELD one of {', '.join(annotations)}; got {pair!r}")
+        values[name] = _read_value(kind, name, annotations[name], text)
+    try:
+        return record(**values)  # type: ignore[arg-type]
+    except TypeError as error:  # a required field left out
+        raise RunError(f"{kind}: {error}") from None
+
+
+def _read_value(kind: str, name: str, annotation: str, text: str) -> object:
+    if text == "" and annotation.endswith("| None"):
+        return None
+    try:
+        if annotation.startswith("tuple"):
+            return tuple(shlex.split(text))
+        if annotation.startswith("bool"):
+            if text not in ("true", "false"):
+                raise ValueError(text)
+            return text == "true"
+        if annotation.startswith("int"):
+            return int(text)
+        if annotation.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise RunError(f"{kind}: {name} takes {annotation.split(' |')[0]}, got {text!r}") from None
+    return Path(text) if annotation.startswith("Path") else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m edgesplit.server.orchestrate KIND FIELD=VALUE...`: the record's argv, one argument a line,
+    for the shell scripts that cannot import the records."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(f"usage: python -m edgesplit.server.orchestrate {{{','.join(RECORDS)}}} FIELD=VALUE...", file=sys.stderr)
+        return 2
+    try:
+        command = record_from_pairs(args[0], args[1:])
+    except RunError as error:
+        print(f"orchestrate: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(command.argv()))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -420,3 +482,7 @@ def follow(
     for name, process in everyone.items():
         if process.returncode != 0:
             raise fail(name, process.returncode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

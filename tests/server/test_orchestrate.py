@@ -19,6 +19,8 @@ from edgesplit.server.orchestrate import (
     ServeCommand,
     command_line,
     follow,
+    main,
+    record_from_pairs,
     wait_for_port,
 )
 
@@ -75,7 +77,8 @@ def test_serve_command_round_trips_through_the_server_parser(tmp_path: Path) -> 
 def test_client_command_round_trips_through_the_client_parser(tmp_path: Path) -> None:
     command = ClientCommand(
         server="wss://localhost:8765", artifacts=tmp_path / "a", data=tmp_path / "d.jsonl", client_id="pi-4.a_1",
-        metrics_out=tmp_path / "m.jsonl", seed=2, threads=1, connect_timeout_s=120.0, quiet=True,
+        metrics_out=tmp_path / "m.jsonl", seed=2, threads=1, connect_timeout_s=120.0, device_profile="x86-laptop",
+        quiet=True,
         extra=("--token-file", str(tmp_path / "token")),
     )  # fmt: skip
     assert_round_trip(command)
@@ -106,6 +109,7 @@ def test_a_command_line_runs_this_interpreter_unless_told(tmp_path: Path) -> Non
         (lambda p: ClientCommand("ws://host:1", p, p, "a b"), "client_id"),
         (lambda p: ClientCommand("ws://host:1", p, p, "x" * 65), "client_id"),
         (lambda p: ClientCommand("ws://host:1", p, p, "a", connect_timeout_s=0.0), "connect_timeout_s"),
+        (lambda p: ClientCommand("ws://host:1", p, p, "a", device_profile=" "), "device_profile is empty"),
     ],
 )
 def test_a_bad_command_is_refused_when_built(build: Any, message: str, tmp_path: Path) -> None:
@@ -137,6 +141,28 @@ def test_the_loopback_and_bench_helpers_render_through_the_records(tmp_path: Pat
     served = common.serve_command(tmp_path / "a", 4001, tmp_path / "m.jsonl", steps=3)
     parsed = serve_parser().parse_args(served[len(EDGESPLIT) + 1 :])
     assert (parsed.host, parsed.steps_per_round, parsed.min_clients) == ("127.0.0.1", 3, 1)
+
+
+def test_shell_scripts_render_a_record_from_field_value_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    pairs = ["out=/tmp/a", "model=tiny", "cut_layer=1", "batch_size=2", "quantize=int8", "seed=", "force=true"]
+    assert main(["export", *pairs]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ExportCommand(Path("/tmp/a"), "tiny", 1, batch_size=2, quantize="int8", force=True).argv()
+    command = record_from_pairs(
+        "client", ["server=ws://h:1", "artifacts=a", "data=d", "client_id=c", "extra=--x 'a b'"]
+    )
+    assert isinstance(command, ClientCommand) and command.extra == ("--x", "a b")
+    for kind, pairs, message in [
+        ("serve", ["artifacts=a", "port=x"], "port takes int"),
+        ("serve", ["artifacts=a"], "missing"),
+        ("export", ["out=a", "model=m", "cut_layer=1", "force=yes"], "force takes bool"),
+        ("export", ["colour=red"], "FIELD one of out, model"),
+        ("train", [], "one of export, serve, client"),
+    ]:
+        with pytest.raises(RunError, match=message):
+            record_from_pairs(kind, pairs)
+    assert main(["serve", "artifacts=a", "port=x"]) == 2
+    assert "port takes int" in capsys.readouterr().err
 
 
 def python(code: str, log: Path) -> subprocess.Popen[bytes]:
