@@ -34,9 +34,11 @@ from edgesplit.server.demo import (
     Scorer,
     artifacts_mismatch,
     export_command,
+    read_records,
     say,
     serve_command,
     train,
+    write_shares,
 )
 from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
 
@@ -139,13 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    from edgesplit.client.data import read_jsonl
-
-    read_jsonl(path)  # a malformed line fails here, naming it
-    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-
-
 def _input_of(record: dict[str, Any]) -> str | None:
     return record.get("context", record.get("prompt"))
 
@@ -165,7 +160,7 @@ def prepare_data(config: CompareConfig) -> CompareData:
 
     folder = config.out / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    records = _read_records(config.data)
+    records = read_records(config.data)
     chosen = list(range(len(records)))
     if 0 < config.train_examples < len(records):
         rng = np.random.default_rng(config.seed)
@@ -174,7 +169,7 @@ def prepare_data(config: CompareConfig) -> CompareData:
     held_out = [records[i] for i in sorted(set(range(len(records))) - set(chosen))]
     # Group the eval lines by input: E2E gives several references per meaning representation.
     grouped: dict[str, list[str]] = {}
-    for record in _read_records(config.eval_data):
+    for record in read_records(config.eval_data):
         key = _input_of(record)
         if key is None:
             raise CompareError(f"{config.eval_data}: the eval data needs prompt or context lines to score")
@@ -215,11 +210,8 @@ def prepare_data(config: CompareConfig) -> CompareData:
     else:
         parts = iid_partition(len(train), config.clients, config.seed)
         how = "IID (uniformly at random)"
-    client_files = []
+    client_files = write_shares(folder, train, parts)
     for client, indices in enumerate(parts):
-        path = folder / f"client-{client}.jsonl"
-        path.write_text("".join(json.dumps(train[i]) + "\n" for i in indices))
-        client_files.append(path)
         say(f"client-{client}: {len(indices)} examples")
     train_path = folder / "train.jsonl"
     train_path.write_text("".join(json.dumps(r) + "\n" for r in train))

@@ -234,16 +234,23 @@ class DemoData:
     eval_examples: list[Any] = field(repr=False)  # edgesplit.client.data.Example, for scoring
 
 
-def _read_groups(path: Path) -> list[str] | None:
-    """The "group" value of every line of a JSONL file, or None if some line has none."""
-    groups = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if not isinstance(record, dict) or "group" not in record:
-                return None
-            groups.append(str(record["group"]))
-    return groups
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSONL file as written, every key the user wrote kept: once read_jsonl has checked it,
+    so that a malformed line fails here, naming it, before any process starts."""
+    from edgesplit.client.data import read_jsonl
+
+    read_jsonl(path)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+def write_shares(folder: Path, records: list[dict[str, Any]], parts: list[list[int]]) -> list[Path]:
+    """folder/client-{i}.jsonl: the records of each client's share, by index; the files, in client order."""
+    files = []
+    for client, indices in enumerate(parts):
+        path = folder / f"client-{client}.jsonl"
+        path.write_text("".join(json.dumps(records[i]) + "\n" for i in indices), encoding="utf-8")
+        files.append(path)
+    return files
 
 
 def prepare_data(config: DemoConfig) -> DemoData:
@@ -267,12 +274,11 @@ def prepare_data(config: DemoConfig) -> DemoData:
     else:
         assert config.eval_data is not None
         train, evaluation = config.data, config.eval_data
-        for path in (train, evaluation):
-            read_jsonl(path)  # a malformed file fails here, naming its line, before any process starts
-        labels = _read_groups(train) or []
+    examples = read_records(train)  # as written: each client's share keeps every key the user wrote
+    if config.data is not None:  # the user's own "group" key, on every line, or no skew at all
+        read_jsonl(evaluation)  # a malformed file fails here, naming its line, before any process starts
+        labels = [str(r["group"]) for r in examples] if all("group" in r for r in examples) else []
         group_names = sorted(set(labels))
-    # Raw records, so that each client's share keeps every key the user wrote.
-    examples = [json.loads(line) for line in train.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if config.iid or not labels:
         parts = iid_partition(len(examples), config.clients, config.seed)
         how = "IID (uniformly at random)" if config.iid else 'IID (the data has no "group" key to skew by)'
@@ -280,13 +286,8 @@ def prepare_data(config: DemoConfig) -> DemoData:
         index = {name: i for i, name in enumerate(group_names)}
         parts = dirichlet_partition([index[g] for g in labels], config.clients, config.alpha, config.seed)
         how = f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(group_names)} groups"
-    client_files, client_groups = [], []
+    client_files, client_groups = write_shares(folder, examples, parts), []
     for client, indices in enumerate(parts):
-        path = folder / f"client-{client}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for i in indices:
-                handle.write(json.dumps(examples[i]) + "\n")
-        client_files.append(path)
         counts: dict[str, int] = {}
         for i in indices:
             name = labels[i] if labels else "all"
