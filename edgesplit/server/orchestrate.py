@@ -9,6 +9,8 @@ handling of the processes that run them.
 The demo, compare, the bench scripts and the tests' loopback helpers all render their command lines here, so
 that a flag renamed in one command's parser is renamed in one place, and a test parses every rendering with
 the real parser of its command. A field left at None is not rendered: the command's own default applies.
+Shell scripts render them too: `python -m edgesplit.server.orchestrate serve artifacts=DIR port=0 ...` prints
+the argv one argument a line (tools/arm64_emulated_run.sh).
 
 Children run in their own process groups: a Ctrl-C at the terminal reaches only the parent, which then stops
 every child in order, grandchildren included, so that nothing is left running and the exporter can clean up
