@@ -9,8 +9,10 @@ handling of the processes that run them.
 The demo, compare, the bench scripts and the tests' loopback helpers all render their command lines here, so
 that a flag renamed in one command's parser is renamed in one place, and a test parses every rendering with
 the real parser of its command. A field left at None is not rendered: the command's own default applies.
-Shell scripts render them too: `python -m edgesplit.server.orchestrate serve artifacts=DIR port=0 ...` prints
-the argv one argument a line (tools/arm64_emulated_run.sh).
+`extra` holds flags a record does not model; it is rendered last, so that a test may also override one of
+the record's own on purpose (argparse takes a flag's last occurrence). Shell scripts render the records too:
+`python -m edgesplit.server.orchestrate serve artifacts=DIR port=0 ...` prints the argv one argument a line
+(tools/arm64_emulated_run.sh).
 
 Children run in their own process groups: a Ctrl-C at the terminal reaches only the parent, which then stops
 every child in order, grandchildren included, so that nothing is left running and the exporter can clean up
@@ -66,13 +68,6 @@ def _render(flags: Sequence[tuple[str, FlagValue]]) -> list[str]:
     return argv
 
 
-def _check_extra(command: str, extra: tuple[str, ...], rendered: list[str]) -> None:
-    # A flag given twice is taken from its last occurrence by argparse: silently one of two values.
-    twice = sorted({a for a in extra if a.startswith("--")} & {a for a in rendered if a.startswith("--")})
-    if twice:
-        raise RunError(f"{command}: {', '.join(twice)} set both by a field and in extra; set the field only")
-
-
 def _at_least(command: str, minimum: int, **values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < minimum:
@@ -113,7 +108,6 @@ class ExportCommand:
         _positive_number("export", lora_alpha=self.lora_alpha)
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise RunError(f"export: quantize is one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
-        _check_extra("export", self.extra, self._flags())
 
     def _flags(self) -> list[str]:
         return _render(
@@ -174,7 +168,6 @@ class ServeCommand:
             raise RunError(f"serve: framework must be a plain name, got {self.framework!r}")
         if self.host is not None and not self.host.strip():
             raise RunError("serve: host is empty")
-        _check_extra("serve", self.extra, self._flags())
 
     def _flags(self) -> list[str]:
         return _render(
@@ -230,7 +223,6 @@ class ClientCommand:
         _positive_number("client", connect_timeout_s=self.connect_timeout_s)
         if self.device_profile is not None and not self.device_profile.strip():
             raise RunError("client: device_profile is empty; give a profile's name or a .toml file")
-        _check_extra("client", self.extra, self._flags())
 
     def _flags(self) -> list[str]:
         return _render(
