@@ -37,6 +37,8 @@ from typing import Any
 
 from common import export_command, free_port, serve_command
 
+from edgesplit.server.orchestrate import ClientCommand, command_line
+
 REPO = Path(__file__).resolve().parent.parent
 E2E_TRAIN = REPO.parent / "shared" / "data" / "e2e" / "train.jsonl"
 INSTALLER = REPO / "tools" / "install_edge.py"
@@ -227,25 +229,19 @@ def train(python: Path, artifacts: Path, data: Path, work: Path, steps: int, thr
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     # The client runs from the venv, outside the checkout, so that nothing but the installed wheel is found.
-    client_command = [
-        str(python.parent / "edgesplit"),
-        "client",
-        "--server",
-        f"ws://127.0.0.1:{port}",
-        "--artifacts",
-        str(artifacts),
-        "--data",
-        str(data),
-        "--client-id",
-        "footprint",
-        "--metrics-out",
-        str(client_metrics),
-        "--quiet",
-        "--connect-timeout",
-        "180",
-    ]
-    if threads:
-        client_command += ["--threads", str(threads)]
+    client_command = command_line(
+        ClientCommand(
+            server=f"ws://127.0.0.1:{port}",
+            artifacts=artifacts,
+            data=data,
+            client_id="footprint",
+            metrics_out=client_metrics,
+            threads=threads or None,  # None: the client's default, every core
+            connect_timeout_s=180.0,
+            quiet=True,
+        ),
+        [str(python.parent / "edgesplit")],
+    )
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     started = time.perf_counter()
     try:

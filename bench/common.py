@@ -1,14 +1,16 @@
 """What the bench scripts share. They run as scripts (`python bench/NAME.py`), so this is imported as `common`;
-they do not import the tests, whose loopback helpers (tests/server/loopback.py) do the same for them."""
+they do not import the tests. Their command lines are edgesplit.server.orchestrate's records, as the demo's,
+compare's and the tests' are."""
 
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]  # this interpreter's edgesplit, torch and all
+from edgesplit.server.orchestrate import EDGESPLIT, ExportCommand, ServeCommand, command_line
+
+__all__ = ["EDGESPLIT", "export_command", "free_port", "serve_command"]
 
 
 def free_port() -> int:
@@ -19,8 +21,7 @@ def free_port() -> int:
 
 def export_command(out: Path, cut_layer: int, quantize: str = "none", model: str = "smollm2-135m") -> list[str]:
     """`edgesplit export` of `model` into `out` (replacing it) with this interpreter."""
-    command = [*EDGESPLIT, "export", "--model", model, "--cut-layer", str(cut_layer), "--quantize", quantize]
-    return [*command, "--out", str(out), "--force"]
+    return command_line(ExportCommand(out=out, model=model, cut_layer=cut_layer, quantize=quantize, force=True))
 
 
 def serve_command(
@@ -34,22 +35,14 @@ def serve_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """`edgesplit serve` on loopback with this interpreter; `extra` adds flags."""
-    return [
-        *EDGESPLIT,
-        "serve",
-        "--artifacts",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        str(min_clients),
-        "--steps-per-round",
-        str(steps),
-        "--metrics-out",
-        str(metrics_out),
-        *extra,
-    ]
+    command = ServeCommand(
+        artifacts=artifacts,
+        host="127.0.0.1",
+        port=port,
+        rounds=rounds,
+        min_clients=min_clients,
+        steps_per_round=steps,
+        metrics_out=metrics_out,
+        extra=tuple(extra),
+    )
+    return command_line(command)

@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import EDGESPLIT, export_command, free_port, serve_command
+from common import export_command, free_port, serve_command
+
+from edgesplit.server.orchestrate import ClientCommand, command_line
 
 REPO = Path(__file__).resolve().parent.parent
 E2E = REPO.parent / "shared" / "data" / "e2e"
@@ -76,22 +78,16 @@ def split_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    client_command = ClientCommand(
+        server=f"ws://127.0.0.1:{port}",
+        artifacts=artifacts,
+        data=train,
+        client_id="bench",
+        metrics_out=client_metrics,
+        quiet=True,
+    )
     client = subprocess.run(
-        [
-            *EDGESPLIT,
-            "client",
-            "--server",
-            f"ws://127.0.0.1:{port}",
-            "--artifacts",
-            str(artifacts),
-            "--data",
-            str(train),
-            "--client-id",
-            "bench",
-            "--metrics-out",
-            str(client_metrics),
-            "--quiet",
-        ],
+        command_line(client_command),
         capture_output=True,
         text=True,
     )

@@ -63,6 +63,13 @@ mount_in_rootfs() {  # mount_in_rootfs proc|bind|bind-ro SOURCE TARGET
     MOUNTED+=("$target")
 }
 
+# The export, serve and client command lines are edgesplit.server.orchestrate's records, as the demo's, the
+# bench scripts' and the tests' are, rendered by the host's edgesplit one argument a line (the client's too: the
+# arm64 venv holds a wheel of this same checkout). A bad value stops the script with the record's own message.
+argv_of() {  # argv_of export|serve|client FIELD=VALUE...
+    PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.server.orchestrate "$@" || die "cannot build the $1 command"
+}
+
 # qemu reads QEMU_CPU from the environment of every process it starts, so it has to survive `env -i`.
 in_chroot() { chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
 
@@ -156,9 +163,10 @@ if [[ -z $ARTIFACTS ]]; then
     say "tiny model and its artifacts (host: torch)"
     rm -rf "$RUN/tiny" "$RUN/artifacts"
     PYTHONPATH=$REPO:$REPO/tests "$HOST_PY" -c 'import sys; from pathlib import Path; from tiny_models import save_tiny_model; save_tiny_model("llama", Path(sys.argv[1]))' "$RUN/tiny" 2>/dev/null
-    PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli export --model "$RUN/tiny" --cut-layer 1 --batch-size 2 \
-        --max-seq-len 16 --lora-rank 4 --quantize "${EDGESPLIT_QUANTIZE:-int8}" --out "$RUN/artifacts" \
-        >"$RUN/export.log" 2>&1 \
+    export_argv=$(argv_of export model="$RUN/tiny" cut_layer=1 batch_size=2 max_seq_len=16 lora_rank=4 \
+        quantize="${EDGESPLIT_QUANTIZE:-int8}" out="$RUN/artifacts")
+    mapfile -t EXPORT_ARGV <<<"$export_argv"
+    PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli "${EXPORT_ARGV[@]}" >"$RUN/export.log" 2>&1 \
         || { cat "$RUN/export.log"; die "export failed"; }
     tail -1 "$RUN/export.log"
     ARTIFACTS=$RUN/artifacts
@@ -183,17 +191,21 @@ mount_in_rootfs bind-ro "$ARTIFACTS" "$IN_CHROOT/run/artifacts"  # read-only: th
 PORT=$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 say "server on the host (x86, torch) at ws://127.0.0.1:$PORT: 1 round of $STEPS steps"
 rm -f "$RUN/server.jsonl"
-PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli serve --artifacts "$ARTIFACTS" --host 127.0.0.1 --port "$PORT" \
-    --rounds 1 --min-clients 1 --steps-per-round "$STEPS" --learning-rate 0.02 \
-    --metrics-out "$RUN/server.jsonl" >"$RUN/server.log" 2>&1 &
+serve_argv=$(argv_of serve artifacts="$ARTIFACTS" host=127.0.0.1 port="$PORT" rounds=1 min_clients=1 \
+    steps_per_round="$STEPS" learning_rate=0.02 metrics_out="$RUN/server.jsonl")
+mapfile -t SERVE_ARGV <<<"$serve_argv"
+# Paths as the chroot sees them: the client runs inside it.
+client_argv=$(argv_of client server="ws://127.0.0.1:$PORT" artifacts="$IN_CHROOT/run/artifacts" \
+    data="$IN_CHROOT/run/train.jsonl" client_id=arm64-emulated device_profile="$DEVICE_PROFILE" \
+    connect_timeout_s=120 metrics_out="$IN_CHROOT/run/client.jsonl")
+mapfile -t CLIENT_ARGV <<<"$client_argv"
+PYTHONPATH=$REPO "$HOST_PY" -m edgesplit.cli "${SERVE_ARGV[@]}" >"$RUN/server.log" 2>&1 &
 SERVER_PID=$!
 
 say "client inside the arm64 userland (qemu), no torch"
 set +e
 timeout "$CLIENT_TIMEOUT" chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
-    "$IN_CHROOT/venv/bin/edgesplit" client --server "ws://127.0.0.1:$PORT" --artifacts "$IN_CHROOT/run/artifacts" \
-    --data "$IN_CHROOT/run/train.jsonl" --client-id arm64-emulated --device-profile "$DEVICE_PROFILE" \
-    --connect-timeout 120 --metrics-out "$IN_CHROOT/run/client.jsonl" 2>&1 | tee "$RUN/client.log"
+    "$IN_CHROOT/venv/bin/edgesplit" "${CLIENT_ARGV[@]}" 2>&1 | tee "$RUN/client.log"
 client_rc=${PIPESTATUS[0]}
 set -e
 server_rc=0

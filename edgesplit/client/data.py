@@ -2,8 +2,10 @@
 
 Only `tokenizers` and numpy, never torch or transformers: this runs on the device.
 
+    load_tokenizer       artifact dir -> Tokenizer   its tokenizer.json, padding and truncation off
     read_jsonl           file -> [Example]           every line is checked before anything is returned
     encode_examples      [Example] -> EncodedSet     input_ids, attention_mask, labels: (N, T) int64
+    pad_rows             token rows -> PaddedRows    (B, T) ids and attention mask, padded on the right
     iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full
     iid_partition        example count -> one list of example indices per client
     dirichlet_partition  group labels -> non-IID lists of example indices per client
@@ -26,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
-from edgesplit.errors import DataError
+from edgesplit.errors import ArtifactError, DataError
 
 # The label PyTorch's cross-entropy (and so the server's loss) skips.
 IGNORE_INDEX = -100
@@ -40,6 +42,22 @@ _LINE_FORMS: dict[frozenset[str], str | None] = {
     frozenset({"text"}): None,
 }
 _RECOGNISED_KEYS = frozenset({"prompt", "context", "completion", "text"})
+
+
+def load_tokenizer(artifact_dir: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer of an artifact directory (its tokenizer.json), without padding or truncation settings.
+
+    Every reader of the artifacts opens the tokenizer here, so that training, evaluation and generation
+    tokenize alike. Raises ArtifactError if the file is missing or unreadable.
+    """
+    path = Path(artifact_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no tokenizer; the artifact directory is incomplete, export it again")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the Rust side raises a bare Exception for every kind of bad file
+        raise ArtifactError(f"{path}: cannot read the tokenizer: {error}") from None
+    return _without_padding_or_truncation(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -188,28 +206,26 @@ def encode_examples(
     target_ids = _encode_all(tokenizer, [target for _, target in parts])
     eos = [] if eos_token_id is None else [eos_token_id]
 
-    shape = (len(examples), max_seq_len)
-    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros(shape, dtype=np.int64)
-    # Labels come from positions, not from comparing ids with pad_token_id: many models pad with their EOS
-    # id, and the EOS that ends a completion must still be trained on.
-    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
-    num_truncated = num_without_targets = 0
+    rows: list[list[int]] = []
+    num_truncated = 0
     for row, (context, target) in enumerate(zip(context_ids, target_ids, strict=True)):
         tokens = context + target + eos
         if not tokens:
             raise DataError(f"example {row} (0-based) tokenizes to no tokens at all")
-        if len(tokens) > max_seq_len:
-            num_truncated += 1
-            tokens = tokens[:max_seq_len]
-        length = len(tokens)
+        num_truncated += len(tokens) > max_seq_len
+        rows.append(tokens[:max_seq_len])
+    padded = pad_rows(rows, max_seq_len, pad_token_id)
+    # Labels come from positions, not from comparing ids with pad_token_id: many models pad with their EOS
+    # id, and the EOS that ends a completion must still be trained on.
+    labels = np.full(padded.input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+    num_without_targets = 0
+    for row, context in enumerate(context_ids):
+        length = int(padded.lengths[row])
         first_target = min(len(context), length)
-        input_ids[row, :length] = tokens
-        attention_mask[row, :length] = 1
-        labels[row, first_target:length] = input_ids[row, first_target:length]
+        labels[row, first_target:length] = padded.input_ids[row, first_target:length]
         if first_target == length:
             num_without_targets += 1
-    return EncodedSet(input_ids, attention_mask, labels, num_truncated, num_without_targets)
+    return EncodedSet(padded.input_ids, padded.attention_mask, labels, num_truncated, num_without_targets)
 
 
 def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -226,6 +242,45 @@ def _without_padding_or_truncation(tokenizer: Tokenizer) -> Tokenizer:
     copy.no_padding()
     copy.no_truncation()
     return copy
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """Token rows at the fixed (B, T) shape the ONNX head was traced for."""
+
+    input_ids: NDArray[np.int64]  # (B, T), pad_token_id after each row's tokens
+    attention_mask: NDArray[np.int64]  # (B, T), 1 on each row's tokens, 0 on padding
+    lengths: NDArray[np.int64]  # (B,), tokens in each row (1 for a filler row)
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], max_seq_len: int, pad_token_id: int, batch_size: int | None = None
+) -> PaddedRows:
+    """Pad token `rows` on the right to (batch_size, max_seq_len), batch_size defaulting to len(rows).
+
+    Rows past len(rows) are filler: one attended pad token each, because a row with no attended position
+    at all makes attention's softmax divide by zero and the NaN would reach the real rows' batch statistics.
+    Every row must hold 1 to max_seq_len tokens: cutting is the caller's choice (the end for training, the
+    start for generation), never done silently here.
+    """
+    count = len(rows)
+    batch_size = count if batch_size is None else batch_size
+    if max_seq_len < 1 or count > batch_size:
+        raise DataError(f"cannot pad {count} rows to a batch of {batch_size} x {max_seq_len}")
+    if pad_token_id < 0:
+        raise DataError(f"pad_token_id must be >= 0, got {pad_token_id}")
+    shape = (batch_size, max_seq_len)
+    input_ids = np.full(shape, pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    lengths = np.ones(batch_size, dtype=np.int64)
+    attention_mask[count:, 0] = 1
+    for index, row in enumerate(rows):
+        if not 1 <= len(row) <= max_seq_len:
+            raise DataError(f"row {index} holds {len(row)} tokens; a row takes 1 to {max_seq_len}")
+        input_ids[index, : len(row)] = row
+        attention_mask[index, : len(row)] = 1
+        lengths[index] = len(row)
+    return PaddedRows(input_ids, attention_mask, lengths)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`edgesplit compare`: split learning, FedLLM and KD-FedLLM side by side on one model, one data split.
 
     partition --data once ──> export once per kind (split at --cut-layer; --full-model for fedllm and kd)
-        ──> for each framework: `edgesplit serve --framework F` + N x `edgesplit client` (demo.py's processes)
+        ──> for each framework: `edgesplit serve --framework F` + N x `edgesplit client` (the demo's commands,
+            run by edgesplit.server.orchestrate)
         ──> score the server's final model: eval loss, perplexity, BLEU-4 / ROUGE-L (context/completion data)
             or exact match, and read the metrics: bytes per client per round (measured vs analytic),
             client FLOPs and time per step, peak memory, energy
@@ -14,23 +15,38 @@ shape, so each client trains on the same number of tokens whatever the framework
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgesplit.export.models import DEFAULT_MODEL
-from edgesplit.server import demo
-from edgesplit.server.demo import Children, DemoConfig, DemoData, DemoError, say
+from edgesplit.server.compare_report import write_comparison
+from edgesplit.server.demo import (
+    DemoConfig,
+    DemoData,
+    Scorer,
+    artifacts_mismatch,
+    export_command,
+    read_records,
+    say,
+    serve_command,
+    train,
+    write_shares,
+)
+from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
 
 FRAMEWORKS = ("split", "fedllm", "kd")
+
+
+class CompareError(RunError):
+    """The comparison's options or data do not fit together, or one of its runs failed."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +79,11 @@ class CompareConfig:
     def __post_init__(self) -> None:
         unknown = set(self.frameworks) - set(FRAMEWORKS)
         if unknown or not self.frameworks:
-            raise DemoError(f"--frameworks takes a comma-separated subset of {','.join(FRAMEWORKS)}")
+            raise CompareError(f"--frameworks takes a comma-separated subset of {','.join(FRAMEWORKS)}")
         if self.partition not in ("iid", "dirichlet"):
-            raise DemoError("--partition is iid or dirichlet")
+            raise CompareError("--partition is iid or dirichlet")
         if min(self.clients, self.rounds, self.steps_per_round, self.eval_examples, self.proxy_examples) < 1:
-            raise DemoError("--clients, --rounds, --steps-per-round and the example counts must be at least 1")
+            raise CompareError("--clients, --rounds, --steps-per-round and the example counts must be at least 1")
 
     def demo_config(self, out: Path) -> DemoConfig:
         return DemoConfig(
@@ -125,13 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    from edgesplit.client.data import read_jsonl
-
-    read_jsonl(path)  # a malformed line fails here, naming it
-    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-
-
 def _input_of(record: dict[str, Any]) -> str | None:
     return record.get("context", record.get("prompt"))
 
@@ -151,7 +160,7 @@ def prepare_data(config: CompareConfig) -> CompareData:
 
     folder = config.out / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    records = _read_records(config.data)
+    records = read_records(config.data)
     chosen = list(range(len(records)))
     if 0 < config.train_examples < len(records):
         rng = np.random.default_rng(config.seed)
@@ -160,10 +169,10 @@ def prepare_data(config: CompareConfig) -> CompareData:
     held_out = [records[i] for i in sorted(set(range(len(records))) - set(chosen))]
     # Group the eval lines by input: E2E gives several references per meaning representation.
     grouped: dict[str, list[str]] = {}
-    for record in _read_records(config.eval_data):
+    for record in read_records(config.eval_data):
         key = _input_of(record)
         if key is None:
-            raise DemoError(f"{config.eval_data}: the eval data needs prompt or context lines to score")
+            raise CompareError(f"{config.eval_data}: the eval data needs prompt or context lines to score")
         grouped.setdefault(key, []).append(record["completion"])
     eval_inputs = list(grouped)[: config.eval_examples]
     references = [grouped[k] for k in eval_inputs]
@@ -201,11 +210,8 @@ def prepare_data(config: CompareConfig) -> CompareData:
     else:
         parts = iid_partition(len(train), config.clients, config.seed)
         how = "IID (uniformly at random)"
-    client_files = []
+    client_files = write_shares(folder, train, parts)
     for client, indices in enumerate(parts):
-        path = folder / f"client-{client}.jsonl"
-        path.write_text("".join(json.dumps(train[i]) + "\n" for i in indices))
-        client_files.append(path)
         say(f"client-{client}: {len(indices)} examples")
     train_path = folder / "train.jsonl"
     train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -218,37 +224,18 @@ def prepare_data(config: CompareConfig) -> CompareData:
 
 
 def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children) -> Path:
-    from edgesplit.client.artifacts import load_manifest
-    from edgesplit.errors import EdgesplitError
-
     name = "full" if full_model else f"split-cut{config.cut_layer}"
     artifacts = config.out / "artifacts" / name
-    dconfig = config.demo_config(config.out)
+    demo_config = config.demo_config(config.out)
     if artifacts.exists():
-        try:
-            manifest = load_manifest(artifacts, verify=True)
-            reason = demo.artifacts_mismatch(dconfig, artifacts) if not full_model else None
-            if full_model:
-                differ = [
-                    f"{k} {a} != {b}"
-                    for k, a, b in (
-                        ("full_model", manifest.full_model, True),
-                        ("batch_size", manifest.batch_size, config.batch_size),
-                        ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
-                        ("lora_rank", manifest.lora.rank, config.lora_rank),
-                    )
-                    if a != b
-                ]
-                reason = "; ".join(differ) or None
-        except EdgesplitError as error:
-            reason = str(error)
+        reason = artifacts_mismatch(demo_config, artifacts, full_model)
         if reason is None:
             say(f"reusing {artifacts}")
             return artifacts
         say(f"exporting again: {artifacts} differs ({reason})")
-    args = demo.export_args(dconfig, artifacts) + (["--full-model"] if full_model else [])
     say(f"exporting {config.model} ({name}) for {config.batch_size} x {config.max_seq_len} tokens")
-    demo.run_child(children, f"export-{name}", args, config.out / "logs" / f"export-{name}.log")
+    command = export_command(demo_config, artifacts, full_model)
+    children.run(f"export-{name}", command, config.out / "logs" / f"export-{name}.log")
     return artifacts
 
 
@@ -261,74 +248,44 @@ def run_framework(
     run = config.out / framework
     shutil.rmtree(run, ignore_errors=True)  # old checkpoints would make the server resume
     run.mkdir(parents=True)
-    dconfig = config.demo_config(run)
-    batches = math.ceil(len(data.eval_inputs) / config.batch_size)
-    args = [
-        "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", "0",
-        "--rounds", str(config.rounds), "--min-clients", str(config.clients),
-        "--steps-per-round", str(config.steps_per_round), "--learning-rate", str(config.learning_rate),
-        "--eval-data", str(data.demo_data.eval), "--eval-batches", str(batches),
-        "--checkpoint-dir", str(run / "checkpoints"), "--metrics-out", str(run / "server.jsonl"),
-        "--seed", str(config.seed), "--threads", str(config.threads), "--framework", framework,
-        "--kd-top-k", str(config.kd_top_k),
-    ]  # fmt: skip
-    if framework == "kd":
-        args += ["--proxy-data", str(data.proxy)]
-    server = children.start(f"server-{framework}", args, run / "logs" / "server.log")
-    children.logs["server"] = children.logs[f"server-{framework}"]  # demo.train looks the server's log up so
-    demo.train(dconfig, artifacts, data.demo_data, children, server)
+    demo_config = config.demo_config(run)
+    command = replace(
+        serve_command(demo_config, artifacts, data.demo_data),
+        framework=framework,
+        kd_top_k=config.kd_top_k,
+        proxy_data=data.proxy if framework == "kd" else None,
+    )
+    server_log = run / "logs" / "server.log"
+    server = children.start(f"server-{framework}", command, server_log)
+    train(demo_config, artifacts, data.demo_data, children, server, server_log)
     return run
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-class WholeModelGenerator:
-    """Greedy decoding with the whole-model head alone (FedLLM, KD): its `activations` are the logits."""
-
-    def __init__(self, head: Any, tokenizer: Any) -> None:
-        from edgesplit.server.generate import SplitGenerator
-
-        self._split = SplitGenerator(head, None, tokenizer)
-        self._split._last_logits = self._last_logits  # type: ignore[method-assign]
-        self.tokenizer = tokenizer
-        self.eos_token_id = self._split.eos_token_id
-
-    @staticmethod
-    def _last_logits(logits: np.ndarray, attention_mask: np.ndarray, last: np.ndarray) -> np.ndarray:
-        return logits[np.arange(len(last)), last]  # (B, T, V) -> (B, V) at each row's last real position
-
-    def generate(
-        self, prompts: list[list[int]], adapters: dict[str, np.ndarray], max_new_tokens: int
-    ) -> list[list[int]]:
-        return self._split.generate(prompts, adapters, max_new_tokens)
-
-
-def make_generator(config: CompareConfig, framework: str, artifacts: Path) -> Any:
-    if framework == "split":
-        return demo.Scorer(artifacts, config.demo_config(config.out)).generator
-    from tokenizers import Tokenizer
-
+def trained_generator(config: CompareConfig, framework: str, artifacts: Path, run: Path) -> tuple[Any, Any]:
+    """A greedy generator over the server's final model, and the client adapters to run it with."""
+    from edgesplit.client.data import load_tokenizer
     from edgesplit.client.head import Head
+    from edgesplit.server.checkpoint import load_latest
+    from edgesplit.server.generate import SplitGenerator
 
-    return WholeModelGenerator(
-        Head(artifacts, verify=False, threads=config.threads), Tokenizer.from_file(str(artifacts / "tokenizer.json"))
-    )
+    if framework == "split":  # the head and the server's tail, each with its trained adapters
+        scorer = Scorer(artifacts, config.demo_config(config.out))
+        return scorer.generator, scorer.load_checkpoint(run / "checkpoints")
+    checkpoint = load_latest(run / "checkpoints")
+    if checkpoint is None:
+        raise CompareError(f"{framework}: the server left no checkpoint in {run / 'checkpoints'}")
+    head = Head(artifacts, verify=False, threads=config.threads)  # the whole model: its output is the logits
+    return SplitGenerator(head, None, load_tokenizer(artifacts)), dict(checkpoint.global_adapters)
 
 
 def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:
     from edgesplit.client.data import DEFAULT_PROMPT_FORMAT
-    from edgesplit.server.checkpoint import load_latest
     from edgesplit.server.textmetrics import corpus_bleu, corpus_rouge_l
 
-    checkpoint = load_latest(run / "checkpoints")
-    if checkpoint is None:
-        raise DemoError(f"{framework}: the server left no checkpoint in {run / 'checkpoints'}")
-    generator = make_generator(config, framework, artifacts)
-    if framework == "split":  # the server's tail adapters too
-        generator.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
-        generator.tail.model.eval()
-    adapters = dict(checkpoint.global_adapters)
+    generator, adapters = trained_generator(config, framework, artifacts, run)
     started = time.perf_counter()
     separator = DEFAULT_PROMPT_FORMAT.separator
     encode = generator.tokenizer.encode_batch
@@ -440,80 +397,10 @@ def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, p
 # ---------------------------------------------------------------------------------------------- report
 
 
-COLUMNS = [  # (csv key, markdown header, format)
-    ("framework", "framework", "{}"),
-    ("eval_loss", "eval loss", "{:.4f}"),
-    ("perplexity", "perplexity", "{:.2f}"),
-    ("bleu", "BLEU-4", "{:.4f}"),
-    ("rouge_l", "ROUGE-L F1", "{:.4f}"),
-    ("exact_match", "exact match", "{:.1%}"),
-    ("bytes_up_per_client_round", "up / client / round (B)", "{:,.0f}"),
-    ("analytic_up", "analytic up (B)", "{:,}"),
-    ("up_vs_analytic", "up vs analytic", "{:+.2%}"),
-    ("bytes_down_per_client_round", "down / client / round (B)", "{:,.0f}"),
-    ("analytic_down", "analytic down (B)", "{:,}"),
-    ("down_vs_analytic", "down vs analytic", "{:+.2%}"),
-    ("bytes_up_total", "up total, all clients (B)", "{:,}"),
-    ("bytes_down_total", "down total, all clients (B)", "{:,}"),
-    ("client_flops_per_step", "client GFLOP / step", "{:.1e}"),
-    ("client_seconds_per_step", "client s / step (median)", "{:.3f}"),
-    ("peak_rss_mb", "client peak RSS (MB)", "{:.0f}"),
-    ("energy_j_per_client", "energy / client (J)", "{:.1f}"),
-    ("energy_label", "energy is", "{}"),
-]
-
-
-def _cell(value: Any, form: str) -> str:
-    if value is None:
-        return "-"
-    if form == "{:.1e}":
-        return f"{value / 1e9:.2f}"
-    return form.format(value)
-
-
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    if "split" not in results or "fedllm" not in results:
-        return None
-    s, f = results["split"], results["fedllm"]
-    return {
-        "layers (cut / L)": s["layers_on_device"] / s["num_layers"],
-        "client FLOPs": s["client_flops_per_step"] / f["client_flops_per_step"],
-        "client time per step": s["client_seconds_per_step"] / f["client_seconds_per_step"],
-        "client peak memory": s["peak_rss_mb"] / f["peak_rss_mb"],
-    }
-
-
 def write_outputs(
     config: CompareConfig, results: dict[str, dict[str, Any]], data: CompareData, command: str, seconds: float
 ) -> str:
-    out = config.out
-    columns = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
-    with (out / "compare.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([c[0] for c in columns])
-        for r in results.values():
-            writer.writerow([r.get(c[0]) for c in columns])
-    (out / "compare.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "seconds": seconds,
-                "results": results,
-                "proxy": data.proxy_note,
-                "partition": data.demo_data.split,
-            },
-            indent=1,
-            default=str,
-        )
-    )
-    lines = [f"| {' | '.join(h for _, h, _ in columns)} |", "|" + "---|" * len(columns)]
-    for r in results.values():
-        lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
-    ratio = ratios(results)
-    if ratio:
-        lines += ["", "split / fedllm: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items())]
-    lines += [
-        "",
+    notes = [
         f"Partition: {data.demo_data.split}. KD proxy: {data.proxy_note}.",
         f"Tokens per client (all frameworks: {config.steps_per_round} steps x {config.rounds} rounds x "
         f"{config.batch_size} x {config.max_seq_len}; counted without padding): "
@@ -521,39 +408,8 @@ def write_outputs(
         "Bytes per client per round are measured at the server (every frame but the one-off handshake); "
         "analytic sizes count payload only.",
     ]
-    table = "\n".join(lines)
-    (out / "compare.md").write_text(f"# edgesplit compare\n\n`{command}`\n\nwall time {seconds:.0f} s\n\n{table}\n")
-    _plots(out, results)
-    return table
-
-
-def _plots(out: Path, results: dict[str, dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    panels = [
-        ("eval loss", "eval_loss"),
-        ("bytes up / client / round", "bytes_up_per_client_round"),
-        ("client GFLOP / step", "client_flops_per_step"),
-        ("client s / step", "client_seconds_per_step"),
-        ("client peak RSS (MB)", "peak_rss_mb"),
-    ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for axis, (title, key) in zip(axes, panels, strict=True):
-        values = [results[n].get(key) or 0.0 for n in names]
-        if key == "client_flops_per_step":
-            values = [v / 1e9 for v in values]
-        axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
-        axis.set_title(title)
-        if key == "bytes_up_per_client_round":
-            axis.set_yscale("log")
-    figure.tight_layout()
-    (out / "plots").mkdir(exist_ok=True)
-    figure.savefig(out / "plots" / "compare.png", dpi=100)
-    plt.close(figure)
+    about = {"proxy": data.proxy_note, "partition": data.demo_data.split}
+    return write_comparison(config.out, results, command, seconds, notes, about)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -565,7 +421,7 @@ def run_compare(config: CompareConfig, command: str = "edgesplit compare") -> di
     data = prepare_data(config)
     proxy_count = sum(1 for line in data.proxy.read_text().splitlines() if line.strip()) if data.proxy else 0
     results: dict[str, dict[str, Any]] = {}
-    with Children() as children:
+    with Children(say) as children:
         artifacts = {fw: ensure_artifacts(config, fw != "split", children) for fw in config.frameworks}
         for framework in config.frameworks:
             say(f"--- {framework}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps")
@@ -589,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     values["frameworks"] = tuple(f.strip() for f in values["frameworks"].split(",") if f.strip())
     config = CompareConfig(**values)
     command = "edgesplit compare " + " ".join(sys.argv[2:] if argv is None else argv)
-    with demo.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             run_compare(config, command)
         except KeyboardInterrupt:

@@ -5,9 +5,8 @@
         ──> `edgesplit serve` + N x `edgesplit client` subprocesses train for --rounds rounds
         ──> score again with the server's final checkpoint ──> report.md, plots, summary.json
 
-Children run in their own process groups: a Ctrl-C at the terminal reaches only the demo, which then
-stops every child in order (SIGINT, a grace period, then SIGKILL to the whole group, grandchildren included)
-so that nothing is left running and the exporter can clean up its half-written directory.
+The processes are edgesplit.server.orchestrate's: each in its own process group, so that a Ctrl-C at the
+terminal reaches only the demo, which then stops every child in order and leaves nothing running.
 """
 
 from __future__ import annotations
@@ -15,27 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from edgesplit.errors import EdgesplitError
 from edgesplit.export.models import DEFAULT_MODEL  # the module imports torch only when it loads a model
+from edgesplit.server.orchestrate import (
+    Children,
+    ClientCommand,
+    ExportCommand,
+    RunError,
+    ServeCommand,
+    follow,
+    sigterm_as_interrupt,
+    wait_for_port,
+)
+from edgesplit.server.report import Progress
 
 
-class DemoError(EdgesplitError):
-    """A stage of the demo failed; the message says which and where its log is."""
+class DemoError(RunError):
+    """The demo's options do not fit together, or a stage of it failed; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -144,123 +148,6 @@ def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------- processes
-
-
-class Children:
-    """The demo's child processes, each in its own process group, all stopped on exit whatever happens."""
-
-    def __init__(self) -> None:
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, Path] = {}
-        self._handles: list[IO[bytes]] = []
-
-    def start(self, name: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        """Run `edgesplit ARGS` with this interpreter, stdout and stderr into `log`."""
-        log.parent.mkdir(parents=True, exist_ok=True)
-        handle = log.open("ab")
-        self._handles.append(handle)
-        argv = [sys.executable, "-m", "edgesplit.cli", *args]
-        handle.write(("$ edgesplit " + " ".join(args) + "\n").encode())
-        handle.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs readable while the child runs
-        process = subprocess.Popen(
-            argv,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        self.running[name] = process
-        self.logs[name] = log
-        return process
-
-    def stop_all(self, grace_s: float = 5.0) -> list[str]:
-        """SIGINT every live child's group, wait up to `grace_s`, then SIGKILL what is left; names stopped."""
-        with _ignoring_interrupts():  # a second Ctrl-C must not cut the clean-up short
-            return self._stop_all(grace_s)
-
-    def _stop_all(self, grace_s: float) -> list[str]:
-        live = {name: p for name, p in self.running.items() if p.poll() is None}
-        for process in live.values():
-            _signal_group(process, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        for process in live.values():
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in self.running.values():
-            # The group too: a child may have children of its own (the exporter's pip download).
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
-        for handle in self._handles:
-            handle.close()
-        self._handles.clear()
-        return sorted(live)
-
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stopped = self.stop_all()
-        if stopped:
-            say(f"stopped {', '.join(stopped)}")
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # The group outlives its leader while a member lives; once all are gone, killpg finds nothing.
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-@contextmanager
-def _ignoring_interrupts() -> Iterator[None]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM takes the Ctrl-C path, so that `kill DEMO_PID` also stops the children."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
-
-
-def run_child(children: Children, name: str, args: list[str], log: Path) -> None:
-    """Run one child to its end; a failure raises with the end of its log."""
-    process = children.start(name, args, log)
-    code = process.wait()
-    if code != 0:
-        raise DemoError(f"{name} exited with {code}; the end of {log}:\n{log_tail(log)}")
-
-
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -271,8 +158,8 @@ def default_model_source() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
 
 
-def artifacts_mismatch(config: DemoConfig, artifacts: Path) -> str | None:
-    """Why OUT/artifacts cannot be reused for `config` (None: it can)."""
+def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = False) -> str | None:
+    """Why `artifacts` cannot be reused for `config` (None: it can); `full_model`: the whole-model export."""
     from edgesplit.client.artifacts import load_manifest
 
     try:
@@ -285,8 +172,11 @@ def artifacts_mismatch(config: DemoConfig, artifacts: Path) -> str | None:
     else:  # a hub id
         same_model = manifest.model_source == config.model
     differ = [] if same_model else [f"it was exported from {manifest.model_source}"]
+    # A whole-model export's cut is its last layer, whatever --cut-layer says.
+    cut_layer = manifest.num_layers if full_model else config.cut_layer
     for option, have, want in (
-        ("cut_layer", manifest.cut_layer, config.cut_layer),
+        ("full_model", manifest.full_model, full_model),
+        ("cut_layer", manifest.cut_layer, cut_layer),
         ("quantize", manifest.quantize, config.quantize),
         ("batch_size", manifest.batch_size, config.batch_size),
         ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
@@ -312,18 +202,25 @@ def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
             f"exporting {config.model} cut at layer {config.cut_layer} for {config.batch_size} x "
             f"{config.max_seq_len} tokens (quantize {config.quantize}) into {artifacts}"
         )
-    run_child(children, "export", export_args(config, artifacts), config.out / "logs" / "export.log")
+    children.run("export", export_command(config, artifacts), config.out / "logs" / "export.log")
     return artifacts
 
 
-def export_args(config: DemoConfig, artifacts: Path) -> list[str]:
-    """`edgesplit export` arguments for the demo's artifacts (LoRA alpha = 2 x rank, the exporter's ratio)."""
-    return [
-        "export", "--model", config.model, "--cut-layer", str(config.cut_layer), "--out", str(artifacts),
-        "--quantize", config.quantize, "--batch-size", str(config.batch_size),
-        "--max-seq-len", str(config.max_seq_len), "--lora-rank", str(config.lora_rank),
-        "--lora-alpha", str(2.0 * config.lora_rank), "--seed", str(config.seed), "--force",
-    ]  # fmt: skip
+def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False) -> ExportCommand:
+    """The demo's export (LoRA alpha = 2 x rank, the exporter's ratio); `full_model` for FedLLM and KD."""
+    return ExportCommand(
+        out=artifacts,
+        model=config.model,
+        cut_layer=None if full_model else config.cut_layer,
+        full_model=full_model,
+        quantize=config.quantize,
+        batch_size=config.batch_size,
+        max_seq_len=config.max_seq_len,
+        lora_rank=config.lora_rank,
+        lora_alpha=2.0 * config.lora_rank,
+        seed=config.seed,
+        force=True,
+    )
 
 
 @dataclass
@@ -337,16 +234,23 @@ class DemoData:
     eval_examples: list[Any] = field(repr=False)  # edgesplit.client.data.Example, for scoring
 
 
-def _read_groups(path: Path) -> list[str] | None:
-    """The "group" value of every line of a JSONL file, or None if some line has none."""
-    groups = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if not isinstance(record, dict) or "group" not in record:
-                return None
-            groups.append(str(record["group"]))
-    return groups
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSONL file as written, every key the user wrote kept: once read_jsonl has checked it,
+    so that a malformed line fails here, naming it, before any process starts."""
+    from edgesplit.client.data import read_jsonl
+
+    read_jsonl(path)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+def write_shares(folder: Path, records: list[dict[str, Any]], parts: list[list[int]]) -> list[Path]:
+    """folder/client-{i}.jsonl: the records of each client's share, by index; the files, in client order."""
+    files = []
+    for client, indices in enumerate(parts):
+        path = folder / f"client-{client}.jsonl"
+        path.write_text("".join(json.dumps(records[i]) + "\n" for i in indices), encoding="utf-8")
+        files.append(path)
+    return files
 
 
 def prepare_data(config: DemoConfig) -> DemoData:
@@ -370,12 +274,11 @@ def prepare_data(config: DemoConfig) -> DemoData:
     else:
         assert config.eval_data is not None
         train, evaluation = config.data, config.eval_data
-        for path in (train, evaluation):
-            read_jsonl(path)  # a malformed file fails here, naming its line, before any process starts
-        labels = _read_groups(train) or []
+    examples = read_records(train)  # as written: each client's share keeps every key the user wrote
+    if config.data is not None:  # the user's own "group" key, on every line, or no skew at all
+        read_jsonl(evaluation)  # a malformed file fails here, naming its line, before any process starts
+        labels = [str(r["group"]) for r in examples] if all("group" in r for r in examples) else []
         group_names = sorted(set(labels))
-    # Raw records, so that each client's share keeps every key the user wrote.
-    examples = [json.loads(line) for line in train.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if config.iid or not labels:
         parts = iid_partition(len(examples), config.clients, config.seed)
         how = "IID (uniformly at random)" if config.iid else 'IID (the data has no "group" key to skew by)'
@@ -383,13 +286,8 @@ def prepare_data(config: DemoConfig) -> DemoData:
         index = {name: i for i, name in enumerate(group_names)}
         parts = dirichlet_partition([index[g] for g in labels], config.clients, config.alpha, config.seed)
         how = f"non-IID: Dirichlet(alpha={config.alpha:g}) over {len(group_names)} groups"
-    client_files, client_groups = [], []
+    client_files, client_groups = write_shares(folder, examples, parts), []
     for client, indices in enumerate(parts):
-        path = folder / f"client-{client}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for i in indices:
-                handle.write(json.dumps(examples[i]) + "\n")
-        client_files.append(path)
         counts: dict[str, int] = {}
         for i in indices:
             name = labels[i] if labels else "all"
@@ -404,8 +302,7 @@ class Scorer:
     """The split model in this process, to score generations before and after training."""
 
     def __init__(self, artifacts: Path, config: DemoConfig) -> None:
-        from tokenizers import Tokenizer
-
+        from edgesplit.client.data import load_tokenizer
         from edgesplit.client.head import Head
         from edgesplit.server.generate import SplitGenerator
         from edgesplit.server.tail import OptimizerSettings, Tail
@@ -421,7 +318,7 @@ class Scorer:
                 threads=config.threads,
             )
         self.tail.model.eval()
-        self.tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(artifacts)
         self.generator = SplitGenerator(self.head, self.tail, self.tokenizer)
 
     def score(self, examples: list[Any], adapters: dict[str, Any]) -> Any:
@@ -452,120 +349,57 @@ class Scorer:
         return dict(checkpoint.global_adapters)
 
 
-def wait_for_port(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> int:
-    """The port the server printed it listens on (it was started with --port 0: the OS picks a free one)."""
-    pattern = re.compile(rb"listening on wss?://[^\s:]+:(\d+)")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = pattern.search(log.read_bytes()) if log.exists() else None
-        if found:
-            return int(found.group(1))
-        if process.poll() is not None:
-            raise DemoError(f"the server exited with {process.returncode} before listening:\n{log_tail(log)}")
-        time.sleep(0.2)
-    raise DemoError(f"the server did not start listening within {timeout_s:.0f} s:\n{log_tail(log)}")
-
-
-class Progress:
-    """Follows server.jsonl as the server writes it, and says what happened since the last look."""
-
-    def __init__(self, path: Path, config: DemoConfig) -> None:
-        self.path = path
-        self.config = config
-        self.offset = 0
-        self.steps = 0
-        self.last_said = time.monotonic()
-        self.started = time.monotonic()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            record = json.loads(line)
-            if record["event"] == "step":
-                self.steps += 1
-            elif record["event"] == "round":
-                losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
-                train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
-                eval_loss = record.get("eval_loss")
-                eval_text = "" if eval_loss is None else f"eval loss {eval_loss:.4f}; "
-                say(
-                    f"round {record['round'] + 1}/{self.config.rounds} closed after "
-                    f"{record['seconds']:.0f} s: {eval_text}train loss {train}"
-                )
-                self.last_said = time.monotonic()
-        total = self.config.clients * self.config.rounds * self.config.steps_per_round
-        if time.monotonic() - self.last_said > 15:
-            say(f"training: {self.steps}/{total} steps, {time.monotonic() - self.started:.0f} s")
-            self.last_said = time.monotonic()
-
-
-def start_server(config: DemoConfig, artifacts: Path, data: DemoData, children: Children) -> subprocess.Popen[bytes]:
-    batches = math.ceil(len(data.eval_examples) / config.batch_size)
-    out = config.out
-    args = [
-        "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1",
-        "--port", "0",  # the OS picks a free port; the demo reads it from the server's log
-        "--rounds", str(config.rounds), "--min-clients", str(config.clients),
-        "--steps-per-round", str(config.steps_per_round), "--learning-rate", str(config.learning_rate),
-        "--eval-data", str(data.eval), "--eval-batches", str(batches),
-        "--checkpoint-dir", str(out / "checkpoints"), "--metrics-out", str(out / "server.jsonl"),
-        "--seed", str(config.seed), "--threads", str(config.threads),
-    ]  # fmt: skip
-    return children.start("server", args, out / "logs" / "server.log")
+def serve_command(config: DemoConfig, artifacts: Path, data: DemoData) -> ServeCommand:
+    """The demo's server: on a free port (the demo reads it from the log), scoring `data.eval` each round."""
+    return ServeCommand(
+        artifacts=artifacts,
+        host="127.0.0.1",
+        port=0,
+        rounds=config.rounds,
+        min_clients=config.clients,
+        steps_per_round=config.steps_per_round,
+        learning_rate=config.learning_rate,
+        eval_data=data.eval,
+        eval_batches=math.ceil(len(data.eval_examples) / config.batch_size),
+        checkpoint_dir=config.out / "checkpoints",
+        metrics_out=config.out / "server.jsonl",
+        seed=config.seed,
+        threads=config.threads,
+    )
 
 
 def train(
-    config: DemoConfig, artifacts: Path, data: DemoData, children: Children, server: subprocess.Popen[bytes]
+    config: DemoConfig,
+    artifacts: Path,
+    data: DemoData,
+    children: Children,
+    server: subprocess.Popen[bytes],
+    server_log: Path,
 ) -> None:
-    """Start the clients once the server listens, follow everyone to the end; any failure raises."""
+    """Start the clients once the server (logging to `server_log`) listens, follow everyone to the end; any
+    failure raises with the end of its log."""
     out = config.out
-    port = wait_for_port(server, children.logs["server"])
+    port = wait_for_port(server, server_log)
     say(f"server listening on ws://127.0.0.1:{port}; starting {config.clients} clients")
-    clients = {}
+    clients, logs = {}, {"server": server_log}
     for client, data_file in enumerate(data.client_files):
         name = f"client-{client}"
         # One ONNX Runtime thread each: the clients mostly wait for the server, and N clients plus the
         # server on a small machine would otherwise fight over its cores.
-        args = [
-            "client", "--server", f"ws://127.0.0.1:{port}", "--artifacts", str(artifacts),
-            "--data", str(data_file), "--client-id", name, "--metrics-out", str(out / f"{name}.jsonl"),
-            "--seed", str(client), "--threads", "1",
-        ]  # fmt: skip
-        clients[name] = children.start(name, args, out / "logs" / f"{name}.log")
-    progress = Progress(out / "server.jsonl", config)
-    everyone = {"server": server, **clients}
-    while any(p.poll() is None for p in everyone.values()):
-        for name, process in everyone.items():
-            code = process.poll()
-            if code not in (None, 0):
-                raise DemoError(
-                    f"{name} exited with {code}; the end of {children.logs[name]}:\n{log_tail(children.logs[name])}"
-                )
-        if server.poll() == 0 and any(p.poll() is None for p in clients.values()):
-            _wait_or_fail(clients, children, timeout_s=60.0)
-        progress.poll()
-        time.sleep(0.3)
-    progress.poll()
-    for name, process in everyone.items():
-        if process.returncode != 0:
-            raise DemoError(f"{name} exited with {process.returncode}:\n{log_tail(children.logs[name])}")
-
-
-def _wait_or_fail(clients: dict[str, subprocess.Popen[bytes]], children: Children, timeout_s: float) -> None:
-    """The server is done: the clients must follow within `timeout_s`."""
-    for name, process in clients.items():
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise DemoError(
-                f"{name} still runs {timeout_s:.0f} s after the server finished:\n{log_tail(children.logs[name])}"
-            ) from None
+        command = ClientCommand(
+            server=f"ws://127.0.0.1:{port}",
+            artifacts=artifacts,
+            data=data_file,
+            client_id=name,
+            metrics_out=out / f"{name}.jsonl",
+            seed=client,
+            threads=1,
+        )
+        logs[name] = out / "logs" / f"{name}.log"
+        clients[name] = children.start(name, command, logs[name])
+    total_steps = config.clients * config.rounds * config.steps_per_round
+    progress = Progress(out / "server.jsonl", config.rounds, total_steps, say)
+    follow(server, clients, logs, on_tick=progress.poll)
 
 
 RUN_MARKER = ".edgesplit-demo"  # marks a directory as a demo run's, which a later demo may clear
@@ -606,13 +440,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         return now
 
     prepare_run_dir(config.out)
-    with Children() as children:
+    with Children(say) as children:
         t = time.monotonic()
         artifacts = ensure_artifacts(config, children)
         t = lap("export", t)
         data = prepare_data(config)
         # The server takes a while to load its tail; the untrained model is scored meanwhile.
-        server = start_server(config, artifacts, data, children)
+        server_log = config.out / "logs" / "server.log"
+        server = children.start("server", serve_command(config, artifacts, data), server_log)
         say("scoring the untrained split model on the held-out prompts while the server starts")
         scorer = Scorer(artifacts, config)
         initial = scorer.head.initial_adapters()
@@ -626,7 +461,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 f"on {len(before.generations)} held-out prompts; eval loss {before_loss:.4f}"
             )
         t = lap("score_before", t)
-        train(config, artifacts, data, children, server)
+        train(config, artifacts, data, children, server, server_log)
         t = lap("train", t)
         say("scoring the trained adapters (the server's last checkpoint)")
         trained = scorer.load_checkpoint(config.out / "checkpoints")
@@ -653,7 +488,3 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 130
     return 0
-
-
-def config_json(config: DemoConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

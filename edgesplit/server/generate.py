@@ -7,9 +7,12 @@ reruns the whole padded window.
             ─> tail (PyTorch, its LoRA) ─> logits at each row's last real position (B, V)
             ─> argmax ─> appended at that row's next position ─> repeat
 
-A row stops at EOS, at `max_new_tokens`, or when its window is full. The score is what the demo shows a
-person: the share of held-out prompts whose greedy completion is exactly the target, and the share of target
-tokens (the completion and its EOS) that the generation gets right position by position.
+With a whole-model head (`export --full-model`, FedLLM and KD) there is no tail: the head's output is
+already the logits (B, T, V). A row stops at EOS, at `max_new_tokens`, or when its window is full.
+
+The score is what the demo shows a person: the share of held-out prompts whose greedy completion is exactly
+the target, and the share of target tokens (the completion and its EOS) that the generation gets right
+position by position.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesplit.client.data import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
+from edgesplit.client.data import DEFAULT_PROMPT_FORMAT, Example, PromptFormat, pad_rows
 from edgesplit.client.head import Arrays, Head
 
 
@@ -52,9 +55,10 @@ class Score:
 
 
 class SplitGenerator:
-    """Greedy decoding with a Head (ORT) and a Tail (PyTorch) of one artifact directory."""
+    """Greedy decoding with a Head (ORT) and a Tail (PyTorch) of one artifact directory, or with a
+    whole-model head alone (`tail` None)."""
 
-    def __init__(self, head: Head, tail: Any, tokenizer: Any) -> None:
+    def __init__(self, head: Head, tail: Any | None, tokenizer: Any) -> None:
         self.head = head
         self.tail = tail  # edgesplit.server.tail.Tail; typed loosely so this module imports without torch
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`
@@ -66,6 +70,8 @@ class SplitGenerator:
 
     def _last_logits(self, activations: np.ndarray, attention_mask: np.ndarray, last: np.ndarray) -> np.ndarray:
         """Logits (B, V) at position last[b] of each row b."""
+        if self.tail is None:  # a whole-model head: its output (B, T, V) is the logits
+            return activations[np.arange(len(last)), last]  # type: ignore[no-any-return]
         import torch
 
         positions = np.unique(last)
@@ -96,18 +102,13 @@ class SplitGenerator:
         self, prompts: Sequence[Sequence[int]], adapters: Arrays, max_new_tokens: int
     ) -> list[list[int]]:
         rows = len(prompts)
-        shape = (self.batch_size, self.max_seq_len)
-        input_ids = np.full(shape, self.pad_token_id, dtype=np.int64)  # (B, T)
-        attention_mask = np.zeros(shape, dtype=np.int64)  # (B, T)
-        lengths = np.ones(self.batch_size, dtype=np.int64)  # filler rows: one pad token, never read
-        attention_mask[:, 0] = 1
         for row, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {row} of the batch is empty")
-            tokens = list(prompt)[-(self.max_seq_len - 1) :]  # keep room for one new token
-            input_ids[row, : len(tokens)] = tokens
-            attention_mask[row, : len(tokens)] = 1
-            lengths[row] = len(tokens)
+        # Cut from the start, keeping room for one new token; filler rows (one pad token) are never read.
+        kept = [list(prompt)[-(self.max_seq_len - 1) :] for prompt in prompts]
+        padded = pad_rows(kept, self.max_seq_len, self.pad_token_id, self.batch_size)
+        input_ids, attention_mask, lengths = padded.input_ids, padded.attention_mask, padded.lengths  # (B, T) x2, (B,)
         generated: list[list[int]] = [[] for _ in range(rows)]
         active = np.zeros(self.batch_size, dtype=bool)
         active[:rows] = True

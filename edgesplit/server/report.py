@@ -1,4 +1,5 @@
-"""The demo's report: summary.json, report.md and four PNG plots, all from the run's own metrics files.
+"""The demo's report: summary.json, report.md and four PNG plots, all from the run's own metrics files, and
+the progress lines it prints while training.
 
     server.jsonl     step, round, finished records   ->  eval loss per round, bytes on the server's side
     client-*.jsonl   step, round, summary records    ->  loss per step, bytes, phase times, peak memory
@@ -11,12 +12,63 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from edgesplit.client.metrics import read_jsonl as read_metrics
 
 PHASES = ("head_forward", "encode", "network", "server_compute", "decode", "grad_graph", "optimizer")
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """A run's config record (a dataclass) as JSON values: paths as strings."""
+    if not is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config_json takes a dataclass instance, got {type(config).__name__}")
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+class Progress:
+    """Follows server.jsonl as the server writes it, and says what happened since the last look: each round
+    as it closes, and every 15 s without one, the steps taken so far."""
+
+    def __init__(self, path: Path, rounds: int, total_steps: int, say: Callable[[str], None]) -> None:
+        self.path = path
+        self.rounds = rounds
+        self.total_steps = total_steps
+        self.say = say
+        self.offset = 0
+        self.steps = 0
+        self.last_said = time.monotonic()
+        self.started = time.monotonic()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            record = json.loads(line)
+            if record["event"] == "step":
+                self.steps += 1
+            elif record["event"] == "round":
+                losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
+                train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
+                eval_loss = record.get("eval_loss")
+                eval_text = "" if eval_loss is None else f"eval loss {eval_loss:.4f}; "
+                self.say(
+                    f"round {record['round'] + 1}/{self.rounds} closed after "
+                    f"{record['seconds']:.0f} s: {eval_text}train loss {train}"
+                )
+                self.last_said = time.monotonic()
+        if time.monotonic() - self.last_said > 15:
+            self.say(f"training: {self.steps}/{self.total_steps} steps, {time.monotonic() - self.started:.0f} s")
+            self.last_said = time.monotonic()
 
 
 def _client_files(out: Path) -> list[Path]:
@@ -208,7 +260,6 @@ def write_report(
 ) -> dict[str, Any]:
     """Write summary.json, report.md and plots/*.png into config.out; return the summary."""
     from edgesplit.client.artifacts import load_manifest
-    from edgesplit.server.demo import config_json
 
     out = Path(config.out)
     manifest = load_manifest(artifacts, verify=False)

@@ -20,9 +20,11 @@ from edgesplit.client.data import (
     encode_examples,
     iid_partition,
     iterate_batches,
+    load_tokenizer,
+    pad_rows,
     read_jsonl,
 )
-from edgesplit.errors import DataError
+from edgesplit.errors import ArtifactError, DataError
 
 UNK, PAD, EOS, SEP = 0, 1, 2, 3
 WORDS = "what is two plus three five hello world one four six seven eight nine ten".split()
@@ -219,6 +221,44 @@ def test_invalid_encoding_arguments(max_seq_len: int, eos: int, pad: int) -> Non
 def test_prompt_format_text_joins_prompt_separator_and_completion() -> None:
     assert PromptFormat().text(Example("Q: hi", "A: hello")) == "Q: hi\nA: hello"
     assert PromptFormat().text(Example(None, "plain")) == "plain"
+
+
+# --- load_tokenizer and pad_rows ---------------------------------------------------------------------------
+
+
+def test_the_artifacts_tokenizer_loads_without_padding_or_truncation(tmp_path: Path) -> None:
+    saved = tiny_tokenizer()
+    saved.enable_padding(pad_id=PAD, pad_token="<pad>", length=8)
+    saved.enable_truncation(max_length=2)
+    saved.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.padding is None and tokenizer.truncation is None
+    assert tokenizer.encode("what is two plus three").ids == ids("what is two plus three")
+
+
+def test_a_missing_or_broken_tokenizer_is_an_artifact_error(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="cannot read the tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_rows_are_padded_on_the_right_and_filler_rows_attend_one_pad_token() -> None:
+    padded = pad_rows([[5, 6, 7], [8]], max_seq_len=4, pad_token_id=PAD, batch_size=3)
+    assert padded.input_ids.tolist() == [[5, 6, 7, PAD], [8, PAD, PAD, PAD], [PAD] * 4]
+    assert padded.attention_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
+    assert padded.lengths.tolist() == [3, 1, 1]
+    assert padded.input_ids.dtype == padded.attention_mask.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "message"),
+    [([[1, 2, 3, 4, 5]], None, "row 0 holds 5 tokens"), ([[]], None, "row 0 holds 0"), ([[1], [2]], 1, "2 rows")],
+)
+def test_rows_that_do_not_fit_are_refused(rows: list[list[int]], batch_size: int | None, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        pad_rows(rows, max_seq_len=4, pad_token_id=PAD, batch_size=batch_size)
 
 
 # --- iterate_batches ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
         client = run.start("a", client_command(f"ws://127.0.0.1:{port}", artifacts, data, "a"))
         assert client.wait(120) == 0, client.output
 
+The command lines are edgesplit.server.orchestrate's records, rendered for this interpreter.
 `TcpProxy` sits between a client and the server to cut the link (`cut`, `restore`) or slow it (`delay_s`).
 `probe` and `raw_frame` speak the protocol only as far as a test wants, to play a bad peer.
 """
@@ -18,7 +19,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -42,8 +42,8 @@ from edgesplit.client.protocol import (
     encode,
     encode_tensor,
 )
+from edgesplit.server.orchestrate import ClientCommand, ServeCommand, command_line
 
-EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -73,53 +73,35 @@ def serve_command(
     min_clients: int = 2,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    return [
-        *EDGESPLIT,
-        "serve",
-        "--artifacts",
-        str(artifacts),
-        "--port",
-        str(port),
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        str(min_clients),
-        "--steps-per-round",
-        str(steps),
-        "--learning-rate",
-        "0.02",
-        "--checkpoint-dir",
-        str(work / "ckpt"),
-        "--metrics-out",
-        str(work / "server.jsonl"),
-        "--threads",
-        "1",
-        *extra,
-    ]
+    command = ServeCommand(
+        artifacts=artifacts,
+        port=port,
+        rounds=rounds,
+        min_clients=min_clients,
+        steps_per_round=steps,
+        learning_rate=0.02,
+        checkpoint_dir=work / "ckpt",
+        metrics_out=work / "server.jsonl",
+        threads=1,
+        extra=tuple(extra),
+    )
+    return command_line(command)
 
 
 def client_command(
     server: str, artifacts: Path, data: Path, client_id: str, work: Path, extra: Sequence[str] = ()
 ) -> list[str]:
-    return [
-        *EDGESPLIT,
-        "client",
-        "--server",
-        server,
-        "--artifacts",
-        str(artifacts),
-        "--data",
-        str(data),
-        "--client-id",
-        client_id,
-        "--metrics-out",
-        str(work / f"{client_id}-metrics.jsonl"),
-        "--threads",
-        "1",
-        "--connect-timeout",
-        "120",
-        *extra,
-    ]
+    command = ClientCommand(
+        server=server,
+        artifacts=artifacts,
+        data=data,
+        client_id=client_id,
+        metrics_out=work / f"{client_id}-metrics.jsonl",
+        threads=1,
+        connect_timeout_s=120.0,
+        extra=tuple(extra),
+    )
+    return command_line(command)
 
 
 class Proc:

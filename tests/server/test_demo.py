@@ -22,7 +22,7 @@ from edgesplit.server.demo import (
     DemoConfig,
     DemoError,
     artifacts_mismatch,
-    export_args,
+    export_command,
     prepare_data,
     prepare_run_dir,
 )
@@ -183,13 +183,18 @@ def test_exported_artifacts_are_reused_only_when_they_match(tiny_artifacts, tiny
                              max_seq_len=16, lora_rank=4)  # fmt: skip
     assert "exported from" in (artifacts_mismatch(other_model, artifacts) or "")
     assert "does not exist" in (artifacts_mismatch(matching, tmp_path / "nothing") or "")
+    # compare's whole-model export (FedLLM, KD) goes through the same check.
+    whole = tiny_artifacts("llama", 1, full_model=True)
+    assert artifacts_mismatch(matching, whole, full_model=True) is None
+    assert "full_model False instead of True" in (artifacts_mismatch(matching, artifacts, full_model=True) or "")
+    assert "full_model True instead of False" in (artifacts_mismatch(matching, whole) or "")
 
 
 def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
     from edgesplit.export.cli import build_parser
 
     config = DemoConfig(out=tmp_path, cut_layer=3, quantize="int8", max_seq_len=24, lora_rank=4)
-    args = build_parser().parse_args(export_args(config, tmp_path / "artifacts")[1:])
+    args = build_parser().parse_args(export_command(config, tmp_path / "artifacts").argv()[1:])
     assert (args.cut_layer, args.quantize, args.max_seq_len, args.lora_rank, args.lora_alpha) == (
         3,
         "int8",
@@ -198,6 +203,8 @@ def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
         8.0,
     )
     assert args.force
+    whole = build_parser().parse_args(export_command(config, tmp_path / "full", full_model=True).argv()[1:])
+    assert whole.full_model and whole.cut_layer is None
 
 
 def write_lines(path: Path, records: list[dict[str, object]]) -> Path:

@@ -12,7 +12,7 @@ from tiny_models import build_tokenizer
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from edgesplit.client.data import Example
+from edgesplit.client.data import Example, load_tokenizer
 from edgesplit.client.head import Head
 from edgesplit.server.generate import SplitGenerator, score, token_accuracy
 from edgesplit.server.tail import Tail
@@ -37,7 +37,17 @@ def generator(tiny_artifacts) -> SplitGenerator:  # type: ignore[no-untyped-def]
     head = Head(artifacts)
     tail = Tail(artifacts)
     tail.model.eval()
-    return SplitGenerator(head, tail, Tokenizer.from_file(str(artifacts / "tokenizer.json")))
+    return SplitGenerator(head, tail, load_tokenizer(artifacts))
+
+
+def test_a_whole_model_head_generates_alone_as_the_whole_model_does(tiny_artifacts, tiny_model_dirs) -> None:  # type: ignore[no-untyped-def]
+    # FedLLM and KD export the whole model to the device: no tail, the head's output is the logits.
+    artifacts = tiny_artifacts("llama", 1, full_model=True)
+    whole = SplitGenerator(Head(artifacts), None, load_tokenizer(artifacts))
+    prompts = [[5, 9, 14], [20, 21, 22, 23, 24, 25, 26], [7]]
+    outputs = whole.generate(prompts, whole.head.initial_adapters(), max_new_tokens=6)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference_greedy(tiny_model_dirs["llama"], prompt, 6, whole.eos_token_id)
 
 
 def test_split_greedy_generation_matches_the_whole_model(generator, tiny_model_dirs) -> None:  # type: ignore[no-untyped-def]
