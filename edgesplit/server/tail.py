@@ -87,6 +87,8 @@ def load_tail_model(
     lora_settings = json.loads((root / "tail" / "lora.json").read_text())
     tail = family.build_tail(config, weights)
     if first == end:
+        for parameter in tail.parameters():  # frozen, as PEFT leaves the base weights
+            parameter.requires_grad_(False)
         return tail
     torch.manual_seed(seed)  # the tail's LoRA A matrices are random: seeded so that runs repeat
     lora_config = LoraConfig(
