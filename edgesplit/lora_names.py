@@ -18,7 +18,11 @@ Pure string handling, no torch: the edge client reads these names too.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+Value = TypeVar("Value")
 
 LAYERS = "layers"
 MATRICES = ("A", "B")
@@ -89,6 +93,15 @@ def from_peft_key(key: str, layers_path: str, first_layer: int = 0) -> AdapterNa
     if match is None:
         return None
     return AdapterName(first_layer + int(match.group(1)), match.group(2), match.group(3))
+
+
+def to_peft_keys(adapters: Mapping[str, Value], layers_path: str) -> dict[str, Value]:
+    """Adapters by adapter name -> the same values keyed as PEFT's adapter_model.safetensors keys them.
+
+    `layers_path` is the family's path to its decoder layers ("model.layers", "transformer.h"). ValueError
+    for a key that is not an adapter name.
+    """
+    return {parse_adapter_name(name).peft_key(layers_path): value for name, value in adapters.items()}
 
 
 def matches_target(module_path: str, targets: tuple[str, ...]) -> bool:

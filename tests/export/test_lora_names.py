@@ -19,6 +19,7 @@ from edgesplit.lora_names import (
     is_adapter_name,
     matches_target,
     parse_adapter_name,
+    to_peft_keys,
 )
 
 
@@ -65,6 +66,9 @@ def test_peft_keys_both_ways() -> None:
     assert from_peft_key(tail_key, "transformer.h", first_layer=3) == name
     assert from_peft_key("base_model.model.transformer.h.2.attn.c_proj.base_layer.weight", "transformer.h") is None
     assert from_peft_key("base_model.model.lm_head.weight", "transformer.h") is None
+    assert to_peft_keys({str(name): 1}, "transformer.h") == {name.peft_key("transformer.h"): 1}
+    with pytest.raises(ValueError, match="not an adapter name"):
+        to_peft_keys({"lm_head.weight": 1}, "transformer.h")
 
 
 def test_targets_match_by_whole_path_or_its_last_parts() -> None:
@@ -107,7 +111,6 @@ def test_names_map_onto_a_real_peft_models_keys_and_shapes(tiny_model_dirs, fami
         LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets), fan_in_fan_out=family.weight_is_in_out),
     )
     saved = get_peft_model_state_dict(peft_model)  # the keys of adapter_model.safetensors
-    ours = {parse_adapter_name(name).peft_key(family.layers_path): shape for name, shape in head.shapes.items()}
-    assert ours == {key: tuple(value.shape) for key, value in saved.items()}
+    assert to_peft_keys(head.shapes, family.layers_path) == {key: tuple(value.shape) for key, value in saved.items()}
     live = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
     assert {str(from_peft_key(key, family.layers_path)) for key in live} == set(head.shapes)
