@@ -181,6 +181,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModel
 
     from edgesplit.client.artifacts import load_manifest
+    from edgesplit.lora_names import from_peft_key, gradient_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,11 +201,9 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     initial = load_file(str(args.artifacts / "head_adapters.safetensors"))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                layer = name.split(".layers.")[1].split(".")[0]
-                target = name.split(".lora_")[0].rsplit(".", 1)[-1]
-                matrix = "A" if ".lora_A." in name else "B"
-                parameter.copy_(torch.from_numpy(initial[f"lora.{layer}.{target}.{matrix}"]))
+            adapter = from_peft_key(name, "layers")  # the backbone alone: its layers are at `layers`
+            if adapter is not None:
+                parameter.copy_(torch.from_numpy(initial[str(adapter)]))
     load_seconds = time.perf_counter() - started
     rss_after_load = peak_rss_mb()
     manifest = load_manifest(args.artifacts, verify=False)
@@ -227,9 +226,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     samples = timed(args.warmup, args.repeats, step)
     grads = {}
     for name, parameter in lora_parameters.items():
-        layer = name.split(".layers.")[1].split(".")[0]
-        target = name.split(".lora_")[0].rsplit(".", 1)[-1]
-        grads[f"grad.lora.{layer}.{target}.{'A' if '.lora_A.' in name else 'B'}"] = parameter.grad.numpy()
+        grads[gradient_name(str(from_peft_key(name, "layers")))] = parameter.grad.numpy()
     np.savez(args.save, activations=result["activations"].numpy(), **grads)
     return {
         **summary(samples),

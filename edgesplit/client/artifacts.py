@@ -3,12 +3,17 @@
     artifacts/
       manifest.json              what everything below is (see `Manifest`), with the sha256 of every file
       head.onnx                  client head: input_ids, attention_mask, LoRA matrices -> activations (+ saved)
-      head_grad.onnx             backward of the head: saved tensors + activation_grads -> grad.<LoRA input>
-      head_adapters.safetensors  initial client LoRA matrices, keyed by head.onnx input name
+      head_grad.onnx             backward of the head: saved tensors + activation_grads -> grad.<adapter name>
+      head_adapters.safetensors  initial client LoRA matrices, keyed by adapter name (= head.onnx input name)
       tokenizer.json             the tokenizer, readable by the `tokenizers` package alone
       tail/config.json           Hugging Face config of the tail (the layers after the cut)
-      tail/model.safetensors     weights of the tail layers, final norm and LM head
+      tail/model.safetensors     weights of the tail layers (numbered from the tail's first), norm, LM head
       tail/lora.json             LoRA settings for the tail
+
+Schema 2 describes the model as a list of stages (`Stage`): what runs where, on which layers [first, end),
+from which files, with which named inputs and outputs. Today's exports have three: the head and its gradient
+graph on the device, the tail on the server; several heads (several cuts) or a device-side top stage are
+more entries in the same list. LoRA matrices are named by the rule in edgesplit/lora_names.py everywhere.
 
 Nothing here imports torch: the edge client reads this module on a Raspberry Pi.
 """
@@ -22,18 +27,36 @@ from pathlib import Path
 from typing import Any
 
 from edgesplit.errors import ArtifactError
+from edgesplit.lora_names import is_adapter_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+
+DEVICE, SERVER = "device", "server"
+HEAD, HEAD_GRAD, TAIL = "head", "head_grad", "tail"  # the stages an export writes today
+ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
+
+
+def _is_size(dimension: object) -> bool:
+    """A fixed size (an int >= 0) or a dynamic axis (its name)."""
+    if isinstance(dimension, str):
+        return True
+    return isinstance(dimension, int) and not isinstance(dimension, bool) and dimension >= 0
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One ONNX graph input or output: its name, element type and shape (ints; strings for dynamic axes)."""
+    """One named input or output of a stage: its name, element type and shape (ints; strings for dynamic axes)."""
 
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...
     shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ArtifactError(f"a tensor needs a name, got {self.name!r}")
+        if not all(_is_size(d) for d in self.shape):
+            raise ArtifactError(f"tensor {self.name}: shape {self.shape!r} is not a list of sizes")
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -44,13 +67,72 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One part of the model: where it runs, its layers [first_layer, end_layer), its files, its tensors.
+
+    The head is layers [0, cut) on the device, its gradient graph the same layers backwards; the tail is
+    layers [cut, num_layers) on the server, with the final norm and the LM head. A stage that holds the
+    final norm and the LM head ends at num_layers.
+    """
+
+    name: str
+    runs_on: str  # DEVICE | SERVER
+    first_layer: int
+    end_layer: int
+    files: tuple[str, ...]  # relative paths, each also in the manifest's `files` with its sha256
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ArtifactError(f"a stage needs a name, got {self.name!r}")
+        if self.runs_on not in (DEVICE, SERVER):
+            raise ArtifactError(f"stage {self.name} runs on {self.runs_on!r}: expected {DEVICE!r} or {SERVER!r}")
+        layers = (self.first_layer, self.end_layer)
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in layers) or not 0 <= layers[0] <= layers[1]:
+            raise ArtifactError(f"stage {self.name} has layers {list(layers)}: expected [first, end), first <= end")
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [spec.name for spec in specs]
+            if len(set(names)) != len(names):
+                raise ArtifactError(f"stage {self.name} names an {kind} twice: {names}")
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.end_layer)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "runs_on": self.runs_on,
+            "layers": [self.first_layer, self.end_layer],
+            "files": list(self.files),
+            "inputs": [spec.to_json() for spec in self.inputs],
+            "outputs": [spec.to_json() for spec in self.outputs],
+        }
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> Stage:
+        first, end = raw["layers"]
+        return Stage(
+            name=str(raw["name"]),
+            runs_on=str(raw["runs_on"]),
+            first_layer=first,
+            end_layer=end,
+            files=tuple(str(f) for f in raw["files"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in raw["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in raw["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
 class LoraSpec:
     """The LoRA settings shared by the head (client) and the tail (server)."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...]
-    # head.onnx input name -> shape. A is (rank, in_features), B is (out_features, rank), as in PEFT.
+    # The head's matrices, adapter name -> shape: A is (rank, in_features), B is (out_features, rank), as in
+    # PEFT. In the manifest these are the head stage's float inputs that are adapter names.
     matrices: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
@@ -62,6 +144,17 @@ class LoraSpec:
             raise ArtifactError(f"LoRA rank must be at least 1, got {self.rank}")
 
 
+def head_matrices(head_inputs: tuple[TensorSpec, ...]) -> dict[str, tuple[int, ...]]:
+    """The LoRA matrices a head graph takes: its inputs named by the adapter naming rule, with their shapes."""
+    matrices: dict[str, tuple[int, ...]] = {}
+    for spec in head_inputs:
+        if is_adapter_name(spec.name):
+            if not all(isinstance(d, int) for d in spec.shape):
+                raise ArtifactError(f"LoRA input {spec.name} has a dynamic shape {spec.shape!r}")
+            matrices[spec.name] = tuple(int(d) for d in spec.shape)
+    return matrices
+
+
 @dataclass(frozen=True)
 class Manifest:
     """manifest.json, parsed. `files` maps each artifact file (relative path) to its sha256."""
@@ -71,7 +164,6 @@ class Manifest:
     model_sha256: str
     family: str
     architecture: str
-    cut_layer: int
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -79,18 +171,70 @@ class Manifest:
     max_seq_len: int  # and this sequence length
     lora: LoraSpec
     quantize: str  # "none" | "int8"
-    frozen_head: bool
-    head_inputs: tuple[TensorSpec, ...]
-    head_outputs: tuple[TensorSpec, ...]
-    grad_inputs: tuple[TensorSpec, ...]
-    grad_outputs: tuple[TensorSpec, ...]
+    stages: tuple[Stage, ...]
     files: dict[str, str]
     tools: dict[str, str]
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its
-    # logits (B, T, V), `activation_grads` the loss gradient with respect to them.
-    full_model: bool = False
+
+    def __post_init__(self) -> None:
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ArtifactError(f"the manifest names a stage twice: {names}")
+        if HEAD not in names:
+            raise ArtifactError(f"the manifest has no {HEAD!r} stage (it has {names})")
+        for stage in self.stages:
+            if stage.end_layer > self.num_layers:
+                raise ArtifactError(f"stage {stage.name} ends at layer {stage.end_layer} of {self.num_layers}")
+            missing = [name for name in stage.files if name not in self.files]
+            if missing:
+                raise ArtifactError(f"stage {stage.name} uses files the manifest does not list: {missing}")
+        if TAIL in names and self.stage(TAIL).first_layer != self.cut_layer:
+            tail_first = self.stage(TAIL).first_layer
+            raise ArtifactError(f"the tail starts at layer {tail_first}, the head ends at {self.cut_layer}")
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ArtifactError(
+            f"these artifacts have no {name!r} stage (they have {[s.name for s in self.stages]}): export it"
+        )
+
+    def has_stage(self, name: str) -> bool:
+        return any(stage.name == name for stage in self.stages)
+
+    # What the rest of edgesplit reads, derived from the stages.
+    @property
+    def cut_layer(self) -> int:
+        """The head holds layers [0, cut_layer); a full-model head holds them all."""
+        return self.stage(HEAD).end_layer
+
+    @property
+    def full_model(self) -> bool:
+        """The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its
+        logits (B, T, V), `activation_grads` the loss gradient with respect to them."""
+        return self.cut_layer == self.num_layers
+
+    @property
+    def frozen_head(self) -> bool:
+        return not self.has_stage(HEAD_GRAD)
+
+    @property
+    def head_inputs(self) -> tuple[TensorSpec, ...]:
+        return self.stage(HEAD).inputs
+
+    @property
+    def head_outputs(self) -> tuple[TensorSpec, ...]:
+        return self.stage(HEAD).outputs
+
+    @property
+    def grad_inputs(self) -> tuple[TensorSpec, ...]:
+        return self.stage(HEAD_GRAD).inputs if not self.frozen_head else ()
+
+    @property
+    def grad_outputs(self) -> tuple[TensorSpec, ...]:
+        return self.stage(HEAD_GRAD).outputs if not self.frozen_head else ()
 
     @property
     def activations_shape(self) -> tuple[int, int, int]:
@@ -100,7 +244,7 @@ class Manifest:
     @property
     def saved_names(self) -> tuple[str, ...]:
         """head.onnx outputs besides `activations`: tensors saved for the backward graph."""
-        return tuple(spec.name for spec in self.head_outputs if spec.name != "activations")
+        return tuple(spec.name for spec in self.head_outputs if spec.name != ACTIVATIONS)
 
     @property
     def manifest_hash(self) -> str:
@@ -124,29 +268,10 @@ class Manifest:
                 "eos_token_id": self.eos_token_id,
                 "pad_token_id": self.pad_token_id,
             },
-            "cut_layer": self.cut_layer,
-            "full_model": self.full_model,
             "shapes": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
-            "lora": {
-                "rank": self.lora.rank,
-                "alpha": self.lora.alpha,
-                "targets": list(self.lora.targets),
-                "matrices": {name: list(shape) for name, shape in self.lora.matrices.items()},
-            },
+            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": list(self.lora.targets)},
             "quantize": self.quantize,
-            "frozen_head": self.frozen_head,
-            "head": {
-                "file": "head.onnx",
-                "inputs": [spec.to_json() for spec in self.head_inputs],
-                "outputs": [spec.to_json() for spec in self.head_outputs],
-            },
-            "head_grad": None
-            if self.frozen_head
-            else {
-                "file": "head_grad.onnx",
-                "inputs": [spec.to_json() for spec in self.grad_inputs],
-                "outputs": [spec.to_json() for spec in self.grad_outputs],
-            },
+            "stages": [stage.to_json() for stage in self.stages],
             "files": dict(sorted(self.files.items())),
             "tools": dict(sorted(self.tools.items())),
         }
@@ -155,14 +280,14 @@ class Manifest:
     def from_json(raw: dict[str, Any]) -> Manifest:
         model = raw["model"]
         lora = raw["lora"]
-        grad = raw.get("head_grad") or {"inputs": [], "outputs": []}
+        stages = tuple(Stage.from_json(s) for s in raw["stages"])
+        head = next((stage for stage in stages if stage.name == HEAD), None)
         return Manifest(
             schema_version=int(raw["schema_version"]),
             model_source=str(model["source"]),
             model_sha256=str(model["sha256"]),
             family=str(model["family"]),
             architecture=str(model["architecture"]),
-            cut_layer=int(raw["cut_layer"]),
             num_layers=int(model["num_layers"]),
             hidden_size=int(model["hidden_size"]),
             vocab_size=int(model["vocab_size"]),
@@ -171,20 +296,15 @@ class Manifest:
             lora=LoraSpec(
                 rank=int(lora["rank"]),
                 alpha=float(lora["alpha"]),
-                targets=tuple(lora["targets"]),
-                matrices={name: tuple(shape) for name, shape in lora["matrices"].items()},
+                targets=tuple(str(t) for t in lora["targets"]),
+                matrices=head_matrices(head.inputs) if head is not None else {},
             ),
             quantize=str(raw["quantize"]),
-            frozen_head=bool(raw["frozen_head"]),
-            head_inputs=tuple(TensorSpec.from_json(s) for s in raw["head"]["inputs"]),
-            head_outputs=tuple(TensorSpec.from_json(s) for s in raw["head"]["outputs"]),
-            grad_inputs=tuple(TensorSpec.from_json(s) for s in grad["inputs"]),
-            grad_outputs=tuple(TensorSpec.from_json(s) for s in grad["outputs"]),
+            stages=stages,
             files={str(k): str(v) for k, v in raw["files"].items()},
             tools={str(k): str(v) for k, v in raw["tools"].items()},
             eos_token_id=model.get("eos_token_id"),
             pad_token_id=model.get("pad_token_id"),
-            full_model=bool(raw.get("full_model", False)),
         )
 
 
@@ -209,14 +329,19 @@ def load_manifest(artifact_dir: str | Path, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{path} is missing: {root} is not an edgesplit artifact directory")
     try:
         raw = json.loads(path.read_text())
-        manifest = Manifest.from_json(raw)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise ArtifactError(f"{path} is unreadable or malformed ({error}): export the artifacts again") from error
-    if manifest.schema_version != SCHEMA_VERSION:
+    # The version first: an older manifest is refused for what it is, not for a field it lacks.
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{path} has schema version {manifest.schema_version}, this edgesplit reads {SCHEMA_VERSION}: "
-            "export the artifacts again with this version"
+            f"{path} has schema version {version!r}, this edgesplit reads schema {SCHEMA_VERSION}: "
+            "re-export the artifacts with this version (`edgesplit export ...`)"
         )
+    try:
+        manifest = Manifest.from_json(raw)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{path} is malformed ({error!r}): export the artifacts again") from error
     if verify:
         verify_files(root, manifest)
     return manifest

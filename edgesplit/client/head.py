@@ -1,7 +1,10 @@
 """The client head in ONNX Runtime: forward to the cut, and the LoRA gradients back from it. numpy only.
 
     forward:   input_ids (B, T), attention_mask (B, T), LoRA matrices -> activations (B, T, H), saved...
-    backward:  saved..., activation_grads (B, T, H)                  -> grad.<LoRA input> for each matrix
+    backward:  saved..., activation_grads (B, T, H)                  -> grad.<adapter name> for each matrix
+
+The LoRA matrices are named `layers.<layer>.<module path>.lora_A` / `.lora_B` (edgesplit/lora_names.py): the
+graphs' input names, the keys of head_adapters.safetensors and of every adapter update.
 
 The graphs are traced for the manifest's (batch_size, max_seq_len); callers pad to it (see data.py).
 """
@@ -18,6 +21,7 @@ from safetensors.numpy import load_file
 
 from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
 from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
+from edgesplit.lora_names import GRADIENT_PREFIX
 
 Arrays = dict[str, np.ndarray]
 
@@ -175,7 +179,7 @@ class Head:
         return ForwardResult(activations=activations, saved=saved)
 
     def backward(self, forward: ForwardResult, activation_grads: np.ndarray) -> Arrays:
-        """LoRA gradients of sum(activations * activation_grads), keyed by the LoRA input name."""
+        """LoRA gradients of sum(activations * activation_grads), keyed by adapter name."""
         if self.backward_session is None:
             raise TrainingError("this head was exported with --frozen-head: it has no gradient graph")
         if activation_grads.shape != forward.activations.shape:
@@ -188,4 +192,4 @@ class Head:
         feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
         outputs = self.backward_session.run(None, feed)
         names = [o.name for o in self.backward_session.get_outputs()]
-        return {name.removeprefix("grad."): value for name, value in zip(names, outputs, strict=True)}
+        return {name.removeprefix(GRADIENT_PREFIX): value for name, value in zip(names, outputs, strict=True)}

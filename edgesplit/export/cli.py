@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora-targets",
         default=None,
-        help="comma-separated module names (default: the family's, q_proj,v_proj for Llama)",
+        help="comma-separated module names or paths inside a layer, matched as PEFT matches target_modules: "
+        "c_proj takes GPT-2's attn.c_proj and mlp.c_proj, mlp.c_proj only the MLP's (default: the family's, "
+        "q_proj,v_proj for Llama)",
     )
     parser.add_argument(
         "--quantize",
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{manifest.cut_layer} of {manifest.num_layers}, hidden {manifest.hidden_size}, "
         f"{len(manifest.lora.matrices)} client LoRA matrices, quantize={manifest.quantize}"
     )
+    for stage in manifest.stages:
+        print(f"  stage {stage.name:<10} on the {stage.runs_on:<6} layers [{stage.first_layer}, {stage.end_layer})")
     for name, size in sorted(sizes.items()):
         print(f"  {name:<28} {size / 1e6:9.2f} MB")
     if result.quantize_report is not None:

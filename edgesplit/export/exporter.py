@@ -3,6 +3,9 @@
     model (B, T) --[ head: embeddings + layers [0, cut) ]--> activations (B, T, H)      -> head.onnx (client)
                  --[ tail: layers [cut, L) + norm + LM head ]--> logits (B, T, V)        -> tail/ (server)
 
+The manifest (schema 2) lists these as stages: `head` and its backward `head_grad` on the device, `tail` on
+the server, each with its layers, files and named inputs and outputs (`_stages`).
+
 Everything is written into a temporary directory beside the output and renamed into place at the end, so an
 interrupted or failed export never leaves a half-written artifact directory.
 """
@@ -22,9 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgesplit.client.artifacts import MANIFEST_NAME, SCHEMA_VERSION, LoraSpec, Manifest, TensorSpec, sha256_file
+from edgesplit.client.artifacts import (
+    ACTIVATION_GRADS,
+    ACTIVATIONS,
+    DEVICE,
+    HEAD,
+    HEAD_GRAD,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SERVER,
+    TAIL,
+    LoraSpec,
+    Manifest,
+    Stage,
+    TensorSpec,
+    head_matrices,
+    sha256_file,
+)
 from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
+from edgesplit.export.onnx_files import data_file_name
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,33 @@ def _specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return TensorSpec(value.name, names.get(kind.elem_type, str(kind.elem_type)), dims)
 
     return tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output)
+
+
+def _stages(
+    scratch: Path, files: dict[str, str], cut_layer: int, num_layers: int, config: ExportConfig, hidden_size: int
+) -> tuple[Stage, ...]:
+    """The manifest's stages for what was written into `scratch`: the head, its gradient graph, the tail."""
+
+    def graph_files(name: str) -> tuple[str, ...]:
+        return tuple(file for file in (name, data_file_name(name)) if file in files)
+
+    head_inputs, head_outputs = _specs(scratch / "head.onnx")
+    stages = [Stage(HEAD, DEVICE, 0, cut_layer, graph_files("head.onnx"), head_inputs, head_outputs)]
+    if (scratch / "head_grad.onnx").exists():
+        grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx")
+        stages.append(Stage(HEAD_GRAD, DEVICE, 0, cut_layer, graph_files("head_grad.onnx"), grad_inputs, grad_outputs))
+    if (scratch / "tail").is_dir():
+        tokens = (config.batch_size, config.max_seq_len)
+        activations = (*tokens, hidden_size)  # (B, T, H)
+        tail_files = tuple(name for name in files if name.startswith("tail/"))
+        inputs = (
+            TensorSpec(ACTIVATIONS, "float32", activations),
+            TensorSpec("attention_mask", "int64", tokens),
+            TensorSpec("labels", "int64", tokens),
+        )
+        outputs = (TensorSpec("loss", "float32", ()), TensorSpec(ACTIVATION_GRADS, "float32", activations))
+        stages.append(Stage(TAIL, SERVER, cut_layer, num_layers, tail_files, inputs, outputs))
+    return tuple(stages)
 
 
 def _check_writable(out: Path, force: bool) -> None:
@@ -189,9 +236,8 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
             (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
 
-        head_inputs, head_outputs = _specs(scratch / "head.onnx")
-        grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx") if trainable else ((), ())
         files = {str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()}
+        stages = _stages(scratch, files, cut_layer, num_layers, config, int(model.config.hidden_size))
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_id
         manifest = Manifest(
@@ -200,25 +246,21 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             model_sha256=loaded.sha256,
             family=family.name,
             architecture=type(model).__name__,
-            cut_layer=cut_layer,
             num_layers=num_layers,
             hidden_size=int(model.config.hidden_size),
             vocab_size=int(model.config.vocab_size),
             batch_size=config.batch_size,
             max_seq_len=config.max_seq_len,
-            lora=LoraSpec(config.lora_rank, config.lora_alpha, tuple(targets), head.shapes if trainable else {}),
+            lora=LoraSpec(config.lora_rank, config.lora_alpha, tuple(targets), head_matrices(stages[0].inputs)),
             quantize=config.quantize,
-            frozen_head=config.frozen_head,
-            head_inputs=head_inputs,
-            head_outputs=head_outputs,
-            grad_inputs=grad_inputs,
-            grad_outputs=grad_outputs,
+            stages=stages,
             files=files,
             tools=_tool_versions(),
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
-            full_model=config.full_model,
         )
+        if manifest.lora.matrices != (head.shapes if trainable else {}):  # the graph's inputs are the contract
+            raise ExportError(f"head.onnx takes LoRA inputs {manifest.lora.matrices}, the head made {head.shapes}")
         (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
         _swap_into_place(scratch, out)
     except BaseException:

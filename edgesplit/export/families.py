@@ -33,7 +33,7 @@ class Family:
     # GPT-2 adds learned position embeddings to its inputs; the head has done that already, so the tail's
     # copy must add nothing.
     tail_zero_attrs: tuple[str, ...] = ()
-    # GPT-2's Conv1D stores weights as (in, out) where nn.Linear stores (out, in).
+    # GPT-2's Conv1D stores weights as (in, out) where nn.Linear stores (out, in): PEFT's fan_in_fan_out.
     weight_is_in_out: bool = False
 
     def matches(self, model: nn.Module) -> bool:
@@ -48,12 +48,10 @@ class Family:
     def num_layers(self, model: nn.Module) -> int:
         return len(self.layers(model))
 
-    def linear_features(self, module: nn.Module) -> tuple[int, int]:
-        """(in_features, out_features) of a LoRA target module."""
-        weight = module.weight
-        if self.weight_is_in_out:
-            return int(weight.shape[0]), int(weight.shape[1])
-        return int(weight.shape[1]), int(weight.shape[0])
+    @property
+    def layers_path(self) -> str:
+        """Where the decoder layers are in the causal LM, as PEFT's keys spell it: "model.layers"."""
+        return f"{self.backbone_attr}.{self.layers_attr}"
 
     def build_head(self, model: nn.Module, cut_layer: int) -> nn.Module:
         """A copy of the backbone keeping layers [0, cut_layer) and no final norm: (B, T) -> (B, T, H)."""
@@ -92,18 +90,25 @@ class Family:
 
     def tail_state_dict(self, model: nn.Module, cut_layer: int) -> dict[str, torch.Tensor]:
         """Weights the server needs: the layers after the cut (renumbered from 0), final norm, LM head."""
-        prefix = f"{self.backbone_attr}.{self.layers_attr}."
-        tail: dict[str, torch.Tensor] = {}
-        for name, tensor in model.state_dict().items():
-            if name.startswith(prefix):
-                index, rest = name[len(prefix) :].split(".", 1)
-                if int(index) >= cut_layer:
-                    tail[f"{prefix}{int(index) - cut_layer}.{rest}"] = tensor.detach().clone().contiguous()
-            elif name.startswith(f"{self.backbone_attr}.{self.final_norm_attr}.") or name.startswith("lm_head."):
-                tail[name] = tensor.detach().clone().contiguous()
+        state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+        tail = self.select_layers(state, cut_layer, self.num_layers(model))
         if "lm_head.weight" not in tail:  # tied embeddings: the LM head is the embedding table
             tail["lm_head.weight"] = model.get_output_embeddings().weight.detach().clone().contiguous()
         return tail
+
+    def select_layers(self, state_dict: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The weights of layers [start, stop) of `state_dict`, renumbered from 0, with the final norm and the
+        LM head; the embeddings and every other layer are left out (a tail reads its input as activations)."""
+        prefix = f"{self.layers_path}."
+        selected: dict[str, torch.Tensor] = {}
+        for name, tensor in state_dict.items():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix) :].split(".", 1)
+                if start <= int(index) < stop:
+                    selected[f"{prefix}{int(index) - start}.{rest}"] = tensor
+            elif name.startswith(f"{self.backbone_attr}.{self.final_norm_attr}.") or name.startswith("lm_head."):
+                selected[name] = tensor
+        return selected
 
 
 LLAMA_LIKE = Family(

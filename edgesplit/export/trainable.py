@@ -10,7 +10,7 @@ We then rewrite both FX graphs before exporting them (the rewrite is what makes 
   - a saved tensor that is just a frozen weight becomes a constant of the backward graph, one that is just an
     input (a LoRA matrix, the mask) becomes an input of the backward graph under the same name, and each real
     intermediate becomes a forward output `saved.<n>` and a backward input of the same name;
-  - the backward keeps only the LoRA gradients, named `grad.<lora input>`.
+  - the backward keeps only the LoRA gradients, named `grad.<adapter name>` (edgesplit/lora_names.py).
 What the client keeps between its forward and backward is most of its memory, and ONNX Runtime copies every
 saved tensor out of the forward (an FX view is free, a graph output is not), so the partition is tuned for it:
   - min-cut rematerialisation (functorch's `min_cut_rematerialization_partition`) instead of saving every
@@ -42,6 +42,7 @@ import torch
 from torch import fx
 
 from edgesplit.export.lora import HeadWithLora
+from edgesplit.lora_names import gradient_name
 
 ACTIVATIONS = "activations"
 ACTIVATION_GRADS = "activation_grads"
@@ -365,7 +366,7 @@ def _rewrite(
         forward_inputs=forward_inputs,
         forward_outputs=forward_outputs,
         backward_inputs=backward_inputs,
-        backward_outputs=[f"grad.{name}" for name in lora_names],
+        backward_outputs=[gradient_name(name) for name in lora_names],
     )
 
 

@@ -454,60 +454,51 @@ def measure_server(
     machine's speed factor while they ran (benchmark rounds between the steps, as in the client worker).
 
     The tail of cut k is the layers [k, L) of the model, which are the last layers of the smallest cut's tail:
-    dropping that tail's first k - cuts[0] layers gives exactly the computation of cut k's tail, without
-    exporting and loading a ~0.5 GB tail per cut. By default two steps are timed, the whole tail (cut cuts[0],
-    "measured") and no tail layer at all (final norm, LM head and loss), and the cuts in between are "fitted"
-    on the line through them: the layers are identical, so the time is linear in their number. With
-    `every_cut` each cut is timed directly.
+    a Tail of that range, built from the smallest cut's export (`Tail(first_layer=k)`), is exactly the
+    computation of cut k's tail, without exporting a ~0.5 GB tail per cut. By default two tails are timed, the
+    whole tail (cut cuts[0], "measured") and no tail layer at all (final norm, LM head and loss), and the cuts
+    in between are "fitted" on the line through them: the layers are identical, so the time is linear in
+    their number. With `every_cut` each cut is timed directly.
     """
-    from torch import nn
-
-    from edgesplit.export.families import family_by_name
+    from edgesplit.client.artifacts import load_manifest
     from edgesplit.server.tail import Tail
 
-    tail = Tail(tail_dir)
-    first = tail.manifest.cut_layer
-    num_layers = tail.manifest.num_layers
-    family = family_by_name(tail.manifest.family)
-    backbone = family.backbone(tail.model.get_base_model())  # type: ignore[operator]  # a PeftModel
-    layers = list(getattr(backbone, family.layers_attr))  # model layers [first, L), PEFT-wrapped
+    manifest = load_manifest(tail_dir, verify=False)
+    first = manifest.cut_layer
+    num_layers = manifest.num_layers
     rng = np.random.default_rng(0)
-    batch = (tail.manifest.batch_size, tail.manifest.max_seq_len)
-    activations = rng.standard_normal((*batch, tail.manifest.hidden_size)).astype(np.float32)  # (B, T, H)
+    batch = (manifest.batch_size, manifest.max_seq_len)
+    activations = rng.standard_normal((*batch, manifest.hidden_size)).astype(np.float32)  # (B, T, H)
     attention_mask = np.ones(batch, dtype=np.int64)
-    labels = rng.integers(0, tail.manifest.vocab_size, size=batch, dtype=np.int64)
+    labels = rng.integers(0, manifest.vocab_size, size=batch, dtype=np.int64)
 
     speeds: list[float] = []
 
-    def step_seconds(cut: int, timed: bool = True) -> float:
-        setattr(backbone, family.layers_attr, nn.ModuleList(layers[cut - first :]))
-        if timed:
-            speeds.append(benchmark_round())
+    def step_seconds(cut: int) -> float:
+        tail = Tail(tail_dir, first_layer=cut)
+        # An untimed first step: allocations and the optimiser's state, once per tail.
+        tail.train_step(activations, attention_mask, labels)
+        speeds.append(benchmark_round())
         t0 = time.perf_counter()
         tail.train_step(activations, attention_mask, labels)
         return time.perf_counter() - t0
 
-    try:
-        # Untimed first step on the cheapest tail: allocations and the optimiser's state, once.
-        step_seconds(num_layers, timed=False)
-        if every_cut:
-            times = {cut: (step_seconds(cut), "measured") for cut in cuts}
-        else:
-            head_only = step_seconds(num_layers)
-            whole = step_seconds(first)
-            per_layer = max(whole - head_only, 0.0) / (num_layers - first)
-            log(
-                f"server: Tail.train_step {whole:.2f} s with {num_layers - first} layers, "
-                f"{head_only:.2f} s with none (measured here): {per_layer * 1e3:.0f} ms per tail layer"
-            )
-            times = {
-                cut: (whole, "measured") if cut == first else (head_only + per_layer * (num_layers - cut), "fitted")
-                for cut in cuts
-            }
-        speeds.append(benchmark_round())
-        return times, float(np.median(speeds)) / REFERENCE_GFLOPS
-    finally:
-        setattr(backbone, family.layers_attr, nn.ModuleList(layers))
+    if every_cut:
+        times = {cut: (step_seconds(cut), "measured") for cut in cuts}
+    else:
+        head_only = step_seconds(num_layers)
+        whole = step_seconds(first)
+        per_layer = max(whole - head_only, 0.0) / (num_layers - first)
+        log(
+            f"server: Tail.train_step {whole:.2f} s with {num_layers - first} layers, "
+            f"{head_only:.2f} s with none (measured here): {per_layer * 1e3:.0f} ms per tail layer"
+        )
+        times = {
+            cut: (whole, "measured") if cut == first else (head_only + per_layer * (num_layers - cut), "fitted")
+            for cut in cuts
+        }
+    speeds.append(benchmark_round())
+    return times, float(np.median(speeds)) / REFERENCE_GFLOPS
 
 
 # ------------------------------------------------------------------------------------- estimate, choose

@@ -7,6 +7,10 @@ weighted by how many training examples each client used this round:
 
 For LoRA this averages A and B separately, as FedAvg over PEFT adapters does; it is not the average of the
 products B @ A, and is not meant to be.
+
+The tensors are matched by name alone. Client adapters are named by the model's absolute layer and the
+module's path in it (`layers.3.self_attn.q_proj.lora_A`, edgesplit/lora_names.py), so one layer's matrix has
+one name on every client whatever its cut: the key that averaging over clients with different cuts will need.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Centralised LoRA training of the whole model in PyTorch: the reference split training must reproduce.
 
 The reference model carries PEFT LoRA on every layer, started from exactly the split run's initial adapters:
-the head's layers from head_adapters.safetensors, the tail's from the server tail's (seeded) PEFT init.
+the head's layers from head_adapters.safetensors, the tail's from the server tail's (seeded) PEFT init. Both
+sides name a matrix by its absolute layer and module path (edgesplit/lora_names.py), so a reference parameter
+finds its starting value by name alone.
 It trains on the same batches with the same loss and AdamW settings, so that with one client and fp32 on
 the wire the split run's losses and adapters must match it step for step.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from edgesplit.client.artifacts import Manifest
+from edgesplit.errors import ArtifactError
+from edgesplit.lora_names import from_peft_key
 from edgesplit.server.tail import OptimizerSettings, Tail, causal_lm_loss
 
 
@@ -40,20 +43,16 @@ def build_reference(
             fan_in_fan_out=family.weight_is_in_out,
         ),
     )
-    layer_path = re.compile(rf"\.{family.layers_attr}\.(\d+)\.(.+)\.lora_([AB])\.default\.weight$")
     with torch.no_grad():
-        for name, parameter in reference.named_parameters():
-            match = layer_path.search(name)
-            if not parameter.requires_grad or match is None:
+        for peft_name, parameter in reference.named_parameters():
+            name = from_peft_key(peft_name, family.layers_path)
+            if not parameter.requires_grad or name is None:
                 continue
-            index, module_path, matrix = int(match.group(1)), match.group(2), match.group(3)
-            if index < manifest.cut_layer:
-                value = head_adapters[f"lora.{index}.{module_path.rsplit('.', 1)[-1]}.{matrix}"]
-            else:  # the tail numbers its layers from 0 after the cut
-                tail_name = name.replace(
-                    f".{family.layers_attr}.{index}.", f".{family.layers_attr}.{index - manifest.cut_layer}."
-                )
-                value = tail_lora[tail_name]
+            source = head_adapters if name.layer < manifest.cut_layer else tail_lora
+            value = source.get(str(name))
+            if value is None:
+                side = "head" if source is head_adapters else "tail"
+                raise ArtifactError(f"the {side}'s adapters have no {name}, which the whole model's LoRA trains")
             parameter.copy_(torch.from_numpy(np.asarray(value)))
     return reference
 

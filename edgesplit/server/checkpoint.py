@@ -9,6 +9,11 @@
         state.json                   round, optimiser hyperparameters, metrics
       latest                 the name of the newest complete round directory
 
+The adapters (global, per client, and the tail's LoRA) are keyed by adapter name,
+`layers.<layer>.<module path>.lora_A|B` with the layer's index in the whole model (edgesplit/lora_names.py):
+the same names as the head's graph and PEFT's keys, whatever the cut. A checkpoint from before that naming
+does not fit a tail (`Tail.load_state_dict` says so) and must be started over.
+
 Written atomically: files go into a temporary directory that is fsynced and renamed, then `latest` is
 replaced by rename, so a kill at any moment leaves the previous checkpoint intact. A kill mid-write can
 leave a `.round-*` scratch directory behind; `remove_partial` clears those when the server starts. Saving a

@@ -6,6 +6,11 @@
 
 The tail is called as a causal LM with `inputs_embeds=activations`: the activations take the place of the
 token embeddings, and the rotary or learned position handling follows as it would in the full model.
+
+A tail runs a layer range [first_layer, end_layer) of the manifest's tail stage (all of it by default), then
+the final norm and the LM head: the split-point profiler builds shorter tails from one export this way. Its
+LoRA matrices are named by absolute layer (edgesplit/lora_names.py), the same names a head would use for
+them, whatever the cut.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
+from edgesplit.client.artifacts import TAIL, Manifest, load_manifest, verify_files
 from edgesplit.errors import ArtifactError
+from edgesplit.lora_names import from_peft_key
 
 
 @dataclass(frozen=True)
@@ -42,19 +48,48 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=-100)
 
 
-def load_tail_model(artifact_dir: Path, manifest: Manifest, seed: int = 0) -> torch.nn.Module:
-    """The tail as a PEFT model: frozen base weights, trainable LoRA on the manifest's targets."""
+def tail_layers(manifest: Manifest, first_layer: int | None, end_layer: int | None) -> tuple[int, int]:
+    """[first, end) for a tail, checked against the manifest's tail stage; the whole stage by default."""
+    stage = manifest.stage(TAIL)
+    first = stage.first_layer if first_layer is None else first_layer
+    end = stage.end_layer if end_layer is None else end_layer
+    if not stage.first_layer <= first <= end <= stage.end_layer:
+        raise ArtifactError(
+            f"a tail of layers [{first}, {end}) is not within the exported tail stage's "
+            f"[{stage.first_layer}, {stage.end_layer})"
+        )
+    return first, end
+
+
+def load_tail_model(
+    artifact_dir: Path,
+    manifest: Manifest,
+    seed: int = 0,
+    first_layer: int | None = None,
+    end_layer: int | None = None,
+) -> torch.nn.Module:
+    """The tail of layers [first_layer, end_layer) as a PEFT model: frozen base weights, trainable LoRA on the
+    manifest's targets. A tail with no layer (the norm and the LM head alone) has nothing to adapt: it comes
+    back as the plain model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
-    from edgesplit.export.families import family_by_name
+    from edgesplit.export.families import family_by_name, slice_config
 
     root = Path(artifact_dir)
     family = family_by_name(manifest.family)
-    config = AutoConfig.from_pretrained(root / "tail")
-    weights = load_file(str(root / "tail" / "model.safetensors"))
+    first, end = tail_layers(manifest, first_layer, end_layer)
+    stored_first = manifest.stage(TAIL).first_layer  # the files number their layers from here
+    config = slice_config(AutoConfig.from_pretrained(root / "tail"), first - stored_first, end - stored_first)
+    weights = family.select_layers(
+        load_file(str(root / "tail" / "model.safetensors")), first - stored_first, end - stored_first
+    )
     lora_settings = json.loads((root / "tail" / "lora.json").read_text())
     tail = family.build_tail(config, weights)
+    if first == end:
+        for parameter in tail.parameters():  # frozen, as PEFT leaves the base weights
+            parameter.requires_grad_(False)
+        return tail
     torch.manual_seed(seed)  # the tail's LoRA A matrices are random: seeded so that runs repeat
     lora_config = LoraConfig(
         r=int(lora_settings["rank"]),
@@ -70,8 +105,17 @@ class Tail:
     """One shared tail. Not thread-safe by itself: the server serialises calls to `train_step`."""
 
     def __init__(
-        self, artifact_dir: str | Path, settings: OptimizerSettings | None = None, seed: int = 0, threads: int = 0
+        self,
+        artifact_dir: str | Path,
+        settings: OptimizerSettings | None = None,
+        seed: int = 0,
+        threads: int = 0,
+        first_layer: int | None = None,
+        end_layer: int | None = None,
     ) -> None:
+        """`first_layer`, `end_layer`: the layers to run, within the tail stage's (by default all of them)."""
+        from edgesplit.export.families import family_by_name
+
         self.root = Path(artifact_dir)
         self.manifest = load_manifest(self.root, verify=False)
         verify_files(self.root, self.manifest, only=("tail/", "manifest"))
@@ -79,17 +123,33 @@ class Tail:
             torch.set_num_threads(threads)
         self.settings = settings or OptimizerSettings()
         try:
-            self.model = load_tail_model(self.root, self.manifest, seed)
+            self.first_layer, self.end_layer = tail_layers(self.manifest, first_layer, end_layer)
+            self.model = load_tail_model(self.root, self.manifest, seed, self.first_layer, self.end_layer)
         except (OSError, ValueError, KeyError) as error:
             raise ArtifactError(f"cannot build the tail from {self.root / 'tail'}: {error}") from error
         self.model.train()
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.parameters,
-            lr=self.settings.learning_rate,
-            betas=self.settings.betas,
-            eps=self.settings.eps,
-            weight_decay=self.settings.weight_decay,
+        # Adapter name (absolute layer) -> the parameter, which PEFT names by its layer inside this tail.
+        layers_path = family_by_name(self.manifest.family).layers_path
+        self.adapters: dict[str, torch.nn.Parameter] = {}
+        for peft_name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            name = from_peft_key(peft_name, layers_path, first_layer=self.first_layer)
+            if name is None:
+                raise ArtifactError(f"the tail trains {peft_name}, which is no LoRA matrix of a layer")
+            self.adapters[str(name)] = parameter
+        self.parameters = list(self.adapters.values())
+        # A tail with no layer has no adapters and nothing to step (the profiler's "norm and LM head only").
+        self.optimizer = (
+            torch.optim.AdamW(
+                self.parameters,
+                lr=self.settings.learning_rate,
+                betas=self.settings.betas,
+                eps=self.settings.eps,
+                weight_decay=self.settings.weight_decay,
+            )
+            if self.parameters
+            else None
         )
 
     def _logits(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,9 +164,11 @@ class Tail:
         mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
         target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         loss = causal_lm_loss(self._logits(inputs, mask), target)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         grads = inputs.grad.numpy() if train_head and inputs.grad is not None else None
         return float(loss.detach()), grads
 
@@ -120,15 +182,26 @@ class Tail:
         return float(causal_lm_loss(logits, target)) if tokens else 0.0, tokens
 
     def lora_state(self) -> dict[str, np.ndarray]:
-        """The tail's LoRA matrices by PEFT parameter name, as numpy (for checkpoints and tests)."""
-        return {n: p.detach().numpy().copy() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The tail's LoRA matrices by adapter name, as numpy (for checkpoints and tests)."""
+        return {name: parameter.detach().numpy().copy() for name, parameter in self.adapters.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lora": self.lora_state(), "optimizer": self.optimizer.state_dict()}
+        optimizer = self.optimizer.state_dict() if self.optimizer is not None else {"state": {}, "param_groups": []}
+        return {"lora": self.lora_state(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        named = dict(self.model.named_parameters())
+        """Matrices by adapter name, the optimiser's state as `state_dict` gave it; ArtifactError if they do not
+        fit this tail (another cut, another model, or a checkpoint from before the naming by absolute layer)."""
+        names, expected = set(state["lora"]), set(self.adapters)
+        if names != expected:
+            raise ArtifactError(
+                f"the saved tail adapters do not fit this tail: missing {sorted(expected - names)[:4]}, "
+                f"unexpected {sorted(names - expected)[:4]}"
+            )
         with torch.no_grad():
             for name, value in state["lora"].items():
-                named[name].copy_(torch.from_numpy(value))
-        self.optimizer.load_state_dict(state["optimizer"])
+                if tuple(value.shape) != tuple(self.adapters[name].shape):
+                    raise ArtifactError(f"saved tail adapter {name} has shape {tuple(value.shape)}")
+                self.adapters[name].copy_(torch.from_numpy(value))
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -123,10 +123,11 @@ def test_manifest_describes_the_files(tiny_artifacts) -> None:
     assert [s.name for s in manifest.head_inputs][:2] == ["input_ids", "attention_mask"]
     assert {f"grad.{n}" for n in manifest.lora.matrices} == {s.name for s in manifest.grad_outputs}
     assert "activation_grads" in {s.name for s in manifest.grad_inputs}
-    assert manifest.lora.matrices["lora.0.q_proj.A"] == (4, 32)
+    assert manifest.lora.matrices["layers.0.self_attn.q_proj.lora_A"] == (4, 32)
+    assert manifest.lora.matrices["layers.0.self_attn.v_proj.lora_B"] == (16, 4)  # 2 KV heads of 8
     initial = Head(artifacts).initial_adapters()
-    assert all(not initial[n].any() for n in initial if n.endswith(".B"))  # B starts at zero, as LoRA does
-    assert all(initial[n].any() for n in initial if n.endswith(".A"))
+    assert all(not initial[n].any() for n in initial if n.endswith(".lora_B"))  # B starts at zero, as LoRA does
+    assert all(initial[n].any() for n in initial if n.endswith(".lora_A"))
     tail_config = json.loads((artifacts / "tail" / "config.json").read_text())
     assert tail_config["num_hidden_layers"] == 2
 

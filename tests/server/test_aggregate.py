@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from edgesplit.errors import TrainingError
 from edgesplit.server.aggregate import fedavg
 
-SHAPES = {"layer0.q.lora_A": (4, 16), "layer0.q.lora_B": (24, 4)}
+SHAPES = {"layers.0.self_attn.q_proj.lora_A": (4, 16), "layers.0.self_attn.q_proj.lora_B": (24, 4)}
 
 
 def client_tensors(seed: int) -> dict[str, NDArray[np.float32]]:
@@ -119,24 +119,28 @@ BAD_SECOND_CLIENT: dict[str, tuple[dict[str, NDArray[Any]], Any, str]] = {
     "float count": (client_tensors(seed=1), 2.5, "client 1: example count must be an int"),
     "bool count": (client_tensors(seed=1), True, "client 1: example count must be an int"),
     "missing tensor": (
-        without_tensor("layer0.q.lora_B"),
+        without_tensor("layers.0.self_attn.q_proj.lora_B"),
         4,
-        r"client 1 sent different tensors.*missing: \['layer0.q.lora_B'\]",
+        r"client 1 sent different tensors.*missing: \['layers.0.self_attn.q_proj.lora_B'\]",
     ),
     "extra tensor": (with_tensor("extra", np.zeros(2, np.float32)), 4, r"unexpected: \['extra'\]"),
     "wrong shape": (
-        with_tensor("layer0.q.lora_B", np.zeros((4, 24), np.float32)),
+        with_tensor("layers.0.self_attn.q_proj.lora_B", np.zeros((4, 24), np.float32)),
         4,
-        "'layer0.q.lora_B' has shape",
+        "'layers.0.self_attn.q_proj.lora_B' has shape",
     ),
-    "nan": (with_nan("layer0.q.lora_B"), 4, "client 1: tensor 'layer0.q.lora_B' contains NaN or Inf"),
-    "inf": (
-        with_tensor("layer0.q.lora_A", np.full((4, 16), np.inf, np.float32)),
+    "nan": (
+        with_nan("layers.0.self_attn.q_proj.lora_B"),
         4,
-        "'layer0.q.lora_A' contains",
+        "client 1: tensor 'layers.0.self_attn.q_proj.lora_B' contains NaN or Inf",
+    ),
+    "inf": (
+        with_tensor("layers.0.self_attn.q_proj.lora_A", np.full((4, 16), np.inf, np.float32)),
+        4,
+        "'layers.0.self_attn.q_proj.lora_A' contains",
     ),
     "integer tensor": (
-        with_tensor("layer0.q.lora_A", np.zeros((4, 16), np.int64)),
+        with_tensor("layers.0.self_attn.q_proj.lora_A", np.zeros((4, 16), np.int64)),
         4,
         "floating-point array",
     ),

@@ -115,7 +115,7 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     from safetensors.numpy import load_file
 
     adapters = load_file(str(checkpoint / "global_adapters.safetensors"))
-    assert any(abs(value).max() > 0 for name, value in adapters.items() if name.endswith(".B"))
+    assert any(abs(value).max() > 0 for name, value in adapters.items() if name.endswith(".lora_B"))
     assert (checkpoint / "tail_lora.safetensors").is_file()
 
     report = (run_dir / "report.md").read_text()
