@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +26,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from edgesplit.client.checks import check_token_window
 from edgesplit.client.data import Batch, encode_examples, iterate_batches, read_jsonl
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
 from edgesplit.client.head import Head
@@ -69,61 +68,6 @@ class ClientConfig:
     ca_file: Path | None = None
     quiet: bool = False
     connect_timeout_s: float = 60.0
-
-
-SERVER_FORM = "ws://HOST:PORT (wss://HOST:PORT for TLS), e.g. ws://192.168.1.20:8765"
-_NOT_IN_CLIENT_ID = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def check_server_url(server: str) -> None:
-    """Refuse a --server that the websocket library would only choke on later, with a traceback.
-
-    The scheme is required rather than guessed: ws:// and wss:// differ in whether the link is encrypted,
-    and a client that silently picked one would hide that choice. The port is required too: a bare
-    ws://HOST means port 80, which an edgesplit server never listens on by default (8765).
-    """
-    if "://" not in server:
-        hint = f" (did you mean ws://{server}?)" if re.fullmatch(r"[^\s/]+:\d+", server) else ""
-        raise EdgesplitError(f"--server {server!r} has no scheme: write it as {SERVER_FORM}{hint}")
-    parts = urlsplit(server)
-    scheme = server.partition("://")[0]  # as written: the client picks TLS by the lower-case prefix
-    if scheme not in ("ws", "wss"):
-        raise EdgesplitError(
-            f"--server {server!r}: the scheme must be ws:// or wss://, not {scheme}://; write it as {SERVER_FORM}"
-        )
-    if any(character.isspace() for character in server):
-        raise EdgesplitError(f"--server {server!r} contains white space: write it as {SERVER_FORM}")
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or out of range
-        port = -1
-    if port is not None and not 1 <= port <= 65535:
-        port_text = parts.netloc.rpartition(":")[2]
-        raise EdgesplitError(
-            f"--server {server!r}: port {port_text!r} is not a number from 1 to 65535; write it as {SERVER_FORM}"
-        )
-    if not parts.hostname:
-        raise EdgesplitError(f"--server {server!r} names no host: write it as {SERVER_FORM}")
-    if port is None:
-        raise EdgesplitError(
-            f"--server {server!r} names no port: add the port `edgesplit serve` listens on "
-            f"(its --port, 8765 by default), as in {parts.scheme}://{parts.hostname}:8765"
-        )
-
-
-def check_client_id(client_id: str) -> None:
-    """Refuse a --client-id that the server would refuse, by the protocol's own rule (Hello), before
-    anything slow: loading the head takes seconds, and a refusal after connecting costs the server a
-    connection too."""
-    try:
-        Hello(client_id, PROTOCOL_VERSION, manifest_hash="", token=None, num_samples=0)
-    except ProtocolError as error:
-        suggestion = _NOT_IN_CLIENT_ID.sub("-", client_id).strip("-")[:64]
-        instead = f", such as {suggestion!r}" if suggestion else ""
-        raise EdgesplitError(
-            f"--client-id: {error} (the id ends up in the server's file names and log lines, so no spaces); "
-            f"use another{instead}"
-        ) from None
 
 
 class ServerRefused(EdgesplitError):
@@ -174,6 +118,7 @@ class Client:
         self.encoded = encode_examples(
             tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )
+        check_token_window(config.data, self.encoded, config.client_id)
         self.num_samples = len(examples)
         self.metrics = JsonlWriter(config.metrics_out)
         self.timer = PhaseTimer()

@@ -7,14 +7,8 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from edgesplit.client.client import (
-    SERVER_FORM,
-    ClientConfig,
-    check_client_id,
-    check_server_url,
-    main_summary,
-    run_client,
-)
+from edgesplit.client.checks import SERVER_FORM, check_client_id, check_server_url
+from edgesplit.client.client import ClientConfig, main_summary, run_client
 from edgesplit.errors import EdgesplitError
 
 _WIDTH = 100

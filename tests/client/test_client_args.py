@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edgesplit.client.client import check_client_id, check_server_url
+from edgesplit.client.checks import check_client_id, check_server_url, check_token_window
 from edgesplit.client.client_cli import build_parser, main
-from edgesplit.client.data import Example, read_jsonl
+from edgesplit.client.data import IGNORE_INDEX, EncodedSet, Example, read_jsonl
 from edgesplit.errors import DataError, EdgesplitError
 
 EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]
@@ -159,3 +160,56 @@ def test_a_line_separator_inside_a_json_string_stays_inside_its_line(tmp_path: P
     path.write_text("\n".join([*lines, '{"text": 5}']) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path.name}:3: \"text\" must be a string"):
         read_jsonl(path)
+
+
+# ------------------------------------------------------------------------------------- the token window
+
+
+def encoded_set(lengths_and_targets: list[tuple[int, bool]], window: int = 8) -> EncodedSet:
+    """A hand-made EncodedSet: per example, its length before the cut and whether a target survived it."""
+    count = len(lengths_and_targets)
+    labels = np.full((count, window), IGNORE_INDEX, dtype=np.int64)
+    for row, (_, has_target) in enumerate(lengths_and_targets):
+        if has_target:
+            labels[row, -1] = 1
+    return EncodedSet(
+        input_ids=np.ones((count, window), dtype=np.int64),
+        attention_mask=np.ones((count, window), dtype=np.int64),
+        labels=labels,
+        num_truncated=sum(length > window for length, _ in lengths_and_targets),
+        num_without_targets=sum(not has_target for _, has_target in lengths_and_targets),
+    )
+
+
+def test_data_that_the_window_leaves_nothing_of_is_refused_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"train\.jsonl: none of its 2 examples .* 8-token window .*--max-seq-len"):
+        check_token_window(tmp_path / "train.jsonl", encoded_set([(30, False), (12, False)]), "a")
+
+
+def test_data_that_the_window_cuts_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check_token_window(tmp_path / "train.jsonl", encoded_set([(30, False), (12, True), (5, True)]), "a")
+    warning = capsys.readouterr().err
+    assert "2 of 3 examples are longer than the export's 8-token window" in warning
+    assert "1 of them keep no completion token" in warning
+    check_token_window(tmp_path / "train.jsonl", encoded_set([(5, True)]), "a")
+    assert capsys.readouterr().err == ""  # nothing cut, nothing said
+
+
+def test_a_client_whose_window_holds_no_completion_stops_before_connecting(tiny_artifacts, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    long_prompt = " ".join(f"w{i}" for i in range(40))  # far beyond the tiny export's 16 tokens
+    data.write_text("".join(json.dumps({"prompt": long_prompt, "completion": "w1"}) + "\n" for _ in range(3)))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        command = ["--server", f"ws://127.0.0.1:{port}", "--artifacts", str(tiny_artifacts("llama", 1))]
+        result = subprocess.run(
+            [*EDGESPLIT, "client", *command, "--data", str(data), "--client-id", "a"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{data}: none of its 3 examples" in result.stderr and "Traceback" not in result.stderr
