@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesplit.client.checks import check_token_window
 from edgesplit.client.data import Batch, encode_examples, iterate_batches, read_jsonl
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
 from edgesplit.client.head import Head
@@ -106,15 +107,18 @@ def backoff_delays(
 class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
+        # The data first: reading it takes milliseconds and a mistake in it names its file and line, while
+        # loading the head takes seconds.
+        examples = read_jsonl(config.data)
         self.head = Head(config.artifacts, threads=config.threads or None, providers=config.providers)
         manifest = self.head.manifest
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(config.artifacts / "tokenizer.json"))
-        examples = read_jsonl(config.data)
         self.encoded = encode_examples(
             tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )
+        check_token_window(config.data, self.encoded, config.client_id)
         self.num_samples = len(examples)
         self.metrics = JsonlWriter(config.metrics_out)
         self.timer = PhaseTimer()

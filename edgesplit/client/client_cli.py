@@ -3,45 +3,137 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
+from edgesplit.client.checks import SERVER_FORM, check_client_id, check_server_url
 from edgesplit.client.client import ClientConfig, main_summary, run_client
 from edgesplit.errors import EdgesplitError
 
+_WIDTH = 100
+DESCRIPTION = textwrap.fill(
+    "Train this device's part of the model (the head) against an `edgesplit serve` server. Needs only the "
+    "device install: ONNX Runtime and numpy, no PyTorch. The device needs only its own files of the export: "
+    "manifest.json, tokenizer.json, head_adapters.safetensors and the head*.onnx files with their .data "
+    "files; the server's tail/ may stay on the server.",
+    _WIDTH,
+)
+EPILOG = "\n".join(
+    [
+        "example:",
+        "  edgesplit client --server ws://192.168.1.20:8765 --artifacts artifacts --data train.jsonl \\",
+        "      --client-id pi-kitchen",
+        "",
+        textwrap.fill(
+            "exit status: 0 when the server's run is over; 1 on an error that a later try may not meet "
+            "(unreachable, refused, dropped, bad data or artifacts); 2 on a usage error or a missing dependency.",
+            _WIDTH,
+        ),
+    ]
+)
+
+
+def _number(kind: Callable[[str], float], minimum: float, what: str) -> Callable[[str], float]:
+    """An argparse type: `kind` of the text, at least `minimum`, or a usage error that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgesplit client", description=__doc__)
-    parser.add_argument("--server", required=True, help="ws://HOST:PORT (or wss:// with TLS)")
-    parser.add_argument("--artifacts", type=Path, required=True, help="the artifact directory from the export")
-    parser.add_argument("--data", type=Path, required=True, help="JSONL: prompt/completion, context/completion or text")
-    parser.add_argument("--client-id", required=True, help="this device's name: letters, digits, . _ -")
-    parser.add_argument("--token-file", type=Path, help="file holding this client's token")
-    parser.add_argument("--batch-size", type=int, help="must equal the export's (the head is traced for it)")
-    parser.add_argument("--max-seq-len", type=int, help="must equal the export's")
-    parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step metrics")
-    parser.add_argument("--seed", type=int, default=0, help="added to the server's seed for this client's data order")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
+    parser = argparse.ArgumentParser(
+        prog="edgesplit client",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--server", required=True, help=f"the server's address: {SERVER_FORM}")
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        required=True,
+        help="the export's directory, or a copy holding only the device's files (see above)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help='training data, JSON Lines: one {"prompt": ..., "completion": ...}, {"context": ..., '
+        '"completion": ...} or {"text": ...} object a line; checked before connecting',
+    )
+    parser.add_argument(
+        "--client-id",
+        required=True,
+        help="this device's name, unique among the server's clients: 1 to 64 of A-Z a-z 0-9 . _ - (no spaces)",
+    )
+    parser.add_argument("--token-file", type=Path, help="file holding this client's token, if the server asks for one")
+    positive = _number(int, 1, "a whole number of at least 1")
+    parser.add_argument(
+        "--batch-size",
+        type=positive,
+        metavar="N",
+        help="optional, and rarely needed: the client reads the batch size from the export's manifest (the "
+        "head is traced for it). Given, it is a check: the client stops at once if the artifacts were "
+        "exported with another (a positive whole number)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=positive,
+        metavar="N",
+        help="optional, and rarely needed: the tokens per example, read from the manifest like --batch-size; "
+        "given, the client stops at once if the export's differs (a positive whole number)",
+    )
+    parser.add_argument("--metrics-out", type=Path, help="JSON Lines file to append per-step and per-round metrics to")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="added to the server's seed for this client's data order (default 0)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_number(int, 0, "a whole number of at least 0"),
+        default=0,
+        help="ONNX Runtime threads (default 0: all cores)",
+    )
     parser.add_argument(
         "--providers",
         default="cpu",
         help="ONNX Runtime execution providers by preference, comma-separated: cpu (default), "
         "cuda, tensorrt, xnnpack or a full provider name; CPU always comes last",
     )
-    parser.add_argument("--device-profile", help="profile for the energy estimate where no sensor exists")
-    parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate")
+    parser.add_argument(
+        "--device-profile",
+        help="device profile for the energy estimate where no power sensor can be read, such as raspberry-pi-5",
+    )
+    parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate (wss://)")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
     parser.add_argument(
         "--connect-timeout",
-        type=float,
+        type=_number(float, 1e-9, "a number of seconds above 0"),
         default=60.0,
         help="seconds to keep retrying while the server is not reachable, at the start and "
-        "after each lost connection (the client then rejoins where the server says)",
+        "after each lost connection (the client then rejoins where the server says; default 60)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # What the command line alone can show wrong is refused first, as a usage error (exit 2, which a service
+    # manager should not retry): before the head loads or anything connects.
+    try:
+        check_server_url(args.server)
+        check_client_id(args.client_id)
+    except EdgesplitError as error:
+        parser.error(str(error))
     token = None
     if args.token_file is not None:
         try:
@@ -73,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value != expected:
             raise EdgesplitError(
                 f"{flag} {value} does not match the artifacts ({expected}): the head is traced "
-                f"for {expected}; export again with {flag} {value} to change it"
+                f"for {expected}; leave {flag} out to use the export's, or export again with {flag} {value}"
             )
     summary = run_client(config)
     print(f"[{args.client_id}] {main_summary(summary)}")
