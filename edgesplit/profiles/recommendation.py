@@ -102,7 +102,7 @@ def recommend(
     else:
         reason = (
             f"{chosen.step_s:.2f} s, {chosen.step_s / best.step_s - 1:.1%} above the lowest estimated step time "
-            f"(cut {best.cut_layer}, {best.step_s:.2f} s): of the {_name_cuts([e.cut_layer for e in tied])} within "
+            f"(cut {best.cut_layer}, {best.step_s:.2f} s): of {_name_cuts([e.cut_layer for e in tied])} within "
             f"{tolerance:.0%} of it, cut {chosen.cut_layer} keeps the fewest layers on the device"
         )
     reason += (

@@ -82,7 +82,7 @@ def test_the_reason_names_the_best_cut_and_why_a_slower_one_is_chosen() -> None:
     assert (choice.best_cut_layer, choice.best_step_s) == (4, 4.44)
     assert choice.within_tolerance == (2, 3, 4)  # 4.90 is more than 5% above 4.44
     assert choice.reason.startswith("4.56 s, 2.7% above the lowest estimated step time (cut 4, 4.44 s)")
-    assert "of the cuts 2, 3 and 4 within 5% of it, cut 2 keeps the fewest layers on the device" in choice.reason
+    assert "of cuts 2, 3 and 4 within 5% of it, cut 2 keeps the fewest layers on the device" in choice.reason
     assert "rule: the fewest layers on the device among the cuts within 5% of the lowest estimated" in choice.reason
     assert "lowest estimated step time (4.56" not in choice.reason  # what the old text claimed
 

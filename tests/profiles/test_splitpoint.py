@@ -212,7 +212,11 @@ def test_save_profile_round_trips_and_loads_as_a_device(tmp_path: Path) -> None:
 
 
 def test_the_cli_prints_the_table_and_writes_the_report(
-    swept: SweepResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    swept: SweepResult,
+    tiny_model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import edgesplit.profiles.splitpoint
 
@@ -230,7 +234,7 @@ def test_the_cli_prints_the_table_and_writes_the_report(
         cli.main(
             [
                 "--model",
-                "tiny",
+                str(tiny_model_dirs["llama"]),  # a name that is no model is refused before the sweep
                 "--device",
                 str(device),
                 "--cut-layers",
