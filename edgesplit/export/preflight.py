@@ -98,8 +98,9 @@ def _depth_from_gguf(path: Path) -> int | None:
         reader = GGUFReader(path)
         architecture = reader.fields["general.architecture"].contents()
         block_count = reader.fields[f"{architecture}.block_count"].contents()
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None  # not a GGUF file the reader understands: the loader will say so
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        # Not a GGUF file this reader understands (or an older gguf without contents()): the loader will say.
+        return None
     return int(block_count) if isinstance(block_count, int) and block_count > 0 else None
 
 
