@@ -1,12 +1,22 @@
-"""`edgesplit export`: the command line over edgesplit.export.exporter."""
+"""`edgesplit export`: cut a model into the device's part (ONNX head, layers before the cut) and the server's
+part (PyTorch tail, the rest), written with their manifest into one artifact directory.
+
+    edgesplit export --cut-layer 4 [--model smollm2-135m] [--out artifacts] [--quantize int8]
+    edgesplit export --full-model --out artifacts-full        (the whole model on the device, for FedLLM and KD)
+
+--model and --cut-layer are checked before the model loads (a load takes tens of seconds): an unknown name is
+refused with the closest known one, and a cut past the model's depth as soon as the depth can be read (a local
+directory's config.json, a .gguf file's header, the default model's 30 layers; a hub id's once it is loaded).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from edgesplit.export.exporter import ExportConfig, export
+from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL
+from edgesplit.export.preflight import check_cut_layers, check_model_name, known_depth
 
 
 def parse_cut_layer(text: str) -> int:
@@ -17,7 +27,9 @@ def parse_cut_layer(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgesplit export", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edgesplit export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -34,8 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole model on the device, trainable, outputting logits (for FedLLM and KD-FedLLM)",
     )
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact directory (default artifacts/)")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument(
+        "--lora-rank", type=int, default=8, help="rank of the LoRA matrices, on both sides of the cut (default 8)"
+    )
+    parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=16.0,
+        help="LoRA scaling numerator: updates are scaled by alpha / rank (default 16)",
+    )
     parser.add_argument(
         "--lora-targets",
         default=None,
@@ -50,9 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: weight-only, the head's frozen weights (matmuls in blocks of 32, embedding rows)",
     )
     parser.add_argument("--frozen-head", action="store_true", help="no client adapters: the client only runs forward")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size the head graphs are traced for")
-    parser.add_argument("--max-seq-len", type=int, default=128, help="sequence length the client pads to")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA matrices")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="batch size the head's graphs are traced for: clients train with it (default 4)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=128,
+        help="tokens per example the head's graphs are traced for: clients pad or truncate to it (default 128)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA matrices (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -62,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cut_layer is None and not args.full_model:
         parser.error("--cut-layer is required (or --full-model)")
+    if args.cut_layer is not None and not args.full_model and args.cut_layer < 1:
+        raise ExportError(
+            f"--cut-layer {args.cut_layer} is out of range: a cut must be at least 1 (layers [0, cut) run on the "
+            "device; --full-model puts the whole model there)"
+        )
+    # Before the model loads, which takes tens of seconds: a typo or a cut past the model's end is refused now.
+    check_model_name(args.model)
+    depth = known_depth(args.model)
+    if depth is not None and not args.full_model:
+        check_cut_layers((args.cut_layer,), depth)
+    from edgesplit.export.exporter import ExportConfig, export
+
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     config = ExportConfig(
         model=args.model,

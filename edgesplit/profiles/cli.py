@@ -32,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="built-in profile name or a profile .toml (default: this machine, measured now)",
     )
     parser.add_argument("--cut-layers", default=None, help="layers and ranges, e.g. 1-8 or 1,2,4 (default 1-8)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none")
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per training step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="the head's frozen weights as exported: int8 is weight-only (default none)",
+    )
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the client's LoRA matrices (default 8)")
     parser.add_argument(
         "--wire",
         choices=("fp32", "fp16", "int8"),
@@ -52,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="client memory budget in MiB (default: the device's RAM)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed client steps per cut (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed client steps per cut: the median, and the min-max spread that tells whether two cuts "
+        "were separated (default 3)",
+    )
     parser.add_argument(
         "--server-every-cut",
         action="store_true",
@@ -107,12 +118,29 @@ def choose_link(
     return f"{name} + flags", LinkProfile(**merged, source=f"{flags}; the rest from the {device.name} {name} link")
 
 
+def check_model_and_cuts(model: str, cut_layers: tuple[int, ...] | None) -> None:
+    """Refuse an unknown --model, or cut layers past its depth where the depth can be read without loading it,
+    before the benchmark and the exports: a sweep loads the model in each export process."""
+    from edgesplit.export.preflight import check_cut_layers, check_model_name, known_depth
+
+    check_model_name(model)
+    depth = known_depth(model)
+    if cut_layers is not None and depth is not None:
+        check_cut_layers(cut_layers, depth, flag="--cut-layers")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.skip_sweep and args.save_profile is None:
         raise ProfileError("--skip-sweep only makes sense with --save-profile")
     from edgesplit.profiles.worker import cpu_benchmark, machine_profile
 
+    cut_layers: tuple[int, ...] | None = None
+    if not args.skip_sweep:  # the sweep's arguments, checked before the benchmark and the model load
+        from edgesplit.profiles.splitpoint import parse_cut_layers
+
+        cut_layers = parse_cut_layers(args.cut_layers) if args.cut_layers else None
+        check_model_and_cuts(args.model, cut_layers)
     device = load_profile(args.device) if args.device else None
     here = cpu_benchmark()  # before the model loads: nothing else of ours is running
     if args.save_profile is not None:
@@ -130,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     device = device or machine_profile("this-machine", here)
     link_name, link = choose_link(device, args.link, args.uplink_mbps, args.downlink_mbps, args.rtt_ms)
 
-    from edgesplit.profiles.splitpoint import ProfileReport, SweepConfig, parse_cut_layers, sweep
+    from edgesplit.profiles.splitpoint import ProfileReport, SweepConfig, sweep
 
     config = SweepConfig(
         model=args.model,
-        cut_layers=parse_cut_layers(args.cut_layers) if args.cut_layers else None,
+        cut_layers=cut_layers,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         quantize=args.quantize,

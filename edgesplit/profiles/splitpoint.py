@@ -19,9 +19,10 @@ Then, for a device profile and a link, the estimate of one training step on that
 `client_speed` and `server_speed` are this machine's speed over the reference machine's (edgesplit/profiles/worker.py's
 benchmark), read between the timed steps: a sweep run on a laptop, or on a reference machine busy with other
 jobs, scales as one run on the idle reference machine would.
-The recommended cut is the one with the lowest estimated step time among the cuts whose measured peak RSS fits
-the memory budget; cuts within TIE_TOLERANCE of the best count as a tie, won by the one with fewer layers on
-the device.
+The recommended cut (edgesplit/profiles/recommendation.py): of the cuts whose measured peak RSS fits the memory
+budget, the one with the fewest layers on the device among those within TIE_TOLERANCE (5%) of the lowest
+estimated step time. Each estimate also has a spread, from the fastest and slowest of the repeated client
+steps; cuts whose spreads overlap are reported as too noisy to separate.
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ from edgesplit.client.energy import EstimatedEnergy
 from edgesplit.client.protocol import Activations, Gradients, Wire, encode, tensor_nbytes_on_wire
 from edgesplit.errors import DataError
 from edgesplit.profiles.devices import DeviceProfile, LinkProfile
+from edgesplit.profiles.recommendation import Recommendation, overlapping_cuts, recommend
 from edgesplit.profiles.worker import REFERENCE_GFLOPS, Benchmark, benchmark_round, cpu_name, usable_cores
 
 DEFAULT_MODEL = "smollm2-135m"  # edgesplit.export.models.DEFAULT_MODEL, spelled out so importing this needs no export
 DEFAULT_MAX_CUT = 8
-TIE_TOLERANCE = 0.05  # step times this close are within the noise of a shared machine's measurement
 MIB = 2**20
 
 Log = Callable[[str], None]
@@ -143,6 +144,7 @@ class CutMeasurement:
     export_s: float
     energy_method: str  # of this machine: "measured" where it has a sensor, else "estimated"
     measured_joules_per_step: float | None
+    client_step_samples_s: tuple[float, ...] = ()  # every timed client step, for the spread of the estimate
     worker: dict[str, Any] = field(default_factory=dict, compare=False)  # the worker's whole report
 
 
@@ -157,15 +159,12 @@ class CutEstimate:
     rtt_s: float
     server_s: float
     step_s: float
+    # The estimate with the fastest and with the slowest timed client step: how far the repeats disagree.
+    step_s_min: float
+    step_s_max: float
     client_cpu_s: float
     energy_j: float
     fits_memory: bool
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    cut_layer: int | None  # None: no cut fits the budget
-    reason: str
 
 
 @dataclass
@@ -396,6 +395,7 @@ def sweep(config: SweepConfig, loaded: Any = None, log: Log = _log, work_dir: Pa
                     export_s=export_seconds[cut],
                     energy_method=report["energy_method"],
                     measured_joules_per_step=report["measured_joules_per_step"],
+                    client_step_samples_s=tuple(report["step_samples_s"]),
                     worker=report,
                 )
             )
@@ -514,7 +514,10 @@ def estimate(
     """One cut's step on `device` over `link` (see the module docs for the formula). Both sides' times are
     first brought to the idle reference machine with the speed factor measured while they ran; the server is
     then the reference machine, or `server_speedup` times faster (a GPU server, say)."""
-    client_s = measurement.client_step_s * measurement.client_speed_factor / device.cpu_speed_factor
+    to_device = measurement.client_speed_factor / device.cpu_speed_factor
+    client_s = measurement.client_step_s * to_device
+    # The link and the server are one figure each: the spread is the client's, around the median.
+    samples = measurement.client_step_samples_s or (measurement.client_step_s,)
     # ONNX Runtime's threads spin between operators through a run: the device's cores count as busy for the
     # whole client time. (This machine's CPU seconds are no guide on a shared machine: waiting is not CPU.)
     client_cpu_s = client_s * device.cores
@@ -533,47 +536,12 @@ def estimate(
         rtt_s=rtt_s,
         server_s=server_s,
         step_s=step_s,
+        step_s_min=step_s - (measurement.client_step_s - min(samples)) * to_device,
+        step_s_max=step_s + (max(samples) - measurement.client_step_s) * to_device,
         client_cpu_s=client_cpu_s,
         energy_j=energy_j,
         fits_memory=measurement.client_peak_rss_bytes / MIB <= budget_mb,
     )
-
-
-def recommend(
-    measurements: list[CutMeasurement],
-    estimates: list[CutEstimate],
-    budget_mb: float,
-    budget_label: str,
-    tolerance: float = TIE_TOLERANCE,
-) -> Recommendation:
-    """The cut with the lowest estimated step time that fits the memory budget (ties: fewer device layers)."""
-    peaks = {m.cut_layer: m.client_peak_rss_bytes / MIB for m in measurements}
-    fitting = [e for e in estimates if e.fits_memory]
-    if not fitting:
-        smallest = min(peaks, key=lambda cut: peaks[cut])
-        return Recommendation(
-            None,
-            (
-                f"no cut fits the {budget_label} of {budget_mb:.0f} MiB: the smallest measured peak RSS is "
-                f"{peaks[smallest]:.0f} MiB at cut {smallest}; try --quantize int8, a smaller --batch-size "
-                "or --seq-len, or a device with more memory"
-            ),
-        )
-    best = min(e.step_s for e in fitting)
-    tied = sorted((e for e in fitting if e.step_s <= best * (1 + tolerance)), key=lambda e: e.cut_layer)
-    chosen = tied[0]
-    reason = (
-        f"lowest estimated step time ({chosen.step_s:.2f} s) among the {len(fitting)} of "
-        f"{len(estimates)} cuts whose measured peak RSS fits the {budget_label} of {budget_mb:.0f} MiB "
-        f"(cut {chosen.cut_layer} peaks at {peaks[chosen.cut_layer]:.0f} MiB)"
-    )
-    if len(tied) > 1:
-        others = ", ".join(str(e.cut_layer) for e in tied[1:])
-        reason += (
-            f"; cuts {others} are within {tolerance:.0%} of it, and cut {chosen.cut_layer} keeps the "
-            "fewest layers on the device"
-        )
-    return Recommendation(chosen.cut_layer, reason)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -635,12 +603,17 @@ class ProfileReport:
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per cut; every column name says whether it was measured here or scaled/estimated."""
         rows = []
+        overlaps = overlapping_cuts(self.estimates)
         for m, e in self.cuts():
+            samples = m.client_step_samples_s or (m.client_step_s,)
             rows.append(
                 {
                     "cut_layer": m.cut_layer,
                     "device_layers": m.cut_layer,
                     "client_step_ms_measured_here": round(m.client_step_s * 1e3, 2),
+                    "client_step_ms_min_measured_here": round(min(samples) * 1e3, 2),
+                    "client_step_ms_max_measured_here": round(max(samples) * 1e3, 2),
+                    "client_steps_timed": len(samples),
                     "client_forward_ms_measured_here": round(m.client_forward_s * 1e3, 2),
                     "client_backward_ms_measured_here": round(m.client_backward_s * 1e3, 2),
                     "client_cpu_ms_measured_here": round(m.client_cpu_s * 1e3, 2),
@@ -659,6 +632,10 @@ class ProfileReport:
                     "download_ms_on_link": round(e.download_s * 1e3, 2),
                     "rtt_ms_on_link": round(e.rtt_s * 1e3, 2),
                     "step_s_estimated_on_device": round(e.step_s, 4),
+                    "step_s_min_estimated_on_device": round(e.step_s_min, 4),
+                    "step_s_max_estimated_on_device": round(e.step_s_max, 4),
+                    # Cuts whose spread overlaps this one's: the measurement did not tell them apart.
+                    "spread_overlaps_cuts": " ".join(map(str, overlaps[m.cut_layer])),
                     "energy_j_per_step_estimated_on_device": round(e.energy_j, 4),
                     "fits_memory_budget": e.fits_memory,
                     "recommended": m.cut_layer == self.recommendation.cut_layer,
@@ -706,6 +683,7 @@ class ProfileReport:
                     "measured_here": {k: v for k, v in asdict(m).items() if k != "worker"},
                     "worker": m.worker,
                     f"estimated_on_{self.device.name}": asdict(e),
+                    "spread_overlaps_cuts": list(overlapping_cuts(self.estimates)[m.cut_layer]),
                 }
                 for m, e in self.cuts()
             ],
@@ -731,6 +709,7 @@ class ProfileReport:
             ("client", "ms", 8),
             ("network", "ms", 8),
             ("step", "s", 7),
+            ("spread", "s", 14),
             ("energy", "J", 7),
             ("fits", "", 5),
         )
@@ -754,8 +733,11 @@ class ProfileReport:
             f"{'cut':>4} | {header(measured_columns, 0)} | {header(scaled_columns, 0)}",
             f"{'':4} | {header(measured_columns, 1)} | {header(scaled_columns, 1)}",
         ]
+        overlaps = overlapping_cuts(self.estimates)
         for m, e in self.cuts():
             mark = "*" if m.cut_layer == self.recommendation.cut_layer else " "
+            # '~': this cut's spread overlaps another's, so the two were not told apart.
+            spread = f"{e.step_s_min:.3f}-{e.step_s_max:.3f}{'~' if overlaps[m.cut_layer] else ' '}"
             server = f"{m.server_step_s * 1e3:.0f}{'' if m.server_source == 'measured' else ' fit'}"
             network = (e.upload_s + e.download_s + e.rtt_s) * 1e3
             measured = (
@@ -765,7 +747,7 @@ class ProfileReport:
                 f"{server:>11}"
             )
             scaled = (
-                f"{e.client_s * 1e3:>8.1f} {network:>8.1f} {e.step_s:>7.3f} {e.energy_j:>7.2f} "
+                f"{e.client_s * 1e3:>8.1f} {network:>8.1f} {e.step_s:>7.3f} {spread:>14} {e.energy_j:>7.2f} "
                 f"{'yes' if e.fits_memory else 'NO':>5}"
             )
             lines.append(f"{mark}{m.cut_layer:>3} | {measured} | {scaled}")
@@ -782,6 +764,8 @@ class ProfileReport:
             f"energy: estimated from the {device.name} profile's power model (this machine's energy: "
             f"{energy}); the radio is not counted",
             f"memory budget: {self.budget_mb:.0f} MiB ({self.budget_label}), compared with the peak RSS measured here",
+            f"step: with the median of {config.repeats} timed client steps; spread: with the fastest and the "
+            "slowest of them; '~': the spread overlaps another cut's (too noisy to separate)",
         ]
         choice = self.recommendation
         lines.append(

@@ -62,6 +62,9 @@ def test_the_sweep_measures_a_row_per_cut_in_a_torch_free_client(swept: SweepRes
     for m in swept.measurements:
         assert m.client_step_s > 0 and m.client_forward_s > 0 and m.client_backward_s > 0
         assert m.client_step_s >= m.client_forward_s and m.client_cpu_s > 0
+        # Every timed step is kept, for the spread of the estimate: the median is one of them (2 -> their mean).
+        assert len(m.client_step_samples_s) == 2
+        assert min(m.client_step_samples_s) <= m.client_step_s <= max(m.client_step_samples_s)
         # The machine's speed, read between the steps (one round before each and one after the last).
         assert m.client_speed_factor > 0 and len(m.worker["speed_rounds_gflops"]) == 2 + 1
         assert m.server_speed_factor > 0
@@ -209,7 +212,11 @@ def test_save_profile_round_trips_and_loads_as_a_device(tmp_path: Path) -> None:
 
 
 def test_the_cli_prints_the_table_and_writes_the_report(
-    swept: SweepResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    swept: SweepResult,
+    tiny_model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import edgesplit.profiles.splitpoint
 
@@ -227,7 +234,7 @@ def test_the_cli_prints_the_table_and_writes_the_report(
         cli.main(
             [
                 "--model",
-                "tiny",
+                str(tiny_model_dirs["llama"]),  # a name that is no model is refused before the sweep
                 "--device",
                 str(device),
                 "--cut-layers",

@@ -1,0 +1,126 @@
+"""Checks on `--model` and the cut layer that run before any weights load, so that a mistake costs no time.
+
+Loading a model takes 35-60 s (and a hub id that does not exist spends about 50 s on retries), so what can be
+known without loading it is checked first:
+    the name      a known alias, an existing path, or something shaped like a hub id (`owner/name`); a typo of
+                  an alias is refused with the closest alias
+    the depth     from a local directory's config.json, a GGUF file's header, or an alias's known depth; a hub
+                  id's depth is only known once it is loaded, where the exporter checks the cut again
+
+Nothing here imports torch or transformers: it runs on a device install too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+
+from edgesplit.errors import ExportError
+from edgesplit.export.models import DEFAULT_MODEL
+
+# Aliases --model accepts, with their number of transformer layers (SmolLM2-135M has 30).
+KNOWN_MODEL_DEPTHS: dict[str, int] = {DEFAULT_MODEL: 30}
+
+# The hub's repository ids: an owner and a name of letters, digits, '.', '_' and '-' (96 characters at most).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+HUB_ID_MAX_LENGTH = 96
+
+# Where each model family's config.json names its number of layers.
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+MODEL_FORMS = f"a Hugging Face hub id (owner/name), a local model directory, a .gguf file, or {DEFAULT_MODEL!r}"
+
+
+def is_hub_id(name: str) -> bool:
+    return len(name) <= HUB_ID_MAX_LENGTH and HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub's local cache holds a bare model name (`gpt2`): the hub's oldest models have no owner."""
+    hub_home = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "hub"
+    )
+    return (Path(hub_home) / f"models--{name}").is_dir()
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # "a/b" is a hub id unless it exists here; "a/b/c", "./a" and "a.gguf" can only be paths.
+    if name.startswith((".", os.sep, "~")) or name.endswith(".gguf"):
+        return True
+    return os.sep in name and not is_hub_id(name)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse at once a `--model` that cannot name a model: it would otherwise be tried on the hub, slowly."""
+    if name in KNOWN_MODEL_DEPTHS:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+            return
+        raise ExportError(f"--model {name!r}: {path} is neither a model directory nor a .gguf file")
+    if _looks_like_a_path(name):
+        raise ExportError(f"--model {name!r}: no such file or directory")
+    if is_hub_id(name) or _in_hub_cache(name):
+        return
+    close = difflib.get_close_matches(name, KNOWN_MODEL_DEPTHS, n=1, cutoff=0.6)
+    suggestion = f"; did you mean {close[0]!r}?" if close else ""
+    raise ExportError(
+        f"unknown model {name!r}: not a known name, an existing path, or a hub id{suggestion}\n"
+        f"--model takes {MODEL_FORMS}"
+    )
+
+
+def _depth_from_config(config_path: Path) -> int | None:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None  # the loader will say what is wrong with it
+    if not isinstance(config, dict):
+        return None
+    for key in DEPTH_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _depth_from_gguf(path: Path) -> int | None:
+    """`<architecture>.block_count` from the file's header; the tensors are mapped, not read."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        reader = GGUFReader(path)
+        architecture = reader.fields["general.architecture"].contents()
+        block_count = reader.fields[f"{architecture}.block_count"].contents()
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        # Not a GGUF file this reader understands (or an older gguf without contents()): the loader will say.
+        return None
+    return int(block_count) if isinstance(block_count, int) and block_count > 0 else None
+
+
+def known_depth(name: str) -> int | None:
+    """The model's number of layers if it can be read without loading the weights, else None (a hub id)."""
+    if name in KNOWN_MODEL_DEPTHS:
+        return KNOWN_MODEL_DEPTHS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _depth_from_config(path / "config.json")
+    if path.is_file() and path.suffix == ".gguf":
+        return _depth_from_gguf(path)
+    return None
+
+
+def check_cut_layers(cut_layers: tuple[int, ...], num_layers: int, flag: str = "--cut-layer") -> None:
+    """Every cut keeps at least one layer on each side: 1 <= cut <= num_layers - 1."""
+    for cut_layer in cut_layers:
+        if not 1 <= cut_layer <= num_layers - 1:
+            raise ExportError(
+                f"{flag} {cut_layer} is out of range: this model has {num_layers} layers, so a cut must be "
+                f"between 1 and {num_layers - 1} (at least one layer on each side)"
+            )
