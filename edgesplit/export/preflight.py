@@ -27,6 +27,7 @@ KNOWN_MODEL_DEPTHS: dict[str, int] = {DEFAULT_MODEL: 30}
 # The hub's repository ids: an owner and a name of letters, digits, '.', '_' and '-' (96 characters at most).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 HUB_ID_MAX_LENGTH = 96
+BARE_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 # Where each model family's config.json names its number of layers.
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -66,7 +67,11 @@ def check_model_name(name: str) -> None:
         raise ExportError(f"--model {name!r}: no such file or directory")
     if is_hub_id(name) or _in_hub_cache(name):
         return
+    # A bare name may be one of the hub's oldest models, which have no owner (`gpt2`): let it go to the hub,
+    # unless it is a near miss of a name we know (`smollm2-13m`), which is far more likely a typo.
     close = difflib.get_close_matches(name, KNOWN_MODEL_DEPTHS, n=1, cutoff=0.6)
+    if not close and BARE_HUB_NAME.fullmatch(name):
+        return
     suggestion = f"; did you mean {close[0]!r}?" if close else ""
     raise ExportError(
         f"unknown model {name!r}: not a known name, an existing path, or a hub id{suggestion}\n"
