@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 CLOSE_POLICY = 1008  # websocket close code: policy violation (bad token, wrong artifacts, bad tensor)
+CLOSE_PROTOCOL_ERROR = 1002  # websocket close code: the peer broke the protocol (a replay, a step out of range)
 
 DROPPED_NOTE = ", its update for this round dropped"
 ConnectionId = int  # the shell numbers its connections; a reconnecting client gets a new number

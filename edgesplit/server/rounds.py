@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgesplit.server.round_events import (
+    CLOSE_PROTOCOL_ERROR,
     DROPPED_NOTE,
     Action,
     Aggregate,
@@ -297,7 +298,7 @@ class RoundEngine:
         return [
             Log(f"{client_id}: protocol error: {reason}"),
             Metric("refused", {"client_id": client_id, "code": "protocol", "reason": reason}),
-            Refuse(connection, "protocol", reason),
+            Refuse(connection, "protocol", reason, CLOSE_PROTOCOL_ERROR),
         ]
 
     # -------------------------------------------------------------------------------------------- leaving
