@@ -110,3 +110,45 @@ def test_results_and_jobs_validate_their_fields() -> None:
         WorkResult(1.0, None, False, -0.5, 0.0)
     with pytest.raises(ValueError, match="skipped"):
         WorkResult(1.0, None, True, 0.0, 0.0)
+
+
+def test_the_server_records_queue_and_compute_time_in_its_step_metrics(tiny_artifacts, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through a real server and client: each step's record splits the time the client sees into the wait
+    for the worker and the tail's own compute."""
+    import json
+
+    from loopback import write_task
+
+    from edgesplit.client.client import Client, ClientConfig
+    from edgesplit.server.server import Server, ServerConfig
+
+    artifacts = tiny_artifacts("llama", 1)
+    write_task(tmp_path / "data.jsonl", seed=0, count=4)
+    metrics = tmp_path / "metrics.jsonl"
+
+    async def scenario() -> None:
+        config = ServerConfig(
+            artifacts=artifacts, port=0, rounds=1, min_clients=1, steps_per_round=2, metrics_out=metrics
+        )
+        server = Server(config)
+        ready = asyncio.Event()
+        serving = asyncio.create_task(server.serve(ready))
+        await ready.wait()
+        client = Client(
+            ClientConfig(
+                server=f"ws://127.0.0.1:{server.port}",
+                artifacts=artifacts,
+                data=tmp_path / "data.jsonl",
+                client_id="only",
+                quiet=True,
+            )
+        )
+        await client.run()
+        await serving
+
+    asyncio.run(scenario())
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["event"] == "step"]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["compute_seconds"] > 0 and record["queue_seconds"] >= 0
+        assert record["server_seconds"] >= record["compute_seconds"]
