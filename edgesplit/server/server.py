@@ -40,6 +40,7 @@ from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
+from edgesplit.server.round_events import CLOSE_POLICY
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
     Arrays,
@@ -48,7 +49,6 @@ from edgesplit.server.strategies import (
     load_global_adapters,
 )
 from edgesplit.server.transport import (
-    CLOSE_POLICY,
     CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
     Connection,

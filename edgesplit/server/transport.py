@@ -17,7 +17,6 @@ from edgesplit.client.protocol import MAGIC, TRANSITIONS, Error, Kind, Message, 
 from edgesplit.errors import EdgesplitError, ProtocolError
 from edgesplit.server.round_events import Action
 
-CLOSE_POLICY = 1008  # websocket close code: policy violation (bad token, wrong artifacts, bad tensor)
 CLOSE_TRY_AGAIN_LATER = 1013  # websocket close code: the server is busy (too many connections awaiting Hello)
 # Until a client has shown a valid Hello, its frames may be no bigger than this: a stranger cannot make the
 # server buffer an activation-sized frame. A Hello is a few hundred bytes.

@@ -9,9 +9,8 @@ from edgesplit.client.data import EncodedSet
 from edgesplit.client.head import Head
 from edgesplit.client.local import eval_loss
 from edgesplit.errors import ArtifactError, ProtocolError
+from edgesplit.server.round_events import CLOSE_POLICY
 from edgesplit.server.strategies.base import Arrays, TailState, encode_file
-
-CLOSE_POLICY = 1008  # websocket close code: policy violation
 
 
 def load_whole_model_head(artifacts: Path, framework: str) -> Head:
