@@ -78,19 +78,24 @@ class StepArrived:
     step: int
 
 
+class StepEnd(Enum):
+    TAKEN = "taken"  # the tail learnt from it
+    SKIPPED = "skipped"  # its client was gone when its turn came
+    FAILED = "failed"  # it raised; the shell ends that connection
+
+
 @dataclass(frozen=True)
 class StepDone:
-    """The worker's answer to RunStep: taken (the tail learnt from it), skipped (the client was gone when
-    its turn came) or failed (the step raised; the shell ends that connection)."""
+    """The worker's answer to RunStep."""
 
     connection: ConnectionId
     round: int
     step: int
-    outcome: str  # "taken" | "skipped" | "failed"
+    end: StepEnd
 
     def __post_init__(self) -> None:
-        if self.outcome not in ("taken", "skipped", "failed"):
-            raise ValueError(f"a step is taken, skipped or failed, not {self.outcome!r}")
+        if not isinstance(self.end, StepEnd):
+            raise ValueError(f"a step ends taken, skipped or failed, not {self.end!r}")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from edgesplit.server.round_events import (
     SendWelcome,
     StepArrived,
     StepDone,
+    StepEnd,
     TokensRevoked,
     Update,
     UpdateArrived,
@@ -226,11 +227,11 @@ class RoundEngine:
         client_id = running[0] if running else self.client_of(event.connection)
         state.steps_running.pop(client_id, None)
         actions: list[Action] = []
-        if event.outcome == "taken":
+        if event.end is StepEnd.TAKEN:
             # The tail has learnt from it, so a reconnecting client must not send it again.
             state.steps_taken[client_id] = (event.round, event.step + 1)
             actions.append(SendGradients(event.connection, event.round, event.step))
-        elif event.outcome == "skipped":
+        elif event.end is StepEnd.SKIPPED:
             actions += [
                 Log(
                     f"{client_id}: dropped its queued step (round {event.round + 1} step "

@@ -40,7 +40,7 @@ from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
-from edgesplit.server.round_events import CLOSE_POLICY
+from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
     Arrays,
@@ -377,12 +377,12 @@ class Server:
         job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted)
         result = await self.worker.submit_step(job)
         seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
-        outcome = "skipped" if result.skipped else "failed" if result.error is not None else "taken"
-        if outcome == "failed":
-            self._dispatch(events.StepDone(number, message.round, message.step, outcome))
+        end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN
+        if end is StepEnd.FAILED:
+            self._dispatch(events.StepDone(number, message.round, message.step, end))
             assert result.error is not None
             raise result.error
-        step = result.unwrap() if outcome == "taken" else None
+        step = result.unwrap() if end is StepEnd.TAKEN else None
         if step is not None:
             self.metrics.write(
                 "step",
@@ -394,7 +394,7 @@ class Server:
                 queue_seconds=round(result.queue_seconds, 6),
                 compute_seconds=round(result.compute_seconds, 6),
             )
-        await self._ask(connection, events.StepDone(number, message.round, message.step, outcome), events.SendGradients)
+        await self._ask(connection, events.StepDone(number, message.round, message.step, end), events.SendGradients)
         assert step is not None  # a skipped step's answer is DropStep, which ends the conversation
         tensors = {} if step.activation_grads is None else {"activation_grads": step.activation_grads}
         return Gradients(message.round, message.step, step.loss, seconds, tensors)

@@ -31,6 +31,7 @@ from edgesplit.server.round_events import (
     SendWelcome,
     StepArrived,
     StepDone,
+    StepEnd,
     TokensRevoked,
     Update,
     UpdateArrived,
@@ -128,7 +129,7 @@ def test_nobody_is_welcomed_before_min_clients_have_joined() -> None:
 def test_steps_run_in_order_and_a_replayed_step_is_refused() -> None:
     engine = started_engine()
     assert engine.handle(StepArrived(1, 0, 0)) == [RunStep(1, "a", 0, 0)]
-    assert engine.handle(StepDone(1, 0, 0, "taken")) == [SendGradients(1, 0, 0)]
+    assert engine.handle(StepDone(1, 0, 0, StepEnd.TAKEN)) == [SendGradients(1, 0, 0)]
     replay = engine.handle(StepArrived(1, 0, 0))
     [refusal] = only(replay, Refuse)
     assert refusal.code == "protocol" and "round 1 step 1 again" in refusal.reason
@@ -142,7 +143,7 @@ def test_steps_run_in_order_and_a_replayed_step_is_refused() -> None:
 def test_a_reconnection_resumes_after_the_steps_taken_and_waits_for_one_still_running() -> None:
     engine = started_engine()
     engine.handle(StepArrived(1, 0, 0))
-    engine.handle(StepDone(1, 0, 0, "taken"))
+    engine.handle(StepDone(1, 0, 0, StepEnd.TAKEN))
     engine.handle(StepArrived(1, 0, 1))  # on the worker when a reconnects
     back = engine.handle(hello(3, "a"))
     assert only(back, Disconnect) == [
@@ -150,7 +151,7 @@ def test_a_reconnection_resumes_after_the_steps_taken_and_waits_for_one_still_ru
     ]
     assert "a reconnected; its new connection replaces the old one" in logs(back)
     assert not only(back, SendWelcome)  # the running step may still count
-    done = engine.handle(StepDone(1, 0, 1, "taken"))
+    done = engine.handle(StepDone(1, 0, 1, StepEnd.TAKEN))
     assert SendGradients(1, 0, 1) in done and SendWelcome(3, 0, 2, False) in done
     assert not engine.is_current(1) and engine.is_current(3)
     assert engine.handle(ClientLeft(1)) == []  # the old connection's end is no news
@@ -160,7 +161,7 @@ def test_a_step_skipped_because_its_client_was_gone_is_dropped_and_not_counted()
     engine = started_engine()
     engine.handle(StepArrived(1, 0, 0))
     engine.handle(hello(3, "a"))
-    actions = engine.handle(StepDone(1, 0, 0, "skipped"))
+    actions = engine.handle(StepDone(1, 0, 0, StepEnd.SKIPPED))
     assert DropStep(1, 0, 0) in actions and SendWelcome(3, 0, 0, False) in actions
     assert only(actions, Metric)[0].kind == "step_dropped"
 
@@ -289,7 +290,7 @@ def test_rules_and_events_validate_their_fields() -> None:
     with pytest.raises(ValueError, match="deadline"):
         rules(round_deadline_s=0)
     with pytest.raises(ValueError, match="taken, skipped or failed"):
-        StepDone(1, 0, 0, "lost")
+        StepDone(1, 0, 0, "lost")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
         Update("a", -1, {}, {})
 
