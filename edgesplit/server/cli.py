@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
+from edgesplit.server.strategies import FRAMEWORKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--framework",
-        choices=("split", "fedllm", "kd"),
+        choices=FRAMEWORKS,
         default="split",
         help="split: the device runs the head, the server the tail; fedllm and kd: the device trains "
         "the whole model (artifacts from `export --full-model`)",

@@ -212,7 +212,7 @@ def test_kind_precheck_raises_only_protocol_errors() -> None:
 
     from edgesplit.client.protocol import State
     from edgesplit.errors import ProtocolError
-    from edgesplit.server.server import _check_kind_allowed
+    from edgesplit.server.transport import check_kind_allowed as _check_kind_allowed
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=64), st.sampled_from(list(State)))

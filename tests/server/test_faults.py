@@ -154,7 +154,7 @@ def test_server_killed_and_restarted_resumes_from_checkpoint(setup) -> None:  # 
             np.testing.assert_array_equal(tail_state["lora"][name], value)
         steps_taken = {int(s["step"]) for s in tail_state["optimizer"]["state"].values()}
         assert steps_taken == {2 * STEPS * saved.round}  # two clients' steps a round, none lost, none extra
-        restored.executor.shutdown()
+        restored.worker.close()
 
         server_again.wait_for(
             rf"resumed from checkpoint .*round-{saved.round:04d}: {saved.round} of {rounds} "

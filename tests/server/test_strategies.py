@@ -1,4 +1,4 @@
-"""Server strategies for whole-model frameworks: FedLLM averages adapters, KD averages and distils logits."""
+"""Server strategies: split runs the tail, FedLLM averages adapters, KD averages and distils logits; one registry."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 from edgesplit.client.local import proxy_top_k
-from edgesplit.errors import ArtifactError, TrainingError
-from edgesplit.server.strategies import FedLlmStrategy, KdSettings, KdStrategy
+from edgesplit.errors import ArtifactError, ProtocolError, TrainingError
+from edgesplit.server.strategies import (
+    FRAMEWORKS,
+    STRATEGIES,
+    FedLlmStrategy,
+    KdSettings,
+    KdStrategy,
+    SplitStrategy,
+    StrategyOptions,
+    build_strategy,
+)
 
 
 def write_lines(path: Path, count: int, seed: int) -> Path:
@@ -63,3 +72,52 @@ def test_kd_averages_logits_and_distils_into_the_global_model(tiny_artifacts, tm
 def test_whole_model_strategies_refuse_split_artifacts(tiny_artifacts) -> None:
     with pytest.raises(ArtifactError, match="--full-model"):
         FedLlmStrategy(tiny_artifacts("llama", 1), None, 1)
+
+
+def test_the_registry_is_the_one_list_of_frameworks() -> None:
+    assert FRAMEWORKS == tuple(STRATEGIES) == ("split", "fedllm", "kd")
+    with pytest.raises(ValueError, match="--framework must be one of split, fedllm, kd"):
+        build_strategy("fedprox", StrategyOptions(artifacts=Path("unused")))
+
+
+def test_split_strategy_runs_the_tail_and_averages_the_head_adapters(tiny_artifacts, tmp_path) -> None:
+    artifacts = tiny_artifacts("llama", 1)
+    strategy = build_strategy("split", StrategyOptions(artifacts, write_lines(tmp_path / "e.jsonl", 4, 0), 1))
+    assert isinstance(strategy, SplitStrategy) and strategy.settings() == {}
+    manifest = strategy.head.manifest
+    batch, length = manifest.batch_size, manifest.max_seq_len
+    rng = np.random.default_rng(0)
+    tensors = {
+        "activations": rng.standard_normal(manifest.activations_shape).astype(np.float32),
+        "attention_mask": np.ones((batch, length), dtype=np.int64),
+        "labels": rng.integers(0, manifest.vocab_size, (batch, length)),
+    }
+    strategy.check_step(tensors)
+    before = strategy.tail_state()["lora"]
+    outcome = strategy.train_step(tensors)
+    assert outcome.loss > 0 and outcome.activation_grads is not None
+    assert outcome.activation_grads.shape == manifest.activations_shape
+    assert any(not np.array_equal(before[n], v) for n, v in strategy.tail_state()["lora"].items())  # it learnt
+    with pytest.raises(TrainingError, match="NaN"):
+        strategy.check_step({**tensors, "activations": tensors["activations"] * np.nan})
+    with pytest.raises(TrainingError, match="vocabulary"):
+        strategy.check_step({**tensors, "labels": tensors["labels"] + manifest.vocab_size})
+    adapters = strategy.welcome_tensors()
+    with pytest.raises(TrainingError, match="AdapterUpdate carries"):
+        strategy.check_update({"stranger": np.zeros(2, dtype=np.float32)})
+    ones = {k: np.ones_like(v) for k, v in adapters.items()}
+    threes = {k: np.full_like(v, 3.0) for k, v in adapters.items()}
+    strategy.check_update(ones)
+    merged = strategy.aggregate([(ones, 1), (threes, 1)])
+    assert all(np.allclose(v, 2.0) for v in merged.values())
+    assert strategy.welcome_tensors() is merged  # the next Welcome carries the new global adapters
+    assert strategy.evaluate() > 0
+
+
+def test_split_refuses_full_model_artifacts_and_the_others_refuse_activations(tiny_artifacts) -> None:
+    with pytest.raises(ArtifactError, match="--full-model export"):
+        SplitStrategy(StrategyOptions(tiny_artifacts("llama", full_model=True)))
+    strategy = build_strategy("fedllm", StrategyOptions(tiny_artifacts("llama", full_model=True)))
+    with pytest.raises(ProtocolError, match="send no activations"):
+        strategy.check_step({})
+    assert strategy.tail_state()["lora"] == {}  # nothing of the server's own to checkpoint

@@ -1,0 +1,78 @@
+"""`edgesplit serve`'s configuration, validated on construction, and what it tells the parts of the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgesplit.client.protocol import Wire
+from edgesplit.server.round_events import RoundRules
+from edgesplit.server.strategies import FRAMEWORKS, StrategyOptions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    artifacts: Path
+    host: str = "127.0.0.1"
+    port: int = 8765
+    rounds: int = 10
+    min_clients: int = 2
+    steps_per_round: int = 20
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    wire: str = "fp32"
+    eval_data: Path | None = None
+    eval_batches: int = 8
+    checkpoint_dir: Path | None = None
+    metrics_out: Path | None = None
+    tokens: dict[str, str] = field(default_factory=dict)  # client_id -> token; empty: no tokens needed
+    tokens_file: Path | None = None  # where `tokens` came from: re-read on SIGHUP, to add or revoke clients
+    round_deadline_s: float = 1800.0
+    seed: int = 0
+    threads: int = 0
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks wss://
+    tls_key: Path | None = None
+    hello_timeout_s: float = 30.0  # a connection that has not said Hello by then is closed
+    # Connections that have not said Hello yet, at most; more are refused at once ("busy", close 1013) and
+    # their clients retry. Bounds what strangers can hold open before the token check.
+    max_pending_hellos: int = 64
+    framework: str = "split"  # a name in strategies.STRATEGIES
+    proxy_data: Path | None = None  # KD-FedLLM: the shared inputs the clients' logits are computed on
+    kd_top_k: int = 16
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
+            raise ValueError("--rounds, --min-clients and --steps-per-round must be at least 1")
+        if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0:
+            raise ValueError("--round-deadline and the Hello timeout must be positive")
+        if self.max_pending_hellos < 1:
+            raise ValueError("--max-pending-hellos must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        Wire(self.wire)  # raises on an unknown wire format
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(
+            artifacts=self.artifacts,
+            eval_data=self.eval_data,
+            eval_batches=self.eval_batches,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            threads=self.threads,
+            proxy_data=self.proxy_data,
+            kd_top_k=self.kd_top_k,
+        )
+
+    def round_rules(self, manifest_hash: str, protocol_version: int) -> RoundRules:
+        return RoundRules(
+            total_rounds=self.rounds,
+            min_clients=self.min_clients,
+            steps_per_round=self.steps_per_round,
+            round_deadline_s=self.round_deadline_s,
+            manifest_hash=manifest_hash,
+            protocol_version=protocol_version,
+            checkpointing=self.checkpoint_dir is not None,
+        )

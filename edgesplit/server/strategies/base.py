@@ -1,0 +1,114 @@
+"""The one interface every federated framework implements on the server, and what they share.
+
+A strategy decides what is framework-specific in a run; the round engine (rounds.py) and the asyncio shell
+(server.py) decide nothing about frameworks. Per framework, a strategy says:
+
+    settings()         the keys a client's Welcome carries beyond the common ones (steps, wire, seed, ...)
+    welcome_tensors()  the tensors of the Welcome (split, FedLLM: the global adapters; KD: the proxy set)
+    check_step()       whether Activations make sense here (split: shapes and values; the others refuse them)
+    train_step()       one step on the server's side of the model (split: the tail; on the worker thread)
+    check_update()     what an AdapterUpdate must hold
+    aggregate()        the round's updates -> what a RoundResult carries (the strategy's global model moves)
+    evaluate()         the global model's loss on the eval set, or None without one
+    tail_state() / load_tail_state()   what a checkpoint holds of the server's own training state
+
+Heavy work (train_step, aggregate, evaluate, tail_state) runs on the tail worker (workers.py), one call at a
+time: a strategy needs no locks of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgesplit.client.data import EncodedSet, encode_examples, read_jsonl
+from edgesplit.client.head import Head
+
+Arrays = dict[str, np.ndarray]
+# A round's accepted updates as aggregation sees them: (tensors, number of samples) per client.
+Updates = list[tuple[Arrays, int]]
+# The tail's checkpointed state: {"lora": {name: array}, "optimizer": torch optimiser state_dict}.
+TailState = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one training step on the server gives back: the loss and, unless the head is frozen,
+    activation_grads (B, T, H) for the client's backward pass."""
+
+    loss: float
+    activation_grads: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Everything a strategy may be built from: the server's configuration, minus the transport."""
+
+    artifacts: Path
+    eval_data: Path | None = None
+    eval_batches: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 0
+    proxy_data: Path | None = None
+    kd_top_k: int = 16
+
+    def __post_init__(self) -> None:
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be at least 1, got {self.eval_batches}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"the learning rate must be positive, got {self.learning_rate}")
+        if self.kd_top_k < 1:
+            raise ValueError(f"kd_top_k must be at least 1, got {self.kd_top_k}")
+
+
+class Strategy(Protocol):
+    """One federated framework, as the server runs it (the module docstring says what each method is for)."""
+
+    name: str
+    head: Head
+    global_adapters: Arrays  # what a checkpoint saves as the global model, updated in place on resume
+    eval_set: EncodedSet | None
+
+    def settings(self) -> dict[str, object]: ...
+
+    def welcome_tensors(self) -> Arrays: ...
+
+    def check_step(self, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+    def train_step(self, tensors: Mapping[str, np.ndarray]) -> StepOutcome: ...
+
+    def check_update(self, tensors: Arrays) -> None: ...
+
+    def aggregate(self, updates: Updates) -> Arrays: ...
+
+    def evaluate(self) -> float | None: ...
+
+    def tail_state(self) -> TailState: ...
+
+    def load_tail_state(self, state: TailState) -> None: ...
+
+
+StrategyFactory = Callable[[StrategyOptions], Strategy]
+
+
+def encode_file(head: Head, path: Path) -> EncodedSet:
+    """A JSONL file of prompt/completion pairs, tokenised and padded as the artifacts' head expects."""
+    from tokenizers import Tokenizer
+
+    manifest = head.manifest
+    tokenizer = Tokenizer.from_file(str(head.root / "tokenizer.json"))
+    return encode_examples(
+        tokenizer, read_jsonl(path), manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
+
+
+def load_global_adapters(target: Arrays, saved: Mapping[str, np.ndarray]) -> None:
+    """Copy checkpointed adapters into the live arrays, in place: a KD trainer holds references to them."""
+    for name, value in saved.items():
+        target[name][...] = value

@@ -1,0 +1,124 @@
+"""The tail worker: where the server's heavy work runs, off the event loop, one piece at a time.
+
+The asyncio shell submits a client's training step (or any other work on the shared model: an evaluation,
+the aggregation, a state snapshot for the checkpoint) and awaits its result later; meanwhile the event loop
+answers pings and other clients. A step whose client is gone by the time its turn comes is skipped, not run:
+the tail must not learn from a batch whose gradients nobody will receive.
+
+    TailWorker          the interface the server uses
+    ThreadTailWorker    one worker thread (a ThreadPoolExecutor of one): calls to the model are serialised by
+                        construction, which is all the shared PyTorch tail needs
+
+A batching GPU worker (several clients' steps in one forward pass) or a pool of processes implements the same
+interface; the round engine (rounds.py) and the shell do not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+from edgesplit.server.strategies.base import StepOutcome
+
+T = TypeVar("T")
+StepFunction = Callable[[Mapping[str, np.ndarray]], StepOutcome]
+
+
+@dataclass(frozen=True)
+class StepJob:
+    """One client's training step: its tensors (activations (B, T, H), attention_mask and labels (B, T)) and
+    a way to ask, when its turn comes, whether the client is still there to receive the gradients."""
+
+    client_id: str
+    round: int
+    step: int
+    tensors: Mapping[str, np.ndarray]
+    still_wanted: Callable[[], bool]
+
+    def __post_init__(self) -> None:
+        if self.round < 0 or self.step < 0:
+            raise ValueError(f"round and step count from 0, got round {self.round} step {self.step}")
+
+
+@dataclass(frozen=True)
+class WorkResult(Generic[T]):
+    """What came of a piece of work. An error is returned, not raised, so that the caller decides what it
+    means (a failed step ends one connection; a failed aggregation ends the run). `skipped`: the work was
+    not run because it was no longer wanted. The queue wait and the compute time are measured apart."""
+
+    value: T | None
+    error: BaseException | None
+    skipped: bool
+    queue_seconds: float
+    compute_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.queue_seconds < 0 or self.compute_seconds < 0:
+            raise ValueError("queue and compute times cannot be negative")
+        if self.skipped and (self.value is not None or self.error is not None):
+            raise ValueError("a skipped piece of work has neither a value nor an error")
+
+    @property
+    def total_seconds(self) -> float:
+        return self.queue_seconds + self.compute_seconds
+
+    def unwrap(self) -> T:
+        """The value; the work's own exception if it raised one."""
+        if self.error is not None:
+            raise self.error
+        if self.skipped:
+            raise RuntimeError("this work was skipped and has no value")
+        return self.value  # type: ignore[return-value]  # None only where T admits it
+
+
+class TailWorker(Protocol):
+    def submit_step(self, job: StepJob) -> asyncio.Future[WorkResult[StepOutcome]]:
+        """Queue one client's step; the future resolves once it has run, or been skipped."""
+        ...
+
+    def submit(self, work: Callable[[], T]) -> asyncio.Future[WorkResult[T]]:
+        """Queue any other work on the model (evaluation, aggregation, state snapshot, checkpoint write)."""
+        ...
+
+    def close(self) -> None:
+        """Finish what is queued, then stop."""
+        ...
+
+
+class ThreadTailWorker:
+    """Today's worker: a single thread runs everything submitted, in the order submitted."""
+
+    def __init__(self, step_function: StepFunction) -> None:
+        self.step_function = step_function
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
+
+    def submit_step(self, job: StepJob) -> asyncio.Future[WorkResult[StepOutcome]]:
+        return self._run(lambda: self.step_function(job.tensors), job.still_wanted)
+
+    def submit(self, work: Callable[[], T]) -> asyncio.Future[WorkResult[T]]:
+        return self._run(work, None)
+
+    def _run(self, work: Callable[[], T], still_wanted: Callable[[], bool] | None) -> asyncio.Future[WorkResult[T]]:
+        submitted = time.perf_counter()
+
+        def timed() -> WorkResult[T]:
+            started = time.perf_counter()
+            # On the worker thread: still_wanted must only read flags that the event loop sets.
+            if still_wanted is not None and not still_wanted():
+                return WorkResult(None, None, True, started - submitted, 0.0)
+            try:
+                value = work()
+            except Exception as error:  # returned to the submitter, which knows what it means
+                return WorkResult(None, error, False, started - submitted, time.perf_counter() - started)
+            return WorkResult(value, None, False, started - submitted, time.perf_counter() - started)
+
+        return asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
