@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgesplit.client.checks import check_token_window
-from edgesplit.client.data import Batch, encode_examples, iterate_batches, read_jsonl
+from edgesplit.client.data import Batch, encode_examples, iterate_batches, load_tokenizer, read_jsonl
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
 from edgesplit.client.head import Head
 from edgesplit.client.metrics import JsonlWriter
@@ -112,9 +112,7 @@ class Client:
         examples = read_jsonl(config.data)
         self.head = Head(config.artifacts, threads=config.threads or None, providers=config.providers)
         manifest = self.head.manifest
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(config.artifacts / "tokenizer.json"))
+        tokenizer = load_tokenizer(config.artifacts)
         self.encoded = encode_examples(
             tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )

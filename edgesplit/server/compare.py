@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesplit.client.session_settings import FRAMEWORKS  # the frameworks the protocol knows
 from edgesplit.export.models import DEFAULT_MODEL
 from edgesplit.server.compare_report import write_comparison
 from edgesplit.server.demo import (
@@ -41,8 +42,6 @@ from edgesplit.server.demo import (
     write_shares,
 )
 from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
-
-FRAMEWORKS = ("split", "fedllm", "kd")
 
 
 class CompareError(RunError):

@@ -121,3 +121,13 @@ def test_split_refuses_full_model_artifacts_and_the_others_refuse_activations(ti
     with pytest.raises(ProtocolError, match="send no activations"):
         strategy.check_step({})
     assert strategy.tail_state()["lora"] == {}  # nothing of the server's own to checkpoint
+
+
+def test_every_framework_has_a_strategy_a_trainer_and_a_name_in_the_protocol() -> None:
+    # Adding a framework is one strategy (server), one trainer (client) and its name in the protocol's
+    # settings record, which both sides validate: the three lists must name the same frameworks.
+    from edgesplit.client.session_settings import FRAMEWORKS as PROTOCOL_FRAMEWORKS
+    from edgesplit.client.trainers import TRAINERS
+    from edgesplit.server.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(TRAINERS) == set(PROTOCOL_FRAMEWORKS)

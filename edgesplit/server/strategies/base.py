@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgesplit.client.data import EncodedSet, encode_examples, read_jsonl
+from edgesplit.client.data import EncodedSet, encode_examples, load_tokenizer, read_jsonl
 from edgesplit.client.head import Head
 
 Arrays = dict[str, np.ndarray]
@@ -99,10 +99,8 @@ StrategyFactory = Callable[[StrategyOptions], Strategy]
 
 def encode_file(head: Head, path: Path) -> EncodedSet:
     """A JSONL file of prompt/completion pairs, tokenised and padded as the artifacts' head expects."""
-    from tokenizers import Tokenizer
-
     manifest = head.manifest
-    tokenizer = Tokenizer.from_file(str(head.root / "tokenizer.json"))
+    tokenizer = load_tokenizer(head.root)
     return encode_examples(
         tokenizer, read_jsonl(path), manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
     )
