@@ -131,3 +131,20 @@ def test_every_framework_has_a_strategy_a_trainer_and_a_name_in_the_protocol() -
     from edgesplit.server.strategies import STRATEGIES
 
     assert set(STRATEGIES) == set(TRAINERS) == set(PROTOCOL_FRAMEWORKS)
+
+
+def test_a_checkpoint_for_other_adapters_is_refused_before_anything_is_copied() -> None:
+    import numpy as np
+    import pytest
+
+    from edgesplit.errors import ArtifactError
+    from edgesplit.server.strategies import load_global_adapters
+
+    live = {"layers.0.self_attn.q_proj.lora_A": np.zeros((2, 4), np.float32)}
+    with pytest.raises(ArtifactError, match="unknown: \\['lora.0.q_proj.A'\\].*fresh --checkpoint-dir"):
+        load_global_adapters(live, {"lora.0.q_proj.A": np.ones((2, 4), np.float32)})
+    with pytest.raises(ArtifactError, match="shape \\(2, 3\\)"):
+        load_global_adapters(live, {"layers.0.self_attn.q_proj.lora_A": np.ones((2, 3), np.float32)})
+    assert not live["layers.0.self_attn.q_proj.lora_A"].any()
+    load_global_adapters(live, {"layers.0.self_attn.q_proj.lora_A": np.ones((2, 4), np.float32)})
+    assert live["layers.0.self_attn.q_proj.lora_A"].all()

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgesplit.client.data import EncodedSet, encode_examples, load_tokenizer, read_jsonl
 from edgesplit.client.head import Head
+from edgesplit.errors import ArtifactError
 
 Arrays = dict[str, np.ndarray]
 # A round's accepted updates as aggregation sees them: (tensors, number of samples) per client.
@@ -107,6 +108,22 @@ def encode_file(head: Head, path: Path) -> EncodedSet:
 
 
 def load_global_adapters(target: Arrays, saved: Mapping[str, np.ndarray]) -> None:
-    """Copy checkpointed adapters into the live arrays, in place: a KD trainer holds references to them."""
+    """Copy checkpointed adapters into the live arrays, in place: a KD trainer holds references to them.
+
+    A checkpoint written for other artifacts (another model or cut, or an older version's adapter names) is
+    refused before anything is copied, naming what differs."""
+    unknown, missing = sorted(set(saved) - set(target)), sorted(set(target) - set(saved))
+    if unknown or missing:
+        raise ArtifactError(
+            f"the checkpoint's adapters do not match these artifacts (unknown: {unknown[:3]}, missing: "
+            f"{missing[:3]}): it was written for other artifacts or by an older edgesplit; start from a fresh "
+            "--checkpoint-dir"
+        )
+    for name, value in saved.items():
+        if target[name].shape != value.shape:
+            raise ArtifactError(
+                f"the checkpoint's {name} has shape {value.shape}, these artifacts {target[name].shape}: "
+                "start from a fresh --checkpoint-dir"
+            )
     for name, value in saved.items():
         target[name][...] = value
