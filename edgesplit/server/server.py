@@ -1,7 +1,6 @@
 """The cloud server: an asyncio shell over the round engine (rounds.py), a strategy and a tail worker.
 
 Per client connection (the protocol's states are in edgesplit/client/protocol.py):
-
     Hello ──> checks (token, manifest hash) ──> waits until --min-clients have joined ──> Welcome
     Activations ──> a step on the tail worker ──> Gradients               (repeated, steps_per_round times)
     AdapterUpdate ──> waits for the round to close ──> RoundResult        (the new global model)
