@@ -14,12 +14,9 @@ spreads overlap were not told apart by the measurement: the report names them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from edgesplit.errors import DataError
-
-if TYPE_CHECKING:
-    from edgesplit.profiles.splitpoint import CutEstimate, CutMeasurement
+from edgesplit.profiles.records import CutEstimate, CutMeasurement
 
 TIE_TOLERANCE = 0.05  # step times this close are within the noise of a shared machine's measurement
 RULE = (
