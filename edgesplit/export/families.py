@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from edgesplit.errors import ExportError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,12 @@ class Family:
         """
         from transformers import AutoModelForCausalLM
 
-        tail = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-        backbone = self.backbone(tail)
-        embedding = backbone.get_input_embeddings()
+        # transformers leaves from_config and eval unannotated.
+        tail: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, attn_implementation="eager", dtype=torch.float32
+        )
+        backbone = cast("PreTrainedModel", self.backbone(tail))  # the base model inside a causal LM
+        embedding = cast(nn.Embedding, backbone.get_input_embeddings())
         backbone.set_input_embeddings(nn.Embedding(1, embedding.embedding_dim))
         missing, unexpected = tail.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if "embed_tokens" not in k and ".wte." not in k and ".wpe." not in k]
@@ -85,7 +91,7 @@ class Family:
             raise ValueError(f"tail weights do not fit the tail config: missing {missing}, unexpected {unexpected}")
         for attr in self.tail_zero_attrs:
             nn.init.zeros_(getattr(backbone, attr).weight)
-        tail.eval()
+        tail.eval()  # type: ignore[no-untyped-call]
         return tail
 
     def tail_state_dict(self, model: nn.Module, cut_layer: int) -> dict[str, torch.Tensor]:
@@ -93,7 +99,9 @@ class Family:
         state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
         tail = self.select_layers(state, cut_layer, self.num_layers(model))
         if "lm_head.weight" not in tail:  # tied embeddings: the LM head is the embedding table
-            tail["lm_head.weight"] = model.get_output_embeddings().weight.detach().clone().contiguous()
+            # transformers leaves get_output_embeddings unannotated; the LM head is an nn.Linear.
+            lm_head: nn.Linear = cast("PreTrainedModel", model).get_output_embeddings()  # type: ignore[no-untyped-call]
+            tail["lm_head.weight"] = lm_head.weight.detach().clone().contiguous()
         return tail
 
     def select_layers(self, state_dict: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -179,7 +187,7 @@ def check_cut_layer(cut_layer: object, num_layers: int) -> int:
 
 def prepare_for_training(model: nn.Module) -> None:
     """Turn off dropout everywhere: the ONNX head has none, and both sides must compute the same function."""
-    config = model.config
+    config = cast("PretrainedConfig", model.config)
     for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if hasattr(config, attr):
             setattr(config, attr, 0.0)

@@ -47,7 +47,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in) -> (B, T, out)
         lora_a = self._matrices[self.a_name]  # (r, in)
         lora_b = self._matrices[self.b_name]  # (out, r)
-        return self.base(x) + (x @ lora_a.t()) @ lora_b.t() * self.scale
+        base: torch.Tensor = self.base(x)
+        return base + (x @ lora_a.t()) @ lora_b.t() * self.scale
 
 
 class HeadWithLora(nn.Module):

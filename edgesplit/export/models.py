@@ -120,7 +120,7 @@ def load_model(name: str) -> LoadedModel:
             f"could not load model {name!r}: {error}\n"
             f"--model takes a Hugging Face hub id, a local model directory, a .gguf file, or {DEFAULT_MODEL!r}"
         ) from error
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves PreTrainedModel.eval unannotated
     if not tokenizer.is_fast:
         raise ExportError(f"model {name!r} has no fast tokenizer (tokenizer.json); the edge client needs one")
     sha256 = _hash_files(weights) if weights else _state_dict_hash(model)

@@ -34,9 +34,10 @@ pads every batch to them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -80,7 +81,8 @@ def trace_head(
         matrices = dict(zip(lora_names, args[count + 2 :], strict=True))
         if not trainable:
             matrices = {name: torch.zeros(shape) for name, shape in head.shapes.items()}
-        return torch.func.functional_call(head, state, (input_ids, attention_mask, matrices))
+        activations: torch.Tensor = torch.func.functional_call(head, state, (input_ids, attention_mask, matrices))
+        return activations
 
     captured: dict[str, fx.GraphModule] = {}
 
@@ -136,7 +138,8 @@ def _slice_backward(
     start = min(start + size if start < 0 else start, size)
     end = min(end + size if end < 0 else end, size)
     pads = [0, 0] * (len(input_sizes) - 1 - dim) + [start, size - end]  # last dimension first
-    return torch.ops.aten.constant_pad_nd(grad, pads, 0.0)
+    padded: torch.Tensor = torch.ops.aten.constant_pad_nd(grad, pads, 0.0)
+    return padded
 
 
 _VIEWS = {
@@ -214,7 +217,7 @@ def _save_view_bases(forward: fx.GraphModule, backward: fx.GraphModule, count: i
         else:
             variable[node] = any(variable[source] for source in node.all_input_nodes)
     output = _output_node(forward.graph)
-    results = list(output.args[0])  # type: ignore[arg-type]
+    results = list(cast("Sequence[fx.Node]", output.args[0]))  # the forward returns a flat tuple of nodes
     saved_inputs = _placeholders(backward.graph)  # one per saved tensor, in order, then the activation grads
     first_op = next(node for node in backward.graph.nodes if node.op != "placeholder")
     for index, node in enumerate(results[1:]):
@@ -222,7 +225,7 @@ def _save_view_bases(forward: fx.GraphModule, backward: fx.GraphModule, count: i
         base = node
         while base.op == "call_function" and base.target in _VIEWS:
             chain.append(base)
-            base = base.args[0]  # type: ignore[assignment]
+            base = cast(fx.Node, base.args[0])  # the tensor that the view views
         if not chain or not variable[base]:
             continue
         results[index + 1] = base
@@ -231,7 +234,8 @@ def _save_view_bases(forward: fx.GraphModule, backward: fx.GraphModule, count: i
         value = placeholder
         for view in reversed(chain):
             with backward.graph.inserting_before(first_op):
-                value = backward.graph.call_function(view.target, (value, *view.args[1:]), dict(view.kwargs))
+                target = cast("Callable[..., Any]", view.target)  # a call_function's target is the function
+                value = backward.graph.call_function(target, (value, *view.args[1:]), dict(view.kwargs))
             value.meta = dict(view.meta)
         for user in users:
             user.replace_input_with(placeholder, value)
@@ -248,7 +252,8 @@ def _placeholders(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:
-    return next(node for node in graph.nodes if node.op == "output")
+    output: fx.Node = next(node for node in graph.nodes if node.op == "output")
+    return output
 
 
 def _constant_values(graph: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
@@ -267,7 +272,7 @@ def _constant_values(graph: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Nod
         else:
             args = fx.node.map_arg(node.args, lambda n: environment[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: environment[n])
-            environment[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+            environment[node] = node.target(*args, **kwargs)
         if node in wanted:
             values[node] = environment[node].detach().clone().contiguous()
     return values
@@ -299,7 +304,7 @@ def _rewrite(
             origin[node] = f"input:{input_names[index]}"
 
     output = _output_node(forward.graph)
-    results = list(output.args[0])
+    results = list(cast("Sequence[fx.Node]", output.args[0]))  # the forward returns a flat tuple of nodes
     activations, saved = results[0], results[1:]
     saved_kinds: list[str] = []  # per saved tensor: where the backward graph gets it from
     intermediates: list[fx.Node] = []
@@ -350,7 +355,8 @@ def _rewrite(
             backward_inputs.append(name)
 
     output = _output_node(backward.graph)
-    gradients = list(output.args[0])[count + 2 :]  # grads of the LoRA inputs, in input order
+    # Grads of the LoRA inputs, in input order (the backward returns one gradient, or None, per input).
+    gradients = list(cast("Sequence[fx.Node | None]", output.args[0]))[count + 2 :]
     output.args = (tuple(gradients),)
     backward.graph.eliminate_dead_code()
     # Inputs the LoRA gradients turn out not to need are dropped: fewer tensors for the client to keep.
@@ -394,4 +400,6 @@ def export_graph(graph: fx.GraphModule, input_names: list[str], output_names: li
         optimize=True,
         verbose=False,
     )
+    if program is None:  # dynamo=True always returns an ONNXProgram; this narrows the type
+        raise RuntimeError("torch.onnx.export returned no ONNXProgram")
     program.save(str(path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ def build_reference(
         model,
         LoraConfig(
             r=lora.rank,
-            lora_alpha=lora.alpha,
+            # peft annotates lora_alpha as int, but only divides by it: a float keeps a non-integral alpha as it is.
+            lora_alpha=cast(int, lora.alpha),
             target_modules=list(lora.targets),
             lora_dropout=0.0,
             fan_in_fan_out=family.weight_is_in_out,
@@ -88,7 +90,7 @@ def train_centralized(
         ).logits
         loss = causal_lm_loss(logits, torch.from_numpy(labels))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses

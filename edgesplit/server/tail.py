@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -93,7 +93,8 @@ def load_tail_model(
     torch.manual_seed(seed)  # the tail's LoRA A matrices are random: seeded so that runs repeat
     lora_config = LoraConfig(
         r=int(lora_settings["rank"]),
-        lora_alpha=float(lora_settings["alpha"]),
+        # peft annotates lora_alpha as int, but only divides by it: a float keeps a non-integral alpha as it is.
+        lora_alpha=cast(int, float(lora_settings["alpha"])),
         target_modules=list(lora_settings["targets"]),
         lora_dropout=0.0,
         fan_in_fan_out=family.weight_is_in_out,
@@ -166,7 +167,7 @@ class Tail:
         loss = causal_lm_loss(self._logits(inputs, mask), target)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         if self.optimizer is not None:
             self.optimizer.step()
         grads = inputs.grad.numpy() if train_head and inputs.grad is not None else None
