@@ -105,9 +105,9 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
             raise ArtifactError(
                 f"tail adapter {name} is outside the tail's layers [{stage.first_layer}, {stage.end_layer})"
             )
-        shape = module_shapes.get((parsed.module_path, parsed.matrix))
-        if shape is not None and tuple(value.shape) != shape:
-            raise ArtifactError(f"tail adapter {name} has shape {tuple(value.shape)}, the head's {shape}")
+        head_shape = module_shapes.get((parsed.module_path, parsed.matrix))
+        if head_shape is not None and tuple(value.shape) != head_shape:
+            raise ArtifactError(f"tail adapter {name} has shape {tuple(value.shape)}, the head's {head_shape}")
 
 
 def _compare_names(side: str, names: set[str], expected: set[str]) -> None:
@@ -131,11 +131,12 @@ def peft_config(manifest: Manifest, adapter_names: list[str]) -> Any:
             for parsed in map(parse_adapter_name, adapter_names)
         }
     )
-    alpha = manifest.lora.alpha
+    # PEFT types lora_alpha as an int but only ever divides it by r: a fractional alpha stays a float, exact.
+    alpha: Any = int(manifest.lora.alpha) if float(manifest.lora.alpha).is_integer() else manifest.lora.alpha
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=manifest.lora.rank,
-        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        lora_alpha=alpha,
         target_modules=modules,
         lora_dropout=0.0,
         bias="none",
