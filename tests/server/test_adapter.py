@@ -172,3 +172,18 @@ def test_artifacts_of_another_cut_or_model_are_refused(trained, tiny_artifacts, 
     save_file(tail, str(latest))
     with pytest.raises(ArtifactError, match=dropped.replace(".", r"\.")):
         export_adapter(broken, llama_artifacts, tmp_path / "out")
+
+
+def test_the_commands_export_an_adapter_and_generate_with_it(trained, tmp_path, capsys) -> None:
+    artifacts, checkpoint_dir = trained[FAMILIES[0]]
+    adapter_dir = tmp_path / "my-adapter"
+    argv = ["adapter", "--checkpoint", str(checkpoint_dir), "--artifacts", str(artifacts), "--out", str(adapter_dir)]
+    assert edgesplit_main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"round {ROUNDS} written to {adapter_dir}" in said and "edgesplit generate --adapter" in said
+
+    out = tmp_path / "outputs.jsonl"
+    argv = ["generate", "--adapter", str(adapter_dir), "--prompt", "w4 w7", "--max-new-tokens", "3", "--out", str(out)]
+    assert edgesplit_main(argv) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt"] == "w4 w7" and isinstance(record["output"], str)
