@@ -89,18 +89,20 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
         return
     stage = manifest.stage(TAIL)
     # Every layer carries LoRA on the same modules: the head's tell which, when the head has any.
-    module_shapes = {
-        (parsed.module_path, parsed.matrix): tuple(head[name].shape)
-        for name in head
-        for parsed in (parse_adapter_name(name),)
-    }
+    module_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+    for name, value in head.items():
+        parsed = parse_adapter_name(name)  # a name the manifest lists: valid
+        module_shapes[(parsed.module_path, parsed.matrix)] = tuple(value.shape)
     if module_shapes:
         expected_tail = {
             adapter_name(layer, module_path, matrix) for layer in stage.layers for module_path, matrix in module_shapes
         }
         _compare_names("tail (tail LoRA)", set(tail), expected_tail)
     for name, value in tail.items():
-        parsed = parse_adapter_name(name)
+        try:
+            parsed = parse_adapter_name(name)
+        except ValueError as error:
+            raise ArtifactError(f"the checkpoint's tail LoRA holds {error}") from None
         if parsed.layer not in stage.layers:
             raise ArtifactError(
                 f"tail adapter {name} is outside the tail's layers [{stage.first_layer}, {stage.end_layer})"
