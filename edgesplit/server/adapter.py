@@ -33,6 +33,7 @@ from edgesplit.lora_names import adapter_name, parse_adapter_name, to_peft_keys
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+GGUF_FILE = "adapter.gguf"  # written too when the base is a .gguf file, for llama.cpp
 
 
 def round_directory(checkpoint_dir: Path, round_number: int | None) -> Path:
@@ -181,6 +182,17 @@ def write_merged(adapter_dir: Path, base: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def write_gguf_for_base(manifest: Manifest, artifacts: Path, adapters: Mapping[str, np.ndarray], path: Path) -> Path:
+    """The adapter as llama.cpp's GGUF LoRA file, for the base model the export read."""
+    from edgesplit.export.families import family_by_name
+    from edgesplit.server.adapter_gguf import attention_heads_of, write_gguf_adapter
+
+    heads, key_value_heads = attention_heads_of(artifacts, Path(manifest.model_source))
+    layers_path = family_by_name(manifest.family).layers_path
+    alpha, layers = manifest.lora.alpha, manifest.num_layers
+    return write_gguf_adapter(adapters, manifest.family, layers_path, layers, heads, key_value_heads, alpha, path)
+
+
 def export_adapter(
     checkpoint_dir: Path, artifacts: Path, out_dir: Path, round_number: int | None = None, merge: bool = False
 ) -> tuple[int, Path]:
@@ -191,7 +203,10 @@ def export_adapter(
     check_adapters_fit(manifest, head, tail)
     adapters = {**head, **tail}
     if not merge:
-        return finished, write_adapter(manifest, adapters, out_dir)
+        write_adapter(manifest, adapters, out_dir)
+        if manifest.model_source.endswith(".gguf"):  # llama.cpp runs a GGUF base: give it the adapter too
+            write_gguf_for_base(manifest, artifacts, adapters, out_dir / GGUF_FILE)
+        return finished, out_dir
     with tempfile.TemporaryDirectory(prefix="edgesplit-adapter-") as scratch:
         write_adapter(manifest, adapters, Path(scratch))
         return finished, write_merged(Path(scratch), manifest.model_source, out_dir)

@@ -22,6 +22,7 @@ from edgesplit.cli import main as edgesplit_main
 from edgesplit.client.client import Client, ClientConfig
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError
+from edgesplit.lora_names import parse_adapter_name
 from edgesplit.server.adapter import CONFIG_FILE, WEIGHTS_FILE, export_adapter
 from edgesplit.server.checkpoint import load_latest
 from edgesplit.server.server import Server, ServerConfig
@@ -187,3 +188,50 @@ def test_the_commands_export_an_adapter_and_generate_with_it(trained, tmp_path, 
     assert edgesplit_main(argv) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["prompt"] == "w4 w7" and isinstance(record["output"], str)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gguf_adapter_holds_the_matrices_under_llama_cpp_names(trained, tmp_path, family) -> None:
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from edgesplit.server.adapter import load_round_adapters, round_directory, write_gguf_for_base
+
+    artifacts, checkpoint_dir = trained[family]
+    manifest = Head(artifacts, verify=False).manifest
+    _, head, tail = load_round_adapters(round_directory(checkpoint_dir, None))
+    adapters = {**head, **tail}
+    path = write_gguf_for_base(manifest, artifacts, adapters, tmp_path / "adapter.gguf")
+
+    reader = gguf.GGUFReader(str(path))
+    alpha_field = reader.fields[gguf.Keys.Adapter.LORA_ALPHA]
+    assert float(alpha_field.parts[alpha_field.data[0]][0]) == manifest.lora.alpha
+    tensors = {tensor.name: np.asarray(tensor.data) for tensor in reader.tensors}
+    assert len(tensors) == len(adapters)
+    # The reading side's own inverse (transformers' loader of llama.cpp files) must give back PEFT's matrices.
+    config = json.loads((artifacts / "tail" / "config.json").read_text())
+    processor = LlamaTensorProcessor(config=config)
+    module_names = {"self_attn.q_proj": "attn_q", "self_attn.v_proj": "attn_v", "attn.c_attn": "attn_qkv"}
+    for name, value in adapters.items():
+        parsed = parse_adapter_name(name)
+        stored = tensors[f"blk.{parsed.layer}.{module_names[parsed.module_path]}.weight.lora_{parsed.matrix.lower()}"]
+        if family == "llama" and parsed.matrix == "B":  # B's rows are the weight's rows; A's columns are not
+            stored = processor.process(stored, f"blk.{parsed.layer}.{module_names[parsed.module_path]}.weight").weights
+        np.testing.assert_array_equal(stored, value, err_msg=name)
+    if family == "llama":  # q's B really was reordered: the plain copy would not pass the check above
+        q_b = adapters["layers.2.self_attn.q_proj.lora_B"]
+        assert not np.array_equal(tensors["blk.2.attn_q.weight.lora_b"], q_b)
+
+
+def test_a_gguf_base_gets_the_gguf_adapter_beside_the_peft_one(trained, tmp_path) -> None:
+    artifacts, checkpoint_dir = trained["llama"]
+    from_gguf = tmp_path / "artifacts"
+    shutil.copytree(artifacts, from_gguf)
+    manifest = json.loads((from_gguf / "manifest.json").read_text())
+    manifest["model"]["source"] = str(tmp_path / "base.Q4_1.gguf")  # as an export of a .gguf file records it
+    (from_gguf / "manifest.json").write_text(json.dumps(manifest))
+
+    _, adapter_dir = export_adapter(checkpoint_dir, from_gguf, tmp_path / "adapter")
+    assert (adapter_dir / "adapter.gguf").is_file() and (adapter_dir / WEIGHTS_FILE).is_file()
+    _, plain_dir = export_adapter(checkpoint_dir, artifacts, tmp_path / "plain")
+    assert not (plain_dir / "adapter.gguf").exists()
