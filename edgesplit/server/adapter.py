@@ -11,6 +11,7 @@ hold PEFT's layout (A: (rank, in), B: (out, rank)) and scale updates by alpha / 
 `target_modules` lists every adapted module by its full name, so PEFT adapts exactly those modules and no
 same-named module elsewhere in the base model.
 
+When the base is a .gguf file, the same matrices also go into adapter.gguf for llama.cpp (adapter_gguf.py).
 `--merge` loads the base model, applies the adapter with peft, merges it into the weights and saves a plain
 transformers model directory (safetensors, config and tokenizer).
 """
