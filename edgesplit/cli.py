@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     "demo": ("edgesplit.server.demo", "export, serve and train N clients on this machine", "export,server"),
     "compare": ("edgesplit.server.compare", "run split, FedLLM and KD-FedLLM on the same data", "export,server"),
     "profile": ("edgesplit.profiles.cli", "measure the cost of each cut layer on this device", "export"),
+    "adapter": ("edgesplit.server.adapter", "write a run's result as a PEFT adapter (or merged weights)", "server"),
+    "generate": ("edgesplit.server.hf_generate", "generate with a base model and an adapter (KV cache)", "server"),
 }
 
 
