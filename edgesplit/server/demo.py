@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from edgesplit.server.orchestrate import (
     Children,
     ClientCommand,
     ExportCommand,
+    LogTicker,
     RunError,
     ServeCommand,
     follow,
@@ -51,15 +53,17 @@ class DemoConfig:
     steps_per_round: int = 4
     cut_layer: int = 4
     quantize: str = "none"
-    # A short task needs a short window: 16 tokens holds the longest shape-codes example (14 tokens with
-    # EOS), and a training step costs about 8x less than at the exporter's default of 128.
-    max_seq_len: int = 16
+    # None: sized for the data. A short task needs a short window: 16 tokens holds the longest shape-codes
+    # example (14 tokens with EOS), and a training step costs about 8x less than at the exporter's 128. With
+    # --data, the window that holds 95% of the examples whole, up to max_seq_len_cap.
+    max_seq_len: int | None = None
+    max_seq_len_cap: int = 256
     batch_size: int = 4
     lora_rank: int = 8
     learning_rate: float = 3e-3
     task: str = "shape-codes"
     train_examples: int = 240
-    eval_examples: int = 24
+    eval_examples: int | None = None  # None: 24 of the generated task, or every line of --eval-data
     data: Path | None = None
     eval_data: Path | None = None
     alpha: float = 0.5
@@ -77,8 +81,21 @@ class DemoConfig:
             )
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise DemoError(f"--alpha must be a number > 0, got {self.alpha}")
-        if self.train_examples < self.clients or self.eval_examples < 1:
+        if self.train_examples < self.clients or (self.eval_examples is not None and self.eval_examples < 1):
             raise DemoError("--train-examples must be at least --clients, and --eval-examples at least 1")
+        if (self.max_seq_len is not None and self.max_seq_len < 2) or self.max_seq_len_cap < 2:
+            raise DemoError("--max-seq-len and --max-seq-len-cap must be at least 2 (a context and a target)")
+
+    @property
+    def window(self) -> int:
+        """The sequence length of the export; run_demo sizes it (size_window) before anything needs it."""
+        if self.max_seq_len is None:
+            raise DemoError("the window is not sized yet: size_window sizes it from the data first")
+        return self.max_seq_len
+
+
+GENERATED_EVAL_EXAMPLES = 24  # held-out combinations of the generated task, unless --eval-examples says
+GENERATED_TASK_WINDOW = 16  # see DemoConfig.max_seq_len
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
     parser.add_argument("--train-examples", type=int, default=d.train_examples)
-    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out prompts scored")
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=d.eval_examples,
+        help="held-out prompts scored: the first N (default: 24 of the generated task, every line of --eval-data)",
+    )
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the export's batch size")
-    parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="the export's sequence length")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=d.max_seq_len,
+        help="the export's sequence length (default: 16 for the generated task; with --data, the length that "
+        "holds 95%% of the examples whole, rounded up to a multiple of 16)",
+    )
+    parser.add_argument(
+        "--max-seq-len-cap",
+        type=int,
+        default=d.max_seq_len_cap,
+        help="the longest window sized from --data (default %(default)s): a longer one is refused, naming it",
+    )
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
     parser.add_argument("--seed", type=int, default=d.seed)
     # One by default: on a small machine shared by the server, N clients and the demo itself, a second
@@ -158,6 +192,14 @@ def default_model_source() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
 
 
+def same_model(config: DemoConfig, manifest: Any) -> bool:
+    """Whether the export of `manifest` came from the model `config` asks for."""
+    requested = default_model_source() if config.model == DEFAULT_MODEL else Path(config.model).expanduser()
+    if requested.exists():
+        return requested.resolve() == Path(manifest.model_source).expanduser().resolve()
+    return bool(manifest.model_source == config.model)  # a hub id
+
+
 def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = False) -> str | None:
     """Why `artifacts` cannot be reused for `config` (None: it can); `full_model`: the whole-model export."""
     from edgesplit.client.artifacts import load_manifest
@@ -166,12 +208,7 @@ def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = F
         manifest = load_manifest(artifacts, verify=True)
     except EdgesplitError as error:
         return str(error)
-    requested = default_model_source() if config.model == DEFAULT_MODEL else Path(config.model).expanduser()
-    if requested.exists():
-        same_model = requested.resolve() == Path(manifest.model_source).expanduser().resolve()
-    else:  # a hub id
-        same_model = manifest.model_source == config.model
-    differ = [] if same_model else [f"it was exported from {manifest.model_source}"]
+    differ = [] if same_model(config, manifest) else [f"it was exported from {manifest.model_source}"]
     # A whole-model export's cut is its last layer, whatever --cut-layer says.
     cut_layer = manifest.num_layers if full_model else config.cut_layer
     for option, have, want in (
@@ -202,8 +239,102 @@ def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
             f"exporting {config.model} cut at layer {config.cut_layer} for {config.batch_size} x "
             f"{config.max_seq_len} tokens (quantize {config.quantize}) into {artifacts}"
         )
-    children.run("export", export_command(config, artifacts), config.out / "logs" / "export.log")
+    log = config.out / "logs" / "export.log"
+    ticker = LogTicker("[demo] exporting", log, say)
+    try:
+        children.run("export", export_command(config, artifacts), log, on_tick=ticker)
+    finally:
+        seconds = ticker.close()
+    say(f"exported in {seconds:.0f} s")
     return artifacts
+
+
+# ---------------------------------------------------------------------------------------------- the window
+
+
+def measuring_tokenizer(config: DemoConfig) -> tuple[Any, int | None]:
+    """The model's tokenizer (a `tokenizers.Tokenizer`) and EOS id before any export of this run: an earlier
+    export's of the same model, or else the model's own (which downloads the default model on first use)."""
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import load_tokenizer
+
+    artifacts = config.out / "artifacts"
+    try:
+        manifest = load_manifest(artifacts, verify=False)
+        if same_model(config, manifest):
+            return load_tokenizer(artifacts), manifest.eos_token_id
+    except EdgesplitError:
+        pass  # no usable earlier export: read the model's own
+    from edgesplit.export.models import fetch_default_model
+
+    say(f"reading the tokenizer of {config.model} to size the window for your data")
+    try:
+        from transformers import AutoTokenizer
+
+        if config.model == DEFAULT_MODEL:
+            path = fetch_default_model()
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except (OSError, ValueError) as error:
+        raise DemoError(f"cannot read the tokenizer of {config.model!r} to size the window: {error}") from None
+    if not tokenizer.is_fast:
+        raise DemoError(f"model {config.model!r} has no fast tokenizer (tokenizer.json); the edge client needs one")
+    return tokenizer.backend_tokenizer, tokenizer.eos_token_id
+
+
+def size_window(config: DemoConfig) -> DemoConfig:
+    """`config` with its window settled: the user's --max-seq-len, the generated task's 16, or with --data the
+    length that holds 95% of the examples (training and scored) whole. One past the cap is refused, naming it."""
+    if config.max_seq_len is not None:
+        return config
+    if config.data is None or config.eval_data is None:
+        return replace(config, max_seq_len=GENERATED_TASK_WINDOW)
+    from edgesplit.client.data import read_jsonl, sequence_lengths
+
+    tokenizer, eos_token_id = measuring_tokenizer(config)
+    examples = read_jsonl(config.data) + read_jsonl(config.eval_data)[: config.eval_examples]
+    lengths = sequence_lengths(tokenizer, examples, eos_token_id)
+    window = lengths.window_fitting(0.95, 16)
+    if window > config.max_seq_len_cap:
+        raise DemoError(
+            f"95% of the examples of --data and --eval-data fit in {window} tokens, more than --max-seq-len-cap "
+            f"{config.max_seq_len_cap} (the longest is {max(lengths.total)}): pass --max-seq-len {window} to train "
+            "on them whole (a step costs more with every token), or a shorter --max-seq-len to cut them"
+        )
+    say(
+        f"window: {window} tokens, which holds {1 - lengths.truncated(window) / len(lengths.total):.0%} of your "
+        f"{len(lengths.total)} examples whole (the longest has {max(lengths.total)}); --max-seq-len sets another"
+    )
+    return replace(config, max_seq_len=window)
+
+
+def data_fit(artifacts: Path, data: DemoData, config: DemoConfig) -> dict[str, dict[str, int]]:
+    """What the export's window does to each side's examples: how many it cuts, how many it leaves with no
+    target token (those teach nothing, and score nothing), by the tokenizer that training uses."""
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import load_tokenizer, read_jsonl, sequence_lengths
+
+    manifest = load_manifest(artifacts, verify=False)
+    tokenizer = load_tokenizer(artifacts)
+    fit = {}
+    for side, examples in (("train", read_jsonl(data.train)), ("eval", data.eval_examples)):
+        lengths = sequence_lengths(tokenizer, examples, manifest.eos_token_id)
+        fit[side] = {
+            "examples": len(examples),
+            "truncated": lengths.truncated(manifest.max_seq_len),
+            "without_targets": lengths.without_targets(manifest.max_seq_len),
+            "longest": max(lengths.total, default=0),
+        }
+        counts = fit[side]
+        text = (
+            f"{side} data in the {manifest.max_seq_len}-token window: {counts['truncated']} of "
+            f"{counts['examples']} examples cut, {counts['without_targets']} left with no target token"
+        )
+        if counts["without_targets"] or counts["truncated"] > 0.05 * counts["examples"]:
+            text += f"; WARNING: a longer --max-seq-len would fit more (the longest example has {counts['longest']})"
+        say(text)
+    return fit
 
 
 def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False) -> ExportCommand:
@@ -215,7 +346,7 @@ def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False
         full_model=full_model,
         quantize=config.quantize,
         batch_size=config.batch_size,
-        max_seq_len=config.max_seq_len,
+        max_seq_len=config.window,
         lora_rank=config.lora_rank,
         lora_alpha=2.0 * config.lora_rank,
         seed=config.seed,
@@ -232,6 +363,7 @@ class DemoData:
     group_names: list[str]
     client_groups: list[dict[str, int]]  # per client: group name -> examples
     eval_examples: list[Any] = field(repr=False)  # edgesplit.client.data.Example, for scoring
+    fit: dict[str, dict[str, int]] = field(default_factory=dict)  # data_fit's counts, once the export is there
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -240,7 +372,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     from edgesplit.client.data import read_jsonl
 
     read_jsonl(path)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    # Split on "\n" alone, as read_jsonl does: splitlines() would also break at a U+2028 or U+0085 inside a
+    # JSON string, which JSON Lines allows raw.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
 def write_shares(folder: Path, records: list[dict[str, Any]], parts: list[list[int]]) -> list[Path]:
@@ -261,7 +395,7 @@ def prepare_data(config: DemoConfig) -> DemoData:
     folder.mkdir(parents=True, exist_ok=True)
     if config.data is None:
         task = TASKS[config.task]
-        split = generate(task, config.train_examples, config.eval_examples, config.seed)
+        split = generate(task, config.train_examples, config.eval_examples or GENERATED_EVAL_EXAMPLES, config.seed)
         train, evaluation = folder / "train.jsonl", folder / "eval.jsonl"
         write_jsonl(train, split.train)
         write_jsonl(evaluation, split.eval)
@@ -274,6 +408,11 @@ def prepare_data(config: DemoConfig) -> DemoData:
     else:
         assert config.eval_data is not None
         train, evaluation = config.data, config.eval_data
+        if config.eval_examples is not None:  # the first N lines: what the server and the scoring both see
+            scored = read_records(config.eval_data)
+            evaluation = folder / "eval.jsonl"
+            evaluation.write_text("".join(json.dumps(r) + "\n" for r in scored[: config.eval_examples]))
+            say(f"scoring the first {min(config.eval_examples, len(scored))} of {len(scored)} lines of --eval-data")
     examples = read_records(train)  # as written: each client's share keeps every key the user wrote
     if config.data is not None:  # the user's own "group" key, on every line, or no skew at all
         read_jsonl(evaluation)  # a malformed file fails here, naming its line, before any process starts
@@ -328,15 +467,17 @@ class Scorer:
             return None
         return score(self.generator, examples, adapters)
 
-    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float:
+    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float | None:
+        """Mean loss over the target tokens; None where the window leaves none (a mean over nothing)."""
         from edgesplit.client.data import encode_examples
-        from edgesplit.server.generate import eval_loss
+        from edgesplit.server.generate import eval_loss_and_tokens
 
         manifest = self.head.manifest
         encoded = encode_examples(
             self.tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )
-        return eval_loss(self.head, self.tail, encoded, adapters, max_batches)
+        loss, tokens = eval_loss_and_tokens(self.head, self.tail, encoded, adapters, max_batches)
+        return loss if tokens else None
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         from edgesplit.server.checkpoint import load_latest
@@ -375,9 +516,10 @@ def train(
     children: Children,
     server: subprocess.Popen[bytes],
     server_log: Path,
+    say: Callable[[str], None] = say,
 ) -> None:
     """Start the clients once the server (logging to `server_log`) listens, follow everyone to the end; any
-    failure raises with the end of its log."""
+    failure raises with the end of its log. `say`: how the command that runs it prints a line."""
     out = config.out
     port = wait_for_port(server, server_log)
     say(f"server listening on ws://127.0.0.1:{port}; starting {config.clients} clients")
@@ -440,11 +582,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         return now
 
     prepare_run_dir(config.out)
+    if config.data is not None and config.eval_data is not None:
+        # Before the export (minutes): a malformed line is refused at once, naming it.
+        read_records(config.data)
+        read_records(config.eval_data)
+    config = size_window(config)
     with Children(say) as children:
         t = time.monotonic()
         artifacts = ensure_artifacts(config, children)
         t = lap("export", t)
         data = prepare_data(config)
+        data.fit.update(data_fit(artifacts, data, config))
         # The server takes a while to load its tail; the untrained model is scored meanwhile.
         server_log = config.out / "logs" / "server.log"
         server = children.start("server", serve_command(config, artifacts, data), server_log)
@@ -455,10 +603,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         before_loss = scorer.eval_loss(data.eval_examples, initial, eval_batches)
         before = scorer.score(data.eval_examples, initial)
         if before is not None:
+            loss_text = "n/a (no target tokens)" if before_loss is None else f"{before_loss:.4f}"
             say(
                 f"before training: exact match {before.exact_match:.1%}, "
                 f"token accuracy {before.token_accuracy:.1%} "
-                f"on {len(before.generations)} held-out prompts; eval loss {before_loss:.4f}"
+                f"on {len(before.generations)} held-out prompts; eval loss {loss_text}"
             )
         t = lap("score_before", t)
         train(config, artifacts, data, children, server, server_log)

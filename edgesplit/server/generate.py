@@ -186,9 +186,16 @@ def score(
 
 
 def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> float:
-    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation.
+    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation (0.0 where no
+    batch holds a target token; eval_loss_and_tokens tells that case apart)."""
+    return eval_loss_and_tokens(head, tail, encoded, adapters, max_batches)[0]
 
-    The demo also uses it for the untrained model, so that its loss curve starts at round 0 on the same scale.
+
+def eval_loss_and_tokens(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> tuple[float, int]:
+    """Mean token loss over up to `max_batches` batches, and the target tokens it is the mean of.
+
+    The demo uses it for the untrained model, so that its loss curve starts at round 0 on the server's scale,
+    and shows no number where the count is 0.
     """
     batch = head.manifest.batch_size
     count = min(len(encoded.input_ids), batch * max_batches)
@@ -203,4 +210,4 @@ def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches
         loss, counted = tail.eval_loss(activations, mask, labels)
         total += loss * counted
         tokens += counted
-    return total / max(tokens, 1)
+    return total / max(tokens, 1), tokens

@@ -10,6 +10,7 @@ shows exactly what a person would find in the run directory. Plots use matplotli
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -79,6 +80,35 @@ def _client_files(out: Path) -> list[Path]:
     return sorted(out.glob("client-*.jsonl"), key=number)
 
 
+def round_means(steps: list[dict[str, Any]]) -> tuple[list[float | None], list[int], list[int]]:
+    """Per round, in order: the mean loss over the steps that had target tokens (None if none had), how
+    many had none (their loss is null: a mean over zero tokens is no number, and would hide the others), and
+    how many steps there were."""
+    by_round: dict[int, list[float | None]] = {}
+    for step in steps:
+        by_round.setdefault(int(step.get("round", 0)), []).append(step.get("loss"))
+    means: list[float | None] = []
+    without: list[int] = []
+    for index in sorted(by_round):
+        losses = [v for v in by_round[index] if v is not None]
+        means.append(sum(losses) / len(losses) if losses else None)
+        without.append(len(by_round[index]) - len(losses))
+    return means, without, [len(by_round[index]) for index in sorted(by_round)]
+
+
+def energy_text(client: dict[str, Any]) -> str:
+    """A client's energy, with where the figure comes from: an estimate names its device profile, and says
+    when that profile was guessed because the machine was not recognised."""
+    if client.get("energy_j") is None:
+        return "-"
+    source = str(client.get("energy_source") or "")
+    if client.get("energy_method") == "estimated":
+        profile = source.removeprefix("estimate:").removesuffix(" (guessed)")
+        guessed = "guessed " if source.endswith("(guessed)") else ""
+        return f"{client['energy_j']:.1f} J (estimated from the {guessed}{profile}, not measured)"
+    return f"{client['energy_j']:.1f} J ({client.get('energy_method')}: {source})"
+
+
 def collect(out: Path) -> dict[str, Any]:
     """Everything the report shows, from server.jsonl and client-*.jsonl in `out`."""
     server = read_metrics(out / "server.jsonl")
@@ -92,10 +122,13 @@ def collect(out: Path) -> dict[str, Any]:
         client_id = summary.get("client_id") or path.stem
         phase_mean = {p: sum(s["seconds"].get(p, 0.0) for s in steps) / max(len(steps), 1) for p in PHASES}
         memory = summary.get("memory", {})
+        round_losses, round_steps_without_targets, round_steps = round_means(steps)
         clients[client_id] = {
             "steps": len(steps),
             "losses": [s["loss"] for s in steps],
-            "round_losses": [r["mean_loss"] for r in records if r["event"] == "round"],
+            "round_losses": round_losses,
+            "round_steps_without_targets": round_steps_without_targets,
+            "round_ends": list(itertools.accumulate(round_steps)),  # the client's step count at each round's end
             "bytes_up": summary.get("bytes_up", 0),
             "bytes_down": summary.get("bytes_down", 0),
             "step_bytes_up": sum(s["bytes_up"] for s in steps),
@@ -107,6 +140,7 @@ def collect(out: Path) -> dict[str, Any]:
             "steady_rss_mb": memory.get("steady_bytes", 0) / 2**20,
             "energy_j": summary.get("energy_j"),
             "energy_method": summary.get("energy_method"),
+            "energy_source": summary.get("energy_source"),
             "seconds": summary.get("seconds"),
         }
     received = sum(finished.get("bytes_received", {}).values())
@@ -177,6 +211,14 @@ def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) ->
         ylabel="loss",
         yscale=_scale(c["losses"] for c in metrics["clients"].values()),
     )
+    # Dotted verticals where each round ends: the adapters are averaged there, and the loss may jump.
+    ends: list[int] = next((c["round_ends"] for c in metrics["clients"].values() if c.get("round_ends")), [])
+    for number, end in enumerate(ends[:-1], start=1):
+        per_step.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
+        per_step.annotate(
+            f"end of round {number}", (end + 0.5, 1), xycoords=("data", "axes fraction"),
+            rotation=90, va="top", ha="right", fontsize=7, color="grey",
+        )  # fmt: skip
     per_step.legend()
     evals = [(r["round"], r["eval_loss"]) for r in metrics["rounds"] if r["eval_loss"] is not None]
     if before_loss is not None:
@@ -212,17 +254,40 @@ def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
 
 
 def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
+    """Grouped bars per phase and client, on a log axis when the phases span orders of magnitude (a stacked
+    bar hides a 2 ms phase beside a 2 s one), and the numbers themselves in a table beside them."""
     plt = _pyplot()
     names = list(metrics["clients"])
-    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
-    left = [0.0] * len(names)
-    for phase in PHASES:
-        widths = [metrics["clients"][n]["phase_mean_s"][phase] * 1000 for n in names]
-        axes.barh(names, widths, left=left, label=phase)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    axes.set(title="client step time by phase (mean per step)", xlabel="ms")
+    means = {n: [metrics["clients"][n]["phase_mean_s"][p] * 1000 for p in PHASES] for n in names}
+    positive = [v for values in means.values() for v in values if v > 0]
+    log_scale = bool(positive) and max(positive) / min(positive) > 50
+    figure, (axes, table_axes) = plt.subplots(
+        1, 2, figsize=(12, 1.8 + 0.45 * len(PHASES)), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    height = 0.8 / max(len(names), 1)
+    for index, name in enumerate(names):
+        positions = [p + index * height for p in range(len(PHASES))]
+        axes.barh(positions, [max(v, 1e-3) if log_scale else v for v in means[name]], height=height, label=name)
+    axes.set_yticks([p + 0.4 - height / 2 for p in range(len(PHASES))], PHASES)
+    axes.set(
+        title="client step time by phase (mean per step)",
+        xlabel="ms (log scale)" if log_scale else "ms",
+        xscale="log" if log_scale else "linear",
+    )
     axes.invert_yaxis()
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes.legend(fontsize=7)
+    table_axes.axis("off")
+    rows = [[f"{v:.1f}" for v in means[n]] + [f"{sum(means[n]):.0f}"] for n in names]
+    if rows:
+        table = table_axes.table(
+            cellText=[list(column) for column in zip(*rows, strict=True)],
+            rowLabels=[*PHASES, "step"],
+            colLabels=names,
+            loc="center",
+        )
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        table_axes.set_title("ms per step", fontsize=9)
     _save(plt, figure, path, bbox_inches="tight")
 
 
@@ -264,6 +329,12 @@ def write_report(
     out = Path(config.out)
     manifest = load_manifest(artifacts, verify=False)
     metrics = collect(out)
+    fit = dict(getattr(data, "fit", {}))
+    eval_fit = fit.get("eval")
+    if eval_fit is not None and eval_fit["without_targets"] >= eval_fit["examples"]:
+        # The server's per-round figure is then a mean over zero tokens, written as 0.0: no number at all.
+        for entry in metrics["rounds"]:
+            entry["eval_loss"] = None
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_loss(plots / "loss.png", metrics, before_loss)
@@ -284,6 +355,7 @@ def write_report(
             "quantize": manifest.quantize,
         },
         "split": data.split,
+        "data_fit": fit,
         "client_groups": {f"client-{i}": groups for i, groups in enumerate(data.client_groups)},
         "seconds": seconds,
         "before": _score_json(before),
@@ -302,8 +374,35 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+NO_TARGETS = "n/a (no target tokens)"
+
+
+def _loss(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _round_loss(client: dict[str, Any], index: int) -> str:
+    """A client's mean training loss of round `index`, saying how many of its steps had no target token."""
+    if index >= len(client["round_losses"]):
+        return "-"
+    without = client.get("round_steps_without_targets", [0] * (index + 1))[index]
+    text = _loss(client["round_losses"][index], NO_TARGETS)
+    if without and client["round_losses"][index] is not None:
+        text += f" ({without} step{'s' if without > 1 else ''} without target tokens left out)"
+    return text
+
+
+def _fit_lines(fit: dict[str, dict[str, int]], window: int) -> list[str]:
+    """What the window did to the data, per side; empty when nothing was cut."""
+    lines = []
+    for side, counts in fit.items():
+        if counts["truncated"] or counts["without_targets"]:
+            lines.append(
+                f"{side}: {counts['truncated']} of {counts['examples']} examples longer than the {window}-token "
+                f"window were cut, {counts['without_targets']} of them to no target token at all (these teach "
+                f"and score nothing); the longest has {counts['longest']} tokens"
+            )
+    return lines
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
@@ -321,6 +420,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"learning rate {config['learning_rate']:g}, head weights quantize={model['quantize']}). "
         f"Data split: {summary['split']}.",
         "",
+        *[f"**Window:** {line}.\n" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])],
         "## Held-out score (greedy generation through the split model)",
         "",
     ]
@@ -331,10 +431,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
             "| | exact match | token accuracy | eval loss |",
             "|---|---|---|---|",
             f"| before training | {_pct(before['exact_match'])} | {_pct(before['token_accuracy'])} | "
-            f"{_loss(summary['eval_loss'][0])} |",
+            f"{_loss(summary['eval_loss'][0], NO_TARGETS)} |",
             f"| after {config['rounds']} rounds | {_pct(after['exact_match'])} | "
             f"{_pct(after['token_accuracy'])} | "
-            f"{_loss(summary['eval_loss'][-1])} |",
+            f"{_loss(summary['eval_loss'][-1], NO_TARGETS)} |",
             "",
             f"On {after['count']} held-out prompts. Some of them:",
             "",
@@ -354,28 +454,27 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|" + "---|" * len(metrics["clients"]),
     ]
     for index, entry in enumerate(metrics["rounds"]):
-        train = [
-            _loss(c["round_losses"][index]) if index < len(c["round_losses"]) else "-"
-            for c in metrics["clients"].values()
-        ]
+        train = [_round_loss(c, index) for c in metrics["clients"].values()]
         lines.append(
-            f"| {entry['round']} | {_loss(entry['eval_loss'])} | {entry['seconds']:.1f} | " + " | ".join(train) + " |"
+            f"| {entry['round']} | {_loss(entry['eval_loss'], NO_TARGETS)} | {entry['seconds']:.1f} | "
+            + " | ".join(train)
+            + " |"
         )
     lines += [
         "",
-        "Client columns: mean training loss of the round.",
+        "Client columns: mean training loss of the round, over the steps whose batch had target tokens.",
         "",
         "![loss](plots/loss.png)",
         "",
         "## Clients",
         "",
-        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy J |",
+        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, client in metrics["clients"].items():
         groups = summary["client_groups"].get(name, {})
         group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
-        energy = "-" if client["energy_j"] is None else f"{client['energy_j']:.1f} ({client['energy_method']})"
+        energy = energy_text(client)
         lines.append(
             f"| {name} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
             f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
@@ -442,12 +541,15 @@ def terminal_report(summary: dict[str, Any]) -> str:
         )
         example = next((g for g in after["examples"] if g["exact"]), after["examples"][0])
         lines.append(f"  e.g. {example['prompt']!r} -> {example['output']!r} (target {example['target']!r})")
-    lines.append(f"  eval loss {_loss(summary['eval_loss'][0])} -> {_loss(summary['eval_loss'][-1])}")
+    lines.append(
+        f"  eval loss {_loss(summary['eval_loss'][0], NO_TARGETS)} -> {_loss(summary['eval_loss'][-1], NO_TARGETS)}"
+    )
+    lines += [f"  WARNING {line}" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])]
     for name, client in metrics["clients"].items():
         lines.append(
             f"  {name}: {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
             f"{client['bytes_down'] / 1e6:.1f} MB down, {client['step_mean_s'] * 1000:.0f} ms/step, "
-            f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB"
+            f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB, energy {energy_text(client)}"
         )
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items() if k != "total")
     lines.append(f"  wall time {summary['seconds']['total']:.0f} s ({stages})")
