@@ -36,12 +36,15 @@ from edgesplit.server.demo import (
     artifacts_mismatch,
     export_command,
     read_records,
-    say,
     serve_command,
     train,
     write_shares,
 )
-from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
+from edgesplit.server.orchestrate import Children, LogTicker, RunError, sigterm_as_interrupt
+
+
+def say(text: str) -> None:
+    print(f"[compare] {text}", flush=True)
 
 
 class CompareError(RunError):
@@ -222,20 +225,57 @@ def prepare_data(config: CompareConfig) -> CompareData:
 # ---------------------------------------------------------------------------------------------- artifacts
 
 
+def artifacts_dir(config: CompareConfig, full_model: bool) -> Path:
+    return config.out / "artifacts" / ("full" if full_model else f"split-cut{config.cut_layer}")
+
+
+def reusable(config: CompareConfig, full_model: bool) -> bool:
+    """Whether an earlier run left an export that fits these settings."""
+    artifacts = artifacts_dir(config, full_model)
+    return artifacts.exists() and artifacts_mismatch(config.demo_config(config.out), artifacts, full_model) is None
+
+
 def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children) -> Path:
-    name = "full" if full_model else f"split-cut{config.cut_layer}"
-    artifacts = config.out / "artifacts" / name
+    """An export for `full_model` (FedLLM and KD share one): an earlier run's if it fits, else made now."""
+    artifacts = artifacts_dir(config, full_model)
     demo_config = config.demo_config(config.out)
     if artifacts.exists():
         reason = artifacts_mismatch(demo_config, artifacts, full_model)
         if reason is None:
-            say(f"reusing {artifacts}")
+            say(f"reusing {artifacts} from an earlier run (same model and export options)")
             return artifacts
         say(f"exporting again: {artifacts} differs ({reason})")
-    say(f"exporting {config.model} ({name}) for {config.batch_size} x {config.max_seq_len} tokens")
+    say(f"exporting {config.model} ({artifacts.name}) for {config.batch_size} x {config.max_seq_len} tokens")
     command = export_command(demo_config, artifacts, full_model)
-    children.run(f"export-{name}", command, config.out / "logs" / f"export-{name}.log")
+    log = config.out / "logs" / f"export-{artifacts.name}.log"
+    ticker = LogTicker(f"[compare] exporting {artifacts.name}", log, say)
+    try:
+        children.run(f"export-{artifacts.name}", command, log, on_tick=ticker)
+    finally:
+        seconds = ticker.close()
+    say(f"exported {artifacts.name} in {seconds:.0f} s")
     return artifacts
+
+
+# Rough costs, measured with the default model (SmolLM2-135M) on a busy 2-core machine: what an estimate
+# before the run can go by. Other models and machines differ; the estimate says so.
+EXPORT_SECONDS = {False: 60.0, True: 480.0}  # split at a cut, whole model
+STEP_SECONDS_AT_64_TOKENS = {"split": 2.0, "fedllm": 3.0, "kd": 3.0}  # one client step, batch 4
+SCORE_SECONDS_PER_INPUT = 1.5
+
+
+def estimated_seconds(config: CompareConfig) -> float:
+    """A rough wall-time estimate for the chosen settings, before anything runs (exports reused count 0)."""
+    kinds = {framework != "split" for framework in config.frameworks}
+    seconds = sum(EXPORT_SECONDS[full] for full in kinds if not reusable(config, full))
+    token_share = (config.batch_size * config.max_seq_len) / (4 * 64)
+    steps = config.clients * config.rounds * config.steps_per_round
+    for framework in config.frameworks:
+        # The split clients queue at one shared tail; the others train side by side on their own cores.
+        parallel = 1 if framework == "split" else min(config.clients, 2)
+        seconds += STEP_SECONDS_AT_64_TOKENS[framework] * token_share * steps / parallel
+        seconds += SCORE_SECONDS_PER_INPUT * config.eval_examples
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -256,7 +296,7 @@ def run_framework(
     )
     server_log = run / "logs" / "server.log"
     server = children.start(f"server-{framework}", command, server_log)
-    train(demo_config, artifacts, data.demo_data, children, server, server_log)
+    train(demo_config, artifacts, data.demo_data, children, server, server_log, say)
     return run
 
 
@@ -408,7 +448,17 @@ def write_outputs(
         "analytic sizes count payload only.",
     ]
     about = {"proxy": data.proxy_note, "partition": data.demo_data.split}
-    return write_comparison(config.out, results, command, seconds, notes, about)
+    return write_comparison(config.out, results, command, seconds, notes, about, run_caption(config))
+
+
+def run_caption(config: CompareConfig) -> str:
+    """The settings a reader of the plot needs, in one line."""
+    return (
+        f"{Path(config.model).name}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} "
+        f"steps, batch {config.batch_size} x {config.max_seq_len} tokens, split cut at layer {config.cut_layer}, "
+        f"LoRA rank {config.lora_rank}, learning rate {config.learning_rate:g}, {config.partition} partition, "
+        f"{config.eval_examples} eval inputs"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -420,8 +470,16 @@ def run_compare(config: CompareConfig, command: str = "edgesplit compare") -> di
     data = prepare_data(config)
     proxy_count = sum(1 for line in data.proxy.read_text().splitlines() if line.strip()) if data.proxy else 0
     results: dict[str, dict[str, Any]] = {}
+    estimate = estimated_seconds(config)
+    say(
+        f"rough estimate: about {estimate / 60:.0f} min for these settings ({len(config.frameworks)} frameworks, "
+        f"{config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps; timed with the "
+        "default model on a 2-core machine, so only a guide)"
+    )
     with Children(say) as children:
-        artifacts = {fw: ensure_artifacts(config, fw != "split", children) for fw in config.frameworks}
+        kinds = sorted({framework != "split" for framework in config.frameworks})  # the split export first
+        exports = {full: ensure_artifacts(config, full, children) for full in kinds}
+        artifacts = {fw: exports[fw != "split"] for fw in config.frameworks}
         for framework in config.frameworks:
             say(f"--- {framework}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps")
             t = time.monotonic()

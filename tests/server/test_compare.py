@@ -75,3 +75,32 @@ def test_flops_by_hand() -> None:
     assert client_flops_per_step(shapes, 1, 1, 2, lm_head=False)["total"] == 2 * 704
     # The LM head adds 2*H*V per token forward.
     assert client_flops_per_step(shapes, 1, 1, 2, lm_head=True)["forward"] == 704 + 2 * 2 * 4 * 10
+
+
+def test_the_comparison_plot_is_a_captioned_grid_that_compare_md_embeds(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from edgesplit.server.compare_report import write_comparison
+
+    figures = {"eval_loss": 2.0, "bytes_up_per_client_round": 1e6, "client_flops_per_step": 4e10,
+               "client_seconds_per_step": 1.0, "peak_rss_mb": 400.0, "bleu": 0.1, "rouge_l": 0.3,
+               "layers_on_device": 4, "num_layers": 30}  # fmt: skip
+    results = {name: dict(figures, framework=name) for name in ("split", "fedllm", "kd")}
+    caption = "tiny: 2 clients x 1 rounds x 2 steps"
+    write_comparison(tmp_path, results, "edgesplit compare ...", 1.0, [], {}, caption)
+
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "](plots/compare.png)" in markdown and caption in markdown
+    height, width = matplotlib.image.imread(tmp_path / "plots" / "compare.png").shape[:2]
+    assert height >= 500 and width / height < 2.5  # a grid, not a strip of panels
+
+
+def test_compare_estimates_its_time_and_counts_only_the_exports_it_must_make(tmp_path: Path) -> None:
+    from edgesplit.server.compare import EXPORT_SECONDS, estimated_seconds
+
+    config = CompareConfig(data=tmp_path / "t.jsonl", eval_data=tmp_path / "e.jsonl", out=tmp_path / "out")
+    both = estimated_seconds(config)
+    split_only = estimated_seconds(CompareConfig(**{**config.__dict__, "frameworks": ("split",)}))
+    # fedllm and kd share one whole-model export: it is counted once, with their training and scoring.
+    assert both > split_only + EXPORT_SECONDS[True]
+    assert split_only > EXPORT_SECONDS[False]
