@@ -408,11 +408,18 @@ def prepare_data(config: DemoConfig) -> DemoData:
     else:
         assert config.eval_data is not None
         train, evaluation = config.data, config.eval_data
-        if config.eval_examples is not None:  # the first N lines: what the server and the scoring both see
-            scored = read_records(config.eval_data)
+        if config.eval_examples is not None:  # the first N inputs: what the server and the scoring both see
+            records, prompts = read_records(config.eval_data), [e.prompt for e in read_jsonl(config.eval_data)]
+            # Every line of a kept input stays: E2E and WebNLG give one input several references.
+            kept_inputs = list(dict.fromkeys(prompts))[: config.eval_examples]
+            wanted = set(kept_inputs)
+            kept = [record for record, prompt in zip(records, prompts, strict=True) if prompt in wanted]
             evaluation = folder / "eval.jsonl"
-            evaluation.write_text("".join(json.dumps(r) + "\n" for r in scored[: config.eval_examples]))
-            say(f"scoring the first {min(config.eval_examples, len(scored))} of {len(scored)} lines of --eval-data")
+            evaluation.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            say(
+                f"scoring the first {len(kept_inputs)} of {len(set(prompts))} inputs of --eval-data "
+                f"({len(kept)} of {len(records)} lines)"
+            )
     examples = read_records(train)  # as written: each client's share keeps every key the user wrote
     if config.data is not None:  # the user's own "group" key, on every line, or no skew at all
         read_jsonl(evaluation)  # a malformed file fails here, naming its line, before any process starts

@@ -279,13 +279,15 @@ def test_the_window_is_sized_from_own_data_or_refused_naming_the_length(run_dir,
 def test_eval_examples_scores_the_first_lines_of_own_eval_data(tmp_path: Path) -> None:
     records = [{"prompt": f"w{i}", "completion": f"w{i + 1}"} for i in range(10)]
     train = write_lines(tmp_path / "train.jsonl", records)
-    evaluation = write_lines(tmp_path / "eval.jsonl", records[3:])
+    # A second reference for w3, as E2E gives: the same input, counted once, both lines kept.
+    second_reference = {"prompt": "w3", "completion": "w9"}
+    evaluation = write_lines(tmp_path / "eval.jsonl", [records[3], second_reference, *records[4:]])
 
     data = prepare_data(DemoConfig(out=tmp_path / "a", data=train, eval_data=evaluation, eval_examples=2))
-    assert [e.prompt for e in data.eval_examples] == ["w3", "w4"]
-    assert len(data.eval.read_text().splitlines()) == 2  # the server's per-round evaluation sees the same two
+    assert [(e.prompt, e.completion) for e in data.eval_examples] == [("w3", "w4"), ("w3", "w9"), ("w4", "w5")]
+    assert len(data.eval.read_text().splitlines()) == 3  # the server's per-round evaluation sees the same lines
     data = prepare_data(DemoConfig(out=tmp_path / "b", data=train, eval_data=evaluation))
-    assert len(data.eval_examples) == 7  # by default every line
+    assert len(data.eval_examples) == 8  # by default every line
 
 
 def test_a_line_separator_inside_a_json_string_stays_in_its_line(tmp_path: Path) -> None:
