@@ -41,6 +41,7 @@ from edgesplit.server.demo import (
     write_shares,
 )
 from edgesplit.server.orchestrate import Children, LogTicker, RunError, sigterm_as_interrupt
+from edgesplit.server.report import energy_origin
 
 
 def say(text: str) -> None:
@@ -426,7 +427,7 @@ def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, p
         "client_seconds_per_step": float(np.mean([c["client_seconds_per_step"] for c in values])),
         "peak_rss_mb": max(c["peak_rss_mb"] for c in values),
         "energy_j_per_client": float(np.mean([c["energy_j"] for c in values])),
-        "energy_label": f"{values[0]['energy_method']} ({values[0]['energy_source']})",
+        "energy_label": energy_origin(values[0]["energy_method"], values[0]["energy_source"]),
         "tokens_per_client": [c["tokens"] for c in values],
         "steps_per_client": [c["steps"] for c in values],
         "clients": clients,

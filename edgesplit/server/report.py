@@ -42,6 +42,7 @@ class Progress:
         self.say = say
         self.offset = 0
         self.steps = 0
+        self.rounds_closed = 0
         self.last_said = time.monotonic()
         self.started = time.monotonic()
 
@@ -58,6 +59,7 @@ class Progress:
             if record["event"] == "step":
                 self.steps += 1
             elif record["event"] == "round":
+                self.rounds_closed += 1
                 losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
                 train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
                 eval_loss = record.get("eval_loss")
@@ -68,7 +70,11 @@ class Progress:
                 )
                 self.last_said = time.monotonic()
         if time.monotonic() - self.last_said > 15:
-            self.say(f"training: {self.steps}/{self.total_steps} steps, {time.monotonic() - self.started:.0f} s")
+            elapsed = time.monotonic() - self.started
+            if self.steps:
+                self.say(f"training: {self.steps}/{self.total_steps} steps, {elapsed:.0f} s")
+            else:  # FedLLM and KD clients train locally: the server sees their rounds, not their steps
+                self.say(f"training: round {min(self.rounds_closed + 1, self.rounds)}/{self.rounds}, {elapsed:.0f} s")
             self.last_said = time.monotonic()
 
 
@@ -101,12 +107,17 @@ def energy_text(client: dict[str, Any]) -> str:
     when that profile was guessed because the machine was not recognised."""
     if client.get("energy_j") is None:
         return "-"
-    source = str(client.get("energy_source") or "")
-    if client.get("energy_method") == "estimated":
+    return f"{client['energy_j']:.1f} J ({energy_origin(client.get('energy_method'), client.get('energy_source'))})"
+
+
+def energy_origin(method: str | None, source: str | None) -> str:
+    """Where an energy figure comes from, in words: a sensor, or the device profile an estimate used."""
+    source = source or ""
+    if method == "estimated":
         profile = source.removeprefix("estimate:").removesuffix(" (guessed)")
         guessed = "guessed " if source.endswith("(guessed)") else ""
-        return f"{client['energy_j']:.1f} J (estimated from the {guessed}{profile}, not measured)"
-    return f"{client['energy_j']:.1f} J ({client.get('energy_method')}: {source})"
+        return f"estimated from the {guessed}{profile}, not measured"
+    return f"{method}: {source}"
 
 
 def collect(out: Path) -> dict[str, Any]:
@@ -283,7 +294,7 @@ def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
             cellText=[list(column) for column in zip(*rows, strict=True)],
             rowLabels=[*PHASES, "step"],
             colLabels=names,
-            loc="center",
+            loc="upper center",  # under its title, level with the chart's top
         )
         table.auto_set_font_size(False)
         table.set_fontsize(8)
