@@ -487,7 +487,9 @@ def run_compare(config: CompareConfig, command: str = "edgesplit compare") -> di
             run = run_framework(config, framework, artifacts[framework], data, children)
             result = measure(config, framework, artifacts[framework], run, proxy_count)
             result["train_seconds"] = round(time.monotonic() - t, 1)
-            say(f"{framework}: trained in {result['train_seconds']:.0f} s, eval loss {result['eval_loss']}; scoring")
+            loss = result["eval_loss"]
+            loss_text = "n/a (no target tokens)" if loss is None else f"{loss:.4f}"
+            say(f"{framework}: trained in {result['train_seconds']:.0f} s, eval loss {loss_text}; scoring")
             result.update(task_score(config, framework, artifacts[framework], run, data))
             results[framework] = result
     seconds = time.monotonic() - started

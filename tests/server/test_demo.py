@@ -66,6 +66,8 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert done.returncode == 0, done.stdout + done.stderr
     assert "reusing" in done.stdout
     assert "held-out exact match" in done.stdout
+    # What the window does to each side's data is said, before training.
+    assert "train data in the 16-token window" in done.stdout and "eval data in the 16-token window" in done.stdout
 
     expected = [
         "report.md",
