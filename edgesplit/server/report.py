@@ -1,11 +1,11 @@
-"""The demo's report: summary.json, report.md and four PNG plots, all from the run's own metrics files, and
-the progress lines it prints while training.
+"""The demo's report: summary.json, report.md and four PNG plots (drawn by edgesplit.server.report_plots),
+all from the run's own metrics files.
 
     server.jsonl     step, round, finished records   ->  eval loss per round, bytes on the server's side
     client-*.jsonl   step, round, summary records    ->  loss per step, bytes, phase times, peak memory
 
 The numbers are read back from the files the processes wrote, not from the demo's memory, so the report
-shows exactly what a person would find in the run directory. Plots use matplotlib's Agg backend: no display.
+shows exactly what a person would find in the run directory.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
-from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from edgesplit.client.metrics import read_jsonl as read_metrics
-
-PHASES = ("head_forward", "encode", "network", "server_compute", "decode", "grad_graph", "optimizer")
+from edgesplit.server.report_plots import PHASES, plot_bytes, plot_loss, plot_memory, plot_step_time
 
 
 def config_json(config: Any) -> dict[str, Any]:
@@ -29,53 +26,6 @@ def config_json(config: Any) -> dict[str, Any]:
     if not is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"config_json takes a dataclass instance, got {type(config).__name__}")
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-
-
-class Progress:
-    """Follows server.jsonl as the server writes it, and says what happened since the last look: each round
-    as it closes, and every 15 s without one, the steps taken so far."""
-
-    def __init__(self, path: Path, rounds: int, total_steps: int, say: Callable[[str], None]) -> None:
-        self.path = path
-        self.rounds = rounds
-        self.total_steps = total_steps
-        self.say = say
-        self.offset = 0
-        self.steps = 0
-        self.rounds_closed = 0
-        self.last_said = time.monotonic()
-        self.started = time.monotonic()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            record = json.loads(line)
-            if record["event"] == "step":
-                self.steps += 1
-            elif record["event"] == "round":
-                self.rounds_closed += 1
-                losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
-                train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
-                eval_loss = record.get("eval_loss")
-                eval_text = "" if eval_loss is None else f"eval loss {eval_loss:.4f}; "
-                self.say(
-                    f"round {record['round'] + 1}/{self.rounds} closed after "
-                    f"{record['seconds']:.0f} s: {eval_text}train loss {train}"
-                )
-                self.last_said = time.monotonic()
-        if time.monotonic() - self.last_said > 15:
-            elapsed = time.monotonic() - self.started
-            if self.steps:
-                self.say(f"training: {self.steps}/{self.total_steps} steps, {elapsed:.0f} s")
-            else:  # FedLLM and KD clients train locally: the server sees their rounds, not their steps
-                self.say(f"training: round {min(self.rounds_closed + 1, self.rounds)}/{self.rounds}, {elapsed:.0f} s")
-            self.last_said = time.monotonic()
 
 
 def _client_files(out: Path) -> list[Path]:
@@ -178,144 +128,6 @@ def collect(out: Path) -> dict[str, Any]:
         "bytes_agree": received == sum(c["bytes_up"] for c in clients.values())
         and sent == sum(c["bytes_down"] for c in clients.values()),
     }
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt: Any, figure: Any, path: Path, **options: Any) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, **options)
-    plt.close(figure)
-
-
-def _scale(series: Any) -> str:
-    """Log scale where the losses span decades (a task being learned), linear where they hardly move."""
-    values = [v for losses in series for v in losses if v is not None and v > 0]
-    return "log" if values and max(values) / min(values) > 20 else "linear"
-
-
-def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) -> None:
-    plt = _pyplot()
-    figure, (per_step, per_round) = plt.subplots(1, 2, figsize=(11, 4))
-    for client_id, client in metrics["clients"].items():
-        per_step.plot(range(1, len(client["losses"]) + 1), client["losses"], label=client_id, linewidth=1.2)
-        per_round.plot(
-            range(1, len(client["round_losses"]) + 1),
-            client["round_losses"],
-            marker="o",
-            linestyle=":",
-            label=f"{client_id} train (mean)",
-        )
-    per_step.set(
-        title="training loss per step (from the tail)",
-        xlabel="client's step",
-        ylabel="loss",
-        yscale=_scale(c["losses"] for c in metrics["clients"].values()),
-    )
-    # Dotted verticals where each round ends: the adapters are averaged there, and the loss may jump.
-    ends: list[int] = next((c["round_ends"] for c in metrics["clients"].values() if c.get("round_ends")), [])
-    for number, end in enumerate(ends[:-1], start=1):
-        per_step.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
-        per_step.annotate(
-            f"end of round {number}", (end + 0.5, 1), xycoords=("data", "axes fraction"),
-            rotation=90, va="top", ha="right", fontsize=7, color="grey",
-        )  # fmt: skip
-    per_step.legend()
-    evals = [(r["round"], r["eval_loss"]) for r in metrics["rounds"] if r["eval_loss"] is not None]
-    if before_loss is not None:
-        evals.insert(0, (0, before_loss))
-    if evals:
-        per_round.plot(*zip(*evals, strict=True), marker="s", color="black", linewidth=2, label="held-out eval")
-    per_round.set(
-        title="loss per round (0 = untrained)",
-        xlabel="round",
-        ylabel="loss",
-        yscale=_scale([[loss for _, loss in evals]]),
-    )
-    per_round.set_xticks(range(0, len(metrics["rounds"]) + 1))
-    per_round.legend(fontsize=8)
-    _save(plt, figure, path)
-
-
-def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    up = [metrics["clients"][n]["bytes_up"] / 1e6 for n in names]
-    down = [metrics["clients"][n]["bytes_down"] / 1e6 for n in names]
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    positions = range(len(names))
-    bars_up = axes.bar([p - 0.2 for p in positions], up, width=0.4, label="up (activations, adapters)")
-    bars_down = axes.bar([p + 0.2 for p in positions], down, width=0.4, label="down (gradients, adapters)")
-    axes.bar_label(bars_up, fmt="%.1f", fontsize=8)
-    axes.bar_label(bars_down, fmt="%.1f", fontsize=8)
-    axes.set_xticks(list(positions), names)
-    axes.set(title="bytes on the link per client", ylabel="MB", ylim=(0, max(up + down, default=1) * 1.3))
-    axes.legend(loc="upper center", ncol=2, fontsize=8)
-    _save(plt, figure, path)
-
-
-def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
-    """Grouped bars per phase and client, on a log axis when the phases span orders of magnitude (a stacked
-    bar hides a 2 ms phase beside a 2 s one), and the numbers themselves in a table beside them."""
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    means = {n: [metrics["clients"][n]["phase_mean_s"][p] * 1000 for p in PHASES] for n in names}
-    positive = [v for values in means.values() for v in values if v > 0]
-    log_scale = bool(positive) and max(positive) / min(positive) > 50
-    figure, (axes, table_axes) = plt.subplots(
-        1, 2, figsize=(12, 1.8 + 0.45 * len(PHASES)), gridspec_kw={"width_ratios": [3, 2]}
-    )
-    height = 0.8 / max(len(names), 1)
-    for index, name in enumerate(names):
-        positions = [p + index * height for p in range(len(PHASES))]
-        axes.barh(positions, [max(v, 1e-3) if log_scale else v for v in means[name]], height=height, label=name)
-    axes.set_yticks([p + 0.4 - height / 2 for p in range(len(PHASES))], PHASES)
-    axes.set(
-        title="client step time by phase (mean per step)",
-        xlabel="ms (log scale)" if log_scale else "ms",
-        xscale="log" if log_scale else "linear",
-    )
-    axes.invert_yaxis()
-    axes.legend(fontsize=7)
-    table_axes.axis("off")
-    rows = [[f"{v:.1f}" for v in means[n]] + [f"{sum(means[n]):.0f}"] for n in names]
-    if rows:
-        table = table_axes.table(
-            cellText=[list(column) for column in zip(*rows, strict=True)],
-            rowLabels=[*PHASES, "step"],
-            colLabels=names,
-            loc="upper center",  # under its title, level with the chart's top
-        )
-        table.auto_set_font_size(False)
-        table.set_fontsize(8)
-        table_axes.set_title("ms per step", fontsize=9)
-    _save(plt, figure, path, bbox_inches="tight")
-
-
-def plot_memory(path: Path, metrics: dict[str, Any]) -> None:
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    series = (("baseline_rss_mb", "at start"), ("steady_rss_mb", "steady"), ("peak_rss_mb", "peak"))
-    for offset, (key, label) in zip((-0.27, 0.0, 0.27), series, strict=True):
-        values = [metrics["clients"][n][key] or 0.0 for n in names]
-        bars = axes.bar([i + offset for i in range(len(names))], values, width=0.27, label=label)
-        axes.bar_label(bars, fmt="%.0f", fontsize=7)
-    axes.set_xticks(range(len(names)), names)
-    peak = max((metrics["clients"][n]["peak_rss_mb"] or 0.0 for n in names), default=1.0)
-    axes.set(title="client process memory (RSS)", ylabel="MB", ylim=(0, peak * 1.3))
-    axes.legend(loc="upper center", ncol=3, fontsize=8)
-    _save(plt, figure, path)
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -96,7 +96,8 @@ def test_the_comparison_plot_is_a_captioned_grid_that_compare_md_embeds(tmp_path
 
 
 def test_compare_estimates_its_time_and_counts_only_the_exports_it_must_make(tmp_path: Path) -> None:
-    from edgesplit.server.compare import EXPORT_SECONDS, estimated_seconds
+    from edgesplit.server.compare import estimated_seconds
+    from edgesplit.server.progress import EXPORT_SECONDS
 
     config = CompareConfig(data=tmp_path / "t.jsonl", eval_data=tmp_path / "e.jsonl", out=tmp_path / "out")
     both = estimated_seconds(config)

@@ -217,7 +217,7 @@ def test_the_port_is_read_from_the_servers_log_or_its_exit_is_reported(tmp_path:
 
 
 def test_a_long_child_shows_its_elapsed_time_and_latest_log_line(tmp_path: Path) -> None:
-    from edgesplit.server.orchestrate import LogTicker, latest_log_line
+    from edgesplit.server.progress import LogTicker, latest_log_line
 
     log = tmp_path / "export.log"
     # A download's progress bar: carriage-return updates on one line, the newest last.
