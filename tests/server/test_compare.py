@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from loopback import write_task
 from tiny_models import save_tiny_model
 
@@ -13,7 +14,7 @@ from edgesplit.server.compare import CompareConfig, run_compare
 from edgesplit.server.flops import Shapes, client_flops_per_step
 
 
-def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
+def test_compare_runs_all_frameworks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = save_tiny_model("llama", tmp_path / "model")
     # context/completion lines, the E2E form (BLEU, ROUGE-L)
     write_task(tmp_path / "train.jsonl", seed=1, count=40, prompt_key="context")
@@ -38,6 +39,11 @@ def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
         threads=1,
     )
     results = run_compare(config)
+    printed = capsys.readouterr().out
+    # Its own prefix, a rough estimate first, and one whole-model export for fedllm and kd, not "reused".
+    assert "[compare] rough estimate: about" in printed
+    assert "[demo]" not in printed and "reusing" not in printed
+    assert printed.count("[compare] exported full in") == 1
     manifests = {
         name: load_manifest(config.out / "artifacts" / folder, verify=False)
         for name, folder in (("split", "split-cut1"), ("fedllm", "full"))
