@@ -228,6 +228,54 @@ def encode_examples(
     return EncodedSet(padded.input_ids, padded.attention_mask, labels, num_truncated, num_without_targets)
 
 
+@dataclass(frozen=True)
+class SequenceLengths:
+    """Token counts of a set of examples as training would tokenize them, before any window cuts them."""
+
+    context: tuple[int, ...]  # prompt + separator: never trained on
+    total: tuple[int, ...]  # context + completion + EOS
+
+    def __post_init__(self) -> None:
+        if len(self.context) != len(self.total) or any(c > t for c, t in zip(self.context, self.total, strict=True)):
+            raise DataError("SequenceLengths needs one context length per example, each at most its total")
+
+    def truncated(self, max_seq_len: int) -> int:
+        """Examples that a window of `max_seq_len` cuts on the right."""
+        return sum(total > max_seq_len for total in self.total)
+
+    def without_targets(self, max_seq_len: int) -> int:
+        """Examples with no trained token left in the window: their context fills it."""
+        return sum(context >= min(total, max_seq_len) for context, total in zip(self.context, self.total, strict=True))
+
+    def window_fitting(self, share: float = 0.95, multiple: int = 16) -> int:
+        """The shortest window, a multiple of `multiple`, that holds at least `share` of the examples whole."""
+        if not self.total:
+            raise DataError("there are no examples to size a window from")
+        if not 0 < share <= 1 or multiple < 1:
+            raise DataError(f"share must be in (0, 1] and multiple at least 1, got {share} and {multiple}")
+        ordered = sorted(self.total)
+        needed = ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
+        return max(math.ceil(needed / multiple), 1) * multiple
+
+
+def sequence_lengths(
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    eos_token_id: int | None,
+    prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
+) -> SequenceLengths:
+    """The token counts encode_examples would see, without a window: to choose one, or to say what it cuts."""
+    tokenizer = _without_padding_or_truncation(tokenizer)
+    parts = [prompt_format.context_and_target(example) for example in examples]
+    context_ids = _encode_all(tokenizer, [context for context, _ in parts])
+    target_ids = _encode_all(tokenizer, [target for _, target in parts])
+    eos = 0 if eos_token_id is None else 1
+    return SequenceLengths(
+        context=tuple(len(c) for c in context_ids),
+        total=tuple(len(c) + len(t) + eos for c, t in zip(context_ids, target_ids, strict=True)),
+    )
+
+
 def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
 

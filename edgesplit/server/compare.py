@@ -28,7 +28,7 @@ import numpy as np
 
 from edgesplit.client.session_settings import FRAMEWORKS  # the frameworks the protocol knows
 from edgesplit.export.models import DEFAULT_MODEL
-from edgesplit.server.compare_report import write_comparison
+from edgesplit.server.compare_report import run_caption, write_comparison
 from edgesplit.server.demo import (
     DemoConfig,
     DemoData,
@@ -36,12 +36,17 @@ from edgesplit.server.demo import (
     artifacts_mismatch,
     export_command,
     read_records,
-    say,
     serve_command,
     train,
     write_shares,
 )
 from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrupt
+from edgesplit.server.progress import LogTicker, rough_compare_seconds
+from edgesplit.server.report import energy_origin
+
+
+def say(text: str) -> None:
+    print(f"[compare] {text}", flush=True)
 
 
 class CompareError(RunError):
@@ -222,20 +227,42 @@ def prepare_data(config: CompareConfig) -> CompareData:
 # ---------------------------------------------------------------------------------------------- artifacts
 
 
+def artifacts_dir(config: CompareConfig, full_model: bool) -> Path:
+    return config.out / "artifacts" / ("full" if full_model else f"split-cut{config.cut_layer}")
+
+
+def reusable(config: CompareConfig, full_model: bool) -> bool:
+    """Whether an earlier run left an export that fits these settings."""
+    artifacts = artifacts_dir(config, full_model)
+    return artifacts.exists() and artifacts_mismatch(config.demo_config(config.out), artifacts, full_model) is None
+
+
 def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children) -> Path:
-    name = "full" if full_model else f"split-cut{config.cut_layer}"
-    artifacts = config.out / "artifacts" / name
+    """An export for `full_model` (FedLLM and KD share one): an earlier run's if it fits, else made now."""
+    artifacts = artifacts_dir(config, full_model)
     demo_config = config.demo_config(config.out)
     if artifacts.exists():
         reason = artifacts_mismatch(demo_config, artifacts, full_model)
         if reason is None:
-            say(f"reusing {artifacts}")
+            say(f"reusing {artifacts} from an earlier run (same model and export options)")
             return artifacts
         say(f"exporting again: {artifacts} differs ({reason})")
-    say(f"exporting {config.model} ({name}) for {config.batch_size} x {config.max_seq_len} tokens")
+    say(f"exporting {config.model} ({artifacts.name}) for {config.batch_size} x {config.max_seq_len} tokens")
     command = export_command(demo_config, artifacts, full_model)
-    children.run(f"export-{name}", command, config.out / "logs" / f"export-{name}.log")
+    log = config.out / "logs" / f"export-{artifacts.name}.log"
+    ticker = LogTicker(f"[compare] exporting {artifacts.name}", log, say)
+    try:
+        children.run(f"export-{artifacts.name}", command, log, on_tick=ticker)
+    finally:
+        seconds = ticker.close()
+    say(f"exported {artifacts.name} in {seconds:.0f} s")
     return artifacts
+
+
+def estimated_seconds(config: CompareConfig) -> float:
+    """A rough wall-time estimate for the chosen settings, before anything runs (exports reused count 0)."""
+    kinds = {framework != "split" for framework in config.frameworks}
+    return rough_compare_seconds(config, [full for full in kinds if not reusable(config, full)])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -256,7 +283,7 @@ def run_framework(
     )
     server_log = run / "logs" / "server.log"
     server = children.start(f"server-{framework}", command, server_log)
-    train(demo_config, artifacts, data.demo_data, children, server, server_log)
+    train(demo_config, artifacts, data.demo_data, children, server, server_log, say)
     return run
 
 
@@ -386,7 +413,7 @@ def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, p
         "client_seconds_per_step": float(np.mean([c["client_seconds_per_step"] for c in values])),
         "peak_rss_mb": max(c["peak_rss_mb"] for c in values),
         "energy_j_per_client": float(np.mean([c["energy_j"] for c in values])),
-        "energy_label": f"{values[0]['energy_method']} ({values[0]['energy_source']})",
+        "energy_label": energy_origin(values[0]["energy_method"], values[0]["energy_source"]),
         "tokens_per_client": [c["tokens"] for c in values],
         "steps_per_client": [c["steps"] for c in values],
         "clients": clients,
@@ -408,7 +435,7 @@ def write_outputs(
         "analytic sizes count payload only.",
     ]
     about = {"proxy": data.proxy_note, "partition": data.demo_data.split}
-    return write_comparison(config.out, results, command, seconds, notes, about)
+    return write_comparison(config.out, results, command, seconds, notes, about, run_caption(config))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -420,15 +447,25 @@ def run_compare(config: CompareConfig, command: str = "edgesplit compare") -> di
     data = prepare_data(config)
     proxy_count = sum(1 for line in data.proxy.read_text().splitlines() if line.strip()) if data.proxy else 0
     results: dict[str, dict[str, Any]] = {}
+    estimate = estimated_seconds(config)
+    say(
+        f"rough estimate: about {estimate / 60:.0f} min for these settings ({len(config.frameworks)} frameworks, "
+        f"{config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps; timed with the "
+        "default model on a 2-core machine, so only a guide)"
+    )
     with Children(say) as children:
-        artifacts = {fw: ensure_artifacts(config, fw != "split", children) for fw in config.frameworks}
+        kinds = sorted({framework != "split" for framework in config.frameworks})  # the split export first
+        exports = {full: ensure_artifacts(config, full, children) for full in kinds}
+        artifacts = {fw: exports[fw != "split"] for fw in config.frameworks}
         for framework in config.frameworks:
             say(f"--- {framework}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} steps")
             t = time.monotonic()
             run = run_framework(config, framework, artifacts[framework], data, children)
             result = measure(config, framework, artifacts[framework], run, proxy_count)
             result["train_seconds"] = round(time.monotonic() - t, 1)
-            say(f"{framework}: trained in {result['train_seconds']:.0f} s, eval loss {result['eval_loss']}; scoring")
+            loss = result["eval_loss"]
+            loss_text = "n/a (no target tokens)" if loss is None else f"{loss:.4f}"
+            say(f"{framework}: trained in {result['train_seconds']:.0f} s, eval loss {loss_text}; scoring")
             result.update(task_score(config, framework, artifacts[framework], run, data))
             results[framework] = result
     seconds = time.monotonic() - started

@@ -60,9 +60,10 @@ def write_comparison(
     seconds: float,
     notes: list[str],
     about: dict[str, Any],
+    caption: str = "",
 ) -> str:
-    """compare.csv, compare.json (with `about`), compare.md (the table, then `notes`) and plots/compare.png
-    into `out`; returns the markdown table."""
+    """compare.csv, compare.json (with `about`), compare.md (`caption`: the run's settings; the table, then
+    `notes`, then the plot) and plots/compare.png into `out`; returns the markdown table."""
     columns = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
     with (out / "compare.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -79,36 +80,81 @@ def write_comparison(
         lines += ["", "split / fedllm: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items())]
     lines += ["", *notes]
     table = "\n".join(lines)
-    (out / "compare.md").write_text(f"# edgesplit compare\n\n`{command}`\n\nwall time {seconds:.0f} s\n\n{table}\n")
-    plot_compare(out / "plots" / "compare.png", results)
+    settings = f"{caption}\n\n" if caption else ""
+    (out / "compare.md").write_text(
+        f"# edgesplit compare\n\n`{command}`\n\n{settings}wall time {seconds:.0f} s\n\n{table}\n\n"
+        "![loss, traffic, client compute, time, memory and task score per framework](plots/compare.png)\n"
+    )
+    plot_compare(out / "plots" / "compare.png", results, caption)
     return table
 
 
-def plot_compare(path: Path, results: dict[str, dict[str, Any]]) -> None:
-    """compare's bar charts: one panel per figure, one bar per framework."""
+PANELS = [  # (title, result key, y-axis label, log scale)
+    ("held-out eval loss", "eval_loss", "loss (lower is better)", False),
+    ("bytes up per client per round", "bytes_up_per_client_round", "bytes (log scale)", True),
+    ("client compute per step", "client_flops_per_step", "GFLOP", False),
+    ("client time per step (median)", "client_seconds_per_step", "seconds", False),
+    ("client peak memory", "peak_rss_mb", "RSS (MB)", False),
+]
+COLORS = {"split": "tab:blue", "fedllm": "tab:orange", "kd": "tab:green"}
+
+
+def run_caption(config: Any) -> str:
+    """The settings a reader of the plot needs, in one line, from an edgesplit.server.compare.CompareConfig."""
+    return (
+        f"{Path(config.model).name}: {config.clients} clients x {config.rounds} rounds x {config.steps_per_round} "
+        f"steps, batch {config.batch_size} x {config.max_seq_len} tokens, split cut at layer {config.cut_layer}, "
+        f"LoRA rank {config.lora_rank}, learning rate {config.learning_rate:g}, {config.partition} partition, "
+        f"{config.eval_examples} eval inputs"
+    )
+
+
+def plot_compare(path: Path, results: dict[str, dict[str, Any]], caption: str = "") -> None:
+    """compare's charts on a 2 x 3 grid: one panel per figure, one bar per framework, values on the bars,
+    the task score (BLEU-4 and ROUGE-L, or exact match) in the last panel, `caption` (the run's settings)
+    above them all."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
     names = list(results)
-    panels = [
-        ("eval loss", "eval_loss"),
-        ("bytes up / client / round", "bytes_up_per_client_round"),
-        ("client GFLOP / step", "client_flops_per_step"),
-        ("client s / step", "client_seconds_per_step"),
-        ("client peak RSS (MB)", "peak_rss_mb"),
-    ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for axis, (title, key) in zip(axes, panels, strict=True):
+    colors = [COLORS.get(n, "tab:gray") for n in names]
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = list(grid.flat)
+    for axis, (title, key, label, log_scale) in zip(axes, PANELS, strict=False):
         values = [results[n].get(key) or 0.0 for n in names]
         if key == "client_flops_per_step":
             values = [v / 1e9 for v in values]
-        axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
-        axis.set_title(title)
-        if key == "bytes_up_per_client_round":
+        bars = axis.bar(names, values, color=colors)
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        axis.set(title=title, xlabel="framework", ylabel=label)
+        if log_scale and all(v > 0 for v in values):
             axis.set_yscale("log")
+        axis.margins(y=0.15)
+    score_panel(axes[len(PANELS)], results, names)
+    if caption:
+        figure.suptitle(caption, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)  # the size compare.md has always shown
+    figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def score_panel(axis: Any, results: dict[str, dict[str, Any]], names: list[str]) -> None:
+    """BLEU-4 and ROUGE-L side by side per framework (a text task), or exact match (codes)."""
+    text_metrics = (("bleu", "BLEU-4"), ("rouge_l", "ROUGE-L F1"))
+    metrics = [(key, header) for key, header in text_metrics if any(key in results[n] for n in names)]
+    if not metrics:
+        metrics = [("exact_match", "exact match")]
+    width = 0.8 / len(metrics)
+    for index, (key, header) in enumerate(metrics):
+        positions = [p + (index - (len(metrics) - 1) / 2) * width for p in range(len(names))]
+        # Colours of their own: the framework colours of the other panels would read as frameworks here.
+        color = ("tab:purple", "tab:gray")[index]
+        bars = axis.bar(positions, [results[n].get(key) or 0.0 for n in names], width=width, label=header, color=color)
+        axis.bar_label(bars, fmt="%.3f", fontsize=8)
+    axis.set_xticks(range(len(names)), names)
+    axis.set(title="task score on the held-out inputs", xlabel="framework", ylabel="score (0-1, higher is better)")
+    axis.set_ylim(0, 1.1)
+    axis.legend(fontsize=8)

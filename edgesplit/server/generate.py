@@ -151,30 +151,40 @@ def score(
 
     Prompts are tokenized exactly as training tokenized them (prompt + separator, no special tokens), so
     the model continues where training taught it to. The target includes EOS: stopping is part of the task.
+    Each distinct prompt is generated once, however many lines give it a reference (E2E and WebNLG list
+    several): the output is exact if it equals any of them, and its token accuracy is its best.
     """
     started = time.perf_counter()
-    pairs = [prompt_format.context_and_target(e) for e in examples if e.prompt is not None]
-    if not pairs:
+    references: dict[str, list[str]] = {}  # context -> its targets, contexts in the order they first appear
+    for example in examples:
+        if example.prompt is not None:
+            context, target = prompt_format.context_and_target(example)
+            references.setdefault(context, []).append(target)
+    if not references:
         raise ValueError("scoring needs prompt/completion examples; plain text has no target to compare")
     encode = generator.tokenizer.encode_batch
-    prompts = [list(e.ids) for e in encode([context for context, _ in pairs], add_special_tokens=False)]
+    prompts = [list(e.ids) for e in encode(list(references), add_special_tokens=False)]
     eos = [] if generator.eos_token_id is None else [generator.eos_token_id]
-    targets = [list(e.ids) + eos for e in encode([target for _, target in pairs], add_special_tokens=False)]
+    targets = {
+        context: [list(e.ids) + eos for e in encode(texts, add_special_tokens=False)]
+        for context, texts in references.items()
+    }
     if max_new_tokens is None:
-        max_new_tokens = max(len(t) for t in targets)
+        max_new_tokens = max(len(t) for ids in targets.values() for t in ids)
     outputs = generator.generate(prompts, adapters, max_new_tokens)
     generations = []
-    for (context, target), output, target_ids in zip(pairs, outputs, targets, strict=True):
+    for (context, texts), output in zip(references.items(), outputs, strict=True):
         stopped = bool(eos) and bool(output) and output[-1] == eos[0]
         text = generator.tokenizer.decode(output[:-1] if stopped else output, skip_special_tokens=True)
+        matched = next((target for target in texts if text.strip() == target.strip()), None)
         generations.append(
             Generation(
                 # Exact means the right text and then a stop: a model that runs on past the code is wrong.
                 prompt=context.rstrip("\n"),
-                target=target,
+                target=texts[0] if matched is None else matched,
                 output=text,
-                exact=text.strip() == target.strip() and (stopped or not eos),
-                token_accuracy=token_accuracy(output, target_ids),
+                exact=matched is not None and (stopped or not eos),
+                token_accuracy=max(token_accuracy(output, ids) for ids in targets[context]),
             )
         )
     return Score(
@@ -186,9 +196,16 @@ def score(
 
 
 def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> float:
-    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation.
+    """Mean token loss over up to `max_batches` batches: the server's per-round evaluation (0.0 where no
+    batch holds a target token; eval_loss_and_tokens tells that case apart)."""
+    return eval_loss_and_tokens(head, tail, encoded, adapters, max_batches)[0]
 
-    The demo also uses it for the untrained model, so that its loss curve starts at round 0 on the same scale.
+
+def eval_loss_and_tokens(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches: int) -> tuple[float, int]:
+    """Mean token loss over up to `max_batches` batches, and the target tokens it is the mean of.
+
+    The demo uses it for the untrained model, so that its loss curve starts at round 0 on the server's scale,
+    and shows no number where the count is 0.
     """
     batch = head.manifest.batch_size
     count = min(len(encoded.input_ids), batch * max_batches)
@@ -203,4 +220,4 @@ def eval_loss(head: Head, tail: Any, encoded: Any, adapters: Arrays, max_batches
         loss, counted = tail.eval_loss(activations, mask, labels)
         total += loss * counted
         tokens += counted
-    return total / max(tokens, 1)
+    return total / max(tokens, 1), tokens

@@ -344,9 +344,17 @@ class Children:
         self.logs[name] = log
         return process
 
-    def run(self, name: str, command: Command, log: Path) -> None:
-        """Run one child to its end; a failure raises with the end of its log."""
-        code = self.start(name, command, log).wait()
+    def run(self, name: str, command: Command, log: Path, on_tick: Callable[[], None] | None = None) -> None:
+        """Run one child to its end, calling `on_tick` about twice a second meanwhile; a failure raises with
+        the end of its log."""
+        process = self.start(name, command, log)
+        while True:
+            try:
+                code = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if on_tick is not None:
+                    on_tick()
         if code != 0:
             raise RunError(f"{name} exited with {code}; the end of {log}:\n{log_tail(log)}")
 

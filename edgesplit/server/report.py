@@ -1,26 +1,24 @@
-"""The demo's report: summary.json, report.md and four PNG plots, all from the run's own metrics files, and
-the progress lines it prints while training.
+"""The demo's report: summary.json, report.md and four PNG plots (drawn by edgesplit.server.report_plots),
+all from the run's own metrics files.
 
     server.jsonl     step, round, finished records   ->  eval loss per round, bytes on the server's side
     client-*.jsonl   step, round, summary records    ->  loss per step, bytes, phase times, peak memory
 
 The numbers are read back from the files the processes wrote, not from the demo's memory, so the report
-shows exactly what a person would find in the run directory. Plots use matplotlib's Agg backend: no display.
+shows exactly what a person would find in the run directory.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import time
-from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from edgesplit.client.metrics import read_jsonl as read_metrics
-
-PHASES = ("head_forward", "encode", "network", "server_compute", "decode", "grad_graph", "optimizer")
+from edgesplit.server.report_plots import PHASES, plot_bytes, plot_loss, plot_memory, plot_step_time
 
 
 def config_json(config: Any) -> dict[str, Any]:
@@ -30,53 +28,46 @@ def config_json(config: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
 
-class Progress:
-    """Follows server.jsonl as the server writes it, and says what happened since the last look: each round
-    as it closes, and every 15 s without one, the steps taken so far."""
-
-    def __init__(self, path: Path, rounds: int, total_steps: int, say: Callable[[str], None]) -> None:
-        self.path = path
-        self.rounds = rounds
-        self.total_steps = total_steps
-        self.say = say
-        self.offset = 0
-        self.steps = 0
-        self.last_said = time.monotonic()
-        self.started = time.monotonic()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            record = json.loads(line)
-            if record["event"] == "step":
-                self.steps += 1
-            elif record["event"] == "round":
-                losses = {c: m.get("mean_loss") for c, m in record.get("client_metrics", {}).items()}
-                train = ", ".join(f"{c} {v:.3f}" for c, v in sorted(losses.items()) if v is not None)
-                eval_loss = record.get("eval_loss")
-                eval_text = "" if eval_loss is None else f"eval loss {eval_loss:.4f}; "
-                self.say(
-                    f"round {record['round'] + 1}/{self.rounds} closed after "
-                    f"{record['seconds']:.0f} s: {eval_text}train loss {train}"
-                )
-                self.last_said = time.monotonic()
-        if time.monotonic() - self.last_said > 15:
-            self.say(f"training: {self.steps}/{self.total_steps} steps, {time.monotonic() - self.started:.0f} s")
-            self.last_said = time.monotonic()
-
-
 def _client_files(out: Path) -> list[Path]:
     def number(path: Path) -> int:
         found = re.search(r"(\d+)", path.stem)
         return int(found.group(1)) if found else 0
 
     return sorted(out.glob("client-*.jsonl"), key=number)
+
+
+def round_means(steps: list[dict[str, Any]]) -> tuple[list[float | None], list[int], list[int]]:
+    """Per round, in order: the mean loss over the steps that had target tokens (None if none had), how
+    many had none (their loss is null: a mean over zero tokens is no number, and would hide the others), and
+    how many steps there were."""
+    by_round: dict[int, list[float | None]] = {}
+    for step in steps:
+        by_round.setdefault(int(step.get("round", 0)), []).append(step.get("loss"))
+    means: list[float | None] = []
+    without: list[int] = []
+    for index in sorted(by_round):
+        losses = [v for v in by_round[index] if v is not None]
+        means.append(sum(losses) / len(losses) if losses else None)
+        without.append(len(by_round[index]) - len(losses))
+    return means, without, [len(by_round[index]) for index in sorted(by_round)]
+
+
+def energy_text(client: dict[str, Any]) -> str:
+    """A client's energy, with where the figure comes from: an estimate names its device profile, and says
+    when that profile was guessed because the machine was not recognised."""
+    if client.get("energy_j") is None:
+        return "-"
+    return f"{client['energy_j']:.1f} J ({energy_origin(client.get('energy_method'), client.get('energy_source'))})"
+
+
+def energy_origin(method: str | None, source: str | None) -> str:
+    """Where an energy figure comes from, in words: a sensor, or the device profile an estimate used."""
+    source = source or ""
+    if method == "estimated":
+        profile = source.removeprefix("estimate:").removesuffix(" (guessed)")
+        guessed = "guessed " if source.endswith("(guessed)") else ""
+        return f"estimated from the {guessed}{profile}, not measured"
+    return f"{method}: {source}"
 
 
 def collect(out: Path) -> dict[str, Any]:
@@ -92,10 +83,13 @@ def collect(out: Path) -> dict[str, Any]:
         client_id = summary.get("client_id") or path.stem
         phase_mean = {p: sum(s["seconds"].get(p, 0.0) for s in steps) / max(len(steps), 1) for p in PHASES}
         memory = summary.get("memory", {})
+        round_losses, round_steps_without_targets, round_steps = round_means(steps)
         clients[client_id] = {
             "steps": len(steps),
             "losses": [s["loss"] for s in steps],
-            "round_losses": [r["mean_loss"] for r in records if r["event"] == "round"],
+            "round_losses": round_losses,
+            "round_steps_without_targets": round_steps_without_targets,
+            "round_ends": list(itertools.accumulate(round_steps)),  # the client's step count at each round's end
             "bytes_up": summary.get("bytes_up", 0),
             "bytes_down": summary.get("bytes_down", 0),
             "step_bytes_up": sum(s["bytes_up"] for s in steps),
@@ -107,6 +101,7 @@ def collect(out: Path) -> dict[str, Any]:
             "steady_rss_mb": memory.get("steady_bytes", 0) / 2**20,
             "energy_j": summary.get("energy_j"),
             "energy_method": summary.get("energy_method"),
+            "energy_source": summary.get("energy_source"),
             "seconds": summary.get("seconds"),
         }
     received = sum(finished.get("bytes_received", {}).values())
@@ -135,113 +130,6 @@ def collect(out: Path) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt: Any, figure: Any, path: Path, **options: Any) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, **options)
-    plt.close(figure)
-
-
-def _scale(series: Any) -> str:
-    """Log scale where the losses span decades (a task being learned), linear where they hardly move."""
-    values = [v for losses in series for v in losses if v is not None and v > 0]
-    return "log" if values and max(values) / min(values) > 20 else "linear"
-
-
-def plot_loss(path: Path, metrics: dict[str, Any], before_loss: float | None) -> None:
-    plt = _pyplot()
-    figure, (per_step, per_round) = plt.subplots(1, 2, figsize=(11, 4))
-    for client_id, client in metrics["clients"].items():
-        per_step.plot(range(1, len(client["losses"]) + 1), client["losses"], label=client_id, linewidth=1.2)
-        per_round.plot(
-            range(1, len(client["round_losses"]) + 1),
-            client["round_losses"],
-            marker="o",
-            linestyle=":",
-            label=f"{client_id} train (mean)",
-        )
-    per_step.set(
-        title="training loss per step (from the tail)",
-        xlabel="client's step",
-        ylabel="loss",
-        yscale=_scale(c["losses"] for c in metrics["clients"].values()),
-    )
-    per_step.legend()
-    evals = [(r["round"], r["eval_loss"]) for r in metrics["rounds"] if r["eval_loss"] is not None]
-    if before_loss is not None:
-        evals.insert(0, (0, before_loss))
-    if evals:
-        per_round.plot(*zip(*evals, strict=True), marker="s", color="black", linewidth=2, label="held-out eval")
-    per_round.set(
-        title="loss per round (0 = untrained)",
-        xlabel="round",
-        ylabel="loss",
-        yscale=_scale([[loss for _, loss in evals]]),
-    )
-    per_round.set_xticks(range(0, len(metrics["rounds"]) + 1))
-    per_round.legend(fontsize=8)
-    _save(plt, figure, path)
-
-
-def plot_bytes(path: Path, metrics: dict[str, Any]) -> None:
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    up = [metrics["clients"][n]["bytes_up"] / 1e6 for n in names]
-    down = [metrics["clients"][n]["bytes_down"] / 1e6 for n in names]
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    positions = range(len(names))
-    bars_up = axes.bar([p - 0.2 for p in positions], up, width=0.4, label="up (activations, adapters)")
-    bars_down = axes.bar([p + 0.2 for p in positions], down, width=0.4, label="down (gradients, adapters)")
-    axes.bar_label(bars_up, fmt="%.1f", fontsize=8)
-    axes.bar_label(bars_down, fmt="%.1f", fontsize=8)
-    axes.set_xticks(list(positions), names)
-    axes.set(title="bytes on the link per client", ylabel="MB", ylim=(0, max(up + down, default=1) * 1.3))
-    axes.legend(loc="upper center", ncol=2, fontsize=8)
-    _save(plt, figure, path)
-
-
-def plot_step_time(path: Path, metrics: dict[str, Any]) -> None:
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
-    left = [0.0] * len(names)
-    for phase in PHASES:
-        widths = [metrics["clients"][n]["phase_mean_s"][phase] * 1000 for n in names]
-        axes.barh(names, widths, left=left, label=phase)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    axes.set(title="client step time by phase (mean per step)", xlabel="ms")
-    axes.invert_yaxis()
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(plt, figure, path, bbox_inches="tight")
-
-
-def plot_memory(path: Path, metrics: dict[str, Any]) -> None:
-    plt = _pyplot()
-    names = list(metrics["clients"])
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    series = (("baseline_rss_mb", "at start"), ("steady_rss_mb", "steady"), ("peak_rss_mb", "peak"))
-    for offset, (key, label) in zip((-0.27, 0.0, 0.27), series, strict=True):
-        values = [metrics["clients"][n][key] or 0.0 for n in names]
-        bars = axes.bar([i + offset for i in range(len(names))], values, width=0.27, label=label)
-        axes.bar_label(bars, fmt="%.0f", fontsize=7)
-    axes.set_xticks(range(len(names)), names)
-    peak = max((metrics["clients"][n]["peak_rss_mb"] or 0.0 for n in names), default=1.0)
-    axes.set(title="client process memory (RSS)", ylabel="MB", ylim=(0, peak * 1.3))
-    axes.legend(loc="upper center", ncol=3, fontsize=8)
-    _save(plt, figure, path)
-
-
 # ---------------------------------------------------------------------------------------------- text
 
 
@@ -264,6 +152,12 @@ def write_report(
     out = Path(config.out)
     manifest = load_manifest(artifacts, verify=False)
     metrics = collect(out)
+    fit = dict(getattr(data, "fit", {}))
+    eval_fit = fit.get("eval")
+    if eval_fit is not None and eval_fit["without_targets"] >= eval_fit["examples"]:
+        # The server's per-round figure is then a mean over zero tokens, written as 0.0: no number at all.
+        for entry in metrics["rounds"]:
+            entry["eval_loss"] = None
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_loss(plots / "loss.png", metrics, before_loss)
@@ -284,6 +178,7 @@ def write_report(
             "quantize": manifest.quantize,
         },
         "split": data.split,
+        "data_fit": fit,
         "client_groups": {f"client-{i}": groups for i, groups in enumerate(data.client_groups)},
         "seconds": seconds,
         "before": _score_json(before),
@@ -302,8 +197,35 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+NO_TARGETS = "n/a (no target tokens)"
+
+
+def _loss(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _round_loss(client: dict[str, Any], index: int) -> str:
+    """A client's mean training loss of round `index`, saying how many of its steps had no target token."""
+    if index >= len(client["round_losses"]):
+        return "-"
+    without = client.get("round_steps_without_targets", [0] * (index + 1))[index]
+    text = _loss(client["round_losses"][index], NO_TARGETS)
+    if without and client["round_losses"][index] is not None:
+        text += f" ({without} step{'s' if without > 1 else ''} without target tokens left out)"
+    return text
+
+
+def _fit_lines(fit: dict[str, dict[str, int]], window: int) -> list[str]:
+    """What the window did to the data, per side; empty when nothing was cut."""
+    lines = []
+    for side, counts in fit.items():
+        if counts["truncated"] or counts["without_targets"]:
+            lines.append(
+                f"{side}: {counts['truncated']} of {counts['examples']} examples longer than the {window}-token "
+                f"window were cut, {counts['without_targets']} of them to no target token at all (these teach "
+                f"and score nothing); the longest has {counts['longest']} tokens"
+            )
+    return lines
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
@@ -321,6 +243,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"learning rate {config['learning_rate']:g}, head weights quantize={model['quantize']}). "
         f"Data split: {summary['split']}.",
         "",
+        *[f"**Window:** {line}.\n" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])],
         "## Held-out score (greedy generation through the split model)",
         "",
     ]
@@ -331,10 +254,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
             "| | exact match | token accuracy | eval loss |",
             "|---|---|---|---|",
             f"| before training | {_pct(before['exact_match'])} | {_pct(before['token_accuracy'])} | "
-            f"{_loss(summary['eval_loss'][0])} |",
+            f"{_loss(summary['eval_loss'][0], NO_TARGETS)} |",
             f"| after {config['rounds']} rounds | {_pct(after['exact_match'])} | "
             f"{_pct(after['token_accuracy'])} | "
-            f"{_loss(summary['eval_loss'][-1])} |",
+            f"{_loss(summary['eval_loss'][-1], NO_TARGETS)} |",
             "",
             f"On {after['count']} held-out prompts. Some of them:",
             "",
@@ -354,28 +277,27 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|" + "---|" * len(metrics["clients"]),
     ]
     for index, entry in enumerate(metrics["rounds"]):
-        train = [
-            _loss(c["round_losses"][index]) if index < len(c["round_losses"]) else "-"
-            for c in metrics["clients"].values()
-        ]
+        train = [_round_loss(c, index) for c in metrics["clients"].values()]
         lines.append(
-            f"| {entry['round']} | {_loss(entry['eval_loss'])} | {entry['seconds']:.1f} | " + " | ".join(train) + " |"
+            f"| {entry['round']} | {_loss(entry['eval_loss'], NO_TARGETS)} | {entry['seconds']:.1f} | "
+            + " | ".join(train)
+            + " |"
         )
     lines += [
         "",
-        "Client columns: mean training loss of the round.",
+        "Client columns: mean training loss of the round, over the steps whose batch had target tokens.",
         "",
         "![loss](plots/loss.png)",
         "",
         "## Clients",
         "",
-        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy J |",
+        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, client in metrics["clients"].items():
         groups = summary["client_groups"].get(name, {})
         group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
-        energy = "-" if client["energy_j"] is None else f"{client['energy_j']:.1f} ({client['energy_method']})"
+        energy = energy_text(client)
         lines.append(
             f"| {name} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
             f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
@@ -442,12 +364,15 @@ def terminal_report(summary: dict[str, Any]) -> str:
         )
         example = next((g for g in after["examples"] if g["exact"]), after["examples"][0])
         lines.append(f"  e.g. {example['prompt']!r} -> {example['output']!r} (target {example['target']!r})")
-    lines.append(f"  eval loss {_loss(summary['eval_loss'][0])} -> {_loss(summary['eval_loss'][-1])}")
+    lines.append(
+        f"  eval loss {_loss(summary['eval_loss'][0], NO_TARGETS)} -> {_loss(summary['eval_loss'][-1], NO_TARGETS)}"
+    )
+    lines += [f"  WARNING {line}" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])]
     for name, client in metrics["clients"].items():
         lines.append(
             f"  {name}: {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
             f"{client['bytes_down'] / 1e6:.1f} MB down, {client['step_mean_s'] * 1000:.0f} ms/step, "
-            f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB"
+            f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB, energy {energy_text(client)}"
         )
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items() if k != "total")
     lines.append(f"  wall time {summary['seconds']['total']:.0f} s ({stages})")

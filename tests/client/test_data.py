@@ -16,6 +16,7 @@ from edgesplit.client.data import (
     EncodedSet,
     Example,
     PromptFormat,
+    SequenceLengths,
     dirichlet_partition,
     encode_examples,
     iid_partition,
@@ -23,6 +24,7 @@ from edgesplit.client.data import (
     load_tokenizer,
     pad_rows,
     read_jsonl,
+    sequence_lengths,
 )
 from edgesplit.errors import ArtifactError, DataError
 
@@ -193,6 +195,33 @@ def test_truncation_from_the_right_is_counted_and_examples_are_kept() -> None:
     assert encoded.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
     assert encoded.num_truncated == 2
     assert encoded.num_without_targets == 1
+
+
+@pytest.mark.parametrize("max_seq_len", [2, 3, 4, 6, 9])
+def test_sequence_lengths_count_what_encoding_cuts(max_seq_len: int) -> None:
+    examples = [
+        Example("hello", "one two three four five"),
+        Example("what is two plus three", "five"),
+        Example(None, "hello"),
+    ]
+    lengths = sequence_lengths(tiny_tokenizer(), examples, EOS, FORMAT)
+    encoded = encode(examples, max_seq_len=max_seq_len)
+
+    assert lengths.total == (8, 8, 2)  # context + completion + EOS
+    assert lengths.truncated(max_seq_len) == encoded.num_truncated
+    assert lengths.without_targets(max_seq_len) == encoded.num_without_targets
+
+
+def test_the_window_fitting_most_examples_is_a_multiple_of_its_step() -> None:
+    lengths = SequenceLengths(context=(1,) * 20, total=(10,) * 18 + (40, 300))
+
+    assert lengths.window_fitting(0.95, 16) == 48  # 19 of 20 examples: up to 40 tokens
+    assert lengths.window_fitting(0.90, 16) == 16
+    assert lengths.window_fitting(1.0, 16) == 304
+    with pytest.raises(DataError, match="no examples"):
+        SequenceLengths((), ()).window_fitting()
+    with pytest.raises(DataError, match="at most its total"):
+        SequenceLengths(context=(5,), total=(4,))
 
 
 def test_tokenizer_padding_and_truncation_settings_are_ignored_and_left_alone() -> None:

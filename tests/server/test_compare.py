@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from loopback import write_task
 from tiny_models import save_tiny_model
 
@@ -13,7 +14,7 @@ from edgesplit.server.compare import CompareConfig, run_compare
 from edgesplit.server.flops import Shapes, client_flops_per_step
 
 
-def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
+def test_compare_runs_all_frameworks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = save_tiny_model("llama", tmp_path / "model")
     # context/completion lines, the E2E form (BLEU, ROUGE-L)
     write_task(tmp_path / "train.jsonl", seed=1, count=40, prompt_key="context")
@@ -38,6 +39,11 @@ def test_compare_runs_all_frameworks(tmp_path: Path) -> None:
         threads=1,
     )
     results = run_compare(config)
+    printed = capsys.readouterr().out
+    # Its own prefix, a rough estimate first, and one whole-model export for fedllm and kd, not "reused".
+    assert "[compare] rough estimate: about" in printed
+    assert "[demo]" not in printed and "reusing" not in printed
+    assert printed.count("[compare] exported full in") == 1
     manifests = {
         name: load_manifest(config.out / "artifacts" / folder, verify=False)
         for name, folder in (("split", "split-cut1"), ("fedllm", "full"))
@@ -75,3 +81,33 @@ def test_flops_by_hand() -> None:
     assert client_flops_per_step(shapes, 1, 1, 2, lm_head=False)["total"] == 2 * 704
     # The LM head adds 2*H*V per token forward.
     assert client_flops_per_step(shapes, 1, 1, 2, lm_head=True)["forward"] == 704 + 2 * 2 * 4 * 10
+
+
+def test_the_comparison_plot_is_a_captioned_grid_that_compare_md_embeds(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from edgesplit.server.compare_report import write_comparison
+
+    figures = {"eval_loss": 2.0, "bytes_up_per_client_round": 1e6, "client_flops_per_step": 4e10,
+               "client_seconds_per_step": 1.0, "peak_rss_mb": 400.0, "bleu": 0.1, "rouge_l": 0.3,
+               "layers_on_device": 4, "num_layers": 30}  # fmt: skip
+    results = {name: dict(figures, framework=name) for name in ("split", "fedllm", "kd")}
+    caption = "tiny: 2 clients x 1 rounds x 2 steps"
+    write_comparison(tmp_path, results, "edgesplit compare ...", 1.0, [], {}, caption)
+
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "](plots/compare.png)" in markdown and caption in markdown
+    height, width = matplotlib.image.imread(tmp_path / "plots" / "compare.png").shape[:2]
+    assert height >= 500 and width / height < 2.5  # a grid, not a strip of panels
+
+
+def test_compare_estimates_its_time_and_counts_only_the_exports_it_must_make(tmp_path: Path) -> None:
+    from edgesplit.server.compare import estimated_seconds
+    from edgesplit.server.progress import EXPORT_SECONDS
+
+    config = CompareConfig(data=tmp_path / "t.jsonl", eval_data=tmp_path / "e.jsonl", out=tmp_path / "out")
+    both = estimated_seconds(config)
+    split_only = estimated_seconds(CompareConfig(**{**config.__dict__, "frameworks": ("split",)}))
+    # fedllm and kd share one whole-model export: it is counted once, with their training and scoring.
+    assert both > split_only + EXPORT_SECONDS[True]
+    assert split_only > EXPORT_SECONDS[False]

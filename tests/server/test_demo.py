@@ -66,6 +66,8 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert done.returncode == 0, done.stdout + done.stderr
     assert "reusing" in done.stdout
     assert "held-out exact match" in done.stdout
+    # What the window does to each side's data is said, before training.
+    assert "train data in the 16-token window" in done.stdout and "eval data in the 16-token window" in done.stdout
 
     expected = [
         "report.md",
@@ -247,3 +249,95 @@ def test_a_directory_that_is_not_a_demo_run_is_never_cleared(tmp_path: Path) -> 
     (run / "logs").mkdir()
     prepare_run_dir(run)  # now a demo's: cleared again without complaint
     assert (run / "artifacts").is_dir() and not (run / "logs").exists()
+
+
+def test_the_window_is_sized_from_own_data_or_refused_naming_the_length(run_dir, tiny_model_dirs) -> None:  # type: ignore[no-untyped-def]
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import load_tokenizer, read_jsonl, sequence_lengths
+    from edgesplit.server.demo import size_window
+
+    # 19 short examples and one very long one: the window holds the short ones, not the outlier.
+    records = [{"prompt": f"item {i}", "completion": " ".join(["alpha beta"] * 20)} for i in range(19)]
+    records.append({"prompt": "long", "completion": " ".join(["alpha beta"] * 400)})
+    train = write_lines(run_dir.parent / "train.jsonl", records)
+    evaluation = write_lines(run_dir.parent / "eval.jsonl", records[:2])
+    model = str(tiny_model_dirs["llama"])
+
+    sized = size_window(DemoConfig(out=run_dir, model=model, data=train, eval_data=evaluation))
+    assert sized.max_seq_len is not None and sized.max_seq_len % 16 == 0
+    eos_token_id = load_manifest(run_dir / "artifacts", verify=False).eos_token_id
+    lengths = sequence_lengths(load_tokenizer(run_dir / "artifacts"), read_jsonl(train), eos_token_id)
+    assert lengths.truncated(sized.max_seq_len) == 1  # the outlier alone is cut
+    assert lengths.truncated(sized.max_seq_len - 16) > 1  # and no shorter window would do
+
+    with pytest.raises(DemoError, match=rf"--max-seq-len {sized.max_seq_len}\b"):
+        size_window(DemoConfig(out=run_dir, model=model, data=train, eval_data=evaluation, max_seq_len_cap=8))
+    # The user's own --max-seq-len, and the generated task's window, are kept as they are.
+    own = DemoConfig(out=run_dir, model=model, data=train, eval_data=evaluation, max_seq_len=8)
+    assert size_window(own).max_seq_len == 8
+    assert size_window(DemoConfig(out=run_dir, model=model)).max_seq_len == 16
+
+
+def test_eval_examples_scores_the_first_lines_of_own_eval_data(tmp_path: Path) -> None:
+    records = [{"prompt": f"w{i}", "completion": f"w{i + 1}"} for i in range(10)]
+    train = write_lines(tmp_path / "train.jsonl", records)
+    # A second reference for w3, as E2E gives: the same input, counted once, both lines kept.
+    second_reference = {"prompt": "w3", "completion": "w9"}
+    evaluation = write_lines(tmp_path / "eval.jsonl", [records[3], second_reference, *records[4:]])
+
+    data = prepare_data(DemoConfig(out=tmp_path / "a", data=train, eval_data=evaluation, eval_examples=2))
+    assert [(e.prompt, e.completion) for e in data.eval_examples] == [("w3", "w4"), ("w3", "w9"), ("w4", "w5")]
+    assert len(data.eval.read_text().splitlines()) == 3  # the server's per-round evaluation sees the same lines
+    data = prepare_data(DemoConfig(out=tmp_path / "b", data=train, eval_data=evaluation))
+    assert len(data.eval_examples) == 8  # by default every line
+
+
+def test_a_line_separator_inside_a_json_string_stays_in_its_line(tmp_path: Path) -> None:
+    from edgesplit.server.demo import read_records
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a\u2028b", "completion": "c\u0085d"}\n{"text": "e"}\n', encoding="utf-8")
+    assert read_records(path) == [{"prompt": "a\u2028b", "completion": "c\u0085d"}, {"text": "e"}]
+
+
+def test_round_means_leave_out_the_steps_without_target_tokens() -> None:
+    from edgesplit.server.report import round_means
+
+    steps = [
+        {"round": 0, "loss": 2.0},
+        {"round": 0, "loss": None},
+        {"round": 0, "loss": 4.0},
+        {"round": 1, "loss": None},
+    ]
+    assert round_means(steps) == ([3.0, None], [1, 1], [3, 1])
+
+
+def test_the_report_says_no_number_where_there_were_no_target_tokens_and_where_energy_comes_from() -> None:
+    from edgesplit.server.report import energy_text, report_markdown, terminal_report
+
+    client = {
+        "steps": 2, "losses": [None, 1.0], "round_losses": [1.0], "round_steps_without_targets": [1],
+        "round_ends": [2], "bytes_up": 0, "bytes_down": 0, "step_mean_s": 0.1, "peak_rss_mb": 10.0,
+        "energy_j": 144.9, "energy_method": "estimated", "energy_source": "estimate:laptop profile (guessed)",
+    }  # fmt: skip
+    fit = {"examples": 4, "truncated": 4, "without_targets": 4, "longest": 90}
+    summary = {
+        "config": {"clients": 1, "rounds": 1, "steps_per_round": 2, "learning_rate": 0.1, "out": "run"},
+        "model": {"source": "m", "family": "llama", "num_layers": 2, "cut_layer": 1, "batch_size": 1,
+                  "max_seq_len": 16, "quantize": "none"},
+        "split": "IID", "data_fit": {"train": fit, "eval": fit}, "client_groups": {},
+        "seconds": {"total": 1.0}, "before": None, "after": None, "eval_loss": [None, None],
+        "metrics": {"rounds": [{"round": 1, "eval_loss": None, "seconds": 1.0, "clients": 1}],
+                    "clients": {"client-0": client},
+                    "server": {"steps": 2, "bytes_received": 0, "bytes_sent": 0}, "bytes_agree": True},
+        "checkpoint": "run/checkpoints/round-0001", "plots": [],
+    }  # fmt: skip
+
+    assert energy_text(client) == "144.9 J (estimated from the guessed laptop profile, not measured)"
+    markdown, terminal = report_markdown(summary), terminal_report(summary)
+    assert "0.0000" not in markdown and "0.0000" not in terminal
+    assert "eval loss n/a (no target tokens) -> n/a (no target tokens)" in terminal
+    assert "1.0000 (1 step without target tokens left out)" in markdown
+    assert "4 of 4 examples longer than the 16-token window were cut" in markdown
+    assert "WARNING eval: 4 of 4" in terminal
+    assert "guessed laptop profile" in markdown

@@ -109,6 +109,31 @@ def test_score_counts_exact_matches_and_token_accuracy() -> None:
     assert result.to_json()["count"] == 3
 
 
+def test_each_prompt_is_generated_once_and_matches_any_of_its_references() -> None:
+    tokenizer = build_tokenizer().backend_tokenizer
+    ids = {f"w{i}": tokenizer.token_to_id(f"w{i}") for i in range(10)}
+    canned = CannedGenerator({"w0 w1": [ids["w7"], ids["w8"], 2], "w0 w2": [ids["w5"], 2]}, tokenizer)
+    asked: list[list[int]] = []
+    answer = canned.generate
+
+    def counting_generate(prompts: list[list[int]], adapters: object, max_new_tokens: int) -> list[list[int]]:
+        asked.extend(prompts)
+        return answer(prompts, adapters, max_new_tokens)
+
+    canned.generate = counting_generate  # type: ignore[method-assign]
+    # Two references for "w0 w1", as E2E lists several per input; the second is what the model says.
+    examples = [Example("w0 w1", "w5 w6"), Example("w0 w2", "w9"), Example("w0 w1", "w7 w8")]
+
+    result = score(canned, examples, adapters={})  # type: ignore[arg-type]
+
+    assert len(asked) == 2  # one generation per distinct prompt, not per line
+    assert [(g.prompt, g.exact, g.target) for g in result.generations] == [
+        ("w0 w1", True, "w7 w8"),
+        ("w0 w2", False, "w9"),
+    ]
+    assert result.generations[0].token_accuracy == 1.0 and result.exact_match == 0.5
+
+
 def test_token_accuracy() -> None:
     assert token_accuracy([1, 2, 3], [1, 2, 3]) == 1.0
     assert token_accuracy([1], [1, 2]) == 0.5

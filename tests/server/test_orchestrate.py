@@ -214,3 +214,36 @@ def test_the_port_is_read_from_the_servers_log_or_its_exit_is_reported(tmp_path:
     failed = python("import sys; print('bad artifacts'); sys.exit(1)", log)
     with pytest.raises(RunError, match=r"(?s)exited with 1 before listening.*bad artifacts"):
         wait_for_port(failed, log, timeout_s=30)
+
+
+def test_a_long_child_shows_its_elapsed_time_and_latest_log_line(tmp_path: Path) -> None:
+    from edgesplit.server.progress import LogTicker, latest_log_line
+
+    log = tmp_path / "export.log"
+    # A download's progress bar: carriage-return updates on one line, the newest last.
+    log.write_text("loading\nmodel.gguf:  10%|#   | 10M/100M\rmodel.gguf:  55%|#####  | 55M/100M\r")
+    assert latest_log_line(log) == "model.gguf:  55%|#####  | 55M/100M"
+    assert latest_log_line(tmp_path / "missing.log") == ""
+
+    said: list[str] = []
+    ticker = LogTicker("[demo] exporting", log, said.append, quiet_s=0.0)
+    ticker()  # not a terminal here: a plain line
+    ticker.close()
+    assert len(said) == 1 and said[0].startswith("[demo] exporting: 0 s so far; model.gguf:  55%")
+
+
+def test_run_ticks_while_the_child_works_and_raises_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgesplit.server.orchestrate as orchestrate
+
+    # A child that works for a second, says something and fails: in place of a real export.
+    work = "import time; time.sleep(1.2); print('ran out of disk'); raise SystemExit(3)"
+    monkeypatch.setattr(orchestrate, "command_line", lambda command: [sys.executable, "-c", work])
+    ticks: list[None] = []
+    log = tmp_path / "export.log"
+    command = ExportCommand(out=tmp_path / "out", model="m", cut_layer=1)
+    with orchestrate.Children(lambda _: None) as children:
+        with pytest.raises(RunError, match="(?s)export exited with 3.*ran out of disk"):
+            children.run("export", command, log, on_tick=lambda: ticks.append(None))
+    assert len(ticks) >= 2  # about twice a second while it ran
