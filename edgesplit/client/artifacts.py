@@ -354,7 +354,11 @@ def verify_files(root: Path, manifest: Manifest, only: tuple[str, ...] | None = 
             continue
         file = root / name
         if not file.is_file():
-            raise ArtifactError(f"{file} is listed in the manifest but missing: copy the whole artifact directory")
+            raise ArtifactError(
+                f"{file} is listed in the manifest but missing: copy it from the export (a device needs "
+                "manifest.json, tokenizer.json, head_adapters.safetensors and the head*.onnx files with their "
+                ".data files)"
+            )
         actual = sha256_file(file)
         if actual != expected:
             raise ArtifactError(
