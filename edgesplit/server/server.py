@@ -84,8 +84,8 @@ class _Refused(Exception):
         self.close_code = close_code
 
 
-class _Stop(Exception):
-    """The engine has nothing more for this connection: end its conversation quietly."""
+class _Stop(Exception):  # the engine has nothing more for this connection: end its conversation quietly
+    pass
 
 
 class Server:
@@ -239,15 +239,8 @@ class Server:
             check_hello(hello)
             connection.client_id, connection.token = hello.client_id, hello.token
             token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            event = events.ClientHello(
-                connection.number,
-                hello.client_id,
-                hello.num_samples,
-                token_ok,
-                hello.manifest_hash,
-                hello.protocol_version,
-                time.monotonic(),
-            )
+            numbers = (hello.num_samples, token_ok, hello.manifest_hash, hello.protocol_version, time.monotonic())
+            event = events.ClientHello(connection.number, hello.client_id, *numbers)
             welcome = await self._ask(connection, event, events.SendWelcome)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
             settings = SessionSettings.from_mapping(
@@ -290,17 +283,20 @@ class Server:
     async def _refuse(self, connection: Connection, what: str, code: str, reason: str, close_code: int) -> None:
         """Tell the peer why and close; printed and recorded escaped, cut short, and rate-limited per address."""
         reason = peer_text(reason)
-        address = str((getattr(connection.websocket, "remote_address", None) or ("?",))[0])
-        printed, suppressed_note = self._refusal_log.admit(address, time.monotonic())
-        if suppressed_note is not None:
-            print(f"[server] {suppressed_note}", flush=True)
-        if printed:
+        if self._refusal_logged(connection):
             print(f"[server] {connection.client_id}: {what}: {reason}", flush=True)
             self.metrics.write("refused", client_id=connection.client_id, code=code, reason=reason)
         await connection.refuse(code, reason, close_code)
 
+    def _refusal_logged(self, connection: Connection) -> bool:
+        """Whether to print and record a refusal of this peer: a few dozen a minute per address at most."""
+        address = str((getattr(connection.websocket, "remote_address", None) or ("?",))[0])
+        logged, note = self._refusal_log.admit(address, time.monotonic())
+        if note is not None:
+            print(f"[server] {note}", flush=True)
+        return logged
+
     async def _ask(self, connection: Connection, event: events.Event, expected: type[Any]) -> Any:
-        """Tell the engine, then wait for its answer to this connection: `expected`, or a refusal."""
         self._dispatch(event)
         action = await connection.actions.get()
         if isinstance(action, events.Refuse):
@@ -337,9 +333,13 @@ class Server:
     # ------------------------------------------------------------------------------------------ the engine's actions
 
     def _dispatch(self, event: events.Event) -> None:
-        """Feed one event to the engine and carry out what it says, in order. Sending to a connection is
-        left to that connection's own task (through its queue), the one owner of its Session."""
-        for action in self.engine.handle(event):
+        """Feed one event to the engine and carry out what it says, in order; a connection's own task sends."""
+        actions = self.engine.handle(event)
+        if isinstance(event, events.ClientHello) and any(isinstance(a, events.Refuse) for a in actions):
+            connection = self.connections.get(event.connection)  # a stranger refused in a loop: rate-limited
+            if connection is not None and not self._refusal_logged(connection):
+                actions = [a for a in actions if not isinstance(a, (events.Log, events.Metric))]
+        for action in actions:
             if isinstance(action, events.Log):
                 print(f"[server] {action.text}", flush=True)
             elif isinstance(action, events.Metric):
