@@ -165,3 +165,36 @@ def test_a_failed_checkpoint_write_stops_the_server_and_tells_the_clients(artifa
     assert "round 1 could not close" in server.output
     assert [type(m) for m in outcome.messages] == [Welcome, Gradients, Error]
     assert outcome.error == "failed" and "could not close" in outcome.messages[-1].message
+
+
+def test_a_step_that_is_not_finite_leaves_the_tail_as_it_was(artifacts) -> None:  # type: ignore[no-untyped-def]
+    from edgesplit.errors import TrainingError
+    from edgesplit.server.tail import OptimizerSettings, Tail
+
+    manifest = load_manifest(artifacts, verify=False)
+    tail = Tail(artifacts, OptimizerSettings(learning_rate=0.02, weight_decay=0.0), seed=0, threads=1)
+    good = activations(manifest).tensors
+    tail.train_step(good["activations"], good["attention_mask"], good["labels"])  # AdamW has state now
+    before = tail.state_dict()
+    poisoned = good["activations"].copy()
+    poisoned[0, 0, 0] = 3e38  # finite, but the layer norm's mean of squares overflows
+    with pytest.raises(TrainingError, match="not finite"):
+        tail.train_step(poisoned, good["attention_mask"], good["labels"])
+    after = tail.state_dict()
+    for name, array in before["lora"].items():
+        np.testing.assert_array_equal(after["lora"][name], array)
+    for key, state in before["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert bool((after["optimizer"]["state"][key][field] == value).all()), (key, field)
+    loss, _ = tail.train_step(good["activations"], good["attention_mask"], good["labels"])
+    assert np.isfinite(loss)
+
+
+def test_peer_text_is_escaped_and_cut_and_close_reasons_fit() -> None:
+    from edgesplit.server.transport import CLOSE_REASON_MAX_BYTES, close_reason, peer_text
+
+    assert peer_text("a\nb\x1b[2J") == "a\\nb\\x1b[2J"
+    cut = peer_text("x" * 10_000, limit=50)
+    assert cut.startswith("x" * 50) and "10000 characters in all" in cut and len(cut) < 100
+    reason = close_reason("é" * 200)
+    assert len(reason.encode()) <= CLOSE_REASON_MAX_BYTES and set(reason) == {"é"}
