@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgesplit.client.artifacts import Manifest
 from edgesplit.client.protocol import Wire
 from edgesplit.server.round_events import RoundRules
 from edgesplit.server.strategies import FRAMEWORKS, StrategyOptions
@@ -65,6 +66,20 @@ class ServerConfig:
             proxy_data=self.proxy_data,
             kd_top_k=self.kd_top_k,
         )
+
+    def session_settings(self, manifest: Manifest) -> dict[str, object]:
+        """What every Welcome tells a client, whatever the framework (the strategy adds its own)."""
+        return {
+            "steps_per_round": self.steps_per_round,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "wire": Wire(self.wire).value,
+            "batch_size": manifest.batch_size,
+            "max_seq_len": manifest.max_seq_len,
+            "frozen_head": manifest.frozen_head,
+            "seed": self.seed,
+            "framework": self.framework,
+        }
 
     def round_rules(self, manifest_hash: str, protocol_version: int) -> RoundRules:
         return RoundRules(

@@ -62,6 +62,10 @@ from edgesplit.server.round_events import (
     UpdateArrived,
 )
 
+# A client's own metrics go into its update record under names it chose: a bounded number, cut short.
+MAX_CLIENT_METRICS = 32
+MAX_METRIC_NAME_CHARS = 64
+
 # ------------------------------------------------------------------------------------------------ state
 
 
@@ -286,7 +290,9 @@ class RoundEngine:
             ]
         state.updates[client_id] = event.update
         fields = {"client_id": client_id, "round": state.round, "num_samples": event.update.num_samples}
-        fields.update({f"client_{k}": v for k, v in event.update.metrics.items()})
+        # The client's own metrics, by names it chose: cut short, never replacing the server's own fields.
+        for name, value in list(event.update.metrics.items())[:MAX_CLIENT_METRICS]:
+            fields.setdefault(f"client_{name[:MAX_METRIC_NAME_CHARS]}", value)
         return [Metric("update", fields), *self._maybe_close()]
 
     def _result_now(self, connection: ConnectionId, update_round: int) -> SendRoundResult:

@@ -40,6 +40,7 @@ from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
+from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
@@ -52,10 +53,13 @@ from edgesplit.server.transport import (
     CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
     Connection,
+    RefusalLog,
     on_sighup,
+    peer_text,
     read_tokens,
     reread_tokens,
     set_frame_limit,
+    startup_warnings,
     tls_context,
     token_valid,
 )
@@ -80,8 +84,8 @@ class _Refused(Exception):
         self.close_code = close_code
 
 
-class _Stop(Exception):
-    """The engine has nothing more for this connection: end its conversation quietly."""
+class _Stop(Exception):  # the engine has nothing more for this connection: end its conversation quietly
+    pass
 
 
 class Server:
@@ -104,6 +108,7 @@ class Server:
         self._background: set[asyncio.Task[Any]] = set()  # tasks must be referenced or they may vanish
         self._awaiting_hello = 0  # connections open that have not said Hello yet
         self._numbers = 0
+        self._refusal_log = RefusalLog()
         round_index, last_eval_loss = self._resume()
         rules = config.round_rules(self.manifest.manifest_hash, PROTOCOL_VERSION)
         self.engine = RoundEngine(rules, round_index, last_eval_loss)
@@ -159,18 +164,7 @@ class Server:
 
     @property
     def settings(self) -> dict[str, object]:
-        return {
-            "steps_per_round": self.config.steps_per_round,
-            "learning_rate": self.config.learning_rate,
-            "weight_decay": self.config.weight_decay,
-            "wire": self.wire.value,
-            "batch_size": self.manifest.batch_size,
-            "max_seq_len": self.manifest.max_seq_len,
-            "frozen_head": self.manifest.frozen_head,
-            "seed": self.config.seed,
-            "framework": self.config.framework,
-            **self.strategy.settings(),
-        }
+        return {**self.config.session_settings(self.manifest), **self.strategy.settings()}
 
     def max_frame_bytes(self) -> int:
         return max_frame_bytes(self.manifest)
@@ -200,13 +194,8 @@ class Server:
                 f"at least {config.min_clients} clients, {config.steps_per_round} steps a round",
                 flush=True,
             )
-            loopback = config.host in ("127.0.0.1", "localhost", "::1")
-            if not loopback and not (self.ssl_context and self.tokens):
-                print(
-                    "[server] warning: reachable from other machines without TLS and tokens: anyone who "
-                    "can reach this port can join, and the link is readable (see docs/security.md)",
-                    flush=True,
-                )
+            for warning in startup_warnings(config.host, config.tls_cert, bool(self.tokens)):
+                print(f"[server] warning: {warning}", flush=True)
             self.port = port
             if self.strategy.eval_set is not None and self.round == 0:  # the untrained model's score
                 before = (await self.worker.submit(self.strategy.evaluate)).unwrap() or 0.0
@@ -247,17 +236,11 @@ class Server:
         self.connections[connection.number] = connection
         try:
             hello = await self._await_hello(connection)
+            check_hello(hello)
             connection.client_id, connection.token = hello.client_id, hello.token
             token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            event = events.ClientHello(
-                connection.number,
-                hello.client_id,
-                hello.num_samples,
-                token_ok,
-                hello.manifest_hash,
-                hello.protocol_version,
-                time.monotonic(),
-            )
+            numbers = (hello.num_samples, token_ok, hello.manifest_hash, hello.protocol_version, time.monotonic())
+            event = events.ClientHello(connection.number, hello.client_id, *numbers)
             welcome = await self._ask(connection, event, events.SendWelcome)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
             settings = SessionSettings.from_mapping(
@@ -284,28 +267,36 @@ class Server:
         except _Stop:
             pass
         except _Refused as refusal:  # refused before the engine heard of it (busy)
-            print(f"[server] {connection.client_id}: refused: {refusal}", flush=True)
-            self.metrics.write("refused", client_id=connection.client_id, code=refusal.code, reason=str(refusal))
-            await connection.refuse(refusal.code, str(refusal), refusal.close_code)
+            await self._refuse(connection, "refused", refusal.code, str(refusal), refusal.close_code)
         except ProtocolError as error:
-            print(f"[server] {connection.client_id}: protocol error: {error}", flush=True)
-            self.metrics.write("refused", client_id=connection.client_id, code="protocol", reason=str(error))
-            await connection.refuse("protocol", str(error), error.close_code)
+            await self._refuse(connection, "protocol error", "protocol", str(error), error.close_code)
         except TrainingError as error:
-            print(f"[server] {connection.client_id}: rejected: {error}", flush=True)
-            self.metrics.write("refused", client_id=connection.client_id, code="bad_tensor", reason=str(error))
-            await connection.refuse("bad_tensor", str(error), CLOSE_POLICY)
+            await self._refuse(connection, "rejected", "bad_tensor", str(error), CLOSE_POLICY)
         except Exception as error:  # the connection's end: the server itself carries on
-            if type(error).__name__.startswith("ConnectionClosed"):
-                print(f"[server] {connection.client_id}: connection closed", flush=True)
-            else:
-                print(f"[server] {connection.client_id}: {type(error).__name__}: {error}", flush=True)
+            closed = type(error).__name__.startswith("ConnectionClosed")
+            text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
+            print(f"[server] {connection.client_id}: {text}", flush=True)
         finally:
             del self.connections[connection.number]
             self._dispatch(events.ClientLeft(connection.number))
 
+    async def _refuse(self, connection: Connection, what: str, code: str, reason: str, close_code: int) -> None:
+        """Tell the peer why and close; printed and recorded escaped, cut short, and rate-limited per address."""
+        reason = peer_text(reason)
+        if self._refusal_logged(connection):
+            print(f"[server] {connection.client_id}: {what}: {reason}", flush=True)
+            self.metrics.write("refused", client_id=connection.client_id, code=code, reason=reason)
+        await connection.refuse(code, reason, close_code)
+
+    def _refusal_logged(self, connection: Connection) -> bool:
+        """Whether to print and record a refusal of this peer: a few dozen a minute per address at most."""
+        address = str((getattr(connection.websocket, "remote_address", None) or ("?",))[0])
+        logged, note = self._refusal_log.admit(address, time.monotonic())
+        if note is not None:
+            print(f"[server] {note}", flush=True)
+        return logged
+
     async def _ask(self, connection: Connection, event: events.Event, expected: type[Any]) -> Any:
-        """Tell the engine, then wait for its answer to this connection: `expected`, or a refusal."""
         self._dispatch(event)
         action = await connection.actions.get()
         if isinstance(action, events.Refuse):
@@ -342,9 +333,13 @@ class Server:
     # ------------------------------------------------------------------------------------------ the engine's actions
 
     def _dispatch(self, event: events.Event) -> None:
-        """Feed one event to the engine and carry out what it says, in order. Sending to a connection is
-        left to that connection's own task (through its queue), the one owner of its Session."""
-        for action in self.engine.handle(event):
+        """Feed one event to the engine and carry out what it says, in order; a connection's own task sends."""
+        actions = self.engine.handle(event)
+        if isinstance(event, events.ClientHello) and any(isinstance(a, events.Refuse) for a in actions):
+            connection = self.connections.get(event.connection)  # a stranger refused in a loop: rate-limited
+            if connection is not None and not self._refusal_logged(connection):
+                actions = [a for a in actions if not isinstance(a, (events.Log, events.Metric))]
+        for action in actions:
             if isinstance(action, events.Log):
                 print(f"[server] {action.text}", flush=True)
             elif isinstance(action, events.Metric):
@@ -401,11 +396,13 @@ class Server:
         return Gradients(message.round, message.step, step.loss, seconds, tensors)
 
     async def _adapter_update(self, connection: Connection, message: AdapterUpdate) -> RoundResult:
-        problem = None
+        # An update that cannot be averaged safely is dropped (recorded, and its client told); the round goes on.
+        problem = update_problem(message.num_samples, message.tensors, self.wire)
+        problem = None if problem is None else peer_text(problem)
         try:
             self.strategy.check_update(message.tensors)
         except TrainingError as error:
-            problem = str(error)
+            problem = peer_text(error)
         update = events.Update(connection.client_id, message.num_samples, message.metrics, message.tensors)
         event = events.UpdateArrived(connection.number, message.round, update, problem)
         result: events.SendRoundResult = await self._ask(connection, event, events.SendRoundResult)
@@ -416,6 +413,7 @@ class Server:
 
         def aggregate_and_evaluate() -> float | None:
             self._aggregated = self.strategy.aggregate(accepted)
+            check_result(self._aggregated, self.wire)  # a round whose result no client could load is not committed
             return self.strategy.evaluate() if self.strategy.eval_set is not None else None
 
         result = await self.worker.submit(aggregate_and_evaluate)
@@ -429,6 +427,8 @@ class Server:
 
         def save() -> None:
             tail_state = self.strategy.tail_state()
+            check_finite_state("the global adapters", self.strategy.global_adapters)
+            check_finite_state("the tail", tail_state)
             num_samples = {update.client_id: update.num_samples for update in action.updates}
             checkpoint = Checkpoint(
                 action.round + 1,

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgesplit.client.artifacts import TAIL, Manifest, load_manifest, verify_files
-from edgesplit.errors import ArtifactError
+from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.lora_names import from_peft_key
 
 
@@ -168,6 +168,12 @@ class Tail:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        # One step must not poison the shared tail: a loss or gradient that is not finite is not applied.
+        gradients = [p.grad for p in [*self.adapters.values(), inputs] if p.grad is not None]
+        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in gradients):
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError("this step's loss or gradients are not finite; it was not applied")
         if self.optimizer is not None:
             self.optimizer.step()
         grads = inputs.grad.numpy() if train_head and inputs.grad is not None else None

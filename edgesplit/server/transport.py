@@ -6,6 +6,7 @@ Nothing here knows about rounds or frameworks; server.py joins this to the round
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hmac
 import ssl
 from collections.abc import Callable
@@ -21,6 +22,55 @@ CLOSE_TRY_AGAIN_LATER = 1013  # websocket close code: the server is busy (too ma
 # Until a client has shown a valid Hello, its frames may be no bigger than this: a stranger cannot make the
 # server buffer an activation-sized frame. A Hello is a few hundred bytes.
 HELLO_MAX_BYTES = 64 * 1024
+# A peer's string (an id, a reason, an error naming its keys) is cut to this many characters wherever the
+# server prints, records or returns it: one Hello must not write megabytes into the log or the metrics.
+PEER_TEXT_MAX_CHARS = 500
+# A close reason travels in the close frame's 125-byte payload, after the 2-byte code; a longer one makes
+# websockets refuse the close, and the peer would see a normal close (1000) instead of the refusal's code.
+CLOSE_REASON_MAX_BYTES = 123
+# Refusals printed per address in each window; the rest are counted and the count printed once.
+REFUSALS_LOGGED_PER_WINDOW = 30
+REFUSAL_WINDOW_S = 60.0
+
+
+def peer_text(value: object, limit: int = PEER_TEXT_MAX_CHARS) -> str:
+    """A peer-supplied string made safe to print and record: every control character (a newline, a terminal
+    escape) written as its escape sequence, so a peer cannot forge a log line, and cut to `limit`
+    characters, saying how long it was."""
+    text = str(value)
+    cut = text[:limit]
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
+    return escaped if len(text) <= limit else f"{escaped}... ({len(text)} characters in all)"
+
+
+def close_reason(reason: str) -> str:
+    """`reason` cut to fit a close frame in UTF-8, never in the middle of a character."""
+    return reason.encode("utf-8")[:CLOSE_REASON_MAX_BYTES].decode("utf-8", errors="ignore")
+
+
+class RefusalLog:
+    """Rate-limits the printing of refusals per address: a peer refused in a loop cannot fill the disk.
+    Sans-I/O: `admit` says whether to print this one, and what to say about those it suppressed."""
+
+    def __init__(self, per_window: int = REFUSALS_LOGGED_PER_WINDOW, window_s: float = REFUSAL_WINDOW_S) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, refusals in it)
+
+    def admit(self, address: str, now: float) -> tuple[bool, str | None]:
+        """(print this refusal?, a line to print first about the suppressed ones, or None)."""
+        started, count = self._windows.get(address, (now, 0))
+        note = None
+        if now - started >= self.window_s:
+            if count > self.per_window:
+                note = f"{count - self.per_window} more refusal(s) from {address} were not logged"
+            started, count = now, 0
+        elif count == self.per_window:
+            note = f"refusals from {address}: {count} in {now - started:.0f} s; not logging more for a while"
+        if len(self._windows) > 10_000 and address not in self._windows:
+            self._windows.clear()  # many addresses: forget old windows rather than grow without bound
+        self._windows[address] = (started, count + 1)
+        return count < self.per_window, note
 
 
 def read_tokens(path: Path) -> dict[str, str]:
@@ -70,6 +120,36 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+def startup_warnings(host: str, tls_cert: Path | None, tokens: bool) -> list[str]:
+    """What an operator should hear before anyone connects: an open door, a certificate out of date."""
+    warnings = []
+    if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and tokens):
+        warnings.append(
+            "reachable from other machines without TLS and tokens: anyone who can reach this port can join, "
+            "and the link is readable (see docs/security.md)"
+        )
+    if tls_cert is not None:
+        warnings.extend(certificate_warnings(tls_cert, datetime.datetime.now(datetime.timezone.utc)))
+    return warnings
+
+
+def certificate_warnings(cert: Path, now: datetime.datetime) -> list[str]:
+    """A certificate that has expired (or is not valid yet) loads, but every client will refuse it."""
+    try:
+        from cryptography import x509
+    except ImportError:  # an optional dependency: without it the dates go unchecked
+        return []
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return []  # loading it for TLS already said what is wrong, if anything
+    if certificate.not_valid_after_utc < now:
+        return [f"the TLS certificate {cert} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"]
+    if certificate.not_valid_before_utc > now:
+        return [f"the TLS certificate {cert} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d} UTC"]
+    return []
+
+
 @dataclass(eq=False)
 class Connection:
     """One websocket conversation. A reconnecting client gets a new Connection (and a new number). Only the
@@ -103,6 +183,7 @@ class Connection:
 
     async def refuse(self, code: str, reason: str, close_code: int) -> None:
         """Tell the peer why, on this conversation, then close with `close_code`."""
+        reason = peer_text(reason)
         error = Error(code, reason)
         frame = self.session.send(error) if self.session.state is not State.CLOSED else encode(error)
         await _send_and_close(self.websocket, frame, reason, close_code)
@@ -110,13 +191,14 @@ class Connection:
     async def close_from_outside(self, code: str, reason: str, close_code: int) -> None:
         """Close a connection another task owns: its Session must not change under it."""
         self.actions.put_nowait(None)
+        reason = peer_text(reason)
         await _send_and_close(self.websocket, encode(Error(code, reason)), reason, close_code)
 
 
 async def _send_and_close(websocket: Any, frame: bytes, reason: str, close_code: int) -> None:
     try:
         await websocket.send(frame)
-        await websocket.close(close_code, reason[:120])
+        await websocket.close(close_code, close_reason(reason))
     except Exception:  # the peer may be gone already; nothing more to tell it
         pass
 

@@ -326,3 +326,15 @@ def test_a_revoked_token_ends_its_session_and_is_refused(tiny_artifacts, tmp_pat
     assert "this client's token was revoked (revoked)" in clients["c"].output
     assert "reloaded 2 tokens" in server.output
     assert f"round {rounds}/{rounds} closed with 2 clients (a, b)" in server.output
+
+
+def test_an_expired_certificate_is_warned_about(tmp_path: Path) -> None:
+    from edgesplit.server.transport import certificate_warnings
+
+    _, cert, _ = make_certificates(tmp_path)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert certificate_warnings(cert, now) == []
+    (expired,) = certificate_warnings(cert, now + datetime.timedelta(days=2))
+    assert "expired" in expired and str(cert) in expired
+    (early,) = certificate_warnings(cert, now - datetime.timedelta(days=1))
+    assert "not valid before" in early

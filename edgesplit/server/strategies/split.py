@@ -15,6 +15,7 @@ from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.server.aggregate import fedavg
 from edgesplit.server.generate import eval_loss
+from edgesplit.server.guards import check_activation_scale
 from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates, encode_file
 from edgesplit.server.tail import OptimizerSettings, Tail
 
@@ -56,6 +57,7 @@ class SplitStrategy:
             raise TrainingError(f"activations of shape {activations.shape}, the artifacts say {expected}")
         if not np.all(np.isfinite(activations)):
             raise TrainingError("activations contain NaN or Inf")
+        check_activation_scale(activations)  # one huge finite value would still overflow the tail's norms
         mask = tensors["attention_mask"]
         if np.any((mask != 0) & (mask != 1)):
             raise TrainingError("attention_mask holds values other than 0 and 1")

@@ -1,0 +1,200 @@
+"""One peer must not stop or poison a federation: a real server, attacked by raw peers on loopback.
+
+Strangers (no Hello yet) try to fill the disk and forge log lines; admitted peers send activations and
+updates that would poison the shared tail or the global model; a failing checkpoint write must stop the
+server loudly, with every client told why, rather than leave it asleep.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from loopback import (
+    Processes,
+    activations,
+    adapters,
+    free_port,
+    hello_frame,
+    probe,
+    raw_frame,
+    serve_command,
+)
+
+from edgesplit.client.artifacts import load_manifest
+from edgesplit.client.metrics import read_jsonl
+from edgesplit.client.protocol import PROTOCOL_VERSION, AdapterUpdate, Error, Gradients, Kind, Welcome, encode
+from edgesplit.server.checkpoint import load_latest
+from edgesplit.server.guards import MAX_NUM_SAMPLES
+from edgesplit.server.transport import REFUSALS_LOGGED_PER_WINDOW
+
+
+@pytest.fixture
+def artifacts(tiny_artifacts):  # type: ignore[no-untyped-def]
+    return tiny_artifacts("llama", 1)
+
+
+def hello_fields(manifest: Any, **changes: object) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "client_id": "x",
+        "protocol_version": PROTOCOL_VERSION,
+        "manifest_hash": manifest.manifest_hash,
+        "token": None,
+        "num_samples": 8,
+    }
+    return {**fields, **changes}
+
+
+def update_frame(num_samples: object, tensors: dict[str, np.ndarray], metrics: dict[str, float] | None = None) -> bytes:
+    return raw_frame(Kind.ADAPTER_UPDATE, {"round": 0, "num_samples": num_samples, "metrics": metrics or {}}, tensors)
+
+
+def all_finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(all_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(item) for item in value)
+    if hasattr(value, "numpy"):
+        value = value.detach().numpy()
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+        return bool(np.all(np.isfinite(value)))
+    return True
+
+
+def test_strangers_cannot_fill_the_log_or_forge_lines(artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = load_manifest(artifacts, verify=False)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    forged = "0" * 63 + "\n[server] round 9/9 closed with 2 clients (a, b)\x1b[2J"
+    with Processes() as run:
+        server = run.start("server", serve_command(artifacts, port, tmp_path, rounds=1, min_clients=1))
+        server.wait_for("listening on")
+        # One huge unexpected key, of characters two bytes long in UTF-8: the close reason must still fit.
+        huge = probe(url, raw_frame(Kind.HELLO, hello_fields(manifest, **{"é" * 9_000: 1})))
+        forging = probe(url, raw_frame(Kind.HELLO, hello_fields(manifest, manifest_hash=forged)))
+        reserved = {name: probe(url, hello_frame(name, manifest)) for name in ("..", ".", "latest")}
+        server.wait_for("latest")
+        # A flood of refusals, some by the shell (the count) and some by the round engine (other artifacts).
+        for index in range(REFUSALS_LOGGED_PER_WINDOW + 6):
+            wrong = {"num_samples": MAX_NUM_SAMPLES + 1} if index % 2 else {"manifest_hash": "f" * 16}
+            probe(url, raw_frame(Kind.HELLO, hello_fields(manifest, **wrong)))
+        server.wait_for("not logging more")
+        output = server.output
+        server.process.terminate()
+        server.wait(60)
+
+    assert (huge.error, huge.close_code) == ("protocol", 1002)
+    assert (forging.error, forging.close_code) == ("protocol", 1002)
+    assert "sha256" in forging.messages[-1].message
+    assert all((p.error, p.close_code) == ("protocol", 1002) for p in reserved.values())
+    assert max(len(line) for line in output.splitlines()) < 1000
+    assert "characters in all" in output  # the cut says how long the text was
+    assert "\x1b" not in output and "round 9/9" not in output
+    assert (tmp_path / "server.jsonl").stat().st_size < 100_000
+    # The flood's refusals were printed REFUSALS_LOGGED_PER_WINDOW times in all, then suppressed.
+    flood = output.count("num_samples must be between") + output.count("the client runs artifacts ffff")
+    assert REFUSALS_LOGGED_PER_WINDOW - 5 <= flood <= REFUSALS_LOGGED_PER_WINDOW
+    refused = [r for r in read_jsonl(tmp_path / "server.jsonl") if r["event"] == "refused"]
+    assert len(refused) <= REFUSALS_LOGGED_PER_WINDOW
+
+
+def test_poisoned_steps_and_updates_are_dropped_and_the_round_closes(artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = load_manifest(artifacts, verify=False)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    huge_value = activations(manifest)
+    huge_value.tensors["activations"][0, 0, 0] = 2e38
+    step = encode(activations(manifest))
+    good = adapters(manifest, 0.01)
+    attacks: dict[str, bytes] = {
+        "overflowing count": update_frame(10**400, good),
+        "count past the cap": update_frame(MAX_NUM_SAMPLES + 1, good),
+        "fractional count": update_frame(8.5, good),
+        "adapters of 1e30": update_frame(8, adapters(manifest, 1e30)),
+        "adapters of 1e6": update_frame(8, adapters(manifest, 1e6)),
+    }
+    outcomes: dict[str, Any] = {}
+    with Processes() as run:
+        command = serve_command(artifacts, port, tmp_path, rounds=1, steps=1, min_clients=1, extra=["--wire", "fp16"])
+        server = run.start("server", command)
+        server.wait_for("listening on")
+        outcomes["activation of 2e38"] = probe(url, hello_frame("poisoner", manifest), encode(huge_value))
+        for index, (name, frame) in enumerate(attacks.items()):
+            outcomes[name] = probe(url, hello_frame(f"attacker-{index}", manifest), step, frame)
+        honest = probe(url, hello_frame("honest", manifest), step, update_frame(8, good, {"id": 1.0}))
+        assert server.wait(120) == 0, server.output
+
+    for name, outcome in outcomes.items():
+        assert outcome.error == "bad_tensor" or outcome.error == "protocol", (name, outcome)
+        assert outcome.close_code in (1002, 1008), (name, outcome)
+    assert [type(m) for m in outcomes["activation of 2e38"].messages] == [Welcome, Error]
+    assert [type(m).__name__ for m in honest.messages] == ["Welcome", "Gradients", "RoundResult"]
+    assert "Traceback" not in server.output
+    assert "round 1/1 closed with 1 clients (honest)" in server.output
+    checkpoint = load_latest(tmp_path / "ckpt")
+    assert checkpoint is not None and checkpoint.round == 1
+    assert all_finite(checkpoint.global_adapters) and all_finite(checkpoint.tail_lora)
+    assert all_finite(checkpoint.tail_optimizer)
+    for name, array in checkpoint.global_adapters.items():
+        np.testing.assert_array_equal(array, good[name])  # the one accepted update, alone
+    records = read_jsonl(tmp_path / "server.jsonl")
+    refused = {r["client_id"] for r in records if r["event"] == "refused"}
+    assert refused == {"poisoner", *(f"attacker-{i}" for i in range(len(attacks)))}
+    (update,) = [r for r in records if r["event"] == "update"]
+    assert update["client_id"] == "honest"  # a client metric named "id" does not replace it
+
+
+def test_a_failed_checkpoint_write_stops_the_server_and_tells_the_clients(artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = load_manifest(artifacts, verify=False)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    with Processes() as run:
+        server = run.start("server", serve_command(artifacts, port, tmp_path, rounds=2, steps=1, min_clients=1))
+        server.wait_for("listening on")
+        # The checkpoint directory becomes a file: every write into it fails, as on a read-only disk.
+        shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+        (tmp_path / "ckpt").write_text("not a directory")
+        step = encode(activations(manifest))
+        outcome = probe(url, hello_frame("a", manifest), step, encode(AdapterUpdate(0, 8, adapters(manifest), {})))
+        code = server.wait(60)
+
+    assert code != 0, server.output
+    assert "round 1 could not close" in server.output
+    assert [type(m) for m in outcome.messages] == [Welcome, Gradients, Error]
+    assert outcome.error == "failed" and "could not close" in outcome.messages[-1].message
+
+
+def test_a_step_that_is_not_finite_leaves_the_tail_as_it_was(artifacts) -> None:  # type: ignore[no-untyped-def]
+    from edgesplit.errors import TrainingError
+    from edgesplit.server.tail import OptimizerSettings, Tail
+
+    manifest = load_manifest(artifacts, verify=False)
+    tail = Tail(artifacts, OptimizerSettings(learning_rate=0.02, weight_decay=0.0), seed=0, threads=1)
+    good = activations(manifest).tensors
+    tail.train_step(good["activations"], good["attention_mask"], good["labels"])  # AdamW has state now
+    before = tail.state_dict()
+    poisoned = good["activations"].copy()
+    poisoned[0, 0, 0] = 3e38  # finite, but the layer norm's mean of squares overflows
+    with pytest.raises(TrainingError, match="not finite"):
+        tail.train_step(poisoned, good["attention_mask"], good["labels"])
+    after = tail.state_dict()
+    for name, array in before["lora"].items():
+        np.testing.assert_array_equal(after["lora"][name], array)
+    for key, state in before["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert bool((after["optimizer"]["state"][key][field] == value).all()), (key, field)
+    loss, _ = tail.train_step(good["activations"], good["attention_mask"], good["labels"])
+    assert np.isfinite(loss)
+
+
+def test_peer_text_is_escaped_and_cut_and_close_reasons_fit() -> None:
+    from edgesplit.server.transport import CLOSE_REASON_MAX_BYTES, close_reason, peer_text
+
+    assert peer_text("a\nb\x1b[2J") == "a\\nb\\x1b[2J"
+    cut = peer_text("x" * 10_000, limit=50)
+    assert cut.startswith("x" * 50) and "10000 characters in all" in cut and len(cut) < 100
+    reason = close_reason("é" * 200)
+    assert len(reason.encode()) <= CLOSE_REASON_MAX_BYTES and set(reason) == {"é"}
