@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
+from edgesplit.errors import EdgesplitError
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
 from edgesplit.server.strategies import FRAMEWORKS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit serve", description=__doc__)
-    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument(
+        "--artifacts", type=Path, required=True, help="the directory `edgesplit export` wrote (the server needs tail/)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept clients from other machines")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="federated rounds; each ends with FedAvg and a checkpoint"
+    )
     parser.add_argument("--min-clients", type=int, default=2, help="clients needed to start and to close a round")
-    parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--steps-per-round", type=int, default=20, help="training steps each client takes per round")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, for the tail and the clients")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, tail and clients")
     parser.add_argument(
         "--wire", choices=("fp32", "fp16", "int8"), default="fp32", help="how activations and gradients travel"
     )
     parser.add_argument("--eval-data", type=Path, help="JSONL evaluated after every round")
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-batches", type=int, default=8, help="at most this many batches of --eval-data")
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every round here, and resume from it")
     parser.add_argument("--metrics-out", type=Path, help="JSON Lines file for per-step and per-round metrics")
     parser.add_argument(
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the tail's LoRA and the clients' batch order")
     parser.add_argument(
         "--framework",
         choices=FRAMEWORKS,
@@ -94,6 +100,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))
+    check_port_free(config.host, config.port)  # before the tail loads: a taken port is said in a second
     server = run_server(config)
-    print(f"[server] finished {server.round} rounds; final eval loss {server.last_eval_loss}")
+    loss = server.last_eval_loss
+    print(f"[server] finished {server.round} rounds; final eval loss {'n/a' if loss is None else f'{loss:.4f}'}")
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a --port another process listens on, before anything slow; the real bind still decides."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise EdgesplitError(f"--host {host!r}: cannot resolve it ({error.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As the server's own socket will be: SO_REUSEADDR lets it bind over connections still closing, never
+        # over a listening socket.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise EdgesplitError(
+                f"cannot listen on {host}:{port}: {error.strerror}; another process may hold the port: stop it, "
+                "or choose another --port (0 picks a free one)"
+            ) from None
