@@ -1,4 +1,5 @@
-"""Device profiles (Raspberry Pi, Jetson, laptops) and, later, split-point profiling. No torch here."""
+"""Device profiles (Raspberry Pi, Jetson, laptops; `devices.py`, below the client, no torch) and the split-point
+profiler (`splitpoint.py` and its parts, above client and server). Importing this package loads only the profiles."""
 
 from __future__ import annotations
 
