@@ -148,3 +148,16 @@ def test_a_checkpoint_for_other_adapters_is_refused_before_anything_is_copied() 
     assert not live["layers.0.self_attn.q_proj.lora_A"].any()
     load_global_adapters(live, {"layers.0.self_attn.q_proj.lora_A": np.ones((2, 4), np.float32)})
     assert live["layers.0.self_attn.q_proj.lora_A"].all()
+
+
+def test_eval_data_with_no_target_token_in_the_window_is_refused_at_start(tiny_artifacts, tmp_path) -> None:
+    from edgesplit.errors import DataError
+
+    long_prompt = " ".join(f"w{i}" for i in range(40))  # far past the 16-token window: no completion token left
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text(json.dumps({"prompt": long_prompt, "completion": "w1 w2"}) + "\n")
+    options = StrategyOptions(artifacts=tiny_artifacts("llama"), eval_data=eval_data, eval_batches=2)
+    with pytest.raises(DataError, match="none of its 1 examples keeps a completion token.*window of 16 tokens"):
+        build_strategy("split", options)
+    fine = write_lines(tmp_path / "fine.jsonl", 4, 0)
+    assert build_strategy("split", StrategyOptions(artifacts=tiny_artifacts("llama"), eval_data=fine)).eval_set

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgesplit.client.data import EncodedSet, encode_examples, load_tokenizer, read_jsonl
 from edgesplit.client.head import Head
-from edgesplit.errors import ArtifactError
+from edgesplit.errors import ArtifactError, DataError
 
 Arrays = dict[str, np.ndarray]
 # A round's accepted updates as aggregation sees them: (tensors, number of samples) per client.
@@ -105,6 +105,19 @@ def encode_file(head: Head, path: Path) -> EncodedSet:
     return encode_examples(
         tokenizer, read_jsonl(path), manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
     )
+
+
+def encode_eval_file(head: Head, path: Path) -> EncodedSet:
+    """The --eval-data set, refused at start when the export's window leaves none of its examples a target
+    token: every round would otherwise report a loss over zero tokens."""
+    encoded = encode_file(head, path)
+    if encoded.num_without_targets >= len(encoded.input_ids):
+        raise DataError(
+            f"--eval-data {path}: none of its {len(encoded.input_ids)} examples keeps a completion token inside "
+            f"the export's window of {head.manifest.max_seq_len} tokens, so there is nothing to evaluate: use "
+            "shorter prompts, or export with a larger --max-seq-len"
+        )
+    return encoded
 
 
 def load_global_adapters(target: Arrays, saved: Mapping[str, np.ndarray]) -> None:

@@ -16,7 +16,7 @@ from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.server.aggregate import fedavg
 from edgesplit.server.generate import eval_loss
 from edgesplit.server.guards import check_activation_scale
-from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates, encode_file
+from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates, encode_eval_file
 from edgesplit.server.tail import OptimizerSettings, Tail
 
 
@@ -40,7 +40,7 @@ class SplitStrategy:
             threads=options.threads,
         )
         self.global_adapters: Arrays = self.head.initial_adapters()
-        self.eval_set = encode_file(self.head, options.eval_data) if options.eval_data else None
+        self.eval_set = encode_eval_file(self.head, options.eval_data) if options.eval_data else None
         self.eval_batches = options.eval_batches
 
     def settings(self) -> dict[str, object]:

@@ -10,7 +10,7 @@ from edgesplit.client.head import Head
 from edgesplit.client.local import eval_loss
 from edgesplit.errors import ArtifactError, ProtocolError
 from edgesplit.server.round_events import CLOSE_POLICY
-from edgesplit.server.strategies.base import Arrays, TailState, encode_file
+from edgesplit.server.strategies.base import Arrays, TailState, encode_eval_file
 
 
 def load_whole_model_head(artifacts: Path, framework: str) -> Head:
@@ -21,7 +21,7 @@ def load_whole_model_head(artifacts: Path, framework: str) -> Head:
 
 
 def load_eval_set(head: Head, eval_data: Path | None) -> EncodedSet | None:
-    return encode_file(head, eval_data) if eval_data else None
+    return encode_eval_file(head, eval_data) if eval_data else None
 
 
 def refuse_activations(framework: str) -> ProtocolError:
