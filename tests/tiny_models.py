@@ -37,12 +37,13 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def save_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(family: str, directory: Path, seed: int = 0, **overrides: object) -> Path:
+    """`overrides` replace entries of the family's config (num_hidden_layers=4 for a deeper model, say)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    settings = dict(FAMILY_CONFIGS[family])
+    settings = {**FAMILY_CONFIGS[family], **overrides}
     config = AutoConfig.for_model(str(settings.pop("model_type")), **settings)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)

@@ -15,6 +15,10 @@ from which files, with which named inputs and outputs. Today's exports have thre
 graph on the device, the tail on the server; several heads (several cuts) or a device-side top stage are
 more entries in the same list. LoRA matrices are named by the rule in edgesplit/lora_names.py everywhere.
 
+A mixed-cut export (`--cut-layers 2,4,8`) writes one tail, from the smallest cut, and one complete device
+artifact per cut in a sub-directory (`cut2/`, `cut4/`, ...): the top-level manifest lists them under `cuts`
+(`CutEntry`), and its head stages are the smallest cut's, with files inside that cut's directory.
+
 Nothing here imports torch: the edge client reads this module on a Raspberry Pi.
 """
 
@@ -156,6 +160,35 @@ def head_matrices(head_inputs: tuple[TensorSpec, ...]) -> dict[str, tuple[int, .
 
 
 @dataclass(frozen=True)
+class CutEntry:
+    """One cut of a mixed-cut export: its layer, the sub-directory holding its complete device artifact (a
+    single-cut manifest, head graphs, adapters, tokenizer; no tail), and that manifest's fingerprint, which
+    a client at this cut presents in its Hello."""
+
+    cut_layer: int
+    directory: str
+    manifest_hash: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cut_layer, bool) or not isinstance(self.cut_layer, int) or self.cut_layer < 1:
+            raise ArtifactError(f"a cut must be a layer >= 1, got {self.cut_layer!r}")
+        if not self.directory or "/" in self.directory or self.directory.startswith("."):
+            raise ArtifactError(f"cut {self.cut_layer}: {self.directory!r} is not a sub-directory name")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cut_layer": self.cut_layer, "dir": self.directory, "manifest_hash": self.manifest_hash}
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> CutEntry:
+        return CutEntry(int(raw["cut_layer"]), str(raw["dir"]), str(raw["manifest_hash"]))
+
+
+def cut_directory(cut_layer: int) -> str:
+    """The sub-directory of a mixed-cut export that holds one cut's device artifact."""
+    return f"cut{cut_layer}"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json, parsed. `files` maps each artifact file (relative path) to its sha256."""
 
@@ -176,6 +209,8 @@ class Manifest:
     tools: dict[str, str]
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # A mixed-cut export's cuts, smallest first; () for a single-cut export (its one cut is `cut_layer`).
+    cuts: tuple[CutEntry, ...] = ()
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -192,6 +227,13 @@ class Manifest:
         if TAIL in names and self.stage(TAIL).first_layer != self.cut_layer:
             tail_first = self.stage(TAIL).first_layer
             raise ArtifactError(f"the tail starts at layer {tail_first}, the head ends at {self.cut_layer}")
+        if self.cuts:
+            layers = [cut.cut_layer for cut in self.cuts]
+            if layers != sorted(set(layers)) or layers[0] != self.cut_layer or layers[-1] >= self.num_layers:
+                raise ArtifactError(
+                    f"the manifest's cuts {layers} must be distinct and rising, from the head's {self.cut_layer} "
+                    f"to below {self.num_layers}"
+                )
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -209,6 +251,20 @@ class Manifest:
     def cut_layer(self) -> int:
         """The head holds layers [0, cut_layer); a full-model head holds them all."""
         return self.stage(HEAD).end_layer
+
+    @property
+    def cut_layers(self) -> tuple[int, ...]:
+        """Every cut a client of these artifacts may run at: a mixed-cut export's, or the one cut."""
+        return tuple(cut.cut_layer for cut in self.cuts) or (self.cut_layer,)
+
+    def cut_entry(self, cut_layer: int) -> CutEntry:
+        """A mixed-cut export's entry for `cut_layer`; ArtifactError naming the exported cuts otherwise."""
+        for cut in self.cuts:
+            if cut.cut_layer == cut_layer:
+                return cut
+        raise ArtifactError(
+            f"these artifacts hold no head for cut {cut_layer}: the exported cuts are {list(self.cut_layers)}"
+        )
 
     @property
     def full_model(self) -> bool:
@@ -274,6 +330,7 @@ class Manifest:
             "stages": [stage.to_json() for stage in self.stages],
             "files": dict(sorted(self.files.items())),
             "tools": dict(sorted(self.tools.items())),
+            **({"cuts": [cut.to_json() for cut in self.cuts]} if self.cuts else {}),
         }
 
     @staticmethod
@@ -305,6 +362,7 @@ class Manifest:
             tools={str(k): str(v) for k, v in raw["tools"].items()},
             eos_token_id=model.get("eos_token_id"),
             pad_token_id=model.get("pad_token_id"),
+            cuts=tuple(CutEntry.from_json(c) for c in raw.get("cuts", ())),
         )
 
 
@@ -365,3 +423,25 @@ def verify_files(root: Path, manifest: Manifest, only: tuple[str, ...] | None = 
                 f"{file} does not match its manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
                 "the file was changed or truncated; copy it again from the export, or export again"
             )
+
+
+def device_artifacts(artifact_dir: str | Path, cut_layer: int | None = None) -> Path:
+    """The directory holding the device's artifact for `cut_layer`: a mixed-cut export's `cutN/`, or a
+    single-cut export itself. `cut_layer` None: the one cut of a single-cut export (a mixed-cut one needs it).
+
+    Raises ArtifactError, naming the exported cuts, for a cut these artifacts do not hold."""
+    root = Path(artifact_dir)
+    manifest = load_manifest(root, verify=False)
+    if not manifest.cuts:
+        if cut_layer is not None and cut_layer != manifest.cut_layer:
+            raise ArtifactError(
+                f"{root} was exported for cut {manifest.cut_layer} only, not {cut_layer}: leave --cut-layer out, "
+                "or export the cuts you need with --cut-layers"
+            )
+        return root
+    if cut_layer is None:
+        raise ArtifactError(
+            f"{root} holds heads for cuts {list(manifest.cut_layers)}: choose one with --cut-layer, or let "
+            "--device-profile with --max-memory-mb choose, or point --artifacts at one cut's directory"
+        )
+    return root / manifest.cut_entry(cut_layer).directory

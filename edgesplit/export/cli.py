@@ -2,6 +2,7 @@
 part (PyTorch tail, the rest), written with their manifest into one artifact directory.
 
     edgesplit export --cut-layer 4 [--model smollm2-135m] [--out artifacts] [--quantize int8]
+    edgesplit export --cut-layers 2,4,8 --out artifacts       (one head per cut in cut2/ cut4/ cut8/, one tail)
     edgesplit export --full-model --out artifacts-full        (the whole model on the device, for FedLLM and KD)
 
 --model and --cut-layer are checked before the model loads (a load takes tens of seconds): an unknown name is
@@ -26,6 +27,17 @@ def parse_cut_layer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
+def parse_cut_layers(text: str) -> tuple[int, ...]:
+    """ "2,4,8" -> (2, 4, 8): distinct, sorted."""
+    try:
+        cuts = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 2,4,8, got {text!r}") from None
+    if not cuts:
+        raise argparse.ArgumentTypeError(f"names no layer: {text!r}")
+    return tuple(sorted(cuts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesplit export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cut-layer",
         type=parse_cut_layer,
         help="layers [0, cut) run on the device, the rest on the server (required unless --full-model)",
+    )
+    parser.add_argument(
+        "--cut-layers",
+        type=parse_cut_layers,
+        help="several cuts for a federation of mixed devices, e.g. 2,4,8: a complete device artifact per cut in "
+        "cut<N>/ and one tail, from the smallest cut, for the server (docs/artifacts.md)",
     )
     parser.add_argument(
         "--full-model",
@@ -89,24 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.cut_layer is None and not args.full_model:
-        parser.error("--cut-layer is required (or --full-model)")
-    if args.cut_layer is not None and not args.full_model and args.cut_layer < 1:
+    chosen = [flag for flag, value in (("--cut-layer", args.cut_layer), ("--cut-layers", args.cut_layers)) if value]
+    if args.full_model and args.cut_layers:
+        parser.error("--cut-layers and --full-model exclude each other")
+    if len(chosen) > 1:
+        parser.error("give --cut-layer (one cut) or --cut-layers (several), not both")
+    if args.cut_layer is None and args.cut_layers is None and not args.full_model:
+        parser.error("--cut-layer is required (or --cut-layers, or --full-model)")
+    cuts = args.cut_layers or ((args.cut_layer,) if args.cut_layer is not None else ())
+    flag = "--cut-layers" if args.cut_layers else "--cut-layer"
+    if not args.full_model and any(cut < 1 for cut in cuts):
         raise ExportError(
-            f"--cut-layer {args.cut_layer} is out of range: a cut must be at least 1 (layers [0, cut) run on the "
+            f"{flag} {min(cuts)} is out of range: a cut must be at least 1 (layers [0, cut) run on the "
             "device; --full-model puts the whole model there)"
         )
     # Before the model loads, which takes tens of seconds: a typo or a cut past the model's end is refused now.
     check_model_name(args.model)
     depth = known_depth(args.model)
     if depth is not None and not args.full_model:
-        check_cut_layers((args.cut_layer,), depth)
+        check_cut_layers(cuts, depth, flag=flag)
     from edgesplit.export.exporter import ExportConfig, export
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     config = ExportConfig(
         model=args.model,
-        cut_layer=args.cut_layer or 0,
+        cut_layer=args.cut_layer or (args.cut_layers[0] if args.cut_layers else 0),
+        cut_layers=args.cut_layers,
         out=args.out,
         full_model=args.full_model,
         lora_rank=args.lora_rank,
@@ -127,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{manifest.cut_layer} of {manifest.num_layers}, hidden {manifest.hidden_size}, "
         f"{len(manifest.lora.matrices)} client LoRA matrices, quantize={manifest.quantize}"
     )
+    for cut in manifest.cuts:
+        print(f"  cut {cut.cut_layer:<3} device artifact in {cut.directory}/ (manifest {cut.manifest_hash})")
     for stage in manifest.stages:
         print(f"  stage {stage.name:<10} on the {stage.runs_on:<6} layers [{stage.first_layer}, {stage.end_layer})")
     for name, size in sorted(sizes.items()):

@@ -6,6 +6,10 @@
 The manifest (schema 2) lists these as stages: `head` and its backward `head_grad` on the device, `tail` on
 the server, each with its layers, files and named inputs and outputs (`_stages`).
 
+With several cuts (`cut_layers`, for a federation whose devices run different depths), each cut gets a
+complete device artifact of its own in `cut<N>/` (its manifest, head graphs, adapters, tokenizer; no tail),
+and the top level holds the one tail, from the smallest cut, and a manifest listing the cuts.
+
 Everything is written into a temporary directory beside the output and renamed into place at the end, so an
 interrupted or failed export never leaves a half-written artifact directory.
 """
@@ -35,10 +39,12 @@ from edgesplit.client.artifacts import (
     SCHEMA_VERSION,
     SERVER,
     TAIL,
+    CutEntry,
     LoraSpec,
     Manifest,
     Stage,
     TensorSpec,
+    cut_directory,
     head_matrices,
     sha256_file,
 )
@@ -51,6 +57,8 @@ from edgesplit.export.onnx_files import data_file_name
 class ExportConfig:
     model: str = DEFAULT_MODEL
     cut_layer: int = 4
+    # Several cuts (a mixed federation): one device artifact per cut in cut<N>/, one tail from the smallest.
+    cut_layers: tuple[int, ...] | None = None
     out: Path = Path("artifacts")
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -69,6 +77,8 @@ class ExportConfig:
             raise ExportError(f"--quantize must be 'none' or 'int8', got {self.quantize!r}")
         if self.lora_rank < 1:
             raise ExportError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.cut_layers is not None and (self.full_model or not self.cut_layers):
+            raise ExportError("--cut-layers needs at least one cut, and cannot go with --full-model")
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
 
@@ -96,17 +106,25 @@ def _specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
 
 
 def _stages(
-    scratch: Path, files: dict[str, str], cut_layer: int, num_layers: int, config: ExportConfig, hidden_size: int
+    head_dir: Path,
+    scratch: Path,
+    files: dict[str, str],
+    prefix: str,
+    cut_layer: int,
+    num_layers: int,
+    config: ExportConfig,
+    hidden_size: int,
 ) -> tuple[Stage, ...]:
-    """The manifest's stages for what was written into `scratch`: the head, its gradient graph, the tail."""
+    """The manifest's stages for what was written into `scratch`: the head and its gradient graph (from
+    `head_dir`, whose files are `prefix` + name in `files`), and the tail."""
 
     def graph_files(name: str) -> tuple[str, ...]:
-        return tuple(file for file in (name, data_file_name(name)) if file in files)
+        return tuple(prefix + file for file in (name, data_file_name(name)) if prefix + file in files)
 
-    head_inputs, head_outputs = _specs(scratch / "head.onnx")
+    head_inputs, head_outputs = _specs(head_dir / "head.onnx")
     stages = [Stage(HEAD, DEVICE, 0, cut_layer, graph_files("head.onnx"), head_inputs, head_outputs)]
-    if (scratch / "head_grad.onnx").exists():
-        grad_inputs, grad_outputs = _specs(scratch / "head_grad.onnx")
+    if (head_dir / "head_grad.onnx").exists():
+        grad_inputs, grad_outputs = _specs(head_dir / "head_grad.onnx")
         stages.append(Stage(HEAD_GRAD, DEVICE, 0, cut_layer, graph_files("head_grad.onnx"), grad_inputs, grad_outputs))
     if (scratch / "tail").is_dir():
         tokens = (config.batch_size, config.max_seq_len)
@@ -150,16 +168,7 @@ def _tool_versions() -> dict[str, str]:
 
 def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportResult:
     """Run the whole export; `loaded` lets tests pass an in-memory model instead of a name."""
-    import onnx
-    import torch
-    from safetensors.numpy import save_file as save_numpy
-    from safetensors.torch import save_file as save_torch
-
     from edgesplit.export.families import check_cut_layer, family_for, prepare_for_training
-    from edgesplit.export.lora import HeadWithLora
-    from edgesplit.export.onnx_files import save_with_aligned_data
-    from edgesplit.export.quantize import quantize_model, store_saved_as_float16
-    from edgesplit.export.trainable import export_graph, trace_head
 
     out = Path(config.out)
     _check_writable(out, config.force)
@@ -171,11 +180,62 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     model = loaded.model
     family = family_for(model)
     num_layers = family.num_layers(model)
-    cut_layer = num_layers if config.full_model else check_cut_layer(config.cut_layer, num_layers)
-    targets = config.lora_targets or family.lora_targets
+    if config.full_model:
+        cuts: tuple[int, ...] = (num_layers,)
+    else:
+        cuts = tuple(sorted({check_cut_layer(cut, num_layers) for cut in (config.cut_layers or (config.cut_layer,))}))
     prepare_for_training(model)
     model.set_attn_implementation("eager")
 
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    try:
+        if config.cut_layers is None:  # one cut: the layout every single-cut export has always had
+            report = _export_head(loaded, cuts[0], config, scratch, seconds)
+            if config.write_tail and not config.full_model:  # a full-model export has no tail: all is on the client
+                _write_tail(loaded, cuts[0], config, scratch)
+            manifest = _write_manifest(loaded, scratch, cuts[0], config)
+        else:
+            # One complete device artifact per cut, in its own directory; one tail, from the smallest cut,
+            # which runs [cut, L) for a client at any of them (the server skips the layers it does not need).
+            report = None
+            entries = []
+            for cut in cuts:
+                device_dir = scratch / cut_directory(cut)
+                device_dir.mkdir()
+                part = _export_head(loaded, cut, config, device_dir, seconds)
+                report = part if report is None else _merge(report, part)
+                device_manifest = _write_manifest(loaded, device_dir, cut, config)
+                entries.append(CutEntry(cut, cut_directory(cut), device_manifest.manifest_hash))
+            if config.write_tail:
+                _write_tail(loaded, cuts[0], config, scratch)
+            manifest = _write_manifest(loaded, scratch, cuts[0], config, tuple(entries))
+        _swap_into_place(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    seconds["total"] = time.perf_counter() - started
+    return ExportResult(manifest=manifest, out=out, seconds=seconds, quantize_report=report)
+
+
+def _export_head(
+    loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path, seconds: dict[str, float]
+) -> Any:
+    """Write one cut's device files into `scratch`: head.onnx, head_grad.onnx (with their .data files),
+    head_adapters.safetensors and tokenizer.json. Returns the int8 report, or None."""
+    import onnx
+    import torch
+    from safetensors.numpy import save_file as save_numpy
+
+    from edgesplit.export.families import family_for
+    from edgesplit.export.lora import HeadWithLora
+    from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.quantize import quantize_model, store_saved_as_float16
+    from edgesplit.export.trainable import export_graph, trace_head
+
+    model = loaded.model
+    family = family_for(model)
+    num_layers = family.num_layers(model)
+    targets = config.lora_targets or family.lora_targets
     backbone = copy.deepcopy(model) if config.full_model else family.build_head(model, cut_layer)
     head = HeadWithLora(backbone, family, config.lora_rank, config.lora_alpha, targets, config.full_model)
     if not head.shapes:
@@ -184,90 +244,107 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     trainable = not config.frozen_head
     lora = head.initial_lora(config.seed) if trainable else {}
 
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
-    try:
-        log(
-            f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
-            f"{config.max_seq_len} tokens"
-        )
-        t0 = time.perf_counter()
-        with torch.no_grad() if not trainable else torch.enable_grad():
-            traced = trace_head(head, lora, config.batch_size, config.max_seq_len, trainable=trainable)
-        seconds["trace"] = time.perf_counter() - t0
-        log("exporting head.onnx" + ("" if not trainable else " and head_grad.onnx"))
-        t0 = time.perf_counter()
-        with _quiet_exporter():
-            export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
-            if traced.backward is not None:
-                export_graph(
-                    traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / "head_grad.onnx"
-                )
-        seconds["export"] = time.perf_counter() - t0
+    log(
+        f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
+        f"{config.max_seq_len} tokens"
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad() if not trainable else torch.enable_grad():
+        traced = trace_head(head, lora, config.batch_size, config.max_seq_len, trainable=trainable)
+    seconds["trace"] = seconds.get("trace", 0.0) + time.perf_counter() - t0
+    log("exporting head.onnx" + ("" if not trainable else " and head_grad.onnx"))
+    t0 = time.perf_counter()
+    with _quiet_exporter():
+        export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
+        if traced.backward is not None:
+            export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / "head_grad.onnx")
+    seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
 
-        report = None
-        if config.quantize == "int8":
-            log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
-        t0 = time.perf_counter()
-        graphs = {
-            name: onnx.load(str(scratch / name))
-            for name in ("head.onnx", "head_grad.onnx")
-            if (scratch / name).exists()
-        }
-        if config.quantize == "int8":
-            for graph in graphs.values():
-                part = quantize_model(graph)
-                report = part if report is None else _merge(report, part)
-            if "head_grad.onnx" in graphs:
-                store_saved_as_float16(graphs["head.onnx"], graphs["head_grad.onnx"])
-        for name, graph in graphs.items():
-            save_with_aligned_data(graph, scratch / name)
-        seconds["quantize" if config.quantize == "int8" else "save"] = time.perf_counter() - t0
+    report = None
+    if config.quantize == "int8":
+        log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
+    t0 = time.perf_counter()
+    graphs = {
+        name: onnx.load(str(scratch / name)) for name in ("head.onnx", "head_grad.onnx") if (scratch / name).exists()
+    }
+    if config.quantize == "int8":
+        for graph in graphs.values():
+            part = quantize_model(graph)
+            report = part if report is None else _merge(report, part)
+        if "head_grad.onnx" in graphs:
+            store_saved_as_float16(graphs["head.onnx"], graphs["head_grad.onnx"])
+    for name, graph in graphs.items():
+        save_with_aligned_data(graph, scratch / name)
+    step = "quantize" if config.quantize == "int8" else "save"
+    seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t0
 
-        save_numpy(
-            {k: v.detach().numpy().astype("float32") for k, v in lora.items()},
-            str(scratch / "head_adapters.safetensors"),
-        )
-        loaded.tokenizer.backend_tokenizer.save(str(scratch / "tokenizer.json"))
-        # A full-model export has no tail: the client holds every layer.
-        if config.write_tail and not config.full_model:
-            (scratch / "tail").mkdir()
-            family.tail_config(model, cut_layer).to_json_file(str(scratch / "tail" / "config.json"))
-            save_torch(family.tail_state_dict(model, cut_layer), str(scratch / "tail" / "model.safetensors"))
-            lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
-            (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
+    save_numpy(
+        {k: v.detach().numpy().astype("float32") for k, v in lora.items()},
+        str(scratch / "head_adapters.safetensors"),
+    )
+    loaded.tokenizer.backend_tokenizer.save(str(scratch / "tokenizer.json"))
+    expected = head.shapes if trainable else {}
+    made = head_matrices(_specs(scratch / "head.onnx")[0])
+    if made != expected:  # the graph's inputs are the contract
+        raise ExportError(f"head.onnx takes LoRA inputs {made}, the head made {expected}")
+    return report
 
-        files = {str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()}
-        stages = _stages(scratch, files, cut_layer, num_layers, config, int(model.config.hidden_size))
-        tokenizer = loaded.tokenizer
-        eos = tokenizer.eos_token_id
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            model_source=loaded.source,
-            model_sha256=loaded.sha256,
-            family=family.name,
-            architecture=type(model).__name__,
-            num_layers=num_layers,
-            hidden_size=int(model.config.hidden_size),
-            vocab_size=int(model.config.vocab_size),
-            batch_size=config.batch_size,
-            max_seq_len=config.max_seq_len,
-            lora=LoraSpec(config.lora_rank, config.lora_alpha, tuple(targets), head_matrices(stages[0].inputs)),
-            quantize=config.quantize,
-            stages=stages,
-            files=files,
-            tools=_tool_versions(),
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
-        )
-        if manifest.lora.matrices != (head.shapes if trainable else {}):  # the graph's inputs are the contract
-            raise ExportError(f"head.onnx takes LoRA inputs {manifest.lora.matrices}, the head made {head.shapes}")
-        (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        _swap_into_place(scratch, out)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    seconds["total"] = time.perf_counter() - started
-    return ExportResult(manifest=manifest, out=out, seconds=seconds, quantize_report=report)
+
+def _write_tail(loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path) -> None:
+    """The server's tail/ for layers [cut_layer, L): config, weights, LoRA settings."""
+    from safetensors.torch import save_file as save_torch
+
+    from edgesplit.export.families import family_for
+
+    model = loaded.model
+    family = family_for(model)
+    targets = config.lora_targets or family.lora_targets
+    (scratch / "tail").mkdir()
+    family.tail_config(model, cut_layer).to_json_file(str(scratch / "tail" / "config.json"))
+    save_torch(family.tail_state_dict(model, cut_layer), str(scratch / "tail" / "model.safetensors"))
+    lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
+    (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
+
+
+def _write_manifest(
+    loaded: LoadedModel, scratch: Path, cut_layer: int, config: ExportConfig, cuts: tuple[CutEntry, ...] = ()
+) -> Manifest:
+    """manifest.json for what is in `scratch`. With `cuts` (a mixed-cut export's top level), the head stages
+    are the smallest cut's, read from its directory, and every file below, each cut's included, is listed."""
+    from edgesplit.export.families import family_for
+
+    model = loaded.model
+    family = family_for(model)
+    num_layers = family.num_layers(model)
+    targets = config.lora_targets or family.lora_targets
+    files = {str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()}
+    head_dir = scratch / cuts[0].directory if cuts else scratch
+    prefix = f"{cuts[0].directory}/" if cuts else ""
+    stages = _stages(head_dir, scratch, files, prefix, cut_layer, num_layers, config, int(model.config.hidden_size))
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_source=loaded.source,
+        model_sha256=loaded.sha256,
+        family=family.name,
+        architecture=type(model).__name__,
+        num_layers=num_layers,
+        hidden_size=int(model.config.hidden_size),
+        vocab_size=int(model.config.vocab_size),
+        batch_size=config.batch_size,
+        max_seq_len=config.max_seq_len,
+        lora=LoraSpec(config.lora_rank, config.lora_alpha, tuple(targets), head_matrices(stages[0].inputs)),
+        quantize=config.quantize,
+        stages=stages,
+        files=files,
+        tools=_tool_versions(),
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
+        cuts=cuts,
+    )
+    (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return manifest
 
 
 @contextlib.contextmanager
