@@ -266,6 +266,28 @@ class Manifest:
             f"these artifacts hold no head for cut {cut_layer}: the exported cuts are {list(self.cut_layers)}"
         )
 
+    def client_cut(self, manifest_hash: str, cut_layer: int | None) -> int | None:
+        """The cut a client runs at, from what its Hello says: the fingerprint of its own manifest and the cut
+        it names (None from a client that names none). A mixed-cut export's client presents its cut's
+        manifest; a single-cut export's, the export's own. ArtifactError saying what differs otherwise; for a
+        fingerprint these artifacts do not know, None (the server's admission refuses that itself)."""
+        if not self.cuts:
+            if cut_layer is not None and cut_layer != self.cut_layer:
+                raise ArtifactError(
+                    f"the client runs at cut {cut_layer}, the server's artifacts were exported for cut "
+                    f"{self.cut_layer} only: export the cuts with --cut-layers, or copy the server's artifacts"
+                )
+            return cut_layer
+        entry = next((cut for cut in self.cuts if cut.manifest_hash == manifest_hash), None)
+        if entry is None:
+            return None
+        if cut_layer is not None and cut_layer != entry.cut_layer:
+            raise ArtifactError(
+                f"the client says cut {cut_layer} but runs the artifacts of cut {entry.cut_layer}: copy the "
+                f"server's {entry.directory}/ again"
+            )
+        return entry.cut_layer
+
     @property
     def full_model(self) -> bool:
         """The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its

@@ -146,8 +146,15 @@ class Hello:
     manifest_hash: str  # Manifest.manifest_hash; the server refuses a client running other artifacts
     token: str | None
     num_samples: int  # the client's training examples: FedAvg's weight
+    # The layer its head ends at: checked against the server's exported cuts. None (or absent, from an older
+    # client) is the export's one cut.
+    cut_layer: int | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.cut_layer is None or (self.cut_layer >= 1 and not isinstance(self.cut_layer, bool)),
+            f"Hello.cut_layer must be a layer >= 1, got {self.cut_layer!r:.40}",
+        )
         _require(
             _CLIENT_ID.fullmatch(self.client_id) is not None,
             f"client_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -, got {self.client_id!r:.80}",

@@ -209,14 +209,18 @@ def _decode_payload(kind: Kind, entries: object, payload: memoryview) -> dict[st
 def _build(kind: Kind, metadata: dict[str, Any], tensors: dict[str, Array]) -> Message:
     cls = MESSAGE_TYPES[kind]
     fields = {field.name: str(field.type) for field in dataclasses.fields(cls)}
+    # A field with a default may be absent: an older peer does not send it (Hello.cut_layer).
+    optional = {field.name for field in dataclasses.fields(cls) if field.default is not dataclasses.MISSING}
     carries_tensors = fields.pop("tensors", None) is not None
     if tensors and not carries_tensors:
         raise ProtocolError(f"{kind.name} carries no tensors, the frame has {sorted(tensors)}")
-    missing, unexpected = fields.keys() - metadata.keys(), metadata.keys() - fields.keys()
+    missing, unexpected = fields.keys() - metadata.keys() - optional, metadata.keys() - fields.keys()
     if missing or unexpected:
         raise ProtocolError(f"{kind.name} metadata: missing fields {sorted(missing)}, unexpected {sorted(unexpected)}")
     values: dict[str, Any] = {}
     for name, annotation in fields.items():
+        if name not in metadata:
+            continue  # an optional field left out: its default
         try:
             values[name] = _parse_field(annotation, metadata[name])
         except (TypeError, OverflowError) as exc:

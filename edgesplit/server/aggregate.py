@@ -60,6 +60,68 @@ def fedavg(updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]]) -> dict[st
     return averaged
 
 
+def fedavg_by_holder(
+    updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]],
+    server_copy: Mapping[str, NDArray[Any]] | None = None,
+) -> dict[str, NDArray[np.float32]]:
+    """FedAvg per adapter name over whoever trained it, for a federation whose devices run different cuts.
+
+    A device at cut c holds (and sends) the adapters of layers [0, c); the server's tail holds layers
+    [c_min, L) and trained each of them for every device whose cut is at or below that layer. For each name
+    in the updates or in `server_copy` (the tail's values of the layers some device may hold, [c_min, c_max)):
+
+        global[name] = (sum over devices k holding name of n_k * client_k[name]
+                        + (sum over devices k not holding it of n_k) * server_copy[name]) / sum_k n_k
+
+    The server's copy counts only where it has the name; a name that no device sent this round comes back
+    as the server's copy. When every device holds the same names and `server_copy` has none of them, this is
+    `fedavg` exactly (the same float64 sums in the same order). Raises TrainingError as `fedavg` does, and
+    for a name whose shape differs between its holders or whose holders all trained on 0 examples with no
+    server copy to fall back on.
+    """
+    if not updates:
+        raise TrainingError("fedavg_by_holder got no client updates to aggregate")
+    server = dict(server_copy or {})
+    shapes: dict[str, tuple[int, ...]] = {}
+    total_examples = 0
+    for client, (tensors, num_examples) in enumerate(updates):
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
+            raise TrainingError(f"client {client}: example count must be an int, got {num_examples!r}")
+        if num_examples < 0:
+            raise TrainingError(f"client {client}: example count must be >= 0, got {num_examples}")
+        if not tensors:
+            raise TrainingError(f"client {client} sent no tensors")
+        total_examples += int(num_examples)
+        for name, tensor in tensors.items():
+            shapes.setdefault(name, np.shape(tensor))
+        _check_tensors(client, tensors, {name: shapes[name] for name in tensors})
+    if total_examples <= 0:
+        raise TrainingError("the clients trained on 0 examples in total; there is nothing to average")
+    for name, tensor in server.items():
+        if name in shapes and np.shape(tensor) != shapes[name]:
+            raise TrainingError(f"the server's {name!r} has shape {np.shape(tensor)}, the clients sent {shapes[name]}")
+        if not np.isfinite(tensor).all():
+            raise TrainingError(f"the server's {name!r} contains NaN or Inf")
+
+    averaged: dict[str, NDArray[np.float32]] = {}
+    for name in [*shapes, *(name for name in server if name not in shapes)]:
+        weighted_sum = np.zeros(np.shape(server[name]) if name not in shapes else shapes[name], dtype=np.float64)
+        held_examples = 0
+        for tensors, num_examples in updates:
+            if name in tensors:
+                held_examples += int(num_examples)
+                if num_examples:
+                    weighted_sum += float(num_examples) * np.asarray(tensors[name], dtype=np.float64)
+        server_examples = total_examples - held_examples if name in server else 0
+        if server_examples:
+            weighted_sum += float(server_examples) * np.asarray(server[name], dtype=np.float64)
+        weight = held_examples + server_examples
+        if weight <= 0:
+            raise TrainingError(f"{name!r}: its holders trained on 0 examples and the server holds no copy")
+        averaged[name] = (weighted_sum / weight).astype(np.float32)
+    return averaged
+
+
 def _check_tensors(client: int, tensors: Mapping[str, NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]) -> None:
     if set(tensors) != set(shapes):
         missing = sorted(set(shapes) - set(tensors))

@@ -36,7 +36,7 @@ from edgesplit.client.protocol import (
     Wire,
     max_frame_bytes,
 )
-from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
+from edgesplit.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
@@ -46,6 +46,7 @@ from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
     Arrays,
     Strategy,
+    adapters_below,
     build_strategy,
     load_global_adapters,
 )
@@ -109,6 +110,8 @@ class Server:
         self._awaiting_hello = 0  # connections open that have not said Hello yet
         self._numbers = 0
         self._refusal_log = RefusalLog()
+        self._cuts: dict[int, int | None] = {}  # connection number -> the client's cut (mixed-cut exports)
+        self.client_cuts: dict[str, int] = {}  # client id -> the cut it last joined at, for the metrics
         round_index, last_eval_loss = self._resume()
         rules = config.round_rules(self.manifest.manifest_hash, PROTOCOL_VERSION)
         self.engine = RoundEngine(rules, round_index, last_eval_loss)
@@ -239,7 +242,8 @@ class Server:
             check_hello(hello)
             connection.client_id, connection.token = hello.client_id, hello.token
             token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            numbers = (hello.num_samples, token_ok, hello.manifest_hash, hello.protocol_version, time.monotonic())
+            cut, manifest_hash = self._client_cut(connection, hello)
+            numbers = (hello.num_samples, token_ok, manifest_hash, hello.protocol_version, time.monotonic())
             event = events.ClientHello(connection.number, hello.client_id, *numbers)
             welcome = await self._ask(connection, event, events.SendWelcome)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
@@ -247,8 +251,9 @@ class Server:
                 {**self.settings, "resume_step": welcome.resume_step, "update_received": welcome.update_received}
             )
             set_frame_limit(websocket, self.max_frame_bytes())
+            tensors = self._for_cut(self.welcome_tensors, cut)
             await connection.send(
-                Welcome(welcome.round, self.config.rounds, settings, self.welcome_tensors), self.wire, self.bytes_sent
+                Welcome(welcome.round, self.config.rounds, settings, tensors), self.wire, self.bytes_sent
             )
             while True:
                 message = await connection.receive(self.bytes_received)
@@ -278,7 +283,25 @@ class Server:
             print(f"[server] {connection.client_id}: {text}", flush=True)
         finally:
             del self.connections[connection.number]
+            self._cuts.pop(connection.number, None)
             self._dispatch(events.ClientLeft(connection.number))
+
+    def _client_cut(self, connection: Connection, hello: Hello) -> tuple[int | None, str]:
+        """The client's cut, checked against the exported cuts, and the manifest fingerprint the round engine
+        is to compare: a mixed-cut export's client presents its own cut's, which stands for the export's."""
+        try:
+            cut = self.manifest.client_cut(hello.manifest_hash, hello.cut_layer)
+        except ArtifactError as error:
+            raise _Refused("manifest_mismatch", str(error)) from None
+        self._cuts[connection.number] = cut
+        if cut is not None:
+            self.client_cuts[hello.client_id] = cut
+        known = self.manifest.cuts and cut is not None
+        return cut, self.manifest.manifest_hash if known else hello.manifest_hash
+
+    def _for_cut(self, tensors: Arrays, cut: int | None) -> Arrays:
+        """What a client at `cut` gets of the global adapters: the layers it holds, in a mixed-cut export."""
+        return adapters_below(tensors, cut) if self.manifest.cuts and cut is not None else tensors
 
     async def _refuse(self, connection: Connection, what: str, code: str, reason: str, close_code: int) -> None:
         """Tell the peer why and close; printed and recorded escaped, cut short, and rate-limited per address."""
@@ -362,7 +385,8 @@ class Server:
                 self.finished.set()
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
-        self.strategy.check_step(message.tensors)  # shapes and values; the whole-model frameworks refuse
+        cut = self._cuts.get(connection.number)
+        self.strategy.check_step(message.tensors, cut)  # shapes and values; the whole-model frameworks refuse
         started = time.perf_counter()
         number = connection.number
         await self._ask(connection, events.StepArrived(number, message.round, message.step), events.RunStep)
@@ -370,7 +394,7 @@ class Server:
         def still_wanted() -> bool:  # on the worker thread: a client gone while its step waited gets none
             return self.engine.is_current(number) and connection.open()
 
-        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted)
+        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted, cut)
         result = await self.worker.submit_step(job)
         seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
         end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN
@@ -386,6 +410,7 @@ class Server:
                 round=message.round,
                 step=message.step,
                 loss=step.loss,
+                cut_layer=cut if cut is not None else self.manifest.cut_layer,
                 server_seconds=round(seconds, 6),
                 queue_seconds=round(result.queue_seconds, 6),
                 compute_seconds=round(result.compute_seconds, 6),
@@ -400,13 +425,14 @@ class Server:
         problem = update_problem(message.num_samples, message.tensors, self.wire)
         problem = None if problem is None else peer_text(problem)
         try:
-            self.strategy.check_update(message.tensors)
+            self.strategy.check_update(message.tensors, self._cuts.get(connection.number))
         except TrainingError as error:
             problem = peer_text(error)
         update = events.Update(connection.client_id, message.num_samples, message.metrics, message.tensors)
         event = events.UpdateArrived(connection.number, message.round, update, problem)
         result: events.SendRoundResult = await self._ask(connection, event, events.SendRoundResult)
-        return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, self.round_tensors)
+        tensors = self._for_cut(self.round_tensors, self._cuts.get(connection.number))
+        return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, tensors)
 
     async def _aggregate(self, action: events.Aggregate) -> None:
         accepted = [(dict(update.tensors), update.num_samples) for update in action.updates]
@@ -465,6 +491,7 @@ class Server:
             bytes_received=dict(self.bytes_received),
             bytes_sent=dict(self.bytes_sent),
             client_metrics={update.client_id: dict(update.metrics) for update in action.updates},
+            cut_layers={c: self.client_cuts.get(c, self.manifest.cut_layer) for c in clients},
         )
         eval_text = "" if action.eval_loss is None else f", eval loss {action.eval_loss:.4f}"
         print(

@@ -8,14 +8,19 @@ The tail is called as a causal LM with `inputs_embeds=activations`: the activati
 token embeddings, and the rotary or learned position handling follows as it would in the full model.
 
 A tail runs a layer range [first_layer, end_layer) of the manifest's tail stage (all of it by default), then
-the final norm and the LM head: the split-point profiler builds shorter tails from one export this way. Its
+the final norm and the LM head: the split-point profiler builds shorter tails from one export this way. A
+step or an evaluation may also start later, at a client's own cut (`from_layer`): a mixed-cut federation
+shares one tail built from its smallest cut, and a client at a deeper cut runs [its cut, end) of it, with
+the same LoRA parameters for the same layers. Its
 LoRA matrices are named by absolute layer (edgesplit/lora_names.py), the same names a head would use for
 them, whatever the cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -153,18 +158,64 @@ class Tail:
             else None
         )
 
-    def _logits(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(inputs_embeds=activations, attention_mask=attention_mask, use_cache=False)
+    def _logits(
+        self, activations: torch.Tensor, attention_mask: torch.Tensor, from_layer: int | None = None
+    ) -> torch.Tensor:
+        with self._starting_at(from_layer):
+            output = self.model(inputs_embeds=activations, attention_mask=attention_mask, use_cache=False)
         return output.logits  # type: ignore[no-any-return]
 
+    @contextlib.contextmanager
+    def _starting_at(self, from_layer: int | None) -> Iterator[None]:
+        """Run the layers [from_layer, end) only, for the duration: the decoder's layer list and its config
+        (transformers loops over `layers[: config.num_hidden_layers]` and builds its masks from
+        `config.layer_types`) are swapped for their tails and put back after. The layer modules, and so
+        their LoRA parameters, are the same objects."""
+        skip = 0 if from_layer is None else from_layer - self.first_layer
+        if not 0 <= skip <= self.end_layer - self.first_layer:
+            raise TrainingError(
+                f"a client at cut {from_layer} needs layers this tail of [{self.first_layer}, "
+                f"{self.end_layer}) does not start with"
+            )
+        if skip == 0:
+            yield
+            return
+        from edgesplit.export.families import family_by_name
+
+        family = family_by_name(self.manifest.family)
+        model: Any = self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside PEFT's wrapper
+        backbone, config = family.backbone(base), cast(Any, base.config)
+        layers, count = getattr(backbone, family.layers_attr), config.num_hidden_layers
+        layer_types = getattr(config, "layer_types", None)
+        setattr(backbone, family.layers_attr, torch.nn.ModuleList(list(layers)[skip:]))
+        config.num_hidden_layers = count - skip
+        if isinstance(layer_types, list):
+            config.layer_types = layer_types[skip:]
+        try:
+            yield
+        finally:
+            setattr(backbone, family.layers_attr, layers)
+            config.num_hidden_layers = count
+            if isinstance(layer_types, list):
+                config.layer_types = layer_types
+
     def train_step(
-        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, train_head: bool = True
+        self,
+        activations: np.ndarray,
+        attention_mask: np.ndarray,
+        labels: np.ndarray,
+        train_head: bool = True,
+        from_layer: int | None = None,
     ) -> tuple[float, np.ndarray | None]:
-        """One optimiser step of the tail; returns the loss and d loss / d activations (None if not wanted)."""
+        """One optimiser step of the tail; returns the loss and d loss / d activations (None if not wanted).
+
+        `from_layer`: the client's cut, where a mixed-cut federation's client hands over (by default the
+        tail's first layer). The layers before it get no gradient and are not stepped."""
         inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).requires_grad_(train_head)
         mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
         target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        loss = causal_lm_loss(self._logits(inputs, mask), target)
+        loss = causal_lm_loss(self._logits(inputs, mask, from_layer), target)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
@@ -180,17 +231,34 @@ class Tail:
         return float(loss.detach()), grads
 
     @torch.no_grad()
-    def eval_loss(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    def eval_loss(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, from_layer: int | None = None
+    ) -> tuple[float, int]:
         """Summed-then-averaged loss of one batch, and the number of tokens it counted."""
         inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
         target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        logits = self._logits(inputs, torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)))
+        logits = self._logits(inputs, torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)), from_layer)
         tokens = int((target[:, 1:] != -100).sum())
         return float(causal_lm_loss(logits, target)) if tokens else 0.0, tokens
 
     def lora_state(self) -> dict[str, np.ndarray]:
         """The tail's LoRA matrices by adapter name, as numpy (for checkpoints and tests)."""
         return {name: parameter.detach().numpy().copy() for name, parameter in self.adapters.items()}
+
+    def set_lora(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite some of the tail's LoRA matrices (by adapter name) with `values`, as aggregation across
+        a mixed-cut federation does for the layers some clients hold. The optimiser's moments are kept."""
+        unknown = sorted(set(values) - set(self.adapters))
+        if unknown:
+            raise TrainingError(f"the tail has no adapters {unknown[:4]}")
+        with torch.no_grad():
+            for name, value in values.items():
+                if tuple(value.shape) != tuple(self.adapters[name].shape):
+                    raise TrainingError(
+                        f"adapter {name} has shape {tuple(value.shape)}, the tail's is "
+                        f"{tuple(self.adapters[name].shape)}"
+                    )
+                self.adapters[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
     def state_dict(self) -> dict[str, Any]:
         optimizer = self.optimizer.state_dict() if self.optimizer is not None else {"state": {}, "param_groups": []}

@@ -27,7 +27,8 @@ import numpy as np
 from edgesplit.server.strategies.base import StepOutcome
 
 T = TypeVar("T")
-StepFunction = Callable[[Mapping[str, np.ndarray]], StepOutcome]
+# A strategy's train_step: the step's tensors and the client's cut layer (None: the export's one cut).
+StepFunction = Callable[[Mapping[str, np.ndarray], int | None], StepOutcome]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class StepJob:
     step: int
     tensors: Mapping[str, np.ndarray]
     still_wanted: Callable[[], bool]
+    cut_layer: int | None = None  # the client's cut in a mixed-cut federation; None: the export's one cut
 
     def __post_init__(self) -> None:
         if self.round < 0 or self.step < 0:
@@ -99,7 +101,7 @@ class ThreadTailWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
 
     def submit_step(self, job: StepJob) -> asyncio.Future[WorkResult[StepOutcome]]:
-        return self._run(lambda: self.step_function(job.tensors), job.still_wanted)
+        return self._run(lambda: self.step_function(job.tensors, job.cut_layer), job.still_wanted)
 
     def submit(self, work: Callable[[], T]) -> asyncio.Future[WorkResult[T]]:
         return self._run(work, None)

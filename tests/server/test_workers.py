@@ -15,7 +15,7 @@ from edgesplit.server.workers import StepJob, ThreadTailWorker, WorkResult
 
 
 def recording_step(seen: list[int], seconds: float = 0.0):  # type: ignore[no-untyped-def]
-    def step(tensors: Mapping[str, np.ndarray]) -> StepOutcome:
+    def step(tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
         time.sleep(seconds)
         seen.append(int(tensors["activations"][0]))
         return StepOutcome(float(tensors["activations"][0]), tensors["activations"] * 2)

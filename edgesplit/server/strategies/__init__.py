@@ -23,7 +23,7 @@ from edgesplit.server.strategies.base import (
 )
 from edgesplit.server.strategies.fedllm import FedLlmStrategy
 from edgesplit.server.strategies.kd import KdSettings, KdStrategy
-from edgesplit.server.strategies.split import SplitStrategy
+from edgesplit.server.strategies.split import SplitStrategy, adapters_below
 
 STRATEGIES: dict[str, StrategyFactory] = {
     SplitStrategy.name: SplitStrategy,
@@ -54,6 +54,7 @@ __all__ = [
     "StrategyOptions",
     "TailState",
     "Updates",
+    "adapters_below",
     "build_strategy",
     "encode_file",
     "load_global_adapters",

@@ -42,13 +42,13 @@ class FedLlmStrategy:
     def welcome_tensors(self) -> Arrays:
         return self.global_adapters
 
-    def check_step(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def check_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> None:
         raise refuse_activations(self.name)
 
-    def train_step(self, tensors: Mapping[str, np.ndarray]) -> StepOutcome:
+    def train_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
         raise refuse_activations(self.name)
 
-    def check_update(self, tensors: Arrays) -> None:
+    def check_update(self, tensors: Arrays, cut_layer: int | None = None) -> None:
         self.head.check_adapters(tensors)
 
     def aggregate(self, updates: Updates) -> Arrays:

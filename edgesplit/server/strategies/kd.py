@@ -89,13 +89,13 @@ class KdStrategy:
         # The proxy set travels once, as tokens; no weights ever do.
         return {"proxy.input_ids": self.proxy.input_ids, "proxy.attention_mask": self.proxy.attention_mask}
 
-    def check_step(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def check_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> None:
         raise refuse_activations(self.name)
 
-    def train_step(self, tensors: Mapping[str, np.ndarray]) -> StepOutcome:
+    def train_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
         raise refuse_activations(self.name)
 
-    def check_update(self, tensors: Arrays) -> None:
+    def check_update(self, tensors: Arrays, cut_layer: int | None = None) -> None:
         values, indices = tensors.get("proxy_values"), tensors.get("proxy_indices")
         expected = (*self.proxy.input_ids.shape, self.kd.top_k)
         if values is None or indices is None or values.shape != expected or indices.shape != expected:
