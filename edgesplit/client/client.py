@@ -270,6 +270,7 @@ class Client:
             self.head.manifest.manifest_hash,
             self.config.token,
             self.num_samples,
+            cut_layer=self.head.manifest.cut_layer,
         )
         self.log(f"connecting to {self.config.server} with {self.num_samples} examples")
         welcome = await self._exchange(websocket, session, hello)

@@ -110,7 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device-profile",
-        help="device profile for the energy estimate where no power sensor can be read, such as raspberry-pi-5",
+        help="device profile for the energy estimate where no power sensor can be read, such as raspberry-pi-5; "
+        "with a mixed-cut export and no --cut-layer, it also chooses the cut (see --max-memory-mb)",
+    )
+    parser.add_argument(
+        "--cut-layer",
+        type=positive,
+        metavar="N",
+        help="with a mixed-cut export (edgesplit export --cut-layers): run the head of cut N, from the "
+        "export's cut<N>/ directory",
+    )
+    parser.add_argument(
+        "--max-memory-mb",
+        type=_number(float, 1.0, "a number of MiB of at least 1"),
+        help="with a mixed-cut export and --device-profile: the memory budget the chosen cut must fit "
+        "(default: the profile's memory)",
     )
     parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate (wss://)")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
@@ -122,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
         "after each lost connection (the client then rejoins where the server says; default 60)",
     )
     return parser
+
+
+def _device_artifacts(args: argparse.Namespace) -> Path:
+    """The directory of this device's head: the export itself, or, for a mixed-cut export, the cut that
+    --cut-layer names or that --device-profile with --max-memory-mb chooses (printed, with why)."""
+    from edgesplit.client.artifacts import device_artifacts, load_manifest
+
+    manifest = load_manifest(args.artifacts, verify=False)
+    if args.cut_layer is not None or not manifest.cuts:
+        if args.max_memory_mb is not None and not manifest.cuts:
+            raise EdgesplitError(
+                f"--max-memory-mb chooses among the cuts of a mixed-cut export; {args.artifacts} has one cut, "
+                f"{manifest.cut_layer}"
+            )
+        return device_artifacts(args.artifacts, args.cut_layer)
+    if args.device_profile is None:
+        return device_artifacts(args.artifacts, None)  # refused, naming the cuts and the flags that choose
+    from edgesplit.client.cut_choice import choose_cut
+    from edgesplit.profiles.devices import load_profile
+
+    choice = choose_cut(args.artifacts, manifest, load_profile(args.device_profile), args.max_memory_mb)
+    print(f"[{args.client_id}] {choice.reason}", flush=True)
+    return device_artifacts(args.artifacts, choice.cut_layer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             token = args.token_file.read_text().strip()
         except OSError as error:
             raise EdgesplitError(f"cannot read --token-file {args.token_file}: {error}") from error
+    artifacts = _device_artifacts(args)
     config = ClientConfig(
         server=args.server,
-        artifacts=args.artifacts,
+        artifacts=artifacts,
         data=args.data,
         client_id=args.client_id,
         token=token,
@@ -157,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from edgesplit.client.artifacts import load_manifest
 
-    manifest = load_manifest(args.artifacts, verify=False)
+    manifest = load_manifest(artifacts, verify=False)
     for flag, value, expected in (
         ("--batch-size", args.batch_size, manifest.batch_size),
         ("--max-seq-len", args.max_seq_len, manifest.max_seq_len),

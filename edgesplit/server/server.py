@@ -461,7 +461,7 @@ class Server:
                 self.strategy.global_adapters,
                 tail_state["lora"],
                 tail_state["optimizer"],
-                {"eval_loss": action.eval_loss, "num_samples": num_samples},
+                {"eval_loss": action.eval_loss, "num_samples": num_samples, "cut_layers": self._update_cuts(action)},
                 updates={update.client_id: dict(update.tensors) for update in action.updates},
             )
             save_checkpoint(directory, checkpoint)
@@ -469,6 +469,10 @@ class Server:
         result = await self.worker.submit(save)
         if not self._round_failed(action.round, result):
             self._dispatch(events.RoundSaved(action.round, time.monotonic()))
+
+    def _update_cuts(self, action: events.SaveCheckpoint | events.RoundClosed) -> dict[str, int]:
+        """The cut each client of a round ran at (the export's one cut for a client that named none)."""
+        return {u.client_id: self.client_cuts.get(u.client_id, self.manifest.cut_layer) for u in action.updates}
 
     def _round_failed(self, round_index: int, result: WorkResult[Any]) -> bool:
         if result.error is None:
@@ -491,7 +495,7 @@ class Server:
             bytes_received=dict(self.bytes_received),
             bytes_sent=dict(self.bytes_sent),
             client_metrics={update.client_id: dict(update.metrics) for update in action.updates},
-            cut_layers={c: self.client_cuts.get(c, self.manifest.cut_layer) for c in clients},
+            cut_layers=self._update_cuts(action),
         )
         eval_text = "" if action.eval_loss is None else f", eval loss {action.eval_loss:.4f}"
         print(

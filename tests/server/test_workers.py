@@ -83,7 +83,7 @@ def test_queue_wait_and_compute_time_are_measured_apart() -> None:
 
 
 def test_errors_come_back_as_results_and_the_worker_carries_on() -> None:
-    def failing(tensors: Mapping[str, np.ndarray]) -> StepOutcome:
+    def failing(tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
         raise ValueError(f"bad step {int(tensors['activations'][0])}")
 
     async def scenario() -> tuple[WorkResult[StepOutcome], WorkResult[float | None]]:
