@@ -75,6 +75,8 @@ def collect(out: Path) -> dict[str, Any]:
     server = read_metrics(out / "server.jsonl")
     rounds = [r for r in server if r["event"] == "round"]
     finished = next((r for r in server if r["event"] == "finished"), {})
+    # Each client's cut, as the server ran its steps (in a mixed-cut federation they differ).
+    cuts = {r["client_id"]: r["cut_layer"] for r in server if r["event"] == "step" and "cut_layer" in r}
     clients: dict[str, Any] = {}
     for path in _client_files(out):
         records = read_metrics(path)
@@ -85,6 +87,7 @@ def collect(out: Path) -> dict[str, Any]:
         memory = summary.get("memory", {})
         round_losses, round_steps_without_targets, round_steps = round_means(steps)
         clients[client_id] = {
+            "cut_layer": cuts.get(client_id),
             "steps": len(steps),
             "losses": [s["loss"] for s in steps],
             "round_losses": round_losses,
@@ -172,6 +175,7 @@ def write_report(
             "family": manifest.family,
             "num_layers": manifest.num_layers,
             "cut_layer": manifest.cut_layer,
+            "cut_layers": list(manifest.cut_layers),
             "hidden_size": manifest.hidden_size,
             "batch_size": manifest.batch_size,
             "max_seq_len": manifest.max_seq_len,
@@ -235,10 +239,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "# edgesplit demo report",
         "",
         f"{config['clients']} edge clients trained LoRA adapters of `{Path(model['source']).name}` "
-        f"({model['family']}, {model['num_layers']} layers) split after layer {model['cut_layer']}: "
-        "each client "
-        f"ran layers 0-{model['cut_layer'] - 1} in ONNX Runtime, the server the other "
-        f"{model['num_layers'] - model['cut_layer']} in PyTorch, for {config['rounds']} rounds of "
+        f"({model['family']}, {model['num_layers']} layers) {_split_text(model)} in PyTorch, for "
+        f"{config['rounds']} rounds of "
         f"{config['steps_per_round']} steps (batch {model['batch_size']} x {model['max_seq_len']} tokens, "
         f"learning rate {config['learning_rate']:g}, head weights quantize={model['quantize']}). "
         f"Data split: {summary['split']}.",
@@ -291,15 +293,15 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Clients",
         "",
-        "| client | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| client | cut | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, client in metrics["clients"].items():
         groups = summary["client_groups"].get(name, {})
         group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
         energy = energy_text(client)
         lines.append(
-            f"| {name} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
+            f"| {name} | {_cut(client, model)} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
             f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
             f"{client['peak_rss_mb'] or 0:.0f} | {energy} |"
         )
@@ -340,6 +342,22 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _split_text(model: dict[str, Any]) -> str:
+    cuts, cut, layers = model.get("cut_layers") or [model["cut_layer"]], model["cut_layer"], model["num_layers"]
+    if len(cuts) > 1:
+        return (
+            f"split after layers {', '.join(map(str, cuts))}, each client at its own cut (the Clients table "
+            "says which): each client ran its layers in ONNX Runtime, the server the rest"
+        )
+    return f"split after layer {cut}: each client ran layers 0-{cut - 1} in ONNX Runtime, the server the other {layers - cut}"
+
+
+def _cut(client: dict[str, Any], model: dict[str, Any]) -> str:
+    """The layer a client's head ended at: its own in a mixed-cut federation, else the export's."""
+    cut = client.get("cut_layer")
+    return str(cut if cut is not None else model["cut_layer"])
+
+
 def _cell(text: str) -> str:
     return text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'")[:40]
 
@@ -370,7 +388,7 @@ def terminal_report(summary: dict[str, Any]) -> str:
     lines += [f"  WARNING {line}" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])]
     for name, client in metrics["clients"].items():
         lines.append(
-            f"  {name}: {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
+            f"  {name}: cut {_cut(client, model)}, {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
             f"{client['bytes_down'] / 1e6:.1f} MB down, {client['step_mean_s'] * 1000:.0f} ms/step, "
             f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB, energy {energy_text(client)}"
         )
