@@ -349,7 +349,10 @@ def _split_text(model: dict[str, Any]) -> str:
             f"split after layers {', '.join(map(str, cuts))}, each client at its own cut (the Clients table "
             "says which): each client ran its layers in ONNX Runtime, the server the rest"
         )
-    return f"split after layer {cut}: each client ran layers 0-{cut - 1} in ONNX Runtime, the server the other {layers - cut}"
+    return (
+        f"split after layer {cut}: each client ran layers 0-{cut - 1} in ONNX Runtime, the server the other "
+        f"{layers - cut}"
+    )
 
 
 def _cut(client: dict[str, Any], model: dict[str, Any]) -> str:
