@@ -4,6 +4,8 @@
                       [--seq-len 128] [--quantize int8] [--uplink-mbps 20 --downlink-mbps 50 --rtt-ms 30]
                       [--max-memory-mb 512] [--out runs/profile] [--save-profile my-device.toml]
     edgesplit profile --save-profile my-device.toml --skip-sweep     (on the device itself; needs no PyTorch)
+    edgesplit profile --model smollm2-135m --devices raspberry-pi-4,raspberry-pi-5,jetson-orin-nano
+                      (one sweep; a cut per device, and the --cut-layers of one export for all of them)
 
 See docs/profiling.md for the method and what is measured versus scaled.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 from edgesplit.profiles.devices import DeviceProfile, LinkProfile, ProfileError, load_profile, save_profile
 
@@ -30,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="built-in profile name or a profile .toml (default: this machine, measured now)",
+    )
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="several device profiles, comma-separated, for one mixed federation: the sweep runs once, each "
+        "device gets its recommended cut, and the `edgesplit export --cut-layers` that serves them all is "
+        "printed and written to OUT/devices.json",
     )
     parser.add_argument("--cut-layers", default=None, help="layers and ranges, e.g. 1-8 or 1,2,4 (default 1-8)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per training step (default 4)")
@@ -130,7 +140,10 @@ def check_model_and_cuts(model: str, cut_layers: tuple[int, ...] | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.devices is not None and (args.device is not None or args.save_profile is not None):
+        parser.error("--devices profiles several devices at once: leave out --device and --save-profile")
     if args.skip_sweep and args.save_profile is None:
         raise ProfileError("--skip-sweep only makes sense with --save-profile")
     from edgesplit.profiles.worker import cpu_benchmark, machine_profile
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         cut_layers = parse_cut_layers(args.cut_layers) if args.cut_layers else None
         check_model_and_cuts(args.model, cut_layers)
     device = load_profile(args.device) if args.device else None
+    devices = [load_profile(name.strip()) for name in args.devices.split(",") if name.strip()] if args.devices else []
+    if args.devices is not None and not devices:
+        parser.error(f"--devices names no profile: {args.devices!r}")
     here = cpu_benchmark()  # before the model loads: nothing else of ours is running
     if args.save_profile is not None:
         measured = machine_profile(profile_name(args.save_profile), here, base=device)
@@ -155,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         device = device or measured
     if args.skip_sweep:
         return 0
-    device = device or machine_profile("this-machine", here)
-    link_name, link = choose_link(device, args.link, args.uplink_mbps, args.downlink_mbps, args.rtt_ms)
+    device = device or (devices[0] if devices else machine_profile("this-machine", here))
 
     from edgesplit.profiles.splitpoint import ProfileReport, SweepConfig, sweep
 
@@ -174,8 +189,40 @@ def main(argv: list[str] | None = None) -> int:
         export_jobs=args.jobs,
     )
     result = sweep(config)
+    if devices:
+        return _federation(args, result, devices, here)
+    link_name, link = choose_link(device, args.link, args.uplink_mbps, args.downlink_mbps, args.rtt_ms)
     report = ProfileReport.build(result, device, link_name, link, here, args.max_memory_mb, args.server_speedup)
     print(report.table())
     paths = report.write(args.out)
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def _federation(args: argparse.Namespace, result: Any, devices: list[DeviceProfile], here: Any) -> int:
+    """--devices: one sweep's measurements, scaled to each device over its own link; a cut for each, and the
+    one export that holds them all."""
+    import json
+
+    from edgesplit.profiles.recommendation import FederationPlan
+    from edgesplit.profiles.splitpoint import ProfileReport
+
+    recommendations = {}
+    for device in devices:
+        link_name, link = choose_link(device, args.link, args.uplink_mbps, args.downlink_mbps, args.rtt_ms)
+        report = ProfileReport.build(result, device, link_name, link, here, args.max_memory_mb, args.server_speedup)
+        print(report.table())
+        paths = report.write(args.out / device.name)
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+        recommendations[device.name] = report.recommendation
+    plan = FederationPlan(recommendations)
+    print("\none federation of mixed devices:")
+    for name, recommendation in plan.by_device.items():
+        cut = "none fits" if recommendation.cut_layer is None else f"cut {recommendation.cut_layer}"
+        print(f"  {name}: {cut} ({recommendation.reason})")
+    command = plan.export_command(args.model)
+    print(f"export: {command}" if command else "export: no device has a cut that fits; nothing to export")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "devices.json").write_text(json.dumps(plan.to_json(args.model), indent=2) + "\n")
+    print(f"wrote {args.out / 'devices.json'}")
+    return 0 if command else 1

@@ -131,3 +131,38 @@ def recommend(
         tuple(e.cut_layer for e in tied),
         tuple(noisy),
     )
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """One cut per device of a mixed federation, and the cuts to export for all of them at once."""
+
+    by_device: dict[str, Recommendation]  # device profile name -> its recommendation
+
+    @property
+    def cut_layers(self) -> tuple[int, ...]:
+        """The distinct recommended cuts, smallest first: `edgesplit export --cut-layers` takes them."""
+        return tuple(sorted({r.cut_layer for r in self.by_device.values() if r.cut_layer is not None}))
+
+    @property
+    def without_cut(self) -> tuple[str, ...]:
+        """The devices no cut fits."""
+        return tuple(name for name, r in self.by_device.items() if r.cut_layer is None)
+
+    def export_command(self, model: str) -> str | None:
+        """The export that serves every device its own cut; None when no device has one."""
+        if not self.cut_layers:
+            return None
+        return f"edgesplit export --model {model} --cut-layers {','.join(map(str, self.cut_layers))}"
+
+    def to_json(self, model: str) -> dict[str, object]:
+        return {
+            "model": model,
+            "devices": {
+                name: {"cut_layer": r.cut_layer, "reason": r.reason, "rule": r.rule}
+                for name, r in self.by_device.items()
+            },
+            "cut_layers": list(self.cut_layers),
+            "export": self.export_command(model),
+            "without_cut": list(self.without_cut),
+        }
