@@ -116,6 +116,8 @@ def encode(message: Message, wire: Wire = Wire.FP32) -> bytes:
         value = getattr(message, field.name)
         if field.name == "tensors":
             tensors = value
+        elif value is None and field.default is None:
+            continue  # an optional field left unset: the frame is the one an older sender would write
         else:
             metadata[field.name] = value.to_json() if isinstance(value, SessionSettings) else value
     encoded = [encode_tensor(name, array, wire) for name, array in tensors.items()]
@@ -209,14 +211,18 @@ def _decode_payload(kind: Kind, entries: object, payload: memoryview) -> dict[st
 def _build(kind: Kind, metadata: dict[str, Any], tensors: dict[str, Array]) -> Message:
     cls = MESSAGE_TYPES[kind]
     fields = {field.name: str(field.type) for field in dataclasses.fields(cls)}
+    # Fields added within a protocol version have a default of None: a frame from an older sender lacks them.
+    optional = {field.name for field in dataclasses.fields(cls) if field.default is None}
     carries_tensors = fields.pop("tensors", None) is not None
     if tensors and not carries_tensors:
         raise ProtocolError(f"{kind.name} carries no tensors, the frame has {sorted(tensors)}")
-    missing, unexpected = fields.keys() - metadata.keys(), metadata.keys() - fields.keys()
+    missing, unexpected = fields.keys() - metadata.keys() - optional, metadata.keys() - fields.keys()
     if missing or unexpected:
         raise ProtocolError(f"{kind.name} metadata: missing fields {sorted(missing)}, unexpected {sorted(unexpected)}")
     values: dict[str, Any] = {}
     for name, annotation in fields.items():
+        if name not in metadata:
+            continue  # optional and absent: the dataclass's default
         try:
             values[name] = _parse_field(annotation, metadata[name])
         except (TypeError, OverflowError) as exc:

@@ -117,6 +117,7 @@ class Server:
         self.welcome_tensors: Arrays = self.strategy.welcome_tensors()
         self.round_tensors: Arrays = self.strategy.global_adapters
         self._aggregated: Arrays = {}
+        self._eval_seconds: dict[int, float] = {}  # round -> the server's evaluation of it, in seconds
         if self.engine.finished:
             self.finished.set()
 
@@ -393,7 +394,16 @@ class Server:
         await self._ask(connection, events.StepDone(number, message.round, message.step, end), events.SendGradients)
         assert step is not None  # a skipped step's answer is DropStep, which ends the conversation
         tensors = {} if step.activation_grads is None else {"activation_grads": step.activation_grads}
-        return Gradients(message.round, message.step, step.loss, seconds, tensors)
+        return Gradients(
+            message.round,
+            message.step,
+            step.loss,
+            seconds,
+            tensors,
+            message.stage,
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
+        )
 
     async def _adapter_update(self, connection: Connection, message: AdapterUpdate) -> RoundResult:
         # An update that cannot be averaged safely is dropped (recorded, and its client told); the round goes on.
@@ -406,7 +416,10 @@ class Server:
         update = events.Update(connection.client_id, message.num_samples, message.metrics, message.tensors)
         event = events.UpdateArrived(connection.number, message.round, update, problem)
         result: events.SendRoundResult = await self._ask(connection, event, events.SendRoundResult)
-        return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, self.round_tensors)
+        eval_seconds = self._eval_seconds.get(result.update_round)
+        return RoundResult(
+            result.update_round, result.next_round, result.done, result.eval_loss, self.round_tensors, eval_seconds
+        )
 
     async def _aggregate(self, action: events.Aggregate) -> None:
         accepted = [(dict(update.tensors), update.num_samples) for update in action.updates]
@@ -414,7 +427,12 @@ class Server:
         def aggregate_and_evaluate() -> float | None:
             self._aggregated = self.strategy.aggregate(accepted)
             check_result(self._aggregated, self.wire)  # a round whose result no client could load is not committed
-            return self.strategy.evaluate() if self.strategy.eval_set is not None else None
+            if self.strategy.eval_set is None:
+                return None
+            started = time.perf_counter()
+            loss = self.strategy.evaluate()
+            self._eval_seconds[action.round] = time.perf_counter() - started  # the clients are told (RoundResult)
+            return loss
 
         result = await self.worker.submit(aggregate_and_evaluate)
         if not self._round_failed(action.round, result):
@@ -462,6 +480,7 @@ class Server:
             num_samples={update.client_id: update.num_samples for update in action.updates},
             eval_loss=action.eval_loss,
             seconds=action.seconds,
+            eval_seconds=self._eval_seconds.get(action.round),
             bytes_received=dict(self.bytes_received),
             bytes_sent=dict(self.bytes_sent),
             client_metrics={update.client_id: dict(update.metrics) for update in action.updates},
