@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from edgesplit.client.artifacts import TAIL, Manifest, load_manifest, verify_files
 from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.lora_names import from_peft_key
+from edgesplit.server.placement import choose_placement, place_model
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,17 @@ class Tail:
         threads: int = 0,
         first_layer: int | None = None,
         end_layer: int | None = None,
+        device: str = "cpu",
+        dtype: str = "fp32",
     ) -> None:
-        """`first_layer`, `end_layer`: the layers to run, within the tail stage's (by default all of them)."""
+        """`first_layer`, `end_layer`: the layers to run, within the tail stage's (by default all of them).
+        `device` (auto, cpu, cuda, cuda:N) and `dtype` (fp32, bf16, fp16): where the tail runs and the precision
+        of its frozen weights (placement.py); checked before anything loads."""
         from edgesplit.export.families import family_by_name
 
+        self.placement = choose_placement(device, dtype)
+        self.device = torch.device(self.placement.device)
+        self.compute_dtype = self.placement.torch_dtype
         self.root = Path(artifact_dir)
         self.manifest = load_manifest(self.root, verify=False)
         verify_files(self.root, self.manifest, only=("tail/", "manifest"))
@@ -128,6 +136,7 @@ class Tail:
             self.model = load_tail_model(self.root, self.manifest, seed, self.first_layer, self.end_layer)
         except (OSError, ValueError, KeyError) as error:
             raise ArtifactError(f"cannot build the tail from {self.root / 'tail'}: {error}") from error
+        place_model(self.model, self.placement)
         self.model.train()
         # Adapter name (absolute layer) -> the parameter, which PEFT names by its layer inside this tail.
         layers_path = family_by_name(self.manifest.family).layers_path
@@ -154,16 +163,27 @@ class Tail:
         )
 
     def _logits(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(inputs_embeds=activations, attention_mask=attention_mask, use_cache=False)
+        # activations (B, T, H) fp32 on the device -> the base weights' precision (in the graph: the gradient
+        # flows back to fp32) -> logits (B, T, V)
+        embeds = activations.to(self.compute_dtype)
+        output = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return output.logits  # type: ignore[no-any-return]
+
+    def _tensors(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """numpy in, on the tail's device: activations (B, T, H) fp32, attention_mask and labels (B, T) int64."""
+        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).to(self.device)
+        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)).to(self.device)
+        target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        return inputs, mask, target
 
     def train_step(
         self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, train_head: bool = True
     ) -> tuple[float, np.ndarray | None]:
         """One optimiser step of the tail; returns the loss and d loss / d activations (None if not wanted)."""
-        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).requires_grad_(train_head)
-        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        inputs, mask, target = self._tensors(activations, attention_mask, labels)
+        inputs.requires_grad_(train_head)
         loss = causal_lm_loss(self._logits(inputs, mask), target)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -176,21 +196,20 @@ class Tail:
             raise TrainingError("this step's loss or gradients are not finite; it was not applied")
         if self.optimizer is not None:
             self.optimizer.step()
-        grads = inputs.grad.numpy() if train_head and inputs.grad is not None else None
+        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
         return float(loss.detach()), grads
 
     @torch.no_grad()
     def eval_loss(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         """Summed-then-averaged loss of one batch, and the number of tokens it counted."""
-        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
-        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        logits = self._logits(inputs, torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)))
+        inputs, mask, target = self._tensors(activations, attention_mask, labels)
+        logits = self._logits(inputs, mask)
         tokens = int((target[:, 1:] != -100).sum())
         return float(causal_lm_loss(logits, target)) if tokens else 0.0, tokens
 
     def lora_state(self) -> dict[str, np.ndarray]:
         """The tail's LoRA matrices by adapter name, as numpy (for checkpoints and tests)."""
-        return {name: parameter.detach().numpy().copy() for name, parameter in self.adapters.items()}
+        return {name: parameter.detach().cpu().numpy().copy() for name, parameter in self.adapters.items()}
 
     def state_dict(self) -> dict[str, Any]:
         optimizer = self.optimizer.state_dict() if self.optimizer is not None else {"state": {}, "param_groups": []}

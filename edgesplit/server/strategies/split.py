@@ -38,6 +38,8 @@ class SplitStrategy:
             OptimizerSettings(learning_rate=options.learning_rate, weight_decay=options.weight_decay),
             seed=options.seed,
             threads=options.threads,
+            device=options.device,
+            dtype=options.dtype,
         )
         self.global_adapters: Arrays = self.head.initial_adapters()
         self.eval_set = encode_eval_file(self.head, options.eval_data) if options.eval_data else None
