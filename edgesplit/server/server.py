@@ -38,6 +38,7 @@ from edgesplit.client.protocol import (
 )
 from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
+from edgesplit.server.batching import build_worker
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
@@ -63,7 +64,7 @@ from edgesplit.server.transport import (
     tls_context,
     token_valid,
 )
-from edgesplit.server.workers import StepJob, ThreadTailWorker, WorkResult
+from edgesplit.server.workers import StepJob, WorkResult
 
 # What the engine says to one connection: carried out by that connection's own task, in order.
 CONVERSATION_ACTIONS = (
@@ -99,7 +100,7 @@ class Server:
         self.strategy: Strategy = build_strategy(config.framework, config.strategy_options())
         self.head = self.strategy.head
         self.metrics = JsonlWriter(config.metrics_out)
-        self.worker = ThreadTailWorker(self.strategy.train_step)
+        self.worker = build_worker(self.strategy, config.max_batch_clients, config.batch_window_ms / 1000)
         self.tokens = dict(config.tokens)
         self.connections: dict[int, Connection] = {}
         self.finished = asyncio.Event()  # set when the run is over (tests set it to stop a server)
@@ -371,7 +372,8 @@ class Server:
         def still_wanted() -> bool:  # on the worker thread: a client gone while its step waited gets none
             return self.engine.is_current(number) and connection.open()
 
-        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted)
+        key = (message.stage, message.tensors["activations"].shape[1:])  # only steps alike share a batch
+        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted, key)
         result = await self.worker.submit_step(job)
         seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
         end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN

@@ -15,7 +15,9 @@ them, whatever the cut.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -198,6 +200,50 @@ class Tail:
             self.optimizer.step()
         grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
         return float(loss.detach()), grads
+
+    def train_batch(
+        self, steps: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], train_head: bool = True
+    ) -> list[tuple[float, np.ndarray | None]]:
+        """Several clients' steps as one optimiser step; per step, its own loss and d its loss / d its activations.
+
+        steps: (activations (B_i, T, H), attention_mask (B_i, T), labels (B_i, T)) per client, one T and H.
+        The tail's loss is the token-weighted mean over all the steps' target tokens, J = sum_i S_i / N with
+        S_i client i's summed token losses and N = sum_i n_i its tokens: the loss of the batches concatenated.
+        Client i's loss is L_i = S_i / n_i and its gradient dL_i/dx_i = (N / n_i) dJ/dx_i, which is what its
+        step alone would have got from the tail as it stands (no row of a batch sees another's). A step
+        without a target token, or a loss or gradient that is not finite, is a TrainingError and nothing is
+        applied (the batching worker then runs the steps one at a time)."""
+        sizes = [len(activations) for activations, _, _ in steps]
+        inputs, mask, target = self._tensors(*(np.concatenate(parts) for parts in zip(*steps, strict=True)))
+        inputs.requires_grad_(train_head)
+        logits = self._logits(inputs, mask)  # (sum B_i, T, V)
+        shifted = target[:, 1:]  # (sum B_i, T-1)
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1, :].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
+        )  # (sum B_i, T-1), 0 where the label is -100
+        bounds = np.cumsum([0, *sizes])
+        sums = [token_losses[start:end].sum() for start, end in itertools.pairwise(bounds)]
+        counts = [int((shifted[start:end] != -100).sum()) for start, end in itertools.pairwise(bounds)]
+        if min(counts) == 0:
+            raise TrainingError("a batched step has no target token: its loss is not defined; nothing was applied")
+        total_tokens = sum(counts)
+        loss = torch.stack(sums).sum() / total_tokens
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        gradients = [p.grad for p in [*self.adapters.values(), inputs] if p.grad is not None]
+        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in gradients):
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError("this batch's loss or gradients are not finite; it was not applied")
+        if self.optimizer is not None:
+            self.optimizer.step()
+        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
+        results: list[tuple[float, np.ndarray | None]] = []
+        for (start, end), summed, count in zip(itertools.pairwise(bounds), sums, counts, strict=True):
+            own = None if grads is None else grads[start:end] * np.float32(total_tokens / count)
+            results.append((float(summed.detach()) / count, own))
+        return results
 
     @torch.no_grad()
     def eval_loss(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> tuple[float, int]:

@@ -7,7 +7,7 @@ AdapterUpdate: the head's LoRA matrices -> FedAvg -> RoundResult: the global hea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -73,6 +73,11 @@ class SplitStrategy:
             tensors["activations"], tensors["attention_mask"], tensors["labels"], not self.manifest.frozen_head
         )
         return StepOutcome(loss, grads)
+
+    def train_batch(self, steps: Sequence[Mapping[str, np.ndarray]]) -> list[StepOutcome]:
+        """Several clients' steps as one step of the tail (Tail.train_batch); the batching worker's."""
+        batch = [(tensors["activations"], tensors["attention_mask"], tensors["labels"]) for tensors in steps]
+        return [StepOutcome(loss, grads) for loss, grads in self.tail.train_batch(batch, not self.manifest.frozen_head)]
 
     def check_update(self, tensors: Arrays) -> None:
         names, expected = set(tensors), set(self.manifest.lora.matrices)
