@@ -42,6 +42,7 @@ from edgesplit.server.batching import build_worker
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
+from edgesplit.server.metrics import MetricsEndpoint, RoundProgress, StepTimes, round_progress
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
@@ -119,6 +120,10 @@ class Server:
         self.round_tensors: Arrays = self.strategy.global_adapters
         self._aggregated: Arrays = {}
         self._eval_seconds: dict[int, float] = {}  # round -> the server's evaluation of it, in seconds
+        # For --metrics-port: the steps' times summed, and the round's progress as of the last event.
+        self.step_times = StepTimes()
+        self.progress = RoundProgress(rounds_total=config.rounds)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         if self.engine.finished:
             self.finished.set()
 
@@ -199,6 +204,17 @@ class Server:
             for warning in startup_warnings(config.host, config.tls_cert, bool(self.tokens)):
                 print(f"[server] warning: {warning}", flush=True)
             self.port = port
+            if config.metrics_port is not None:
+                self.metrics_endpoint = MetricsEndpoint(
+                    config.host,
+                    config.metrics_port,
+                    self.worker.stats,
+                    self.worker.queue_depth,
+                    lambda: self.progress,
+                    self.step_times,
+                )
+                where = f"http://{config.host}:{self.metrics_endpoint.port}/metrics"
+                print(f"[server] Prometheus metrics on {where}", flush=True)
             if self.strategy.eval_set is not None and self.round == 0:  # the untrained model's score
                 before = (await self.worker.submit(self.strategy.evaluate)).unwrap() or 0.0
                 self.metrics.write("eval", round=0, when="before_training", eval_loss=before)
@@ -218,6 +234,8 @@ class Server:
                 connection.actions.put_nowait(None)
             deadline_task.cancel()
         self.worker.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self.metrics.write(
             "finished",
             round=self.round,
@@ -362,6 +380,7 @@ class Server:
                 self._round_closed(action)
             elif isinstance(action, events.Finish):
                 self.finished.set()
+        self.progress = round_progress(self.engine.state, self.config.rounds)
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
         self.strategy.check_step(message.tensors)  # shapes and values; the whole-model frameworks refuse
@@ -383,6 +402,8 @@ class Server:
             raise result.error
         step = result.unwrap() if end is StepEnd.TAKEN else None
         if step is not None:
+            self.step_times.queue_seconds += result.queue_seconds
+            self.step_times.compute_seconds += result.compute_seconds
             self.metrics.write(
                 "step",
                 client_id=connection.client_id,
