@@ -170,9 +170,9 @@ class BatchingTailWorker:
                 pass
             else:
                 compute = time.perf_counter() - started
+                self.stats.record_batch(len(wanted))  # before any submitter hears of it
                 for item, outcome in zip(wanted, outcomes, strict=True):
                     item.resolve(WorkResult(outcome, None, False, started - item.submitted, compute))
-                self.stats.record_batch(len(wanted))
                 return
         for item in wanted:
             assert item.job is not None
@@ -188,8 +188,8 @@ class BatchingTailWorker:
                 result = WorkResult(
                     outcome, None, False, item.started - item.submitted, time.perf_counter() - item.started
                 )
+                self.stats.record_batch(1)  # before its submitter hears of it
             item.resolve(result)
-            self.stats.record_batch(1)
 
 
 def build_worker(strategy: Any, max_batch_clients: int, window_s: float) -> ThreadTailWorker | BatchingTailWorker:
