@@ -31,7 +31,7 @@ else
   echo "setup: installing torch==$TORCH_VERSION from pip's configured index (set EDGESPLIT_TORCH_INDEX to choose)"
   .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
 fi
-.venv/bin/python -m pip install -q -e ".[export,server,dev]"
+.venv/bin/python -m pip install -q -e ".[export,server,metrics,dev]"
 # Say what was installed: a CUDA build on a machine without a GPU is several GB for nothing.
 .venv/bin/python -c "
 import torch

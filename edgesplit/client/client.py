@@ -236,13 +236,22 @@ class Client:
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays is endless")
 
-    async def _exchange(self, websocket: Any, session: Session, message: Message, wire: Wire | None = None) -> Message:
-        """Send one message (in `wire`, by default the session's) and return the server's answer."""
+    async def _exchange(
+        self,
+        websocket: Any,
+        session: Session,
+        message: Message,
+        wire: Wire | None = None,
+        timer: PhaseTimer | None = None,
+    ) -> Message:
+        """Send one message (in `wire`, by default the session's) and return the server's answer. The wait and
+        the decoding count in the step's phases, or in `timer`'s when one is given."""
         from websockets.exceptions import ConnectionClosed
 
+        timer = timer or self.timer
         frame = session.send(message, wire)
         try:
-            with self.timer.phase("network"):
+            with timer.phase("network"):
                 await websocket.send(frame)
                 reply = await websocket.recv()
         except (ConnectionClosed, OSError) as error:
@@ -256,7 +265,7 @@ class Client:
             raise ProtocolError("the server sent a text frame", 1003)
         self.bytes_up += len(frame)
         self.bytes_down += len(reply)
-        with self.timer.phase("decode"):
+        with timer.phase("decode"):
             answer = session.receive(reply)
         if isinstance(answer, Error):
             raise ServerRefused(answer.code, answer.message)
@@ -289,20 +298,27 @@ class Client:
             if position.losses:
                 metrics["mean_loss"] = float(np.mean(position.losses))
             update = AdapterUpdate(position.round, self.num_samples, await trainer.upload(runtime), metrics)
-            # The round's upload goes in fp32 whatever the step's wire: it is what the server averages.
-            result = await self._exchange(websocket, session, update, Wire.FP32)
+            # The round's upload goes in fp32 whatever the step's wire: it is what the server averages. Its wait
+            # (the other clients' last steps, the averaging, the evaluation) is the round's, not the next step's.
+            round_timer = PhaseTimer()
+            result = await self._exchange(websocket, session, update, Wire.FP32, round_timer)
             assert isinstance(result, RoundResult)
+            close_seconds = sum(round_timer.step_done().values())
             await trainer.take_result(result, runtime)
             mean_loss = metrics.get("mean_loss")
             loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
-            self.log(f"round {position.round + 1} done{loss_text}{eval_text}")
+            self.log(
+                f"round {position.round + 1} done{loss_text}{eval_text}; {round_close_text(close_seconds, result)}"
+            )
             self.metrics.write(
                 "round",
                 client_id=self.config.client_id,
                 round=position.round,
                 mean_loss=mean_loss,
                 eval_loss=result.eval_loss,
+                close_seconds=round(close_seconds, 6),
+                server_eval_seconds=result.eval_seconds,
             )
             if result.done:
                 return self._summary()
@@ -396,9 +412,7 @@ class Client:
         phases = self.timer.step_done()
         extra: dict[str, float] = {}
         if outcome.server_seconds is not None and outcome.wait_seconds is not None:
-            # The wait for the reply holds the server's compute; what is left of it is the network.
-            phases["server_compute"] = outcome.server_seconds
-            phases["network"] = max(phases.get("network", 0.0) - outcome.server_seconds, 0.0)
+            phases.update(server_phases(phases.get("network", 0.0), outcome))
             extra["wait_seconds"] = round(outcome.wait_seconds, 6)
         self.steps_done += 1
         self.losses.append(outcome.loss)
@@ -416,10 +430,7 @@ class Client:
             energy_j=round(self.energy.read_joules() - energy_before, 6),
         )
         where = "" if outcome.server_seconds is not None else " (local)"
-        self.log(
-            f"round {round_index + 1} step {step + 1}: loss {outcome.loss:.4f}{where}, "
-            f"{sum(phases.values()) * 1000:.0f} ms"
-        )
+        self.log(f"round {round_index + 1} step {step + 1}: loss {outcome.loss:.4f}{where}, {step_time_text(phases)}")
         return outcome.loss
 
     def _resource_summary(self) -> dict[str, Any]:
@@ -432,6 +443,38 @@ class Client:
             "energy_source": self.energy.source,
             "phase_seconds_total": {k: round(v, 6) for k, v in self.timer.totals.items()},
         }
+
+
+def server_phases(network_seconds: float, outcome: StepResult) -> dict[str, float]:
+    """The wait for the server's answer, split: its queue, its compute, and the rest (the link, and the frames'
+    handling at both ends) as `network`. A server that does not split its time gets one `server` phase."""
+    assert outcome.server_seconds is not None
+    queue, compute = outcome.server_queue_seconds, outcome.server_compute_seconds
+    if queue is None or compute is None:
+        return {"server": outcome.server_seconds, "network": max(network_seconds - outcome.server_seconds, 0.0)}
+    return {"server_queue": queue, "server_compute": compute, "network": max(network_seconds - queue - compute, 0.0)}
+
+
+SERVER_PHASES = {"server_queue": "server queue", "server_compute": "server compute", "server": "server"}
+
+
+def step_time_text(phases: dict[str, float]) -> str:
+    """'1234 ms (server queue 400, server compute 480, network 50, device 304)': what the step's time was."""
+    total = sum(phases.values())
+    parts = [f"{label} {phases[name] * 1000:.0f}" for name, label in SERVER_PHASES.items() if name in phases]
+    if not parts:
+        return f"{total * 1000:.0f} ms"
+    device = total - sum(phases[name] for name in SERVER_PHASES if name in phases) - phases.get("network", 0.0)
+    parts += [f"network {phases.get('network', 0.0) * 1000:.0f}", f"device {device * 1000:.0f}"]
+    return f"{total * 1000:.0f} ms ({', '.join(parts)})"
+
+
+def round_close_text(close_seconds: float, result: RoundResult) -> str:
+    """How long the round took to close after this client's update, and how much of it was the evaluation."""
+    text = f"the round closed {close_seconds:.1f} s after this client's update"
+    if result.eval_seconds is not None:
+        text += f" (of which the server's evaluation {result.eval_seconds:.1f} s)"
+    return text
 
 
 class _SessionRuntime:

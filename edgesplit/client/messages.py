@@ -80,6 +80,15 @@ def _require_counts(message: object, *names: str) -> None:
         _require(value >= 0, f"{type(message).__name__}.{name} must be >= 0, got {value}")
 
 
+def _require_optional_counts(message: object, *names: str) -> None:
+    for name in names:
+        value = getattr(message, name)
+        _require(
+            value is None or (is_number(value) and value >= 0),
+            f"{type(message).__name__}.{name} must be None or a number >= 0, got {value!r:.40}",
+        )
+
+
 def _require_round_tensors(message: object, tensors: dict[str, Array]) -> None:
     """Adapters are float. KD-FedLLM also sends int64 tensors: top-k token indices and the proxy set's tokens."""
     for name, array in tensors.items():
@@ -229,7 +238,12 @@ class Welcome:
 class Gradients:
     """One stage's backward tensors and the step's loss. Server -> client for the split: the loss, and
     activation_grads (B, T, H) unless the head is frozen. A U-shaped step also sends them client -> server
-    (stage "upper": the device computed the loss, and `server_seconds` is then the device's time)."""
+    (stage "upper": the device computed the loss, and `server_seconds` is then the device's time).
+
+    `server_seconds` is the whole time the step spent with the server, from its arrival to this answer;
+    `queue_seconds` (waiting for the shared tail, behind other clients' steps or the round's evaluation) and
+    `compute_seconds` (the tail's forward, backward and optimiser step; a batched step's, shared with the
+    clients batched with it) split it, so that queueing is never read as compute. Absent from an older sender."""
 
     kind: ClassVar[Kind] = Kind.GRADIENTS
     round: int
@@ -238,15 +252,21 @@ class Gradients:
     server_seconds: float
     tensors: dict[str, Array]
     stage: str = SPLIT_STAGE
+    queue_seconds: float | None = None
+    compute_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _require_counts(self, "round", "step", "server_seconds")
+        _require_optional_counts(self, "queue_seconds", "compute_seconds")
         _require_stage_tensors(self)
 
 
 @dataclass(frozen=True, eq=False)
 class RoundResult:
-    """Server -> client after AdapterUpdate: the new global adapters, and whether training is over."""
+    """Server -> client after AdapterUpdate: the new global adapters, and whether training is over.
+
+    `eval_seconds`: how long the server's evaluation of the round took (part of the client's wait for this
+    answer); None without an evaluation, or from an older sender."""
 
     kind: ClassVar[Kind] = Kind.ROUND_RESULT
     round: int
@@ -254,9 +274,11 @@ class RoundResult:
     done: bool
     eval_loss: float | None
     tensors: dict[str, Array]
+    eval_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _require_counts(self, "round", "next_round")
+        _require_optional_counts(self, "eval_seconds")
         _require_round_tensors(self, self.tensors)
 
 

@@ -116,6 +116,8 @@ def encode(message: Message, wire: Wire = Wire.FP32) -> bytes:
         value = getattr(message, field.name)
         if field.name == "tensors":
             tensors = value
+        elif value is None and field.default is None:
+            continue  # an optional field left unset: the frame is the one an older sender would write
         else:
             metadata[field.name] = value.to_json() if isinstance(value, SessionSettings) else value
     encoded = [encode_tensor(name, array, wire) for name, array in tensors.items()]

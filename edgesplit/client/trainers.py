@@ -59,10 +59,14 @@ class StepResult:
     """One step's outcome, as the client reports it."""
 
     loss: float
-    # Split training only: the server's compute for the step (from its Gradients) and the time spent
+    # Split training only: the time the step spent with the server (from its Gradients) and the time spent
     # waiting for them. None for a step that never left the device.
     server_seconds: float | None = None
     wait_seconds: float | None = None
+    # What the server's time was: waiting for its shared tail, and the tail's compute (None from a server
+    # that does not say).
+    server_queue_seconds: float | None = None
+    server_compute_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if (self.server_seconds is None) != (self.wait_seconds is None):
@@ -141,7 +145,13 @@ class SplitTrainer(Trainer):
             grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
             with runtime.phase("optimizer"):
                 self.optimizer.step(grads)
-        return StepResult(gradients.loss, server_seconds=gradients.server_seconds, wait_seconds=waited)
+        return StepResult(
+            gradients.loss,
+            server_seconds=gradients.server_seconds,
+            wait_seconds=waited,
+            server_queue_seconds=gradients.queue_seconds,
+            server_compute_seconds=gradients.compute_seconds,
+        )
 
 
 class _OnDeviceTrainer(Trainer):

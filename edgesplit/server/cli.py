@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 
 from edgesplit.errors import EdgesplitError
+from edgesplit.server.metrics import check_metrics_available
+from edgesplit.server.placement import choose_placement
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
 from edgesplit.server.strategies import FRAMEWORKS
 
@@ -65,6 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy-data", type=Path, help="kd: JSONL of shared inputs the clients' logits are on")
     parser.add_argument("--kd-top-k", type=int, default=16, help="kd: probabilities kept per position on the wire")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the tail runs: auto (a GPU if one is visible, else the CPU), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="precision of the tail's frozen weights; its LoRA and optimiser state stay fp32",
+    )
+    parser.add_argument(
+        "--max-batch-clients",
+        type=int,
+        default=1,
+        help="run up to this many clients' steps through the tail as one batch (one forward, backward and "
+        "optimiser step; docs/architecture.md); 1: each step alone",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="with --max-batch-clients > 1: how long a step waits for others to join its batch",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the prometheus-client package)",
+    )
     return parser
 
 
@@ -97,10 +128,20 @@ def main(argv: list[str] | None = None) -> int:
             proxy_data=args.proxy_data,
             kd_top_k=args.kd_top_k,
             max_pending_hellos=args.max_pending_hellos,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_clients=args.max_batch_clients,
+            batch_window_ms=args.batch_window_ms,
+            metrics_port=args.metrics_port,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))
     check_port_free(config.host, config.port)  # before the tail loads: a taken port is said in a second
+    if config.metrics_port is not None:
+        check_metrics_available()
+        check_port_free(config.host, config.metrics_port)
+    if config.framework == "split":  # the frameworks that train on the device have no tail to place
+        print(f"[server] the tail runs on {choose_placement(config.device, config.dtype).describe()}", flush=True)
     server = run_server(config)
     loss = server.last_eval_loss
     print(f"[server] finished {server.round} rounds; final eval loss {'n/a' if loss is None else f'{loss:.4f}'}")

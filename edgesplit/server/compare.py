@@ -44,6 +44,9 @@ from edgesplit.server.orchestrate import Children, RunError, sigterm_as_interrup
 from edgesplit.server.progress import LogTicker, rough_compare_seconds
 from edgesplit.server.report import energy_origin
 
+# A step's phases that are the server's or the link's, not the device's (the last from servers that did not split it).
+SERVER_SIDE = ("network", "server_queue", "server_compute", "server")
+
 
 def say(text: str) -> None:
     print(f"[compare] {text}", flush=True)
@@ -378,7 +381,7 @@ def measure(config: CompareConfig, framework: str, artifacts: Path, run: Path, p
         records = _jsonl(path)
         steps = [r for r in records if r["event"] == "step"]
         summary = next(r for r in records if r["event"] == "summary")
-        own = [sum(v for k, v in r["seconds"].items() if k not in ("network", "server_compute")) for r in steps]
+        own = [sum(v for k, v in r["seconds"].items() if k not in SERVER_SIDE) for r in steps]
         clients[path.stem] = {
             "steps": len(steps),
             "tokens": sum(r["tokens"] for r in steps),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgesplit.client.artifacts import Manifest
 from edgesplit.client.protocol import Wire
+from edgesplit.server.placement import check_names
 from edgesplit.server.round_events import RoundRules
 from edgesplit.server.strategies import FRAMEWORKS, StrategyOptions
 
@@ -40,6 +41,11 @@ class ServerConfig:
     framework: str = "split"  # a name in strategies.STRATEGIES
     proxy_data: Path | None = None  # KD-FedLLM: the shared inputs the clients' logits are computed on
     kd_top_k: int = 16
+    device: str = "auto"  # where the tail runs: auto (a GPU if there is one), cpu, cuda, cuda:N
+    dtype: str = "fp32"  # the tail's frozen weights: fp32, bf16, fp16 (LoRA and optimiser state stay fp32)
+    batch_window_ms: float = 5.0  # how long a step waits for others to batch with (with max_batch_clients > 1)
+    max_batch_clients: int = 1  # clients' steps in one pass of the tail; 1: each step alone
+    metrics_port: int | None = None  # Prometheus metrics on this port (needs prometheus-client); None: off
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
@@ -53,6 +59,13 @@ class ServerConfig:
         Wire(self.wire)  # raises on an unknown wire format
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+        check_names(self.device, self.dtype)
+        if self.max_batch_clients < 1:
+            raise ValueError(f"--max-batch-clients must be at least 1, got {self.max_batch_clients}")
+        if not 0 <= self.batch_window_ms <= 10_000:
+            raise ValueError(f"--batch-window-ms must be between 0 and 10000, got {self.batch_window_ms}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
@@ -65,6 +78,8 @@ class ServerConfig:
             threads=self.threads,
             proxy_data=self.proxy_data,
             kd_top_k=self.kd_top_k,
+            device=self.device,
+            dtype=self.dtype,
         )
 
     def session_settings(self, manifest: Manifest) -> dict[str, object]:

@@ -115,6 +115,7 @@ def collect(out: Path) -> dict[str, Any]:
                 "round": r["round"] + 1,
                 "eval_loss": r.get("eval_loss"),
                 "seconds": r["seconds"],
+                "eval_seconds": r.get("eval_seconds"),
                 "clients": r["clients"],
             }
             for r in rounds
@@ -275,13 +276,14 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Rounds",
         "",
-        "| round | eval loss | seconds | " + " | ".join(metrics["clients"]) + " |",
-        "|---|---|---|" + "---|" * len(metrics["clients"]),
+        "| round | eval loss | seconds | of which evaluation | " + " | ".join(metrics["clients"]) + " |",
+        "|---|---|---|---|" + "---|" * len(metrics["clients"]),
     ]
     for index, entry in enumerate(metrics["rounds"]):
         train = [_round_loss(c, index) for c in metrics["clients"].values()]
+        evaluation = "-" if entry.get("eval_seconds") is None else f"{entry['eval_seconds']:.1f}"
         lines.append(
-            f"| {entry['round']} | {_loss(entry['eval_loss'], NO_TARGETS)} | {entry['seconds']:.1f} | "
+            f"| {entry['round']} | {_loss(entry['eval_loss'], NO_TARGETS)} | {entry['seconds']:.1f} | {evaluation} | "
             + " | ".join(train)
             + " |"
         )
@@ -317,8 +319,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         "![client step time by phase](plots/step_time.png)",
         "",
-        "`server_compute` is the tail's step as the server timed it; `network` is the rest of the wait for "
-        "the answer: the link, and the queue behind the other clients' steps at the one shared tail.",
+        "`server_compute` is the tail's step as the server timed it; `server_queue` its wait for the one shared "
+        "tail (behind the other clients' steps, the averaging and the evaluation); `network` is the rest of the "
+        "wait for the answer: the link, and the frames' handling at both ends.",
         "",
         "![client memory](plots/memory.png)",
         "",

@@ -6,7 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PHASES = ("head_forward", "encode", "network", "server_compute", "decode", "grad_graph", "optimizer")
+# A step's phases on the client. The server's time is two: its queue (behind other clients' steps and the
+# round's evaluation) and the tail's compute, as the server measured them; `network` is the rest of the wait.
+PHASES = (
+    "head_forward",
+    "encode",
+    "network",
+    "server_queue",
+    "server_compute",
+    "decode",
+    "grad_graph",
+    "optimizer",
+)
 
 
 def _pyplot() -> Any:

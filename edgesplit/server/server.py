@@ -38,9 +38,11 @@ from edgesplit.client.protocol import (
 )
 from edgesplit.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
+from edgesplit.server.batching import build_worker
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
+from edgesplit.server.metrics import MetricsEndpoint, RoundProgress, StepTimes, round_progress
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
@@ -64,7 +66,7 @@ from edgesplit.server.transport import (
     tls_context,
     token_valid,
 )
-from edgesplit.server.workers import StepJob, ThreadTailWorker, WorkResult
+from edgesplit.server.workers import StepJob, WorkResult
 
 # What the engine says to one connection: carried out by that connection's own task, in order.
 CONVERSATION_ACTIONS = (
@@ -100,7 +102,7 @@ class Server:
         self.strategy: Strategy = build_strategy(config.framework, config.strategy_options())
         self.head = self.strategy.head
         self.metrics = JsonlWriter(config.metrics_out)
-        self.worker = ThreadTailWorker(self.strategy.train_step)
+        self.worker = build_worker(self.strategy, config.max_batch_clients, config.batch_window_ms / 1000)
         self.tokens = dict(config.tokens)
         self.connections: dict[int, Connection] = {}
         self.finished = asyncio.Event()  # set when the run is over (tests set it to stop a server)
@@ -120,6 +122,11 @@ class Server:
         self.welcome_tensors: Arrays = self.strategy.welcome_tensors()
         self.round_tensors: Arrays = self.strategy.global_adapters
         self._aggregated: Arrays = {}
+        self._eval_seconds: dict[int, float] = {}  # round -> the server's evaluation of it, in seconds
+        # For --metrics-port: the steps' times summed, and the round's progress as of the last event.
+        self.step_times = StepTimes()
+        self.progress = RoundProgress(rounds_total=config.rounds)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         if self.engine.finished:
             self.finished.set()
 
@@ -200,6 +207,17 @@ class Server:
             for warning in startup_warnings(config.host, config.tls_cert, bool(self.tokens)):
                 print(f"[server] warning: {warning}", flush=True)
             self.port = port
+            if config.metrics_port is not None:
+                self.metrics_endpoint = MetricsEndpoint(
+                    config.host,
+                    config.metrics_port,
+                    self.worker.stats,
+                    self.worker.queue_depth,
+                    lambda: self.progress,
+                    self.step_times,
+                )
+                where = f"http://{config.host}:{self.metrics_endpoint.port}/metrics"
+                print(f"[server] Prometheus metrics on {where}", flush=True)
             if self.strategy.eval_set is not None and self.round == 0:  # the untrained model's score
                 before = (await self.worker.submit(self.strategy.evaluate)).unwrap() or 0.0
                 self.metrics.write("eval", round=0, when="before_training", eval_loss=before)
@@ -219,6 +237,8 @@ class Server:
                 connection.actions.put_nowait(None)
             deadline_task.cancel()
         self.worker.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self.metrics.write(
             "finished",
             round=self.round,
@@ -383,6 +403,7 @@ class Server:
                 self._round_closed(action)
             elif isinstance(action, events.Finish):
                 self.finished.set()
+        self.progress = round_progress(self.engine.state, self.config.rounds)
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
         cut = self._cuts.get(connection.number)
@@ -394,7 +415,8 @@ class Server:
         def still_wanted() -> bool:  # on the worker thread: a client gone while its step waited gets none
             return self.engine.is_current(number) and connection.open()
 
-        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted, cut)
+        key = (message.stage, message.tensors["activations"].shape[1:], cut)  # only steps alike share a batch
+        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted, cut, key)
         result = await self.worker.submit_step(job)
         seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
         end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN
@@ -404,6 +426,8 @@ class Server:
             raise result.error
         step = result.unwrap() if end is StepEnd.TAKEN else None
         if step is not None:
+            self.step_times.queue_seconds += result.queue_seconds
+            self.step_times.compute_seconds += result.compute_seconds
             self.metrics.write(
                 "step",
                 client_id=connection.client_id,
@@ -418,7 +442,16 @@ class Server:
         await self._ask(connection, events.StepDone(number, message.round, message.step, end), events.SendGradients)
         assert step is not None  # a skipped step's answer is DropStep, which ends the conversation
         tensors = {} if step.activation_grads is None else {"activation_grads": step.activation_grads}
-        return Gradients(message.round, message.step, step.loss, seconds, tensors)
+        return Gradients(
+            message.round,
+            message.step,
+            step.loss,
+            seconds,
+            tensors,
+            message.stage,
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
+        )
 
     async def _adapter_update(self, connection: Connection, message: AdapterUpdate) -> RoundResult:
         # An update that cannot be averaged safely is dropped (recorded, and its client told); the round goes on.
@@ -432,7 +465,8 @@ class Server:
         event = events.UpdateArrived(connection.number, message.round, update, problem)
         result: events.SendRoundResult = await self._ask(connection, event, events.SendRoundResult)
         tensors = self._for_cut(self.round_tensors, self._cuts.get(connection.number))
-        return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, tensors)
+        eval_seconds = self._eval_seconds.get(result.update_round)
+        return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, tensors, eval_seconds)
 
     async def _aggregate(self, action: events.Aggregate) -> None:
         accepted = [(dict(update.tensors), update.num_samples) for update in action.updates]
@@ -440,7 +474,12 @@ class Server:
         def aggregate_and_evaluate() -> float | None:
             self._aggregated = self.strategy.aggregate(accepted)
             check_result(self._aggregated, self.wire)  # a round whose result no client could load is not committed
-            return self.strategy.evaluate() if self.strategy.eval_set is not None else None
+            if self.strategy.eval_set is None:
+                return None
+            started = time.perf_counter()
+            loss = self.strategy.evaluate()
+            self._eval_seconds[action.round] = time.perf_counter() - started  # the clients are told (RoundResult)
+            return loss
 
         result = await self.worker.submit(aggregate_and_evaluate)
         if not self._round_failed(action.round, result):
@@ -492,6 +531,7 @@ class Server:
             num_samples={update.client_id: update.num_samples for update in action.updates},
             eval_loss=action.eval_loss,
             seconds=action.seconds,
+            eval_seconds=self._eval_seconds.get(action.round),
             bytes_received=dict(self.bytes_received),
             bytes_sent=dict(self.bytes_sent),
             client_metrics={update.client_id: dict(update.metrics) for update in action.updates},

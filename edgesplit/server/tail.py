@@ -19,8 +19,9 @@ them, whatever the cut.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 from edgesplit.client.artifacts import TAIL, Manifest, load_manifest, verify_files
 from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.lora_names import from_peft_key
+from edgesplit.server.placement import choose_placement, place_model
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,17 @@ class Tail:
         threads: int = 0,
         first_layer: int | None = None,
         end_layer: int | None = None,
+        device: str = "cpu",
+        dtype: str = "fp32",
     ) -> None:
-        """`first_layer`, `end_layer`: the layers to run, within the tail stage's (by default all of them)."""
+        """`first_layer`, `end_layer`: the layers to run, within the tail stage's (by default all of them).
+        `device` (auto, cpu, cuda, cuda:N) and `dtype` (fp32, bf16, fp16): where the tail runs and the precision
+        of its frozen weights (placement.py); checked before anything loads."""
         from edgesplit.export.families import family_by_name
 
+        self.placement = choose_placement(device, dtype)
+        self.device = torch.device(self.placement.device)
+        self.compute_dtype = self.placement.torch_dtype
         self.root = Path(artifact_dir)
         self.manifest = load_manifest(self.root, verify=False)
         verify_files(self.root, self.manifest, only=("tail/", "manifest"))
@@ -133,6 +142,7 @@ class Tail:
             self.model = load_tail_model(self.root, self.manifest, seed, self.first_layer, self.end_layer)
         except (OSError, ValueError, KeyError) as error:
             raise ArtifactError(f"cannot build the tail from {self.root / 'tail'}: {error}") from error
+        place_model(self.model, self.placement)
         self.model.train()
         # Adapter name (absolute layer) -> the parameter, which PEFT names by its layer inside this tail.
         layers_path = family_by_name(self.manifest.family).layers_path
@@ -161,8 +171,11 @@ class Tail:
     def _logits(
         self, activations: torch.Tensor, attention_mask: torch.Tensor, from_layer: int | None = None
     ) -> torch.Tensor:
+        # activations (B, T, H) fp32 on the device -> the base weights' precision (in the graph: the gradient
+        # flows back to fp32) -> logits (B, T, V)
+        embeds = activations.to(self.compute_dtype)
         with self._starting_at(from_layer):
-            output = self.model(inputs_embeds=activations, attention_mask=attention_mask, use_cache=False)
+            output = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return output.logits  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
@@ -200,6 +213,15 @@ class Tail:
             if isinstance(layer_types, list):
                 config.layer_types = layer_types
 
+    def _tensors(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """numpy in, on the tail's device: activations (B, T, H) fp32, attention_mask and labels (B, T) int64."""
+        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).to(self.device)
+        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)).to(self.device)
+        target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        return inputs, mask, target
+
     def train_step(
         self,
         activations: np.ndarray,
@@ -212,9 +234,8 @@ class Tail:
 
         `from_layer`: the client's cut, where a mixed-cut federation's client hands over (by default the
         tail's first layer). The layers before it get no gradient and are not stepped."""
-        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).requires_grad_(train_head)
-        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        inputs, mask, target = self._tensors(activations, attention_mask, labels)
+        inputs.requires_grad_(train_head)
         loss = causal_lm_loss(self._logits(inputs, mask, from_layer), target)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -227,23 +248,69 @@ class Tail:
             raise TrainingError("this step's loss or gradients are not finite; it was not applied")
         if self.optimizer is not None:
             self.optimizer.step()
-        grads = inputs.grad.numpy() if train_head and inputs.grad is not None else None
+        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
         return float(loss.detach()), grads
+
+    def train_batch(
+        self,
+        steps: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        train_head: bool = True,
+        from_layer: int | None = None,
+    ) -> list[tuple[float, np.ndarray | None]]:
+        """Several clients' steps as one optimiser step; per step, its own loss and d its loss / d its activations.
+
+        steps: (activations (B_i, T, H), attention_mask (B_i, T), labels (B_i, T)) per client, one T and H.
+        The tail's loss is the token-weighted mean over all the steps' target tokens, J = sum_i S_i / N with
+        S_i client i's summed token losses and N = sum_i n_i its tokens: the loss of the batches concatenated.
+        Client i's loss is L_i = S_i / n_i and its gradient dL_i/dx_i = (N / n_i) dJ/dx_i, which is what its
+        step alone would have got from the tail as it stands (no row of a batch sees another's). A step
+        without a target token, or a loss or gradient that is not finite, is a TrainingError and nothing is
+        applied (the batching worker then runs the steps one at a time)."""
+        sizes = [len(activations) for activations, _, _ in steps]
+        inputs, mask, target = self._tensors(*(np.concatenate(parts) for parts in zip(*steps, strict=True)))
+        inputs.requires_grad_(train_head)
+        logits = self._logits(inputs, mask, from_layer)  # (sum B_i, T, V), all the steps from one cut
+        shifted = target[:, 1:]  # (sum B_i, T-1)
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1, :].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
+        )  # (sum B_i, T-1), 0 where the label is -100
+        bounds = np.cumsum([0, *sizes])
+        sums = [token_losses[start:end].sum() for start, end in itertools.pairwise(bounds)]
+        counts = [int((shifted[start:end] != -100).sum()) for start, end in itertools.pairwise(bounds)]
+        if min(counts) == 0:
+            raise TrainingError("a batched step has no target token: its loss is not defined; nothing was applied")
+        total_tokens = sum(counts)
+        loss = torch.stack(sums).sum() / total_tokens
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        gradients = [p.grad for p in [*self.adapters.values(), inputs] if p.grad is not None]
+        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in gradients):
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError("this batch's loss or gradients are not finite; it was not applied")
+        if self.optimizer is not None:
+            self.optimizer.step()
+        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
+        results: list[tuple[float, np.ndarray | None]] = []
+        for (start, end), summed, count in zip(itertools.pairwise(bounds), sums, counts, strict=True):
+            own = None if grads is None else grads[start:end] * np.float32(total_tokens / count)
+            results.append((float(summed.detach()) / count, own))
+        return results
 
     @torch.no_grad()
     def eval_loss(
         self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, from_layer: int | None = None
     ) -> tuple[float, int]:
         """Summed-then-averaged loss of one batch, and the number of tokens it counted."""
-        inputs = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
-        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        logits = self._logits(inputs, torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)), from_layer)
+        inputs, mask, target = self._tensors(activations, attention_mask, labels)
+        logits = self._logits(inputs, mask, from_layer)
         tokens = int((target[:, 1:] != -100).sum())
         return float(causal_lm_loss(logits, target)) if tokens else 0.0, tokens
 
     def lora_state(self) -> dict[str, np.ndarray]:
         """The tail's LoRA matrices by adapter name, as numpy (for checkpoints and tests)."""
-        return {name: parameter.detach().numpy().copy() for name, parameter in self.adapters.items()}
+        return {name: parameter.detach().cpu().numpy().copy() for name, parameter in self.adapters.items()}
 
     def set_lora(self, values: dict[str, np.ndarray]) -> None:
         """Overwrite some of the tail's LoRA matrices (by adapter name) with `values`, as aggregation across

@@ -9,8 +9,10 @@ the tail must not learn from a batch whose gradients nobody will receive.
     ThreadTailWorker    one worker thread (a ThreadPoolExecutor of one): calls to the model are serialised by
                         construction, which is all the shared PyTorch tail needs
 
-A batching GPU worker (several clients' steps in one forward pass) or a pool of processes implements the same
-interface; the round engine (rounds.py) and the shell do not change.
+    BatchingTailWorker  (batching.py) several clients' steps in one pass of the tail: --max-batch-clients > 1
+
+A pool of processes would implement the same interface; the round engine (rounds.py) and the shell do not
+change. Each worker keeps `stats` (WorkerStats) and says its `queue_depth()`, for the metrics endpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class StepJob:
     tensors: Mapping[str, np.ndarray]
     still_wanted: Callable[[], bool]
     cut_layer: int | None = None  # the client's cut in a mixed-cut federation; None: the export's one cut
+    # Only steps of one key may share a batch (batching.py): the stage, the activations' (T, H), and a
+    # client's cut layer where clients may cut at different layers.
+    batch_key: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         if self.round < 0 or self.step < 0:
@@ -79,7 +84,24 @@ class WorkResult(Generic[T]):
         return self.value  # type: ignore[return-value]  # None only where T admits it
 
 
+@dataclass
+class WorkerStats:
+    """What a worker has done, for the metrics endpoint: steps run (skipped ones not counted), the passes of
+    the tail they took (fewer than steps when batched), and the seconds the worker was busy. Written by the
+    worker thread only; read anywhere (a slightly stale read is fine for metrics)."""
+
+    steps: int = 0
+    batches: int = 0
+    busy_seconds: float = 0.0
+
+    def record_batch(self, steps: int) -> None:
+        self.steps += steps
+        self.batches += 1
+
+
 class TailWorker(Protocol):
+    stats: WorkerStats
+
     def submit_step(self, job: StepJob) -> asyncio.Future[WorkResult[StepOutcome]]:
         """Queue one client's step; the future resolves once it has run, or been skipped."""
         ...
@@ -92,6 +114,10 @@ class TailWorker(Protocol):
         """Finish what is queued, then stop."""
         ...
 
+    def queue_depth(self) -> int:
+        """Pieces of work submitted and not yet started."""
+        ...
+
 
 class ThreadTailWorker:
     """Today's worker: a single thread runs everything submitted, in the order submitted."""
@@ -99,28 +125,45 @@ class ThreadTailWorker:
     def __init__(self, step_function: StepFunction) -> None:
         self.step_function = step_function
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
+        self.stats = WorkerStats()
+        # Each counter written by one thread only (the event loop; the worker): their difference is the queue.
+        self._submitted = 0
+        self._started = 0
 
     def submit_step(self, job: StepJob) -> asyncio.Future[WorkResult[StepOutcome]]:
-        return self._run(lambda: self.step_function(job.tensors, job.cut_layer), job.still_wanted)
+        def step() -> StepOutcome:
+            outcome = self.step_function(job.tensors, job.cut_layer)
+            self.stats.record_batch(1)
+            return outcome
+
+        return self._run(step, job.still_wanted)
 
     def submit(self, work: Callable[[], T]) -> asyncio.Future[WorkResult[T]]:
         return self._run(work, None)
 
     def _run(self, work: Callable[[], T], still_wanted: Callable[[], bool] | None) -> asyncio.Future[WorkResult[T]]:
         submitted = time.perf_counter()
+        self._submitted += 1
 
         def timed() -> WorkResult[T]:
             started = time.perf_counter()
-            # On the worker thread: still_wanted must only read flags that the event loop sets.
-            if still_wanted is not None and not still_wanted():
-                return WorkResult(None, None, True, started - submitted, 0.0)
+            self._started += 1
             try:
-                value = work()
-            except Exception as error:  # returned to the submitter, which knows what it means
-                return WorkResult(None, error, False, started - submitted, time.perf_counter() - started)
-            return WorkResult(value, None, False, started - submitted, time.perf_counter() - started)
+                # On the worker thread: still_wanted must only read flags that the event loop sets.
+                if still_wanted is not None and not still_wanted():
+                    return WorkResult(None, None, True, started - submitted, 0.0)
+                try:
+                    value = work()
+                except Exception as error:  # returned to the submitter, which knows what it means
+                    return WorkResult(None, error, False, started - submitted, time.perf_counter() - started)
+                return WorkResult(value, None, False, started - submitted, time.perf_counter() - started)
+            finally:
+                self.stats.busy_seconds += time.perf_counter() - started
 
         return asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+    def queue_depth(self) -> int:
+        return max(self._submitted - self._started, 0)

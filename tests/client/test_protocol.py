@@ -651,3 +651,30 @@ def test_round_messages_carry_top_k_indices_for_kd() -> None:
     assert update.tensors["proxy_indices"].dtype == np.int64
     with pytest.raises(ProtocolError, match="float array"):
         AdapterUpdate(0, 5, {"lora.0.q_proj.A": indices}, {})  # an int adapter is still refused
+
+
+# ----------------------------------------------------------------------------------- optional fields
+
+
+def test_the_servers_time_split_travels_and_an_older_senders_frame_still_decodes() -> None:
+    gradients = decode(encode(Gradients(0, 1, 2.0, 0.5, {}, queue_seconds=0.375, compute_seconds=0.125)))
+    assert isinstance(gradients, Gradients)
+    assert (gradients.queue_seconds, gradients.compute_seconds) == (0.375, 0.125)
+    result = decode(encode(RoundResult(0, 1, False, 2.5, {}, eval_seconds=37.0)))
+    assert isinstance(result, RoundResult) and result.eval_seconds == 37.0
+    # A frame without them (what an older server writes) decodes with None, and an unset optional field is
+    # left out of the frame, so that frame is byte for byte the older one.
+    older = craft(Kind.GRADIENTS, GRADS)
+    decoded = decode(older)
+    assert isinstance(decoded, Gradients) and decoded.queue_seconds is None and decoded.compute_seconds is None
+    assert encode(Gradients(0, 0, 1.0, 0.0, {})) == craft(
+        Kind.GRADIENTS, GRADS, raw_metadata=json.dumps(GRADS, separators=(",", ":")).encode()
+    )
+    assert b"eval_seconds" not in encode(RoundResult(0, 1, False, None, {}))
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "1"])
+def test_a_bad_time_split_is_refused(value: object) -> None:
+    with pytest.raises(ProtocolError, match="queue_seconds"):
+        Gradients(0, 0, 1.0, 0.5, {}, queue_seconds=value)  # type: ignore[arg-type]
+    expect_protocol_error(craft(Kind.GRADIENTS, {**GRADS, "queue_seconds": value}), 1002, "queue_seconds")

@@ -134,7 +134,13 @@ def test_metrics_exist_and_bytes_add_up(run) -> None:  # type: ignore[no-untyped
         steps = [r for r in records if r["event"] == "step"]
         assert len(steps) == ROUNDS * STEPS
         assert all(r["loss"] > 0 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in steps)
-        assert {"head_forward", "grad_graph", "optimizer", "network", "server_compute"} <= set(steps[0]["seconds"])
+        assert {"head_forward", "grad_graph", "optimizer", "network", "server_queue", "server_compute"} <= set(
+            steps[0]["seconds"]
+        )
+        # The round's close is the round's, with the server's evaluation in it, not a lump in the next step.
+        rounds = [r for r in records if r["event"] == "round"]
+        assert all(r["close_seconds"] >= r["server_eval_seconds"] > 0 for r in rounds)
+        assert all("round_close" not in r["seconds"] for r in steps)
         summaries[name] = next(r for r in records if r["event"] == "summary")
         assert summaries[name]["energy_method"] in ("measured", "estimated")
         assert summaries[name]["peak_rss_mb"] > 10

@@ -58,6 +58,8 @@ class StrategyOptions:
     threads: int = 0
     proxy_data: Path | None = None
     kd_top_k: int = 16
+    device: str = "cpu"  # where the server's tail runs, and the precision of its frozen weights (placement.py)
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.eval_batches < 1:

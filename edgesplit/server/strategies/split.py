@@ -14,7 +14,7 @@ tail, and sends each device the adapters of its own layers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class SplitStrategy:
             OptimizerSettings(learning_rate=options.learning_rate, weight_decay=options.weight_decay),
             seed=options.seed,
             threads=options.threads,
+            device=options.device,
+            dtype=options.dtype,
         )
         self.mixed = bool(self.manifest.cuts)
         self.global_adapters: Arrays = self.head.initial_adapters()
@@ -106,6 +108,14 @@ class SplitStrategy:
             from_layer=cut_layer,
         )
         return StepOutcome(loss, grads)
+
+    def train_batch(self, steps: Sequence[Mapping[str, np.ndarray]], cut_layer: int | None = None) -> list[StepOutcome]:
+        """Several clients' steps as one step of the tail (Tail.train_batch); the batching worker's."""
+        batch = [(tensors["activations"], tensors["attention_mask"], tensors["labels"]) for tensors in steps]
+        return [
+            StepOutcome(loss, grads)
+            for loss, grads in self.tail.train_batch(batch, not self.manifest.frozen_head, cut_layer)
+        ]
 
     def client_adapters(self, cut_layer: int | None) -> Arrays:
         """The global adapters a client at `cut_layer` holds (all of them for a single-cut export)."""

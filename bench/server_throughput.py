@@ -1,0 +1,269 @@
+"""Client steps per second the server's tail sustains against the number of concurrent clients, batched
+(`serve --max-batch-clients K`) against unbatched (one step at a time), with each step's latency.
+
+    python bench/server_throughput.py [--clients 1 8 32] [--steps 2] [--max-batch-clients 8]
+                                      [--batch-window-ms 5] [--threads N] [--work-dir DIR] [--tiny]
+
+The server side is the real one: the split strategy (its Tail, on the CPU in fp32) behind the worker
+`edgesplit serve` builds (ThreadTailWorker, or BatchingTailWorker for K > 1). The clients are simulated: N
+asyncio tasks that each submit a step, await its result and submit the next at once (no think time: the
+tail is never idle, so the figure is the tail's capacity, not the clients'), `--steps` steps each, replaying
+activations recorded once from the real head (ONNX Runtime) on E2E batches. The websocket and the wire
+are left out: they cost the same batched or not. A step's latency is from its submission to its result,
+the queue included.
+
+The model is SmolLM2-135M cut at layer 4 with batches of 4 x 128 tokens (exported once into --work-dir);
+`--tiny` takes a tiny random Llama (3 layers, hidden 32) with batches of 2 x 16, for a check in seconds. A
+batch of K clients holds K times the logits (4 x 128 x 49152 floats, 100 MB, per client for SmolLM2), so
+--max-batch-clients stays well under 32 on a small machine.
+
+Prints one JSON object: the machine (CPU model, cores, the instruction-set features torch uses and the
+load average before and after), the settings, one record per (clients, mode), and per client count the
+batched/unbatched ratio of steps per second with the issue's bar (>= 1.5 at 32 clients on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "train.jsonl"
+BAR_CLIENTS, BAR_RATIO = 32, 1.5
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict[str, Any]:
+    """The CPU and what torch makes of it: the flags that decide its kernels (AVX2, AVX-512, bf16, AMX)."""
+    import torch
+
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "cpu_features": [flag for flag in CPU_FLAGS if flag in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+
+
+def tiny_model(directory: Path) -> Path:
+    """A tiny random Llama with a word-level tokenizer over w0..w95, saved as a model directory."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    vocab = {token: index for index, token in enumerate(["<pad>", "<unk>", "<eos>", *(f"w{i}" for i in range(96))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def artifacts(work: Path, tiny: bool) -> Path:
+    """The export this bench runs, made once per work directory."""
+    from edgesplit.export.exporter import ExportConfig, export
+
+    out = work / ("tiny-cut1" if tiny else "smollm2-cut4")
+    if (out / "manifest.json").exists():
+        return out
+    if tiny:
+        config = ExportConfig(
+            model=str(tiny_model(work / "tiny-model")), cut_layer=1, out=out, batch_size=2, max_seq_len=16
+        )
+    else:
+        config = ExportConfig(cut_layer=4, out=out, batch_size=4, max_seq_len=128)  # SmolLM2-135M, the default
+    export(config)
+    return out
+
+
+def data_file(work: Path, tiny: bool) -> Path:
+    if not tiny:
+        return E2E_TRAIN
+    path = work / "tiny.jsonl"
+    rng = np.random.default_rng(0)
+    lines = [
+        json.dumps({"prompt": " ".join(f"w{w}" for w in rng.integers(0, 96, 4)), "completion": f"w{i % 96} w{i % 7}"})
+        for i in range(64)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def recorded_steps(strategy: Any, data: Path, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` steps' tensors as clients send them: the real head's activations on batches of `data`."""
+    from edgesplit.client.data import encode_examples, iterate_batches, load_tokenizer, read_jsonl
+
+    head, manifest = strategy.head, strategy.manifest
+    examples = read_jsonl(data)[:2000]
+    encoded = encode_examples(
+        load_tokenizer(head.root), examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
+    adapters = head.initial_adapters()
+    steps = []
+    for _, batch in zip(range(count), iterate_batches(encoded, manifest.batch_size, seed=0), strict=False):
+        forward = head.forward(batch.input_ids, batch.attention_mask, adapters)
+        steps.append(
+            {"activations": forward.activations, "attention_mask": batch.attention_mask, "labels": batch.labels}
+        )
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ the load
+
+
+async def drive(worker: Any, clients: int, steps: int, replay: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """`clients` simulated clients, each `steps` steps back to back; steps/s and latency percentiles."""
+    from edgesplit.server.workers import StepJob
+
+    latencies: list[float] = []
+    queue: list[float] = []
+
+    async def client(number: int) -> None:
+        for step in range(steps):
+            tensors = replay[(number + step) % len(replay)]
+            key = ("split", tensors["activations"].shape[1:])
+            job = StepJob(f"c{number}", 0, step, tensors, lambda: True, key)
+            submitted = time.perf_counter()
+            result = await worker.submit_step(job)
+            result.unwrap()
+            latencies.append(time.perf_counter() - submitted)
+            queue.append(result.queue_seconds)
+
+    passes_before = worker.stats.batches
+    started = time.perf_counter()
+    await asyncio.gather(*(client(number) for number in range(clients)))
+    seconds = time.perf_counter() - started
+    total = clients * steps
+    return {
+        "steps": total,
+        "seconds": round(seconds, 3),
+        "steps_per_second": round(total / seconds, 3),
+        "tail_passes": worker.stats.batches - passes_before,
+        "latency_ms": {
+            "p50": round(float(np.percentile(latencies, 50)) * 1000, 1),
+            "p99": round(float(np.percentile(latencies, 99)) * 1000, 1),
+            "mean_queue": round(statistics.fmean(queue) * 1000, 1),
+        },
+    }
+
+
+def measure(
+    strategy: Any, replay: list[dict[str, np.ndarray]], clients: int, steps: int, batch: int, window_s: float
+) -> dict[str, Any]:
+    from edgesplit.server.batching import build_worker
+
+    async def run() -> dict[str, Any]:
+        worker = build_worker(strategy, batch, window_s)
+        try:
+            await drive(worker, 1, 1, replay)  # warm-up: the first pass pays for allocations
+            return await drive(worker, clients, steps, replay)
+        finally:
+            worker.close()
+
+    return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients to try")
+    parser.add_argument("--steps", type=int, default=2, help="steps each client takes per measurement")
+    parser.add_argument("--max-batch-clients", type=int, default=8, help="the batched runs' K")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="the batched runs' window")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--work-dir", type=Path, help="where the export is kept between runs (default: a temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model, 2 x 16 tokens: a quick check")
+    args = parser.parse_args(argv)
+    if min(args.clients) < 1 or args.steps < 1 or args.max_batch_clients < 2:
+        parser.error("--clients and --steps must be at least 1, --max-batch-clients at least 2")
+    import torch
+
+    from edgesplit.server.strategies.base import StrategyOptions
+    from edgesplit.server.strategies.split import SplitStrategy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = load_average()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="server-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    strategy = SplitStrategy(StrategyOptions(artifacts=artifacts(work, args.tiny), device="cpu", dtype="fp32"))
+    replay = recorded_steps(strategy, data_file(work, args.tiny), 8)
+    results = []
+    for clients in args.clients:
+        for mode, batch in (("unbatched", 1), ("batched", args.max_batch_clients)):
+            record = measure(strategy, replay, clients, args.steps, batch, args.batch_window_ms / 1000)
+            results.append({"clients": clients, "mode": mode, "max_batch_clients": batch, **record})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress; the JSON goes to stdout
+    per_second = {(r["clients"], r["mode"]): r["steps_per_second"] for r in results}
+    ratios = {str(n): round(per_second[n, "batched"] / per_second[n, "unbatched"], 2) for n in args.clients}
+    batch_size, seq, _ = strategy.manifest.activations_shape
+    report = {
+        "bench": "server_throughput",
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": load_average()},
+        "settings": {
+            "model": "tiny-llama" if args.tiny else "smollm2-135m",
+            "cut_layer": strategy.manifest.cut_layer,
+            "batch": [batch_size, seq],
+            "steps_per_client": args.steps,
+            "max_batch_clients": args.max_batch_clients,
+            "batch_window_ms": args.batch_window_ms,
+            "device": "cpu",
+            "dtype": "fp32",
+        },
+        "results": results,
+        "batched_over_unbatched": ratios,
+        "bar": {
+            "clients": BAR_CLIENTS,
+            "ratio": BAR_RATIO,
+            "met": ratios[str(BAR_CLIENTS)] >= BAR_RATIO if str(BAR_CLIENTS) in ratios else None,
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
