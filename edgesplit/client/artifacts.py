@@ -176,6 +176,9 @@ class Manifest:
     tools: dict[str, str]
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # What the exporter measured when it ran the written files against the model (export/selfcheck.py):
+    # relative errors and seconds. Optional: absent from older manifests.
+    self_check: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -255,6 +258,7 @@ class Manifest:
         return digest.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
+        optional = {} if self.self_check is None else {"self_check": dict(self.self_check)}
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -274,6 +278,7 @@ class Manifest:
             "stages": [stage.to_json() for stage in self.stages],
             "files": dict(sorted(self.files.items())),
             "tools": dict(sorted(self.tools.items())),
+            **optional,
         }
 
     @staticmethod
@@ -305,6 +310,7 @@ class Manifest:
             tools={str(k): str(v) for k, v in raw["tools"].items()},
             eos_token_id=model.get("eos_token_id"),
             pad_token_id=model.get("pad_token_id"),
+            self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
         )
 
 

@@ -158,7 +158,9 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     from edgesplit.export.families import check_cut_layer, family_for, prepare_for_training
     from edgesplit.export.lora import HeadWithLora
     from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.preflight import check_architecture
     from edgesplit.export.quantize import quantize_model, store_saved_as_float16
+    from edgesplit.export.selfcheck import run_self_check
     from edgesplit.export.trainable import export_graph, trace_head
 
     out = Path(config.out)
@@ -166,6 +168,7 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if loaded is None:
+        check_architecture(config.model)  # from its config or GGUF header: refused before the weights load
         loaded = load_model(config.model)
     seconds["load"] = time.perf_counter() - started
     model = loaded.model
@@ -236,6 +239,10 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             lora_settings = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(targets)}
             (scratch / "tail" / "lora.json").write_text(json.dumps(lora_settings, indent=2) + "\n")
 
+        check = run_self_check(scratch, model, family, head, config.batch_size, config.max_seq_len, config.quantize)
+        seconds["self_check"] = check.seconds
+        log(check.summary())
+
         files = {str(p.relative_to(scratch)): sha256_file(p) for p in sorted(scratch.rglob("*")) if p.is_file()}
         stages = _stages(scratch, files, cut_layer, num_layers, config, int(model.config.hidden_size))
         tokenizer = loaded.tokenizer
@@ -258,6 +265,7 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             tools=_tool_versions(),
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
+            self_check=check.to_json(),
         )
         if manifest.lora.matrices != (head.shapes if trainable else {}):  # the graph's inputs are the contract
             raise ExportError(f"head.onnx takes LoRA inputs {manifest.lora.matrices}, the head made {head.shapes}")

@@ -99,3 +99,56 @@ def test_mixture_of_experts_is_refused_with_the_reason() -> None:
     )
     with pytest.raises(ExportError, match="mixture-of-experts"):
         family_for(MixtralForCausalLM(config))
+
+
+# The full export, for a representative few: Gemma 3 (sliding-window and global layers with their own
+# rotary, the embedding scaled inside its module) and OPT (learned positions offset by 2, the decoder nested
+# in model.decoder, project_in/out hooks). Llama and GPT-2 are exported in test_export.py.
+@pytest.mark.parametrize(("name", "cut_layer"), [("gemma3_text", 1), ("opt", 1)])
+def test_exported_head_and_served_tail_reproduce_the_model(name: str, cut_layer: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from tiny_models import save_tiny_model
+
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.head import Head
+    from edgesplit.export.exporter import ExportConfig, export
+    from edgesplit.server.tail import Tail
+
+    model_dir = save_tiny_model(name, tmp_path / "model")
+    out = tmp_path / "artifacts"
+    export(ExportConfig(model=str(model_dir), cut_layer=cut_layer, out=out, batch_size=2, max_seq_len=8, lora_rank=4))
+    check = load_manifest(out).self_check
+    assert check is not None and check["logits_relative_error"] < 1e-5
+    assert check["lora_gradients_relative_error"] < 1e-4
+
+    head, tail = Head(out), Tail(out)
+    input_ids = np.random.default_rng(0).integers(3, 128, size=(2, 8)).astype(np.int64)
+    mask = np.ones_like(input_ids)
+    mask[-1, 5:] = 0
+    activations = head.forward(input_ids, mask, head.initial_adapters()).activations
+    model = tiny_model(name)
+    prepare_for_training(model)
+    with torch.no_grad():
+        split = tail._logits(torch.from_numpy(activations), torch.from_numpy(mask))
+        full = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits
+    keep = torch.from_numpy(mask).bool()
+    assert relative_error(split[keep], full[keep]) < 1e-5
+    assert tail.adapters  # PEFT found the family's LoRA targets in the tail
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A wrong adapter (GPT-2's tail adding its learned positions a second time) is caught by the self-check."""
+    import dataclasses
+
+    from tiny_models import save_tiny_model
+
+    from edgesplit.export import families
+    from edgesplit.export.exporter import ExportConfig, export
+
+    wrong = dataclasses.replace(families.GPT2, tail_zero_attrs=())
+    monkeypatch.setattr(families, "FAMILIES", (wrong, *families.FAMILIES))
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    with pytest.raises(ExportError, match="does not reproduce the model: self-check: logits"):
+        config = ExportConfig(model=str(model_dir), cut_layer=1, out=tmp_path / "a", max_seq_len=8, frozen_head=True)
+        export(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no artifacts, no half-made directory
