@@ -85,6 +85,17 @@ PARITY_CONFIGS: dict[str, dict[str, object]] = {
         use_parallel_residual=True,
         **_TOKENS,
     ),
+    "falcon": dict(
+        model_type="falcon",
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        parallel_attn=True,
+        alibi=False,
+        **_TOKENS,
+    ),
     "opt": dict(
         model_type="opt",
         vocab_size=128,

@@ -155,10 +155,9 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file as save_torch
 
-    from edgesplit.export.families import check_cut_layer, family_for, prepare_for_training
+    from edgesplit.export.families import check_cut_layer, check_model, family_for, prepare_for_training
     from edgesplit.export.lora import HeadWithLora
     from edgesplit.export.onnx_files import save_with_aligned_data
-    from edgesplit.export.preflight import check_architecture
     from edgesplit.export.quantize import quantize_model, store_saved_as_float16
     from edgesplit.export.selfcheck import run_self_check
     from edgesplit.export.trainable import export_graph, trace_head
@@ -168,7 +167,7 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if loaded is None:
-        check_architecture(config.model)  # from its config or GGUF header: refused before the weights load
+        check_model(config.model)  # an architecture we cannot split is refused before the weights load
         loaded = load_model(config.model)
     seconds["load"] = time.perf_counter() - started
     model = loaded.model

@@ -198,6 +198,16 @@ OPT = Family(
     head_none_attrs=("project_out",),
 )
 
+FALCON = Family(  # parallel attention and MLP, multi-query attention
+    name="falcon",
+    model_types=("falcon",),
+    backbone_attr="transformer",
+    layers_attr="h",
+    final_norm_attr="ln_f",
+    embedding_attrs=("word_embeddings",),
+    lora_targets=("query_key_value",),
+)
+
 GPT2 = Family(
     name="gpt2",
     model_types=("gpt2",),
@@ -214,7 +224,7 @@ GPT2 = Family(
 # (selfcheck.py) refuses it if the split does not reproduce the model.
 GENERIC = Family(name="decoder", model_types=(), any_standard_layout=True)
 
-FAMILIES: tuple[Family, ...] = (LLAMA_LIKE, PHI3, GRANITE, PHI, GPT_NEOX, OPT, GPT2, GENERIC)
+FAMILIES: tuple[Family, ...] = (LLAMA_LIKE, PHI3, GRANITE, PHI, GPT_NEOX, FALCON, OPT, GPT2, GENERIC)
 
 # Config lists with one entry per layer: they are sliced with the layers.
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
@@ -258,6 +268,31 @@ def family_for(model: nn.Module) -> Family:
         f"architecture {model_type!r} is not supported: {reason}; supported model types: "
         f"{', '.join(supported_model_types())}, and other decoders in the standard layout"
     )
+
+
+def check_model(name: str) -> None:
+    """Refuse a model edgesplit cannot split before its weights load: from config.json or the GGUF header
+    (preflight.check_architecture), and for a local directory, from a skeleton of the model built on the
+    meta device (no memory, no weights), whose layout some adapter must describe."""
+    from pathlib import Path
+
+    from edgesplit.export.preflight import check_architecture
+
+    check_architecture(name)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        return  # a hub id, a GGUF file or the default: checked by family_for once loaded
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, KeyError) as error:
+        raise ExportError(
+            f"--model {name!r}: transformers cannot build a causal LM from its config: {error}"
+        ) from error
+    family_for(skeleton)
 
 
 def family_by_name(name: str) -> Family:
