@@ -1,14 +1,17 @@
 """Every export checks itself: the files it wrote must compute what the model computes.
 
 After the artifacts are written (into the exporter's scratch directory, before the manifest), one batch of
-the traced shape (batch_size x max_seq_len, random tokens, the last row right-padded when there are two rows
-or more) goes through:
-    logits      head.onnx (ONNX Runtime, the exported LoRA: B = 0) then the tail built from tail/ as the
-                server builds it, against the full model's logits in PyTorch; for a full-model export the
-                head's own output; without a tail, the head's activations against the PyTorch head's;
+the traced shape (batch_size x max_seq_len random tokens) goes through the head graphs; the comparison uses
+its first `CHECK_ROWS` rows and `CHECK_POSITIONS` positions (the last of those rows right-padded from
+half-way), where PyTorch runs the model on just that prefix: a causal LM's output at a position depends on
+the positions before it only, and PyTorch on the whole traced batch of the default model took most of the
+check's time. Compared:
+    logits      head.onnx (ONNX Runtime, LoRA adding nothing) then the tail built from tail/ as the server
+                builds it, against the full model's logits in PyTorch; for a full-model export the head's
+                own output; without a tail, the head's activations against the PyTorch head's;
     gradients   head.onnx then head_grad.onnx with random non-zero LoRA matrices and random activation
-                gradients, against PyTorch autograd through the same head (the largest relative error of
-                any LoRA matrix); none for a frozen head.
+                gradients (zero outside the compared prefix), against PyTorch autograd through the same head
+                (the largest relative error of any LoRA matrix); none for a frozen head.
 Errors are relative L2 norms over the attended positions. Above `TOLERANCES` the export is refused (and
 the exporter removes its scratch directory); otherwise the errors go into the manifest's `self_check`.
 
@@ -32,6 +35,8 @@ from edgesplit.export.families import Family
 from edgesplit.export.lora import HeadWithLora
 from edgesplit.lora_names import GRADIENT_PREFIX
 
+CHECK_ROWS = 2
+CHECK_POSITIONS = 32
 # quantize -> (logits, gradients): the largest relative error an export may have.
 TOLERANCES: dict[str, tuple[float, float]] = {"none": (1e-3, 1e-2), "int8": (0.25, 0.5)}
 
@@ -63,12 +68,14 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray, mask: np.ndarray) 
 
 
 def check_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random tokens (B, T) and a mask with the last row right-padded from half-way when B > 1."""
+    """Random tokens (B, T) and their mask: the last compared row is right-padded from half-way through the
+    compared positions to the end (when more than one row is compared)."""
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, vocab_size, size=(batch_size, seq_len)).astype(np.int64)
     mask = np.ones((batch_size, seq_len), dtype=np.int64)
-    if batch_size > 1:
-        mask[-1, max(1, seq_len // 2) :] = 0
+    rows, positions = min(batch_size, CHECK_ROWS), min(seq_len, CHECK_POSITIONS)
+    if rows > 1:
+        mask[rows - 1, max(1, positions // 2) :] = 0
     return input_ids, mask
 
 
@@ -98,8 +105,9 @@ def run_self_check(
     options.log_severity_level = 3
     forward = ort.InferenceSession(str(scratch / "head.onnx"), options, providers=["CPUExecutionProvider"])
     input_ids, mask = check_batch(int(model.config.vocab_size), batch_size, seq_len, seed)
-    tokens = torch.from_numpy(input_ids)
-    torch_mask = torch.from_numpy(mask)
+    prefix = (slice(0, min(batch_size, CHECK_ROWS)), slice(0, min(seq_len, CHECK_POSITIONS)))
+    tokens = torch.from_numpy(input_ids[prefix])
+    torch_mask = torch.from_numpy(mask[prefix])
     names = [spec.name for spec in forward.get_inputs() if spec.name in head.shapes]
     zeros = {name: np.zeros(head.shapes[name], dtype=np.float32) for name in names}  # adds nothing: the base model
 
@@ -108,7 +116,7 @@ def run_self_check(
         outputs = forward.run(None, feed)
         return {**feed, **dict(zip([o.name for o in forward.get_outputs()], outputs, strict=True))}
 
-    activations = run_forward(zeros)["activations"]
+    activations = run_forward(zeros)["activations"][prefix]
     with torch.no_grad():
         if head.full_model or (scratch / "tail").is_dir():
             compared = "logits"
@@ -117,18 +125,18 @@ def run_self_check(
                 actual = activations
             else:
                 tail = _tail(scratch / "tail", family)
-                inputs = torch.from_numpy(activations)
+                inputs = torch.from_numpy(np.ascontiguousarray(activations))
                 actual = tail(inputs_embeds=inputs, attention_mask=torch_mask, use_cache=False).logits.numpy()
         else:
             compared = "activations"
             matrices = {name: torch.from_numpy(value) for name, value in zeros.items()}
             expected = head(tokens, torch_mask, matrices).numpy()
             actual = activations
-    logits_error = _relative_error(actual, expected, mask)
+    logits_error = _relative_error(actual, expected, mask[prefix])
 
     gradients_error = None
     if (scratch / "head_grad.onnx").exists():
-        gradients_error = _gradients_error(scratch / "head_grad.onnx", head, run_forward, names, seed, options)
+        gradients_error = _gradients_error(scratch / "head_grad.onnx", head, run_forward, names, prefix, seed, options)
     check = SelfCheck(logits_error, gradients_error, compared, time.perf_counter() - started)
     logits_bound, gradients_bound = TOLERANCES.get(quantize, TOLERANCES["none"])
     if logits_error > logits_bound or (gradients_error is not None and gradients_error > gradients_bound):
@@ -149,6 +157,7 @@ def _gradients_error(
     head: HeadWithLora,
     run_forward: Any,
     names: list[str],
+    prefix: tuple[slice, slice],
     seed: int,
     options: Any,
 ) -> float:
@@ -158,7 +167,8 @@ def _gradients_error(
     rng = np.random.default_rng(seed + 1)
     adapters = {name: (rng.standard_normal(head.shapes[name]) * 0.05).astype(np.float32) for name in names}
     saved = run_forward(adapters)
-    activation_grads = rng.standard_normal(saved["activations"].shape).astype(np.float32)
+    activation_grads = np.zeros(saved["activations"].shape, dtype=np.float32)  # the loss reads the prefix only
+    activation_grads[prefix] = rng.standard_normal(activation_grads[prefix].shape)
     backward = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {spec.name: saved[spec.name] for spec in backward.get_inputs() if spec.name != "activation_grads"}
     feed["activation_grads"] = activation_grads
@@ -166,10 +176,10 @@ def _gradients_error(
     grads = {o.name.removeprefix(GRADIENT_PREFIX): v for o, v in zip(backward.get_outputs(), outputs, strict=True)}
 
     matrices = {name: torch.from_numpy(value.copy()).requires_grad_(True) for name, value in adapters.items()}
-    tokens, attention = torch.from_numpy(saved["input_ids"]), torch.from_numpy(saved["attention_mask"])
+    tokens, attention = torch.from_numpy(saved["input_ids"][prefix]), torch.from_numpy(saved["attention_mask"][prefix])
     with torch.enable_grad():
         output = head(tokens, attention, matrices)
-        (output * torch.from_numpy(activation_grads)).sum().backward()
+        (output * torch.from_numpy(activation_grads[prefix])).sum().backward()
     errors = []
     for name, tensor in matrices.items():
         expected = tensor.grad.numpy() if tensor.grad is not None else np.zeros(tensor.shape, np.float32)
