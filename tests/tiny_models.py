@@ -1,6 +1,8 @@
 """Tiny random-initialised models of every supported family, saved as local model directories.
 
-One table, FAMILY_CONFIGS, drives every model test: adding a family to the exporter means adding a row here.
+FAMILY_CONFIGS drives every model test across the suite (training, serving, adapters): one model per
+layout, llama's and GPT-2's. PARITY_CONFIGS adds a row per model type the exporter's adapters handle, for
+the split's parity tests (tests/export/test_families.py): adding a family means adding a row there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,100 @@ FAMILY_CONFIGS: dict[str, dict[str, object]] = {
     "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64),
 }
 
+_TOKENS: dict[str, object] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # as build_tokenizer's
+# Shared by the rows below: 3 layers of width 32, 4 query and 2 key/value heads of 8.
+_DECODER: dict[str, object] = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    **_TOKENS,
+)
+
+PARITY_CONFIGS: dict[str, dict[str, object]] = {
+    **FAMILY_CONFIGS,
+    "mistral": dict(model_type="mistral", **_DECODER, sliding_window=4),
+    "qwen2": dict(model_type="qwen2", **_DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": dict(model_type="qwen3", **_DECODER, head_dim=8, tie_word_embeddings=True),
+    # Layers 0 and 2 without rotary: a cut at 1 shifts the pattern, which must follow the layers.
+    "smollm3": dict(model_type="smollm3", **_DECODER, no_rope_layers=[0, 1, 0]),
+    "gemma": dict(model_type="gemma", **_DECODER, head_dim=8),
+    "gemma2": dict(
+        model_type="gemma2",
+        **_DECODER,
+        head_dim=8,
+        sliding_window=4,
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        **_DECODER,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "phi3": dict(model_type="phi3", **_DECODER),
+    "granite": dict(
+        model_type="granite",
+        **_DECODER,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        logits_scaling=2.0,
+        attention_multiplier=0.2,
+    ),
+    "phi": dict(model_type="phi", **_DECODER, partial_rotary_factor=0.5),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        **_TOKENS,
+    ),
+    "falcon": dict(
+        model_type="falcon",
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        parallel_attn=True,
+        alibi=False,
+        **_TOKENS,
+    ),
+    "opt": dict(
+        model_type="opt",
+        vocab_size=128,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        **_TOKENS,
+    ),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: object):  # type: ignore[no-untyped-def]
+    """A random-initialised tiny causal LM of `family` (a PARITY_CONFIGS key), in memory, float32, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {**PARITY_CONFIGS[family], **overrides}
+    config = AutoConfig.for_model(str(settings.pop("model_type")), **settings)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    return model.eval()
+
 
 def build_tokenizer():  # type: ignore[no-untyped-def]
     """A word-level tokenizer over w0..w95 plus specials, splitting on whitespace."""
@@ -38,14 +134,9 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
 
 
 def save_tiny_model(family: str, directory: Path, seed: int = 0, **overrides: object) -> Path:
-    """`overrides` replace entries of the family's config (num_hidden_layers=4 for a deeper model, say)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    settings = {**FAMILY_CONFIGS[family], **overrides}
-    config = AutoConfig.for_model(str(settings.pop("model_type")), **settings)
-    model = AutoModelForCausalLM.from_config(config)
+    """A tiny model of `family` (a PARITY_CONFIGS key) and the tokenizer, saved as a local model directory;
+    `overrides` replace entries of the family's config (num_hidden_layers=4 for a deeper model, say)."""
+    model = tiny_model(family, seed, **overrides)
     model.save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     return directory

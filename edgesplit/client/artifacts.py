@@ -211,6 +211,9 @@ class Manifest:
     pad_token_id: int | None = None
     # A mixed-cut export's cuts, smallest first; () for a single-cut export (its one cut is `cut_layer`).
     cuts: tuple[CutEntry, ...] = ()
+    # What the exporter measured when it ran the written files against the model (export/selfcheck.py):
+    # relative errors and seconds. Optional: absent from older manifests.
+    self_check: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -333,6 +336,7 @@ class Manifest:
         return digest.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
+        optional = {} if self.self_check is None else {"self_check": dict(self.self_check)}
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -353,6 +357,7 @@ class Manifest:
             "files": dict(sorted(self.files.items())),
             "tools": dict(sorted(self.tools.items())),
             **({"cuts": [cut.to_json() for cut in self.cuts]} if self.cuts else {}),
+            **optional,
         }
 
     @staticmethod
@@ -385,6 +390,7 @@ class Manifest:
             eos_token_id=model.get("eos_token_id"),
             pad_token_id=model.get("pad_token_id"),
             cuts=tuple(CutEntry.from_json(c) for c in raw.get("cuts", ())),
+            self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
         )
 
 

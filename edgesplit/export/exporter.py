@@ -168,13 +168,14 @@ def _tool_versions() -> dict[str, str]:
 
 def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportResult:
     """Run the whole export; `loaded` lets tests pass an in-memory model instead of a name."""
-    from edgesplit.export.families import check_cut_layer, family_for, prepare_for_training
+    from edgesplit.export.families import check_cut_layer, check_model, family_for, prepare_for_training
 
     out = Path(config.out)
     _check_writable(out, config.force)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if loaded is None:
+        check_model(config.model)  # an architecture we cannot split is refused before the weights load
         loaded = load_model(config.model)
     seconds["load"] = time.perf_counter() - started
     model = loaded.model
@@ -190,25 +191,32 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     try:
         if config.cut_layers is None:  # one cut: the layout every single-cut export has always had
-            report = _export_head(loaded, cuts[0], config, scratch, seconds)
+            report, head = _export_head(loaded, cuts[0], config, scratch, seconds)
             if config.write_tail and not config.full_model:  # a full-model export has no tail: all is on the client
                 _write_tail(loaded, cuts[0], config, scratch)
-            manifest = _write_manifest(loaded, scratch, cuts[0], config)
+            check = _self_check(loaded, head, config, scratch, scratch / "tail", seconds)
+            manifest = _write_manifest(loaded, scratch, cuts[0], config, self_check=check)
         else:
             # One complete device artifact per cut, in its own directory; one tail, from the smallest cut,
             # which runs [cut, L) for a client at any of them (the server skips the layers it does not need).
             report = None
             entries = []
+            first_check: dict[str, Any] | None = None
             for cut in cuts:
                 device_dir = scratch / cut_directory(cut)
                 device_dir.mkdir()
-                part = _export_head(loaded, cut, config, device_dir, seconds)
+                part, head = _export_head(loaded, cut, config, device_dir, seconds)
                 report = part if report is None else _merge(report, part)
-                device_manifest = _write_manifest(loaded, device_dir, cut, config)
+                if cut == cuts[0] and config.write_tail:
+                    _write_tail(loaded, cuts[0], config, scratch)
+                # The smallest cut's head then the tail against the model's logits; a deeper cut's head against
+                # the PyTorch head (its tail is the same tail run from its cut, checked by the tests).
+                tail_dir = scratch / "tail" if cut == cuts[0] else device_dir / "tail"
+                check = _self_check(loaded, head, config, device_dir, tail_dir, seconds)
+                device_manifest = _write_manifest(loaded, device_dir, cut, config, self_check=check)
                 entries.append(CutEntry(cut, cut_directory(cut), device_manifest.manifest_hash))
-            if config.write_tail:
-                _write_tail(loaded, cuts[0], config, scratch)
-            manifest = _write_manifest(loaded, scratch, cuts[0], config, tuple(entries))
+                first_check = first_check or check
+            manifest = _write_manifest(loaded, scratch, cuts[0], config, tuple(entries), self_check=first_check)
         _swap_into_place(scratch, out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -219,9 +227,10 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
 
 def _export_head(
     loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path, seconds: dict[str, float]
-) -> Any:
+) -> tuple[Any, Any]:
     """Write one cut's device files into `scratch`: head.onnx, head_grad.onnx (with their .data files),
-    head_adapters.safetensors and tokenizer.json. Returns the int8 report, or None."""
+    head_adapters.safetensors and tokenizer.json. Returns the int8 report (or None) and the PyTorch head
+    the graphs were traced from (for the self-check)."""
     import onnx
     import torch
     from safetensors.numpy import save_file as save_numpy
@@ -287,7 +296,30 @@ def _export_head(
     made = head_matrices(_specs(scratch / "head.onnx")[0])
     if made != expected:  # the graph's inputs are the contract
         raise ExportError(f"head.onnx takes LoRA inputs {made}, the head made {expected}")
-    return report
+    return report, head
+
+
+def _self_check(
+    loaded: LoadedModel, head: Any, config: ExportConfig, scratch: Path, tail_dir: Path, seconds: dict[str, float]
+) -> dict[str, Any]:
+    """Run the written files against the model (export/selfcheck.py); ExportError above tolerance."""
+    from edgesplit.export.families import family_for
+    from edgesplit.export.selfcheck import run_self_check
+
+    model = loaded.model
+    check = run_self_check(
+        scratch,
+        model,
+        family_for(model),
+        head,
+        config.batch_size,
+        config.max_seq_len,
+        config.quantize,
+        tail_dir=tail_dir,
+    )
+    seconds["self_check"] = seconds.get("self_check", 0.0) + check.seconds
+    log(check.summary())
+    return check.to_json()
 
 
 def _write_tail(loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path) -> None:
@@ -307,7 +339,12 @@ def _write_tail(loaded: LoadedModel, cut_layer: int, config: ExportConfig, scrat
 
 
 def _write_manifest(
-    loaded: LoadedModel, scratch: Path, cut_layer: int, config: ExportConfig, cuts: tuple[CutEntry, ...] = ()
+    loaded: LoadedModel,
+    scratch: Path,
+    cut_layer: int,
+    config: ExportConfig,
+    cuts: tuple[CutEntry, ...] = (),
+    self_check: dict[str, Any] | None = None,
 ) -> Manifest:
     """manifest.json for what is in `scratch`. With `cuts` (a mixed-cut export's top level), the head stages
     are the smallest cut's, read from its directory, and every file below, each cut's included, is listed."""
@@ -342,6 +379,7 @@ def _write_manifest(
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
         cuts=cuts,
+        self_check=self_check,
     )
     (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

@@ -6,6 +6,8 @@ known without loading it is checked first:
                   an alias is refused with the closest alias
     the depth     from a local directory's config.json, a GGUF file's header, or an alias's known depth; a hub
                   id's depth is only known once it is loaded, where the exporter checks the cut again
+    the kind      from the same config or header: a mixture-of-experts, encoder-decoder, multimodal or other
+                  non-causal model is refused with the reason (`check_architecture`)
 
 Nothing here imports torch or transformers: it runs on a device install too.
 """
@@ -129,3 +131,81 @@ def check_cut_layers(cut_layers: tuple[int, ...], num_layers: int, flag: str = "
                 f"{flag} {cut_layer} is out of range: this model has {num_layers} layers, so a cut must be "
                 f"between 1 and {num_layers - 1} (at least one layer on each side)"
             )
+
+
+# Mixture-of-experts model types, by transformers' and GGUF's names. Their routers pick each token's experts at
+# run time (`nonzero` / `where` over the routing mask), so each expert's batch has a data-dependent size: the
+# device's ahead-of-time graphs, traced for one fixed shape, cannot hold that.
+MOE_MODEL_TYPES = frozenset(
+    {
+        "mixtral",
+        "qwen2_moe",
+        "qwen2moe",
+        "qwen3_moe",
+        "qwen3moe",
+        "granitemoe",
+        "granitemoeshared",
+        "granitemoehybrid",
+        "olmoe",
+        "phimoe",
+        "dbrx",
+        "jamba",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+        "llama4_text",
+    }
+)
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def architecture_refusal(model_type: object, config: dict[str, object]) -> str | None:
+    """Why a model of this config cannot be split into a device head and a server tail, or None."""
+    experts = [config.get(key) for key in EXPERT_COUNT_KEYS]
+    if model_type in MOE_MODEL_TYPES or any(isinstance(n, int) and n > 1 for n in experts):
+        return (
+            "it is a mixture-of-experts model, whose router gives each expert a batch of data-dependent size; "
+            "the device's graphs are traced ahead of time for one fixed shape and cannot route"
+        )
+    if config.get("is_encoder_decoder") is True:
+        return "it is an encoder-decoder model; edgesplit splits decoder-only causal LMs"
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        if not any(isinstance(a, str) and a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+            return (
+                f"its architecture {architectures[0]} is not a causal LM (for a multimodal model such as Gemma 3, "
+                "export its text model, saved as a ...ForCausalLM)"
+            )
+    return None
+
+
+def _config_of(name: str) -> tuple[object, dict[str, object]] | None:
+    """(model_type, config) from a local directory's config.json or a GGUF file's header, else None."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # the loader will say what is wrong with it
+        return (config.get("model_type"), config) if isinstance(config, dict) else None
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            from gguf import GGUFReader
+
+            architecture = GGUFReader(path).fields["general.architecture"].contents()
+        except (ImportError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return architecture, {}
+    return None
+
+
+def check_architecture(name: str) -> None:
+    """Refuse, from its config alone, a model that edgesplit cannot split: before its weights load."""
+    found = _config_of(name)
+    if found is None:
+        return  # a hub id or an alias: checked once loaded (the default is a llama)
+    model_type, config = found
+    reason = architecture_refusal(model_type, config)
+    if reason is not None:
+        raise ExportError(f"--model {name!r} ({model_type}) cannot be exported: {reason}")

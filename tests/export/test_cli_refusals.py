@@ -146,3 +146,51 @@ def test_every_option_has_help_and_the_description_names_no_module() -> None:
         assert action.help, f"{action.option_strings} has no help text"
     assert parser.description is not None
     assert "edgesplit.export" not in parser.description and ".py" not in parser.description
+
+
+def _unloadable_model_dir(tmp_path: Path, config: dict[str, object]) -> Path:
+    """A model directory with this config.json and weights that cannot be read: a refusal must come first."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "model.safetensors").write_bytes(b"not weights at all")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "mixture-of-experts"),
+        ({"model_type": "qwen2", "num_experts": 4, "architectures": ["Qwen2ForCausalLM"]}, "mixture-of-experts"),
+        ({"model_type": "t5", "is_encoder_decoder": True}, "encoder-decoder"),
+        ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "not a causal LM"),
+        ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "not a causal LM"),
+    ],
+)
+def test_an_architecture_that_cannot_be_split_is_refused_from_its_config(
+    tmp_path: Path, config: dict[str, object], reason: str
+) -> None:
+    from edgesplit.export.preflight import check_architecture
+
+    with pytest.raises(ExportError, match=reason):
+        check_architecture(str(_unloadable_model_dir(tmp_path, config)))
+
+
+def test_a_layout_no_adapter_describes_is_refused_before_the_weights_load(tmp_path: Path) -> None:
+    """BLOOM keeps its layers in transformer.h and normalises its embeddings inside the backbone: no adapter
+    describes it, and its weights are never read."""
+    from edgesplit.export.exporter import ExportConfig
+    from edgesplit.export.exporter import export as run_export
+
+    config = {
+        "model_type": "bloom",
+        "architectures": ["BloomForCausalLM"],
+        "hidden_size": 16,
+        "n_head": 2,
+        "n_layer": 2,
+        "vocab_size": 32,
+    }
+    model = _unloadable_model_dir(tmp_path, config)
+    with pytest.raises(ExportError, match="'bloom' is not supported: its layers are not laid out"):
+        run_export(ExportConfig(model=str(model), cut_layer=1, out=tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
