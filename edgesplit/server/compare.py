@@ -294,20 +294,12 @@ def run_framework(
 
 
 def trained_generator(config: CompareConfig, framework: str, artifacts: Path, run: Path) -> tuple[Any, Any]:
-    """A greedy generator over the server's final model, and the client adapters to run it with."""
-    from edgesplit.client.data import load_tokenizer
-    from edgesplit.client.head import Head
-    from edgesplit.server.checkpoint import load_latest
-    from edgesplit.server.generate import SplitGenerator
-
-    if framework == "split":  # the head and the server's tail, each with its trained adapters
-        scorer = Scorer(artifacts, config.demo_config(config.out))
-        return scorer.generator, scorer.load_checkpoint(run / "checkpoints")
-    checkpoint = load_latest(run / "checkpoints")
-    if checkpoint is None:
+    """A greedy generator over the server's final model, and the adapter to run it with: the run's checkpoint
+    written as a PEFT adapter into RUN/adapter and loaded on the whole base model (KV-cached generation)."""
+    if not (run / "checkpoints" / "latest").is_file():
         raise CompareError(f"{framework}: the server left no checkpoint in {run / 'checkpoints'}")
-    head = Head(artifacts, verify=False, threads=config.threads)  # the whole model: its output is the logits
-    return SplitGenerator(head, None, load_tokenizer(artifacts)), dict(checkpoint.global_adapters)
+    scorer = Scorer(artifacts, config.demo_config(config.out))
+    return scorer.generator, scorer.load_checkpoint(run / "checkpoints", run / "adapter")
 
 
 def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """`edgesplit demo`: the whole system on one machine, end to end, with real processes on loopback.
 
     export (subprocess, or reuse OUT/artifacts) ──> generate the task, split it non-IID across clients
-        ──> score the untrained split model on held-out prompts (greedy generation: ORT head + torch tail)
+        ──> score the untrained model on held-out prompts (greedy generation, whole model, KV cache)
         ──> `edgesplit serve` + N x `edgesplit client` subprocesses train for --rounds rounds
-        ──> score again with the server's final checkpoint ──> report.md, plots, summary.json
+        ──> write the server's final checkpoint as a PEFT adapter (OUT/adapter), score again with it
+        ──> report.md, plots, summary.json
 
 The processes are edgesplit.server.orchestrate's: each in its own process group, so that a Ctrl-C at the
 terminal reaches only the demo, which then stops every child in order and leaves nothing running.
@@ -206,57 +207,53 @@ def prepare_data(config: DemoConfig) -> DemoData:
     return DemoData(train, evaluation, client_files, how, group_names, client_groups, read_jsonl(evaluation))
 
 
+ADAPTER_DIR = "adapter"  # where the demo writes the trained model's PEFT adapter, under --out
+
+
 class Scorer:
-    """The split model in this process, to score generations before and after training."""
+    """The run's model in this process, to score generations before and after training: the whole base model,
+    with the trained PEFT adapter once there is one, generating with a KV cache (edgesplit/server/scoring.py)."""
 
     def __init__(self, artifacts: Path, config: DemoConfig) -> None:
-        from edgesplit.client.data import load_tokenizer
-        from edgesplit.client.head import Head
-        from edgesplit.server.generate import SplitGenerator
-        from edgesplit.server.tail import OptimizerSettings, Tail
+        from edgesplit.server.scoring import AdapterGenerator
 
-        self.head = Head(artifacts, verify=False)
-        with warnings.catch_warnings():  # PEFT's deprecation notices mean nothing to the person watching
+        with warnings.catch_warnings():  # PEFT's and transformers' notices mean nothing to the person watching
             warnings.simplefilter("ignore", FutureWarning)
-            # The server's seed: its tail starts from these very LoRA matrices.
-            self.tail = Tail(
-                artifacts,
-                OptimizerSettings(learning_rate=config.learning_rate),
-                seed=config.seed,
-                threads=config.threads,
-            )
-        self.tail.model.eval()
-        self.tokenizer = load_tokenizer(artifacts)
-        self.generator = SplitGenerator(self.head, self.tail, self.tokenizer)
+            self.generator = AdapterGenerator(artifacts, threads=config.threads)
+        self.artifacts = artifacts
+        self.batch_size = config.batch_size
 
-    def score(self, examples: list[Any], adapters: dict[str, Any]) -> Any:
+    def score(self, examples: list[Any], adapter: str | None) -> Any:
+        """Greedy generation on the prompts of `examples` with `adapter` (None: the untrained model)."""
         from edgesplit.server.generate import score
 
         if not any(e.prompt is not None for e in examples):
             return None
-        return score(self.generator, examples, adapters)
+        return score(self.generator, examples, adapter)
 
-    def eval_loss(self, examples: list[Any], adapters: dict[str, Any], max_batches: int) -> float | None:
+    def eval_loss(self, examples: list[Any], adapter: str | None, max_batches: int) -> float | None:
         """Mean loss over the target tokens; None where the window leaves none (a mean over nothing)."""
+        from edgesplit.client.artifacts import load_manifest
         from edgesplit.client.data import encode_examples
-        from edgesplit.server.generate import eval_loss_and_tokens
 
-        manifest = self.head.manifest
+        manifest = load_manifest(self.artifacts, verify=False)
         encoded = encode_examples(
-            self.tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+            self.generator.tokenizer, examples, manifest.max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
         )
-        loss, tokens = eval_loss_and_tokens(self.head, self.tail, encoded, adapters, max_batches)
+        loss, tokens = self.generator.eval_loss(encoded, adapter, max_batches, self.batch_size)
         return loss if tokens else None
 
-    def load_checkpoint(self, directory: Path) -> dict[str, Any]:
-        from edgesplit.server.checkpoint import load_latest
+    def load_checkpoint(self, directory: Path, adapter_dir: Path, name: str = "trained") -> str:
+        """Write the newest round of `directory` as a PEFT adapter into `adapter_dir` and load it as `name`."""
+        from edgesplit.server.adapter import export_adapter
 
-        checkpoint = load_latest(directory)
-        if checkpoint is None:
+        if not (directory / "latest").is_file():
             raise DemoError(f"the server left no checkpoint in {directory}")
-        self.tail.load_state_dict({"lora": checkpoint.tail_lora, "optimizer": checkpoint.tail_optimizer})
-        self.tail.model.eval()
-        return dict(checkpoint.global_adapters)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            export_adapter(directory, self.artifacts, adapter_dir)
+            self.generator.add_adapter(name, adapter_dir)
+        return name
 
 
 def serve_command(config: DemoConfig, artifacts: Path, data: DemoData) -> ServeCommand:
@@ -329,7 +326,7 @@ def prepare_run_dir(out: Path) -> None:
             )
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).write_text("written by `edgesplit demo`; a later demo with this --out replaces the run\n")
-    for name in ("data", "logs", "checkpoints", "plots"):
+    for name in ("data", "logs", "checkpoints", "plots", ADAPTER_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for pattern in ("server.jsonl", "client-*.jsonl", "report.md", "summary.json"):
         for path in out.glob(pattern):
@@ -374,10 +371,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         server = children.start("server", serve_command(config, artifacts, data), server_log)
         say("scoring the untrained split model on the held-out prompts while the server starts")
         scorer = Scorer(artifacts, config)
-        initial = scorer.head.initial_adapters()
         eval_batches = math.ceil(len(data.eval_examples) / config.batch_size)
-        before_loss = scorer.eval_loss(data.eval_examples, initial, eval_batches)
-        before = scorer.score(data.eval_examples, initial)
+        # LoRA B starts at zero on both halves: the untrained split model is the base model itself.
+        before_loss = scorer.eval_loss(data.eval_examples, None, eval_batches)
+        before = scorer.score(data.eval_examples, None)
         if before is not None:
             loss_text = "n/a (no target tokens)" if before_loss is None else f"{before_loss:.4f}"
             say(
@@ -388,12 +385,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         t = lap("score_before", t)
         train(config, artifacts, data, children, server, server_log)
         t = lap("train", t)
-        say("scoring the trained adapters (the server's last checkpoint)")
-        trained = scorer.load_checkpoint(config.out / "checkpoints")
+        adapter_dir = config.out / ADAPTER_DIR
+        say(f"writing the trained model's PEFT adapter to {adapter_dir} and scoring it")
+        trained = scorer.load_checkpoint(config.out / "checkpoints", adapter_dir)
         after = scorer.score(data.eval_examples, trained)
         t = lap("score_after", t)
     seconds["total"] = round(time.monotonic() - started, 2)
-    summary = write_report(config, artifacts, data, before, after, before_loss, seconds)
+    summary = write_report(config, artifacts, data, before, after, before_loss, seconds, adapter=adapter_dir)
     print(terminal_report(summary), flush=True)
     return summary
 

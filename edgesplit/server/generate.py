@@ -1,4 +1,9 @@
-"""Greedy generation through the split model, and the held-out score it gives.
+"""Greedy generation through the split model, and the held-out score of any greedy generator.
+
+`score` is what the demo and `edgesplit compare` report; they generate through the run's PEFT adapter on the
+whole model (edgesplit/server/scoring.py, with a KV cache). `SplitGenerator` stays as the reference that path
+is held to (tests/server/test_scoring.py, bench/generate.py): it runs the very graphs the devices and the
+server train, the ONNX head and the PyTorch tail.
 
 The head is the client's ONNX graph, traced for a fixed (B, T): there is no KV cache, so every new token
 reruns the whole padded window.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +57,16 @@ class Score:
             "seconds": round(self.seconds, 3),
             "examples": [g.__dict__ for g in self.generations[:examples]],
         }
+
+
+class TokenGenerator(Protocol):
+    """What `score` needs: a `tokenizers.Tokenizer`, the EOS id, and greedy continuations of token ids with
+    some adapters (client adapters for SplitGenerator, an adapter name for scoring.AdapterGenerator)."""
+
+    tokenizer: Any
+    eos_token_id: int | None
+
+    def generate(self, prompts: Sequence[Sequence[int]], adapters: Any, max_new_tokens: int) -> list[list[int]]: ...
 
 
 class SplitGenerator:
@@ -141,9 +156,9 @@ def token_accuracy(output: Sequence[int], target: Sequence[int]) -> float:
 
 
 def score(
-    generator: SplitGenerator,
+    generator: TokenGenerator,
     examples: Sequence[Example],
-    adapters: Arrays,
+    adapters: Any,
     prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
     max_new_tokens: int | None = None,
 ) -> Score:

@@ -80,38 +80,77 @@ def load_for_generation(base: str | None, adapter_dir: Path | None) -> tuple[Any
     return model, loaded.tokenizer
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
-    """Greedy completions of `prompts`, `settings.batch_size` at a time."""
+def generate_ids(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    pad_token_id: int,
+    eos_token_id: int | None,
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy continuations of token-id `prompts`, row i at most `max_new_tokens[i]` tokens long and ending
+    with EOS where the model stopped by itself.
+
+    Prompts go through in batches of similar length (longest first), so that left padding wastes little; the
+    outputs come back in the prompts' order.
+    """
     import torch
 
+    if len(max_new_tokens) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise DataError(f"prompt {row} is empty")
+    order = sorted(range(len(prompts)), key=lambda row: -len(prompts[row]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts[row]) for row in rows)
+        budget = max(max_new_tokens[row] for row in rows)
+        if budget < 1:
+            continue
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T), padded on the left
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            prompt = prompts[row]
+            input_ids[index, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            attention_mask[index, width - len(prompt) :] = 1
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=budget,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+            )  # (B, T + N)
+        for row, new in zip(rows, output[:, width:].tolist(), strict=True):
+            if eos_token_id is not None and eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]  # after EOS come only pad tokens
+            outputs[row] = new[: max_new_tokens[row]]  # a row with a smaller budget stops where it would alone
+    return outputs
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
+    """Greedy completions of `prompts`, `settings.batch_size` at a time.
+
+    Prompts are tokenized as training tokenized them: without special tokens (no BOS the model never saw).
+    """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         raise ArtifactError("the tokenizer has neither a pad nor an EOS token to pad the batch with")
-    tokenizer.padding_side = "left"
-    completions: list[Completion] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        batch = list(prompts[start : start + settings.batch_size])
-        if any(not prompt.strip() for prompt in batch):
-            raise DataError(f"prompt {start + next(i for i, p in enumerate(batch) if not p.strip())} is empty")
-        encoded = tokenizer(batch, return_tensors="pt", padding=True)  # (B, T), left-padded
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=encoded["input_ids"],
-                attention_mask=encoded["attention_mask"],
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )  # (B, T + N)
-        width = encoded["input_ids"].shape[1]
-        for prompt, row in zip(batch, output[:, width:].tolist(), strict=True):
-            tokens = row[: row.index(eos) + 1] if eos is not None and eos in row else row
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(prompt=prompt, output=text, tokens=tuple(tokens)))
-    return completions
+    for row, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise DataError(f"prompt {row} is empty")
+    token_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    outputs = generate_ids(model, token_ids, [settings.max_new_tokens] * len(prompts), pad, eos, settings.batch_size)
+    return [
+        Completion(prompt=prompt, output=tokenizer.decode(tokens, skip_special_tokens=True), tokens=tuple(tokens))
+        for prompt, tokens in zip(prompts, outputs, strict=True)
+    ]
 
 
 def read_prompts(path: Path) -> tuple[list[str], list[str | None]]:
@@ -136,8 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default=None, help="hub id, model directory or .gguf file (default: the adapter's)")
     parser.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter directory (`edgesplit adapter`)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    source.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (repeat for several); a newline follows it, as training puts one after each prompt",
+    )
     source.add_argument("--data", type=Path, help="a JSON Lines file of {prompt, completion} examples")
+    parser.add_argument("--raw", action="store_true", help="send each --prompt as given, with no newline after it")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write JSON Lines here instead of printing")
@@ -153,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         prompts, targets = read_prompts(args.data)
     else:
-        prompts, targets = list(args.prompt), [None] * len(args.prompt)
+        from edgesplit.client.data import DEFAULT_PROMPT_FORMAT
+
+        separator = "" if args.raw else DEFAULT_PROMPT_FORMAT.separator
+        prompts, targets = [prompt + separator for prompt in args.prompt], [None] * len(args.prompt)
     model, tokenizer = load_for_generation(args.base, args.adapter)
     completions = generate(model, tokenizer, prompts, settings)
     lines = []

@@ -149,8 +149,10 @@ def write_report(
     after: Any,
     before_loss: float | None,
     seconds: dict[str, float],
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
-    """Write summary.json, report.md and plots/*.png into config.out; return the summary."""
+    """Write summary.json, report.md and plots/*.png into config.out; return the summary. `adapter`: the
+    trained model's PEFT adapter directory, which the report tells the person how to try."""
     from edgesplit.client.artifacts import load_manifest
 
     out = Path(config.out)
@@ -191,11 +193,21 @@ def write_report(
         "eval_loss": [before_loss] + [r["eval_loss"] for r in metrics["rounds"]],
         "metrics": metrics,
         "checkpoint": str(out / "checkpoints" / checkpoint),
+        "adapter": None if adapter is None else str(adapter),
+        "try_adapter": None if adapter is None else try_command(adapter, data),
         "plots": sorted(str(p.relative_to(out)) for p in plots.glob("*.png")),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(summary))
     return summary
+
+
+def try_command(adapter: Path, data: Any) -> str:
+    """The command that runs the trained adapter on one held-out prompt (or a prompt to fill in)."""
+    import shlex
+
+    prompt = next((e.prompt for e in getattr(data, "eval_examples", []) if e.prompt is not None), None)
+    return f"edgesplit generate --adapter {shlex.quote(str(adapter))} --prompt {shlex.quote(prompt or 'your prompt')}"
 
 
 def _pct(value: float | None) -> str:
@@ -247,7 +259,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"Data split: {summary['split']}.",
         "",
         *[f"**Window:** {line}.\n" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])],
-        "## Held-out score (greedy generation through the split model)",
+        "## Held-out score (greedy generation with the trained adapter on the whole model)",
         "",
     ]
     if before is None or after is None:
@@ -337,6 +349,15 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"- `{Path(summary['checkpoint']).relative_to(Path(config['out']))}/`: the trained adapters "
         "(`global_adapters.safetensors` for the clients' head,\n"
         "  `tail_lora.safetensors` for the server's tail)",
+        *(
+            [
+                f"- `{Path(summary['adapter']).relative_to(Path(config['out']))}/`: the trained model as a PEFT "
+                "adapter for the whole base model (docs/adapter.md); try it with\n"
+                f"  `{summary['try_adapter']}`",
+            ]
+            if summary.get("adapter")
+            else []
+        ),
         "- `artifacts/`: the export (reused by the next demo with the same options)",
         "- `data/`: the generated task and each client's share; `logs/`: every process's output",
         "- `summary.json`: all of the above as numbers",
@@ -401,4 +422,7 @@ def terminal_report(summary: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items() if k != "total")
     lines.append(f"  wall time {summary['seconds']['total']:.0f} s ({stages})")
     lines.append(f"  report: {out / 'report.md'}   plots: {out / 'plots'}/   adapters: {summary['checkpoint']}/")
+    if summary.get("adapter"):
+        lines.append(f"  your model, as a PEFT adapter: {summary['adapter']}/")
+        lines.append(f"  try it: {summary['try_adapter']}")
     return "\n".join(lines)

@@ -9,6 +9,8 @@
 The command lines are edgesplit.server.orchestrate's records, rendered for this interpreter.
 `TcpProxy` sits between a client and the server to cut the link (`cut`, `restore`) or slow it (`delay_s`).
 `probe` and `raw_frame` speak the protocol only as far as a test wants, to play a bad peer.
+`federated_run` is the in-process form: a real Server and one real Client over a loopback websocket, in one
+event loop, for tests that check what a short run leaves behind (its losses, its checkpoint).
 """
 
 from __future__ import annotations
@@ -51,6 +53,41 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def federated_run(
+    artifacts: Path,
+    data: Path,
+    checkpoint_dir: Path,
+    rounds: int,
+    steps: int,
+    learning_rate: float,
+    client_id: str = "a",
+) -> list[float]:
+    """A short run of one client, `rounds` x `steps` at `learning_rate`, checkpointed into `checkpoint_dir`;
+    the client's training losses, step by step."""
+    from edgesplit.client.client import Client, ClientConfig
+    from edgesplit.server.server import Server, ServerConfig
+
+    server = Server(
+        ServerConfig(
+            artifacts=artifacts,
+            port=0,
+            rounds=rounds,
+            min_clients=1,
+            steps_per_round=steps,
+            learning_rate=learning_rate,
+            checkpoint_dir=checkpoint_dir,
+        )
+    )
+    ready = asyncio.Event()
+    serving = asyncio.create_task(server.serve(ready))
+    await ready.wait()
+    url = f"ws://127.0.0.1:{server.port}"
+    client = Client(ClientConfig(server=url, artifacts=artifacts, data=data, client_id=client_id, quiet=True))
+    await client.run()
+    await serving
+    return list(client.losses)
 
 
 def write_task(path: Path, seed: int, count: int, prompt_key: str = "prompt") -> None:

@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES
+from loopback import federated_run
 from transformers import AutoModelForCausalLM
 
 from edgesplit.cli import main as edgesplit_main
-from edgesplit.client.client import Client, ClientConfig
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError
 from edgesplit.lora_names import parse_adapter_name
 from edgesplit.server.adapter import CONFIG_FILE, WEIGHTS_FILE, export_adapter
 from edgesplit.server.checkpoint import load_latest
-from edgesplit.server.server import Server, ServerConfig
 from edgesplit.server.tail import Tail
 
 ROUNDS, STEPS, LEARNING_RATE = 2, 2, 0.02
@@ -40,28 +39,6 @@ def write_data(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-async def federated_run(artifacts: Path, data: Path, checkpoint_dir: Path) -> None:
-    server = Server(
-        ServerConfig(
-            artifacts=artifacts,
-            port=0,
-            rounds=ROUNDS,
-            min_clients=1,
-            steps_per_round=STEPS,
-            learning_rate=LEARNING_RATE,
-            checkpoint_dir=checkpoint_dir,
-        )
-    )
-    ready = asyncio.Event()
-    serving = asyncio.create_task(server.serve(ready))
-    await ready.wait()
-    client = Client(
-        ClientConfig(server=f"ws://127.0.0.1:{server.port}", artifacts=artifacts, data=data, client_id="a", quiet=True)
-    )
-    await client.run()
-    await serving
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_artifacts, tmp_path_factory) -> dict[str, tuple[Path, Path]]:  # type: ignore[no-untyped-def]
     """family -> (artifacts, checkpoint directory) of a finished short run, one per family."""
@@ -70,7 +47,7 @@ def trained(tiny_artifacts, tmp_path_factory) -> dict[str, tuple[Path, Path]]:  
         root = tmp_path_factory.mktemp(f"run-{family}")
         artifacts = tiny_artifacts(family, 1)
         write_data(root / "data.jsonl")
-        asyncio.run(federated_run(artifacts, root / "data.jsonl", root / "ckpt"))
+        asyncio.run(federated_run(artifacts, root / "data.jsonl", root / "ckpt", ROUNDS, STEPS, LEARNING_RATE))
         runs[family] = (artifacts, root / "ckpt")
     return runs
 
@@ -187,7 +164,7 @@ def test_the_commands_export_an_adapter_and_generate_with_it(trained, tmp_path, 
     argv = ["generate", "--adapter", str(adapter_dir), "--prompt", "w4 w7", "--max-new-tokens", "3", "--out", str(out)]
     assert edgesplit_main(argv) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert record["prompt"] == "w4 w7" and isinstance(record["output"], str)
+    assert record["prompt"] == "w4 w7\n" and isinstance(record["output"], str)  # as training formats it
 
 
 @pytest.mark.parametrize("family", FAMILIES)

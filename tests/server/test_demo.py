@@ -66,6 +66,7 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert done.returncode == 0, done.stdout + done.stderr
     assert "reusing" in done.stdout
     assert "held-out exact match" in done.stdout
+    assert f"try it: edgesplit generate --adapter {run_dir / 'adapter'} --prompt " in done.stdout
     # What the window does to each side's data is said, before training.
     assert "train data in the 16-token window" in done.stdout and "eval data in the 16-token window" in done.stdout
 
@@ -120,8 +121,13 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert any(abs(value).max() > 0 for name, value in adapters.items() if name.endswith(".lora_B"))
     assert (checkpoint / "tail_lora.safetensors").is_file()
 
+    # The trained model as a PEFT adapter, where the summary and the report say, with the command to try it.
+    assert summary["adapter"] == str(run_dir / "adapter") and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert summary["try_adapter"].startswith(f"edgesplit generate --adapter {run_dir / 'adapter'} --prompt ")
+
     report = (run_dir / "report.md").read_text()
     assert "## Held-out score" in report and "plots/loss.png" in report
+    assert f"`{summary['try_adapter']}`" in report
     assert "agree byte for byte" in report
 
 

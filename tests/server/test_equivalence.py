@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES
+from loopback import federated_run
 from transformers import AutoModelForCausalLM
 
 from edgesplit.client.client import Client, ClientConfig
@@ -23,7 +24,6 @@ from edgesplit.client.data import iterate_batches
 from edgesplit.export.families import prepare_for_training
 from edgesplit.server.centralized import reference_for_artifacts, train_centralized
 from edgesplit.server.checkpoint import load_latest
-from edgesplit.server.server import Server, ServerConfig
 from edgesplit.server.tail import OptimizerSettings
 
 ROUNDS, STEPS, LEARNING_RATE = 2, 3, 0.01
@@ -38,36 +38,13 @@ def write_data(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-async def split_run(artifacts: Path, data: Path, checkpoint_dir: Path) -> list[float]:
-    server = Server(
-        ServerConfig(
-            artifacts=artifacts,
-            port=0,
-            rounds=ROUNDS,
-            min_clients=1,
-            steps_per_round=STEPS,
-            learning_rate=LEARNING_RATE,
-            checkpoint_dir=checkpoint_dir,
-        )
-    )
-    ready = asyncio.Event()
-    serving = asyncio.create_task(server.serve(ready))
-    await ready.wait()
-    client = Client(
-        ClientConfig(
-            server=f"ws://127.0.0.1:{server.port}", artifacts=artifacts, data=data, client_id="only", quiet=True
-        )
-    )
-    await client.run()
-    await serving
-    return client.losses
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_dirs, tmp_path, family) -> None:
     artifacts = tiny_artifacts(family, 1)
     write_data(tmp_path / "data.jsonl")
-    split_losses = asyncio.run(split_run(artifacts, tmp_path / "data.jsonl", tmp_path / "ckpt"))
+    split_losses = asyncio.run(
+        federated_run(artifacts, tmp_path / "data.jsonl", tmp_path / "ckpt", ROUNDS, STEPS, LEARNING_RATE, "only")
+    )
 
     model = AutoModelForCausalLM.from_pretrained(
         tiny_model_dirs[family], attn_implementation="eager", dtype=torch.float32
