@@ -166,7 +166,7 @@ async def drive(worker: Any, clients: int, steps: int, replay: list[dict[str, np
         for step in range(steps):
             tensors = replay[(number + step) % len(replay)]
             key = ("split", tensors["activations"].shape[1:])
-            job = StepJob(f"c{number}", 0, step, tensors, lambda: True, key)
+            job = StepJob(f"c{number}", 0, step, tensors, lambda: True, batch_key=key)
             submitted = time.perf_counter()
             result = await worker.submit_step(job)
             result.unwrap()

@@ -64,10 +64,10 @@ class Recorder:
         self.seconds = seconds
         self.failing = failing
 
-    def step(self, tensors: Mapping[str, np.ndarray]) -> StepOutcome:
-        return self.batch([tensors])[0]
+    def step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
+        return self.batch([tensors], cut_layer)[0]
 
-    def batch(self, steps: Sequence[Mapping[str, np.ndarray]]) -> list[StepOutcome]:
+    def batch(self, steps: Sequence[Mapping[str, np.ndarray]], cut_layer: int | None = None) -> list[StepOutcome]:
         values = [float(t["activations"][0]) for t in steps]
         time.sleep(self.seconds)
         if self.failing in values:
@@ -77,7 +77,7 @@ class Recorder:
 
 
 def job(value: float, key: tuple[object, ...] = ("split",), wanted: bool = True) -> StepJob:
-    return StepJob(f"c{value:g}", 0, 0, {"activations": np.array([value])}, lambda: wanted, key)
+    return StepJob(f"c{value:g}", 0, 0, {"activations": np.array([value])}, lambda: wanted, batch_key=key)
 
 
 def run_worker(recorder: Recorder, submit, max_clients: int = 4, window_s: float = 0.2) -> list[WorkResult]:  # type: ignore[no-untyped-def]
