@@ -93,6 +93,9 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.manifest = load_manifest(config.artifacts)
+        # A mixed-cut export: the deepest cut's client sends and receives the most adapters.
+        cuts = [load_manifest(config.artifacts / cut.directory, verify=False) for cut in self.manifest.cuts]
+        self._frame_bytes = max(max_frame_bytes(manifest) for manifest in [self.manifest, *cuts])
         self.wire = Wire(config.wire)
         self.ssl_context = None
         if config.tls_cert is not None and config.tls_key is not None:
@@ -170,7 +173,7 @@ class Server:
         return {**self.config.session_settings(self.manifest), **self.strategy.settings()}
 
     def max_frame_bytes(self) -> int:
-        return max_frame_bytes(self.manifest)
+        return self._frame_bytes
 
     # ------------------------------------------------------------------------------------------ serving
 
