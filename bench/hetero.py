@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,16 @@ def run(
             connect_timeout_s=300,
             extra=("--cut-layer", str(cut)),
         )
-        clients.append(subprocess.Popen(command_line(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        log = (out / f"{name}.log").open("w")
+        clients.append(subprocess.Popen(command_line(command), stdout=log, stderr=subprocess.STDOUT))
     try:
-        for client in clients:
-            output = client.communicate(timeout=3600)[0]
-            if client.returncode != 0:
-                raise RuntimeError(f"a client failed:\n{output.decode(errors='replace')}")
+        # One client that stops (bad data, say) leaves the others waiting for it at the barrier: watch them all.
+        deadline = time.monotonic() + 3600
+        while any(client.poll() is None for client in clients) and time.monotonic() < deadline:
+            for name, client in zip(NAMES, clients, strict=True):
+                if client.poll() not in (None, 0):
+                    raise RuntimeError(f"client {name} failed:\n{(out / f'{name}.log').read_text()}")
+            time.sleep(1)
         server.wait(timeout=600)
     finally:
         for process in (server, *clients):

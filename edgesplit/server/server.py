@@ -245,7 +245,8 @@ class Server:
             check_hello(hello)
             connection.client_id, connection.token = hello.client_id, hello.token
             token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            cut, manifest_hash = self._client_cut(connection, hello)
+            # A stranger hears of the bad token (from the engine), not of the exported cuts.
+            cut, manifest_hash = self._client_cut(connection, hello) if token_ok else (None, hello.manifest_hash)
             numbers = (hello.num_samples, token_ok, manifest_hash, hello.protocol_version, time.monotonic())
             event = events.ClientHello(connection.number, hello.client_id, *numbers)
             welcome = await self._ask(connection, event, events.SendWelcome)
