@@ -114,8 +114,8 @@ def run(
             connect_timeout_s=300,
             extra=("--cut-layer", str(cut)),
         )
-        log = (out / f"{name}.log").open("w")
-        clients.append(subprocess.Popen(command_line(command), stdout=log, stderr=subprocess.STDOUT))
+        with (out / f"{name}.log").open("w") as log:  # the child keeps its own copy of the descriptor
+            clients.append(subprocess.Popen(command_line(command), stdout=log, stderr=subprocess.STDOUT))
     try:
         # One client that stops (bad data, say) leaves the others waiting for it at the barrier: watch them all.
         deadline = time.monotonic() + 3600
