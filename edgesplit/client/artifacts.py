@@ -275,7 +275,8 @@ class Manifest:
         manifest; a single-cut export's, the export's own. ArtifactError saying what differs otherwise; for a
         fingerprint these artifacts do not know, None (the server's admission refuses that itself)."""
         if not self.cuts:
-            if cut_layer is not None and cut_layer != self.cut_layer:
+            # Other artifacts altogether: the admission's fingerprint check says so, and what to do.
+            if manifest_hash == self.manifest_hash and cut_layer is not None and cut_layer != self.cut_layer:
                 raise ArtifactError(
                     f"the client runs at cut {cut_layer}, the server's artifacts were exported for cut "
                     f"{self.cut_layer} only: export the cuts with --cut-layers, or copy the server's artifacts"

@@ -201,6 +201,8 @@ def export_adapter(
     manifest = load_manifest(artifacts, verify=False)
     folder = round_directory(checkpoint_dir, round_number)
     finished, head, tail = load_round_adapters(folder)
+    if manifest.cuts:  # a mixed-cut run: layers from the smallest cut on are the tail's, which holds their average
+        head = {name: value for name, value in head.items() if name in manifest.lora.matrices}
     check_adapters_fit(manifest, head, tail)
     adapters = {**head, **tail}
     if not merge:

@@ -95,6 +95,9 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.manifest = load_manifest(config.artifacts)
+        # A mixed-cut export: the deepest cut's client sends and receives the most adapters.
+        cuts = [load_manifest(config.artifacts / cut.directory, verify=False) for cut in self.manifest.cuts]
+        self._frame_bytes = max(max_frame_bytes(manifest) for manifest in [self.manifest, *cuts])
         self.wire = Wire(config.wire)
         self.ssl_context = None
         if config.tls_cert is not None and config.tls_key is not None:
@@ -177,7 +180,7 @@ class Server:
         return {**self.config.session_settings(self.manifest), **self.strategy.settings()}
 
     def max_frame_bytes(self) -> int:
-        return max_frame_bytes(self.manifest)
+        return self._frame_bytes
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -262,7 +265,8 @@ class Server:
             check_hello(hello)
             connection.client_id, connection.token = hello.client_id, hello.token
             token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            cut, manifest_hash = self._client_cut(connection, hello)
+            # A stranger hears of the bad token (from the engine), not of the exported cuts.
+            cut, manifest_hash = self._client_cut(connection, hello) if token_ok else (None, hello.manifest_hash)
             numbers = (hello.num_samples, token_ok, manifest_hash, hello.protocol_version, time.monotonic())
             event = events.ClientHello(connection.number, hello.client_id, *numbers)
             welcome = await self._ask(connection, event, events.SendWelcome)

@@ -110,6 +110,15 @@ def test_each_adapter_is_averaged_over_whoever_trained_it(run, mixed_artifacts: 
     assert set(strategy.client_adapters(2)) == {
         n for n in checkpoint.global_adapters if n[:9] in ("layers.0.", "layers.1.")
     }
+    # The PEFT adapter of the whole model: layer 0 from the devices, the other layers from the tail.
+    from safetensors.numpy import load_file
+
+    from edgesplit.server.adapter import export_adapter
+
+    out = run["work"] / "adapter"
+    export_adapter(run["work"] / "ckpt", mixed_artifacts, out)
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert len(written) == len(checkpoint.tail_lora) + 4  # layers 1-3 from the tail, layer 0's four matrices
 
 
 def test_with_every_client_at_one_cut_the_server_computes_what_a_single_cut_export_gives(
@@ -152,3 +161,28 @@ def test_with_every_client_at_one_cut_the_server_computes_what_a_single_cut_expo
     single_tail, mixed_tail = servers[0].tail_state()["lora"], servers[1].tail_state()["lora"]
     assert single_tail.keys() == mixed_tail.keys()
     assert all(np.array_equal(single_tail[n], mixed_tail[n]) for n in single_tail)
+
+
+def test_a_client_of_a_mixed_export_must_say_which_cut(mixed_artifacts: Path, tmp_path: Path) -> None:
+    from edgesplit.client.client_cli import main as client_main
+    from edgesplit.errors import ArtifactError
+
+    common = ["--server", "ws://127.0.0.1:9", "--artifacts", str(mixed_artifacts), "--data", str(tmp_path / "x")]
+    with pytest.raises(ArtifactError, match=r"holds heads for cuts \[1, 2, 3\]: choose one with --cut-layer"):
+        client_main([*common, "--client-id", "a"])
+    with pytest.raises(ArtifactError, match=r"no head for cut 5: the exported cuts are \[1, 2, 3\]"):
+        client_main([*common, "--client-id", "a", "--cut-layer", "5"])
+    with pytest.raises(ArtifactError, match="no exported cut fits raspberry-pi-4's budget of 10 MiB"):
+        client_main([*common, "--client-id", "a", "--device-profile", "raspberry-pi-4", "--max-memory-mb", "10"])
+
+
+def test_the_server_admits_a_client_at_an_exported_cut_only(mixed_artifacts: Path) -> None:
+    from edgesplit.errors import ArtifactError
+
+    manifest = load_manifest(mixed_artifacts)
+    assert manifest.cut_layers == (1, 2, 3) and manifest.cut_layer == 1
+    cut2 = load_manifest(mixed_artifacts / "cut2").manifest_hash
+    assert manifest.client_cut(cut2, 2) == 2 and manifest.client_cut(cut2, None) == 2
+    with pytest.raises(ArtifactError, match="says cut 3 but runs the artifacts of cut 2"):
+        manifest.client_cut(cut2, 3)
+    assert manifest.client_cut("0" * 16, 2) is None  # unknown artifacts: the fingerprint check refuses them
