@@ -271,9 +271,13 @@ class Tail:
         inputs.requires_grad_(train_head)
         logits = self._logits(inputs, mask, from_layer)  # (sum B_i, T, V), all the steps from one cut
         shifted = target[:, 1:]  # (sum B_i, T-1)
+        # As causal_lm_loss does, over rows of V: a softmax across a strided dimension is several times slower.
         token_losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1, :].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
-        )  # (sum B_i, T-1), 0 where the label is -100
+            logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(shifted.shape)  # (sum B_i, T-1), 0 where the label is -100
         bounds = np.cumsum([0, *sizes])
         sums = [token_losses[start:end].sum() for start, end in itertools.pairwise(bounds)]
         counts = [int((shifted[start:end] != -100).sum()) for start, end in itertools.pairwise(bounds)]

@@ -98,3 +98,20 @@ def test_a_bf16_tail_on_the_cpu_trains_close_to_fp32_with_fp32_lora(tiny_artifac
     assert float(moved[0] @ moved[1] / np.linalg.norm(moved[0]) / np.linalg.norm(moved[1])) > 0.9
     loss, tokens = half.eval_loss(*batch(half, 9))
     assert tokens > 0 and loss == pytest.approx(exact.eval_loss(*batch(exact, 9))[0], rel=0.02)
+
+
+def test_fp16_on_the_cpu_is_checked_by_running_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgesplit.server.placement import check_dtype
+
+    check_dtype("fp16", "cpu")  # this torch runs fp16 on this CPU: accepted
+    real_softmax = torch.nn.functional.softmax
+
+    def no_half(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if tensor.dtype == torch.float16:  # as a torch build without fp16 CPU kernels answers
+            raise RuntimeError("\"softmax_lastdim_kernel_impl\" not implemented for 'Half'")
+        return real_softmax(tensor, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", no_half)
+    with pytest.raises(EdgesplitError, match=r"cannot run fp16 on this CPU.*--dtype bf16 or fp32"):
+        check_dtype("fp16", "cpu")
+    check_dtype("bf16", "cpu")
