@@ -152,3 +152,22 @@ def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path, monkey
         config = ExportConfig(model=str(model_dir), cut_layer=1, out=tmp_path / "a", max_seq_len=8, frozen_head=True)
         export(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no artifacts, no half-made directory
+
+
+def test_a_gemma3_gguf_file_exports(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A GGUF Gemma 3 (transformers reads it as Gemma3ForCausalLM): its depth and kind come from the header,
+    and the export of the dequantised model checks itself like any other."""
+    from tiny_models import save_tiny_gemma3_gguf
+
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.export.exporter import ExportConfig, export
+    from edgesplit.export.preflight import check_architecture, known_depth
+
+    path = save_tiny_gemma3_gguf(tmp_path / "tiny-gemma3.gguf")
+    assert known_depth(str(path)) == 3
+    check_architecture(str(path))
+    out = tmp_path / "artifacts"
+    export(ExportConfig(model=str(path), cut_layer=2, out=out, batch_size=2, max_seq_len=8, frozen_head=True))
+    manifest = load_manifest(out)
+    assert (manifest.family, manifest.architecture, manifest.num_layers) == ("llama", "Gemma3ForCausalLM", 3)
+    assert manifest.self_check is not None and manifest.self_check["logits_relative_error"] < 1e-5
