@@ -140,3 +140,49 @@ def save_tiny_model(family: str, directory: Path, seed: int = 0, **overrides: ob
     model.save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     return directory
+
+
+def save_tiny_gemma3_gguf(path: Path, seed: int = 0) -> Path:
+    """The tiny Gemma 3 text model as a GGUF file, written by the `gguf` package as llama.cpp lays it out
+    (its tensor names, norm weights stored plus one, a sentencepiece vocabulary), with no LM head: tied."""
+    import gguf
+    import numpy as np
+
+    model = tiny_model("gemma3_text", seed)
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_sliding_window(config.sliding_window)
+    tokens = [*SPECIAL, "<bos>", *(f"\u2581{word}" for word in VOCAB)]
+    tokens += [f"<unused{i}>" for i in range(config.vocab_size - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([3, 2, 3, 3] + [1] * (len(tokens) - 4))  # control, unknown, normal
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_bos_token_id(3)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise KeyError(f"no GGUF name for {key}")
+        value = tensor.detach().numpy().astype(np.float32)
+        writer.add_tensor(name, value + 1.0 if key.endswith("norm.weight") else value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,8 +1,14 @@
 """Per-architecture split rules: where the decoder layers live, and how to cut a model into head and tail.
 
-Each supported family is one small `Family` adapter. `family_for(model)` walks `FAMILIES` and the first
-adapter whose `matches` accepts the model wins, as PEFT dispatches its layer types. Adding a family is adding
-one adapter to the list.
+Each supported family is one small `Family` adapter whose defaults are transformers' standard decoder layout;
+an adapter sets only what differs from it. `family_for(model)` walks `FAMILIES` and the first adapter whose
+`matches` accepts the model wins, as PEFT dispatches its layer types: an adapter names its model types, and
+the last one, `GENERIC`, takes any other model in the standard layout, so that a new model in that layout
+exports without new code (the export's self-check, selfcheck.py, then proves the split or refuses it).
+Adding a family is adding one adapter to the list; docs/export.md has the table.
+
+Both sides run transformers' own code: the head is the backbone with layers [0, cut) and no final norm, the
+tail the model's causal-LM class built from a config of layers [cut, L), fed the activations as inputs_embeds.
 
 Shapes at the cut: the head maps input_ids (B, T) to activations (B, T, H), the hidden state after decoder
 layer `cut_layer` (before any final norm); the tail maps activations (B, T, H) to logits (B, T, V).

@@ -153,6 +153,9 @@ MOE_MODEL_TYPES = frozenset(
         "deepseek_v2",
         "deepseek_v3",
         "gpt_oss",
+        "gpt-oss",
+        "minimax_m2",
+        "minimax-m2",
         "llama4_text",
     }
 )

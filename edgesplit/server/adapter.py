@@ -183,11 +183,22 @@ def write_merged(adapter_dir: Path, base: str, out_dir: Path) -> Path:
     return out_dir
 
 
+# transformers classes whose GGUF layout the adapter writer knows (edgesplit/server/adapter_gguf.py)
+GGUF_ADAPTER_ARCHITECTURES = frozenset({"LlamaForCausalLM", "GPT2LMHeadModel"})
+
+
 def write_gguf_for_base(manifest: Manifest, artifacts: Path, adapters: Mapping[str, np.ndarray], path: Path) -> Path:
     """The adapter as llama.cpp's GGUF LoRA file, for the base model the export read."""
     from edgesplit.export.families import family_by_name
     from edgesplit.server.adapter_gguf import attention_heads_of, write_gguf_adapter
 
+    # The family says where the layers are, not how llama.cpp lays out the weights: Qwen and Gemma share the
+    # llama family, but their GGUF conversions do not interleave the q and k rows as Llama's does.
+    if manifest.architecture not in GGUF_ADAPTER_ARCHITECTURES:
+        raise ArtifactError(
+            f"no GGUF adapter for a {manifest.architecture} base (GGUF adapters are written for "
+            f"{', '.join(sorted(GGUF_ADAPTER_ARCHITECTURES))}): use the PEFT adapter, or merge it into the model"
+        )
     heads, key_value_heads = attention_heads_of(artifacts, Path(manifest.model_source))
     layers_path = family_by_name(manifest.family).layers_path
     alpha, layers = manifest.lora.alpha, manifest.num_layers
@@ -207,7 +218,8 @@ def export_adapter(
     adapters = {**head, **tail}
     if not merge:
         write_adapter(manifest, adapters, out_dir)
-        if manifest.model_source.endswith(".gguf"):  # llama.cpp runs a GGUF base: give it the adapter too
+        # llama.cpp runs a GGUF base: give it the adapter too, where we know its GGUF layout.
+        if manifest.model_source.endswith(".gguf") and manifest.architecture in GGUF_ADAPTER_ARCHITECTURES:
             write_gguf_for_base(manifest, artifacts, adapters, out_dir / GGUF_FILE)
         return finished, out_dir
     with tempfile.TemporaryDirectory(prefix="edgesplit-adapter-") as scratch:

@@ -194,3 +194,19 @@ def test_a_layout_no_adapter_describes_is_refused_before_the_weights_load(tmp_pa
     with pytest.raises(ExportError, match="'bloom' is not supported: its layers are not laid out"):
         run_export(ExportConfig(model=str(model), cut_layer=1, out=tmp_path / "a"))
     assert not (tmp_path / "a").exists()
+
+
+def test_a_mixture_of_experts_gguf_is_refused_from_its_header(tmp_path: Path) -> None:
+    from gguf import GGUFWriter
+
+    from edgesplit.export.preflight import check_architecture
+
+    path = tmp_path / "moe.gguf"
+    writer = GGUFWriter(str(path), "qwen2moe")
+    writer.add_block_count(4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ExportError, match="mixture-of-experts"):
+        check_architecture(str(path))

@@ -101,23 +101,35 @@ def test_mixture_of_experts_is_refused_with_the_reason() -> None:
         family_for(MixtralForCausalLM(config))
 
 
-# The full export, for a representative few: Gemma 3 (sliding-window and global layers with their own
-# rotary, the embedding scaled inside its module) and OPT (learned positions offset by 2, the decoder nested
-# in model.decoder, project_in/out hooks). Llama and GPT-2 are exported in test_export.py.
-@pytest.mark.parametrize(("name", "cut_layer"), [("gemma3_text", 1), ("opt", 1)])
-def test_exported_head_and_served_tail_reproduce_the_model(name: str, cut_layer: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+# The full export, for a representative few: Gemma 3 (sliding-window layers, the embedding scaled inside its
+# module), read from a GGUF file laid out as llama.cpp's conversion writes it, and OPT (learned positions
+# offset by 2, the decoder nested in model.decoder, project_in/out hooks). Llama and GPT-2 are exported in
+# test_export.py.
+@pytest.mark.parametrize("name", ["gemma3_text", "opt"])
+def test_exported_head_and_served_tail_reproduce_the_model(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
-    from tiny_models import save_tiny_model
+    from tiny_models import save_tiny_gemma3_gguf, save_tiny_model
+    from transformers import AutoModelForCausalLM
 
     from edgesplit.client.artifacts import load_manifest
     from edgesplit.client.head import Head
     from edgesplit.export.exporter import ExportConfig, export
+    from edgesplit.export.preflight import known_depth
     from edgesplit.server.tail import Tail
 
-    model_dir = save_tiny_model(name, tmp_path / "model")
+    if name == "gemma3_text":
+        source = save_tiny_gemma3_gguf(tmp_path / "tiny-gemma3.gguf")
+        assert known_depth(str(source)) == 3  # from the header
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=source.name, dtype=torch.float32)
+    else:
+        source = save_tiny_model(name, tmp_path / "model")
+        model = tiny_model(name)
+    prepare_for_training(model)
     out = tmp_path / "artifacts"
-    export(ExportConfig(model=str(model_dir), cut_layer=cut_layer, out=out, batch_size=2, max_seq_len=8, lora_rank=4))
-    check = load_manifest(out).self_check
+    export(ExportConfig(model=str(source), cut_layer=1, out=out, batch_size=2, max_seq_len=8, lora_rank=4))
+    manifest = load_manifest(out)
+    assert manifest.architecture == type(model).__name__ and manifest.num_layers == 3
+    check = manifest.self_check
     assert check is not None and check["logits_relative_error"] < 1e-5
     assert check["lora_gradients_relative_error"] < 1e-4
 
@@ -126,8 +138,6 @@ def test_exported_head_and_served_tail_reproduce_the_model(name: str, cut_layer:
     mask = np.ones_like(input_ids)
     mask[-1, 5:] = 0
     activations = head.forward(input_ids, mask, head.initial_adapters()).activations
-    model = tiny_model(name)
-    prepare_for_training(model)
     with torch.no_grad():
         split = tail._logits(torch.from_numpy(activations), torch.from_numpy(mask))
         full = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits

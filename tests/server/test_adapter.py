@@ -212,3 +212,15 @@ def test_a_gguf_base_gets_the_gguf_adapter_beside_the_peft_one(trained, tmp_path
     assert (adapter_dir / "adapter.gguf").is_file() and (adapter_dir / WEIGHTS_FILE).is_file()
     _, plain_dir = export_adapter(checkpoint_dir, artifacts, tmp_path / "plain")
     assert not (plain_dir / "adapter.gguf").exists()
+
+
+def test_no_gguf_adapter_for_a_base_whose_gguf_layout_is_unknown(tmp_path) -> None:
+    """Qwen2 shares the llama family's layer layout, not Llama's GGUF layout (no interleaved q and k rows)."""
+    from types import SimpleNamespace
+
+    from edgesplit.server.adapter import write_gguf_for_base
+
+    manifest = SimpleNamespace(architecture="Qwen2ForCausalLM", family="llama")
+    with pytest.raises(ArtifactError, match="no GGUF adapter for a Qwen2ForCausalLM base"):
+        write_gguf_for_base(manifest, tmp_path, {}, tmp_path / "adapter.gguf")  # type: ignore[arg-type]
+    assert not (tmp_path / "adapter.gguf").exists()
