@@ -13,7 +13,6 @@ import numpy as np
 
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError, TrainingError
-from edgesplit.server.aggregate import fedavg
 from edgesplit.server.generate import eval_loss
 from edgesplit.server.guards import check_activation_scale
 from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates, encode_eval_file
@@ -42,6 +41,7 @@ class SplitStrategy:
         self.global_adapters: Arrays = self.head.initial_adapters()
         self.eval_set = encode_eval_file(self.head, options.eval_data) if options.eval_data else None
         self.eval_batches = options.eval_batches
+        self.aggregation = options.aggregation
 
     def settings(self) -> dict[str, object]:
         return {}  # the common settings say all a split client needs
@@ -81,7 +81,7 @@ class SplitStrategy:
         self.head.check_adapters(tensors)  # shapes, finite
 
     def aggregate(self, updates: Updates) -> Arrays:
-        self.global_adapters = fedavg(updates)
+        self.global_adapters = self.aggregation.aggregate(updates, self.global_adapters)
         return self.global_adapters
 
     def evaluate(self) -> float | None:
