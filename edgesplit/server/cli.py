@@ -9,6 +9,7 @@ from pathlib import Path
 from edgesplit.errors import EdgesplitError
 from edgesplit.server.metrics import check_metrics_available
 from edgesplit.server.placement import choose_placement
+from edgesplit.server.robust import AGGREGATIONS
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
 from edgesplit.server.strategies import FRAMEWORKS
 
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections that have not said Hello yet, at most; more are refused at once as "
         "busy (close 1013) and their clients retry",
     )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may leave what the server writes to it unread before its connection is aborted",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve wss:// (docs/security.md)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--seed", type=int, default=0, help="seeds the tail's LoRA and the clients' batch order")
@@ -66,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--proxy-data", type=Path, help="kd: JSONL of shared inputs the clients' logits are on")
     parser.add_argument("--kd-top-k", type=int, default=16, help="kd: probabilities kept per position on the wire")
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="fedavg",
+        help="how the clients' adapters are combined each round (split, fedllm): fedavg, or a robust rule "
+        "against poisoned updates: median, trimmed-mean, clipped (docs/security.md)",
+    )
+    parser.add_argument(
+        "--trim-fraction",
+        type=float,
+        default=0.1,
+        help="trimmed-mean: the share of the clients' values dropped at each end, per entry (below 0.5)",
+    )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=1.0,
+        help="clipped: the largest L2 norm of one client's change to the global adapters",
+    )
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: PyTorch's choice)")
     parser.add_argument(
         "--device",
@@ -133,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_clients=args.max_batch_clients,
             batch_window_ms=args.batch_window_ms,
             metrics_port=args.metrics_port,
+            send_timeout_s=args.send_timeout,
+            aggregation=args.aggregation,
+            trim_fraction=args.trim_fraction,
+            clip_norm=args.clip_norm,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgesplit.client.artifacts import Manifest
 from edgesplit.client.protocol import Wire
 from edgesplit.server.placement import check_names
+from edgesplit.server.robust import AggregationRule
 from edgesplit.server.round_events import RoundRules
 from edgesplit.server.strategies import FRAMEWORKS, StrategyOptions
 
@@ -38,6 +39,8 @@ class ServerConfig:
     # Connections that have not said Hello yet, at most; more are refused at once ("busy", close 1013) and
     # their clients retry. Bounds what strangers can hold open before the token check.
     max_pending_hellos: int = 64
+    # A peer that leaves the server's writes unread this long is aborted (transport.BoundedConnection).
+    send_timeout_s: float = 60.0
     framework: str = "split"  # a name in strategies.STRATEGIES
     proxy_data: Path | None = None  # KD-FedLLM: the shared inputs the clients' logits are computed on
     kd_top_k: int = 16
@@ -46,12 +49,15 @@ class ServerConfig:
     batch_window_ms: float = 5.0  # how long a step waits for others to batch with (with max_batch_clients > 1)
     max_batch_clients: int = 1  # clients' steps in one pass of the tail; 1: each step alone
     metrics_port: int | None = None  # Prometheus metrics on this port (needs prometheus-client); None: off
+    aggregation: str = "fedavg"  # a name in robust.AGGREGATIONS, with its parameters below
+    trim_fraction: float = 0.1
+    clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
             raise ValueError("--rounds, --min-clients and --steps-per-round must be at least 1")
-        if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0:
-            raise ValueError("--round-deadline and the Hello timeout must be positive")
+        if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0 or not self.send_timeout_s > 0:
+            raise ValueError("--round-deadline, --send-timeout and the Hello timeout must be positive")
         if self.max_pending_hellos < 1:
             raise ValueError("--max-pending-hellos must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -66,6 +72,9 @@ class ServerConfig:
             raise ValueError(f"--batch-window-ms must be between 0 and 10000, got {self.batch_window_ms}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
+        self.aggregation_rule()  # raises on an unknown rule or a parameter out of range
+        if self.aggregation != "fedavg" and self.framework == "kd":
+            raise ValueError("--aggregation applies to the split and fedllm frameworks; kd averages probabilities")
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
@@ -80,7 +89,11 @@ class ServerConfig:
             kd_top_k=self.kd_top_k,
             device=self.device,
             dtype=self.dtype,
+            aggregation=self.aggregation_rule(),
         )
+
+    def aggregation_rule(self) -> AggregationRule:
+        return AggregationRule(self.aggregation, self.trim_fraction, self.clip_norm)
 
     def session_settings(self, manifest: Manifest) -> dict[str, object]:
         """What every Welcome tells a client, whatever the framework (the strategy adds its own)."""

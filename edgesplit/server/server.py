@@ -55,8 +55,12 @@ from edgesplit.server.strategies import (
 from edgesplit.server.transport import (
     CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
+    MAX_QUEUE,
+    WRITE_BUFFER_SLACK_BYTES,
     Connection,
     RefusalLog,
+    aborted_because,
+    bounded_connection,
     on_sighup,
     peer_text,
     read_tokens,
@@ -195,6 +199,11 @@ class Server:
             compression=None,  # tensors do not deflate; compressing them costs CPU for nothing
             ping_interval=20,
             ping_timeout=120,  # a Raspberry Pi may be busy for seconds in a step; pings are answered anyway
+            max_queue=MAX_QUEUE,
+            # A peer that never reads (pings answered into a full buffer, a send that never drains) is aborted.
+            create_connection=bounded_connection(
+                self.max_frame_bytes() + WRITE_BUFFER_SLACK_BYTES, self.config.send_timeout_s
+            ),
             ssl=self.ssl_context,
         ) as websocket_server:
             port = websocket_server.sockets[0].getsockname()[1]
@@ -304,6 +313,7 @@ class Server:
         except Exception as error:  # the connection's end: the server itself carries on
             closed = type(error).__name__.startswith("ConnectionClosed")
             text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
+            text = aborted_because(error) or text
             print(f"[server] {connection.client_id}: {text}", flush=True)
         finally:
             del self.connections[connection.number]

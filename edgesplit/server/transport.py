@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.server import ServerConnection
+
 from edgesplit.client.protocol import MAGIC, Error, Kind, Message, Role, Session, State, Wire, encode, kind_may_come
 from edgesplit.errors import EdgesplitError, ProtocolError
 from edgesplit.server.round_events import Action
@@ -31,6 +33,80 @@ CLOSE_REASON_MAX_BYTES = 123
 # Refusals printed per address in each window; the rest are counted and the count printed once.
 REFUSALS_LOGGED_PER_WINDOW = 30
 REFUSAL_WINDOW_S = 60.0
+# What the server has written to a peer and the peer has not read yet (pongs to its pings, a Gradients frame,
+# an Error) may be at most the largest frame the server sends plus this; past it the connection is aborted.
+# A peer that sends pings and never reads would otherwise grow the server's memory by every pong.
+WRITE_BUFFER_SLACK_BYTES = 1 << 20
+# The longest a peer may leave the server's writes unread (the write buffer above websockets' write_limit)
+# before the connection is aborted; `edgesplit serve --send-timeout` changes it. A Gradients frame of a few
+# MB crosses a link of 1 Mbit/s in well under this.
+SEND_TIMEOUT_S = 60.0
+# Incoming messages buffered per connection before websockets stops reading it. The protocol is one request,
+# one answer: an honest client has at most one message waiting, and 16 activation-sized frames would be a lot
+# of memory to hold for one peer.
+MAX_QUEUE = 4
+
+
+class WriteStalled(ConnectionError):
+    """Why a connection was aborted: its peer does not read what the server writes."""
+
+
+class BoundedConnection(ServerConnection):
+    """websockets' server connection with the write side bounded: its sans-I/O protocol answers every ping
+    with a pong written straight to the transport, whatever the peer has left unread, and a send waits for
+    the peer to read without limit. Here the connection is aborted (the transport closed, no close
+    handshake) when its write buffer passes `write_buffer_max_bytes`, or when writing has been paused
+    (the buffer above the write limit) for `send_timeout_s`. Subclass it through `bounded_connection`."""
+
+    write_buffer_max_bytes = 0
+    send_timeout_s = SEND_TIMEOUT_S
+    _stalled: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # may queue automatic replies: pongs, a close
+        unread, limit = self.transport.get_write_buffer_size(), self.write_buffer_max_bytes
+        if limit and unread > limit:
+            self.abort_unread(f"{unread:,} bytes written to it unread, past the limit of {limit:,}")
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        why = f"it left what the server wrote unread for {self.send_timeout_s:g} s"
+        self._stalled = self.loop.call_later(self.send_timeout_s, self.abort_unread, why)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_stall()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall()
+        super().connection_lost(exc)
+
+    def abort_unread(self, why: str) -> None:
+        """Close the transport now, dropping what it holds; recv and send then raise ConnectionClosed, whose
+        __cause__ is a WriteStalled saying why."""
+        self._cancel_stall()
+        self.set_connection_exc(WriteStalled(f"aborted: {why}"))
+        self.transport.abort()
+
+    def _cancel_stall(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+
+def bounded_connection(write_buffer_max_bytes: int, send_timeout_s: float) -> type[BoundedConnection]:
+    """The connection class for websockets' serve(create_connection=...), with these bounds."""
+    return type(
+        "ServerBoundedConnection",
+        (BoundedConnection,),
+        {"write_buffer_max_bytes": write_buffer_max_bytes, "send_timeout_s": send_timeout_s},
+    )
+
+
+def aborted_because(error: BaseException) -> str | None:
+    """The reason a connection was aborted for not reading, if `error` (its ConnectionClosed) says one."""
+    cause = error.__cause__
+    return str(cause) if isinstance(cause, WriteStalled) else None
 
 
 def peer_text(value: object, limit: int = PEER_TEXT_MAX_CHARS) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from edgesplit.client.data import EncodedSet, encode_examples, load_tokenizer, read_jsonl
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError, DataError
+from edgesplit.server.robust import AggregationRule
 
 Arrays = dict[str, np.ndarray]
 # A round's accepted updates as aggregation sees them: (tensors, number of samples) per client.
@@ -60,6 +61,7 @@ class StrategyOptions:
     kd_top_k: int = 16
     device: str = "cpu"  # where the server's tail runs, and the precision of its frozen weights (placement.py)
     dtype: str = "fp32"
+    aggregation: AggregationRule = AggregationRule()  # how split and fedllm combine the clients' adapters
 
     def __post_init__(self) -> None:
         if self.eval_batches < 1:

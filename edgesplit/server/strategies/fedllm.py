@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesplit.server.aggregate import fedavg
+from edgesplit.server.robust import FEDAVG, AggregationRule
 from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates
 from edgesplit.server.strategies.whole_model import (
     evaluate_whole_model,
@@ -26,15 +26,22 @@ class FedLlmStrategy:
 
     name = "fedllm"
 
-    def __init__(self, artifacts: Path, eval_data: Path | None, eval_batches: int) -> None:
+    def __init__(
+        self,
+        artifacts: Path,
+        eval_data: Path | None,
+        eval_batches: int,
+        aggregation: AggregationRule = FEDAVG,
+    ) -> None:
         self.head = load_whole_model_head(artifacts, self.name)
+        self.aggregation = aggregation
         self.global_adapters: Arrays = self.head.initial_adapters()
         self.eval_set = load_eval_set(self.head, eval_data)
         self.eval_batches = eval_batches
 
     @classmethod
     def from_options(cls, options: StrategyOptions) -> FedLlmStrategy:
-        return cls(options.artifacts, options.eval_data, options.eval_batches)
+        return cls(options.artifacts, options.eval_data, options.eval_batches, options.aggregation)
 
     def settings(self) -> dict[str, object]:
         return {}
@@ -52,7 +59,7 @@ class FedLlmStrategy:
         self.head.check_adapters(tensors)
 
     def aggregate(self, updates: Updates) -> Arrays:
-        self.global_adapters = fedavg(updates)
+        self.global_adapters = self.aggregation.aggregate(updates, self.global_adapters)
         return self.global_adapters
 
     def evaluate(self) -> float | None:

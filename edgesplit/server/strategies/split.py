@@ -22,7 +22,7 @@ from edgesplit.client.artifacts import device_artifacts, load_manifest
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError, TrainingError
 from edgesplit.lora_names import parse_adapter_name
-from edgesplit.server.aggregate import fedavg, fedavg_by_holder
+from edgesplit.server.aggregate import fedavg_by_holder
 from edgesplit.server.generate import eval_loss
 from edgesplit.server.guards import check_activation_scale
 from edgesplit.server.strategies.base import Arrays, StepOutcome, StrategyOptions, TailState, Updates, encode_eval_file
@@ -58,6 +58,12 @@ class SplitStrategy:
             dtype=options.dtype,
         )
         self.mixed = bool(self.manifest.cuts)
+        if self.mixed and options.aggregation.name != "fedavg":
+            raise ArtifactError(
+                f"--aggregation {options.aggregation.name} is not available for a mixed-cut export yet: its "
+                "adapters are averaged per layer over whoever trained them (docs/mixed-cuts.md); serve it with "
+                "--aggregation fedavg, or export one cut"
+            )
         self.global_adapters: Arrays = self.head.initial_adapters()
         if self.mixed:
             # Layers [c_min, c_max) are the tail's too: their global value starts as the tail's, so that a
@@ -66,6 +72,7 @@ class SplitStrategy:
             self.global_adapters.update(adapters_below(self.tail.lora_state(), deepest))
         self.eval_set = encode_eval_file(self.head, options.eval_data) if options.eval_data else None
         self.eval_batches = options.eval_batches
+        self.aggregation = options.aggregation
 
     def settings(self) -> dict[str, object]:
         return {}  # the common settings say all a split client needs
@@ -138,7 +145,7 @@ class SplitStrategy:
 
     def aggregate(self, updates: Updates) -> Arrays:
         if not self.mixed:
-            self.global_adapters = fedavg(updates)
+            self.global_adapters = self.aggregation.aggregate(updates, self.global_adapters)  # fedavg by default
             return self.global_adapters
         # Per adapter over whoever trained it: the devices that hold it and, for the layers the tail also
         # holds, the tail (for the devices whose cut is at or below that layer). The result goes back into

@@ -1,0 +1,202 @@
+"""Peers that send pings and never read, against one server on loopback while an honest client trains: the
+server's memory over time, how soon each flooding connection is aborted, and the honest client's step time
+before and during the flood. Prints one JSON object.
+
+    python bench/flood.py [--flooders 4] [--flood-seconds 20] [--steps 200] [--send-timeout 60]
+                          [--work-dir DIR]
+
+- The model is the tests' tiny random Llama, exported once into the work directory (as bench/load.py does):
+  this measures the transport, not a model.
+- One `edgesplit serve` process and one `edgesplit client` process (1 round of --steps steps). Once the client
+  has taken 5 steps, --flooders raw sockets open a websocket each, say nothing, shrink their receive buffer
+  to 4 KiB, and send 125-byte pings as fast as they can without ever reading. A flooder whose connection the
+  server aborts opens a new one at once, until --flood-seconds have passed.
+- Reported: the server's RSS every 0.5 s (MB, seconds since the flood began), each connection's seconds from
+  open to abort, and the honest client's median step time (its metrics' phases summed) before and during.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import free_port, serve_command
+from load import ensure_artifacts, write_data
+
+from edgesplit.server.orchestrate import ClientCommand, command_line
+
+REPO = Path(__file__).resolve().parent.parent
+PINGS = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 500  # masked with a zero key, as a client must mask
+
+
+def flood(port: int, until: float, aborted_after: list[float]) -> None:
+    """Open a websocket, flood pings, never read; when the server aborts it, record when and open another."""
+    while time.monotonic() < until:
+        opened = time.monotonic()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.connect(("127.0.0.1", port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(1024)
+            sock.settimeout(1.0)
+            opened = time.monotonic()
+            while time.monotonic() < until:
+                try:
+                    sock.sendall(PINGS)
+                except TimeoutError:
+                    continue
+            return  # the flood is over and this connection was never aborted
+        except OSError:
+            aborted_after.append(round(time.monotonic() - opened, 2))
+        finally:
+            sock.close()
+
+
+def step_seconds(metrics: Path) -> list[tuple[float, float]]:
+    """(wall time, seconds) of each of the client's steps."""
+    steps = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "step":
+            steps.append((record["time"], sum(record["seconds"].values())))
+    return steps
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psutil
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flooders", type=int, default=4)
+    parser.add_argument("--flood-seconds", type=float, default=20.0)
+    parser.add_argument("--steps", type=int, default=200, help="the honest client's steps (one round)")
+    parser.add_argument("--send-timeout", type=float, default=60.0, help="the server's --send-timeout")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-flood")
+    args = parser.parse_args(argv)
+    if not 1 <= args.flooders <= 64 or not 0 < args.flood_seconds <= 300 or not 10 <= args.steps <= 500:
+        parser.error("--flooders 1-64, --flood-seconds up to 300, --steps 10-500")
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in ("server.jsonl", "client.jsonl"):
+        (work / stale).unlink(missing_ok=True)
+    shutil.rmtree(work / "data", ignore_errors=True)
+    (work / "data").mkdir()
+    artifacts = ensure_artifacts(work)
+    write_data(work / "data" / "honest.jsonl", seed=0, count=64)
+
+    port = free_port()
+    extra = ["--threads", "1", "--send-timeout", str(args.send_timeout)]
+    server = subprocess.Popen(
+        serve_command(artifacts, port, work / "server.jsonl", steps=args.steps, extra=extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    client_metrics = work / "client.jsonl"
+    client = subprocess.Popen(
+        command_line(
+            ClientCommand(
+                server=f"ws://127.0.0.1:{port}",
+                artifacts=artifacts,
+                data=work / "data" / "honest.jsonl",
+                client_id="honest",
+                metrics_out=client_metrics,
+                threads=1,
+                connect_timeout_s=120.0,
+            )
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    memory = psutil.Process(server.pid)
+    try:
+        deadline = time.monotonic() + 300
+        while not (client_metrics.exists() and len(step_seconds(client_metrics)) >= 5):
+            if time.monotonic() > deadline or client.poll() is not None:
+                raise RuntimeError("the honest client did not take 5 steps")
+            time.sleep(0.2)
+        rss_before = memory.memory_info().rss / 2**20
+        flood_began, flood_began_wall = time.monotonic(), time.time()
+        until = flood_began + args.flood_seconds
+        aborted_after: list[float] = []
+        threads = [threading.Thread(target=flood, args=(port, until, aborted_after)) for _ in range(args.flooders)]
+        for thread in threads:
+            thread.start()
+        rss: list[tuple[float, float]] = []
+        while time.monotonic() < until:
+            rss.append((round(time.monotonic() - flood_began, 1), round(memory.memory_info().rss / 2**20, 1)))
+            time.sleep(0.5)
+        for thread in threads:
+            thread.join()
+        flood_ended_wall = time.time()
+        client_code = client.wait(600)
+        server_output = server.communicate(timeout=120)[0]
+    finally:
+        for process in (client, server):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    steps = step_seconds(client_metrics)
+    before = [s for t, s in steps if t < flood_began_wall]
+    during = [s for t, s in steps if flood_began_wall <= t <= flood_ended_wall]
+    report = {
+        "flooders": args.flooders,
+        "flood_seconds": args.flood_seconds,
+        "send_timeout_s": args.send_timeout,
+        "server_rss_mb_before_flood": round(rss_before, 1),
+        "server_rss_mb_peak_during_flood": max(mb for _, mb in rss),
+        "server_rss_mb_over_time": rss,
+        "connections_aborted": len(aborted_after),
+        "seconds_to_abort": {
+            "median": statistics.median(aborted_after) if aborted_after else None,
+            "max": max(aborted_after, default=None),
+        },
+        "honest_step_ms_median_before": round(statistics.median(before) * 1e3, 1) if before else None,
+        "honest_step_ms_median_during": round(statistics.median(during) * 1e3, 1) if during else None,
+        "honest_steps_before_during": [len(before), len(during)],
+        "honest_client_exit": client_code,
+        "server_exit": server.returncode,
+        "server_abort_lines": sum("aborted: " in line for line in server_output.splitlines()),
+        "machine": machine(),
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if client_code == 0 and server.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
