@@ -41,6 +41,7 @@ from edgesplit.server import round_events as events
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
+from edgesplit.server.progress import StepProgress
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
@@ -53,7 +54,6 @@ from edgesplit.server.transport import (
     CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
     MAX_QUEUE,
-    WRITE_BUFFER_SLACK_BYTES,
     Connection,
     RefusalLog,
     aborted_because,
@@ -116,6 +116,7 @@ class Server:
         round_index, last_eval_loss = self._resume()
         rules = config.round_rules(self.manifest.manifest_hash, PROTOCOL_VERSION)
         self.engine = RoundEngine(rules, round_index, last_eval_loss)
+        self.progress = StepProgress(config.rounds, config.steps_per_round, config.min_clients, round_index)
         # What a Welcome and a RoundResult carry, as of the last closed round (a KD RoundResult: the
         # averaged top-k logits; the others: the global adapters). Replaced when a round counts as closed.
         self.welcome_tensors: Arrays = self.strategy.welcome_tensors()
@@ -188,9 +189,7 @@ class Server:
             ping_timeout=120,  # a Raspberry Pi may be busy for seconds in a step; pings are answered anyway
             max_queue=MAX_QUEUE,
             # A peer that never reads (pings answered into a full buffer, a send that never drains) is aborted.
-            create_connection=bounded_connection(
-                self.max_frame_bytes() + WRITE_BUFFER_SLACK_BYTES, self.config.send_timeout_s
-            ),
+            create_connection=bounded_connection(self.max_frame_bytes(), self.config.send_timeout_s),
             ssl=self.ssl_context,
         ) as websocket_server:
             port = websocket_server.sockets[0].getsockname()[1]
@@ -225,6 +224,7 @@ class Server:
                 connection.actions.put_nowait(None)
             deadline_task.cancel()
         self.worker.close()
+        self.progress.close()
         self.metrics.write(
             "finished",
             round=self.round,
@@ -284,8 +284,9 @@ class Server:
         except Exception as error:  # the connection's end: the server itself carries on
             closed = type(error).__name__.startswith("ConnectionClosed")
             text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
-            text = aborted_because(error) or text
-            print(f"[server] {connection.client_id}: {text}", flush=True)
+            aborted = aborted_because(error)
+            if aborted is None or self._refusal_logged(connection):  # aborts, like refusals: rate-limited
+                print(f"[server] {connection.client_id}: {aborted or text}", flush=True)
         finally:
             del self.connections[connection.number]
             self._dispatch(events.ClientLeft(connection.number))
@@ -390,6 +391,7 @@ class Server:
             raise result.error
         step = result.unwrap() if end is StepEnd.TAKEN else None
         if step is not None:
+            self.progress.step(message.round, connection.client_id, step.loss)
             self.metrics.write(
                 "step",
                 client_id=connection.client_id,
@@ -477,6 +479,7 @@ class Server:
             client_metrics={update.client_id: dict(update.metrics) for update in action.updates},
         )
         eval_text = "" if action.eval_loss is None else f", eval loss {action.eval_loss:.4f}"
+        self.progress.round_closed(action.round + 1)
         print(
             f"[server] round {action.round + 1}/{self.config.rounds} closed with {len(clients)} clients "
             f"({', '.join(clients)}){eval_text}",
