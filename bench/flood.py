@@ -2,7 +2,7 @@
 server's memory over time, how soon each flooding connection is aborted, and the honest client's step time
 before and during the flood. Prints one JSON object.
 
-    python bench/flood.py [--flooders 4] [--flood-seconds 20] [--steps 200] [--send-timeout 60]
+    python bench/flood.py [--flooders 4] [--flood-seconds 20] [--steps 120] [--send-timeout 60]
                           [--work-dir DIR]
 
 - The model is the tests' tiny random Llama, exported once into the work directory (as bench/load.py does):
@@ -47,6 +47,7 @@ def flood(port: int, until: float, aborted_after: list[float]) -> None:
         opened = time.monotonic()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5.0)
         try:
             sock.connect(("127.0.0.1", port))
             key = base64.b64encode(os.urandom(16)).decode()
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flooders", type=int, default=4)
     parser.add_argument("--flood-seconds", type=float, default=20.0)
-    parser.add_argument("--steps", type=int, default=200, help="the honest client's steps (one round)")
+    parser.add_argument("--steps", type=int, default=120, help="the honest client's steps (one round)")
     parser.add_argument("--send-timeout", type=float, default=60.0, help="the server's --send-timeout")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-flood")
     args = parser.parse_args(argv)
@@ -119,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     extra = ["--threads", "1", "--send-timeout", str(args.send_timeout)]
+    server_log = (work / "server.log").open("w")  # a pipe left unread would block the server's prints
     server = subprocess.Popen(
         serve_command(artifacts, port, work / "server.jsonl", steps=args.steps, extra=extra),
-        stdout=subprocess.PIPE,
+        stdout=server_log,
         stderr=subprocess.STDOUT,
-        text=True,
         cwd=REPO,
     )
     client_metrics = work / "client.jsonl"
@@ -165,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             thread.join()
         flood_ended_wall = time.time()
         client_code = client.wait(600)
-        server_output = server.communicate(timeout=120)[0]
+        server.wait(120)
     finally:
         for process in (client, server):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        server_log.close()
+    server_output = (work / "server.log").read_text()
     steps = step_seconds(client_metrics)
     before = [s for t, s in steps if t < flood_began_wall]
     during = [s for t, s in steps if flood_began_wall <= t <= flood_ended_wall]

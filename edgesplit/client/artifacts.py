@@ -427,8 +427,8 @@ def load_manifest(artifact_dir: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         manifest = Manifest.from_json(raw)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{path} is malformed ({error!r}): export the artifacts again") from error
+    except (ValueError, KeyError, TypeError, OverflowError) as error:  # OverflowError: 1e999 read as an int
+        raise ArtifactError(f"{path} is malformed ({error}): export the artifacts again") from error
     if verify:
         verify_files(root, manifest)
     return manifest

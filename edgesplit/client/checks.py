@@ -3,15 +3,20 @@ of the training data the export's token window holds. numpy and the protocol's m
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edgesplit.client.artifacts import Manifest
 from edgesplit.client.data import EncodedSet
 from edgesplit.client.protocol import PROTOCOL_VERSION, Hello
-from edgesplit.errors import DataError, EdgesplitError, ProtocolError
+from edgesplit.errors import ArtifactError, DataError, EdgesplitError, ProtocolError
 
+# One step's activations (batch x tokens x hidden, float32) past this are no edge device's batch: a manifest
+# asking for more is refused before anything is allocated for it.
+MAX_STEP_ACTIVATION_BYTES = 1 << 30
 SERVER_FORM = "ws://HOST:PORT (wss://HOST:PORT for TLS), e.g. ws://192.168.1.20:8765"
 _NOT_IN_CLIENT_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -85,3 +90,27 @@ def check_token_window(data: Path, encoded: EncodedSet, client_id: str) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def check_manifest_shapes(manifest: Manifest, where: Path) -> None:
+    """Refuse a manifest whose shapes the head was not traced for, or whose batch no device could hold,
+    before any batch is made: a batch_size of 10**12 would otherwise grow the client's memory until the
+    system kills it."""
+    batch, tokens = manifest.batch_size, manifest.max_seq_len
+    if batch < 1 or tokens < 1:
+        raise ArtifactError(f"{where}: batch_size {batch} and max_seq_len {tokens} must be at least 1; export again")
+    traced = next((spec.shape for spec in manifest.head_inputs if spec.name == "input_ids"), None)
+    if traced is not None and all(isinstance(size, int) for size in traced) and tuple(traced) != (batch, tokens):
+        raise ArtifactError(
+            f"{where}: batch_size {batch} x max_seq_len {tokens}, but the head's graph is traced for "
+            f"{traced[0]} x {traced[1]}: the manifest was edited; copy it again from the export"
+        )
+    step_bytes = batch * tokens * manifest.hidden_size * 4
+    if step_bytes > MAX_STEP_ACTIVATION_BYTES:
+        raise ArtifactError(
+            f"{where}: one step of batch_size {batch} x max_seq_len {tokens} would carry {step_bytes / 2**30:,.1f} "
+            f"GiB of activations, past the {MAX_STEP_ACTIVATION_BYTES / 2**30:g} GiB an edge device can: "
+            "export again with a smaller --batch-size or --max-seq-len"
+        )
+    if not math.isfinite(manifest.lora.alpha) or manifest.lora.rank < 1:
+        raise ArtifactError(f"{where}: lora rank {manifest.lora.rank} and alpha {manifest.lora.alpha} are not usable")

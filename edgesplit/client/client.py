@@ -199,6 +199,12 @@ class Client:
                     self.log(f"the server is busy ({refusal.reason}); retrying in {delay:.1f} s")
                     await asyncio.sleep(delay)
                     continue
+                if refusal.code == "replaced":  # this process never left: another one took its id
+                    raise EdgesplitError(
+                        f"another process connected as client id {self.config.client_id!r}, and the server closed "
+                        "this one; two devices must not share an id: give each its own --client-id (with tokens, "
+                        "someone else holds this client's token)"
+                    ) from refusal
                 if refusal.code != "finished":
                     raise
                 # The run ended while this client was mid-round (a straggler) or away: its part is done.

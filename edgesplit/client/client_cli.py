@@ -7,7 +7,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from edgesplit.client.checks import SERVER_FORM, check_client_id, check_server_url
+from edgesplit.client.checks import SERVER_FORM, check_client_id, check_manifest_shapes, check_server_url
 from edgesplit.client.client import ClientConfig, main_summary, run_client
 from edgesplit.errors import EdgesplitError
 
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgesplit.client.artifacts import load_manifest
 
     manifest = load_manifest(artifacts, verify=False)
+    check_manifest_shapes(manifest, artifacts / "manifest.json")
     for flag, value, expected in (
         ("--batch-size", args.batch_size, manifest.batch_size),
         ("--max-seq-len", args.max_seq_len, manifest.max_seq_len),

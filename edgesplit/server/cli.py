@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if config.framework == "split":  # the frameworks that train on the device have no tail to place
         print(f"[server] the tail runs on {choose_placement(config.device, config.dtype).describe()}", flush=True)
     server = run_server(config)
-    loss = server.last_eval_loss
-    print(f"[server] finished {server.round} rounds; final eval loss {'n/a' if loss is None else f'{loss:.4f}'}")
+    print(finished_line(server.round, server.last_eval_loss))
     return 0
+
+
+def finished_line(rounds: int, eval_loss: float | None) -> str:
+    """The last line of a run: the loss to 4 decimals (a float's 16 say nothing more), or n/a without eval data."""
+    return f"[server] finished {rounds} rounds; final eval loss {'n/a' if eval_loss is None else f'{eval_loss:.4f}'}"
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ class ServerConfig:
             raise ValueError("--rounds, --min-clients and --steps-per-round must be at least 1")
         if not self.round_deadline_s > 0 or not self.hello_timeout_s > 0 or not self.send_timeout_s > 0:
             raise ValueError("--round-deadline, --send-timeout and the Hello timeout must be positive")
+        if not all(math.isfinite(value) for value in (self.learning_rate, self.weight_decay)):
+            raise ValueError("--learning-rate and --weight-decay must be finite numbers")  # 1e999 reads as inf
         if self.max_pending_hellos < 1:
             raise ValueError("--max-pending-hellos must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):

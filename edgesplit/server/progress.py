@@ -1,5 +1,6 @@
-"""What a long run tells the person watching it: training progress read from server.jsonl as the server
-writes it (`Progress`), and a child's elapsed time with its log's latest line while it works (`LogTicker`:
+"""What a long run tells the person watching it: `edgesplit serve`'s own steps as it takes them
+(`StepProgress`), training progress read from server.jsonl as the server writes it (`Progress`), and a
+child's elapsed time with its log's latest line while it works (`LogTicker`:
 an export, with a first-use download's progress); and, before `edgesplit compare` starts, a rough estimate
 of how long it will take."""
 
@@ -10,6 +11,71 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+
+class StepProgress:
+    """`edgesplit serve`'s training steps as the tail takes them, so that a round of minutes is not minutes of
+    silence. On a terminal, a live bar for the round (steps against min-clients x steps-per-round, the rate,
+    each client's latest loss); elsewhere (a pipe, a service's journal) a line at a round's first step and then
+    one every `quiet_s` seconds."""
+
+    def __init__(
+        self,
+        rounds: int,
+        steps_per_round: int,
+        min_clients: int,
+        first_round: int = 0,
+        say: Callable[[str], None] | None = None,
+        quiet_s: float = 15.0,
+    ) -> None:
+        from tqdm import tqdm
+
+        self.rounds = rounds
+        self.expected = steps_per_round * min_clients
+        self.say = say or _print_now
+        self.quiet_s = quiet_s
+        self.round = first_round
+        self.steps = 0
+        self.losses: dict[str, float] = {}
+        self.started = self.last_said = time.monotonic()
+        # disable=None: tqdm draws only on a terminal; a pipe would collect its redraws as garbage.
+        self.bar = tqdm(total=self.expected, desc=self._label(), unit="step", disable=None, leave=False)
+
+    def _label(self) -> str:
+        return f"[server] round {self.round + 1}/{self.rounds}"
+
+    def _losses(self) -> str:
+        return ", ".join(f"{client} {loss:.3f}" for client, loss in sorted(self.losses.items())[:8])
+
+    def step(self, round_index: int, client_id: str, loss: float) -> None:
+        if round_index != self.round:
+            self.round_closed(round_index)
+        self.steps += 1
+        self.losses[client_id] = loss
+        if not self.bar.disable:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {self._losses()}", refresh=False)
+            return
+        now = time.monotonic()
+        if self.steps == 1 or now - self.last_said >= self.quiet_s:
+            self.say(
+                f"{self._label()}: {self.steps} of about {self.expected} steps, {now - self.started:.0f} s; "
+                f"loss {self._losses()}"
+            )
+            self.last_said = now
+
+    def round_closed(self, next_round: int) -> None:
+        self.round, self.steps, self.losses = next_round, 0, {}
+        self.started = self.last_said = time.monotonic()
+        self.bar.reset(total=self.expected)
+        self.bar.set_description_str(self._label(), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 class Progress:

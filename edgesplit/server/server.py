@@ -43,6 +43,7 @@ from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial,
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
 from edgesplit.server.metrics import MetricsEndpoint, RoundProgress, StepTimes, round_progress
+from edgesplit.server.progress import StepProgress
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
@@ -56,7 +57,6 @@ from edgesplit.server.transport import (
     CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
     MAX_QUEUE,
-    WRITE_BUFFER_SLACK_BYTES,
     Connection,
     RefusalLog,
     aborted_because,
@@ -124,6 +124,7 @@ class Server:
         round_index, last_eval_loss = self._resume()
         rules = config.round_rules(self.manifest.manifest_hash, PROTOCOL_VERSION)
         self.engine = RoundEngine(rules, round_index, last_eval_loss)
+        self.progress = StepProgress(config.rounds, config.steps_per_round, config.min_clients, round_index)
         # What a Welcome and a RoundResult carry, as of the last closed round (a KD RoundResult: the
         # averaged top-k logits; the others: the global adapters). Replaced when a round counts as closed.
         self.welcome_tensors: Arrays = self.strategy.welcome_tensors()
@@ -132,7 +133,7 @@ class Server:
         self._eval_seconds: dict[int, float] = {}  # round -> the server's evaluation of it, in seconds
         # For --metrics-port: the steps' times summed, and the round's progress as of the last event.
         self.step_times = StepTimes()
-        self.progress = RoundProgress(rounds_total=config.rounds)
+        self.round_snapshot = RoundProgress(rounds_total=config.rounds)
         self.metrics_endpoint: MetricsEndpoint | None = None
         if self.engine.finished:
             self.finished.set()
@@ -201,9 +202,7 @@ class Server:
             ping_timeout=120,  # a Raspberry Pi may be busy for seconds in a step; pings are answered anyway
             max_queue=MAX_QUEUE,
             # A peer that never reads (pings answered into a full buffer, a send that never drains) is aborted.
-            create_connection=bounded_connection(
-                self.max_frame_bytes() + WRITE_BUFFER_SLACK_BYTES, self.config.send_timeout_s
-            ),
+            create_connection=bounded_connection(self.max_frame_bytes(), self.config.send_timeout_s),
             ssl=self.ssl_context,
         ) as websocket_server:
             port = websocket_server.sockets[0].getsockname()[1]
@@ -225,7 +224,7 @@ class Server:
                     config.metrics_port,
                     self.worker.stats,
                     self.worker.queue_depth,
-                    lambda: self.progress,
+                    lambda: self.round_snapshot,
                     self.step_times,
                 )
                 where = f"http://{config.host}:{self.metrics_endpoint.port}/metrics"
@@ -251,6 +250,7 @@ class Server:
         self.worker.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
+        self.progress.close()
         self.metrics.write(
             "finished",
             round=self.round,
@@ -313,8 +313,9 @@ class Server:
         except Exception as error:  # the connection's end: the server itself carries on
             closed = type(error).__name__.startswith("ConnectionClosed")
             text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
-            text = aborted_because(error) or text
-            print(f"[server] {connection.client_id}: {text}", flush=True)
+            aborted = aborted_because(error)
+            if aborted is None or self._refusal_logged(connection):  # aborts, like refusals: rate-limited
+                print(f"[server] {connection.client_id}: {aborted or text}", flush=True)
         finally:
             del self.connections[connection.number]
             self._cuts.pop(connection.number, None)
@@ -417,7 +418,7 @@ class Server:
                 self._round_closed(action)
             elif isinstance(action, events.Finish):
                 self.finished.set()
-        self.progress = round_progress(self.engine.state, self.config.rounds)
+        self.round_snapshot = round_progress(self.engine.state, self.config.rounds)
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
         cut = self._cuts.get(connection.number)
@@ -442,6 +443,7 @@ class Server:
         if step is not None:
             self.step_times.queue_seconds += result.queue_seconds
             self.step_times.compute_seconds += result.compute_seconds
+            self.progress.step(message.round, connection.client_id, step.loss)
             self.metrics.write(
                 "step",
                 client_id=connection.client_id,
@@ -552,6 +554,7 @@ class Server:
             cut_layers=self._update_cuts(action),
         )
         eval_text = "" if action.eval_loss is None else f", eval loss {action.eval_loss:.4f}"
+        self.progress.round_closed(action.round + 1)
         print(
             f"[server] round {action.round + 1}/{self.config.rounds} closed with {len(clients)} clients "
             f"({', '.join(clients)}){eval_text}",

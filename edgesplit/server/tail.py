@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,12 @@ def load_tail_model(
         lora_dropout=0.0,
         fan_in_fan_out=family.weight_is_in_out,
     )
-    return get_peft_model(tail, lora_config)
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel reads model.is_gradient_checkpointing, which transformers 5 deprecated: a
+        # FutureWarning at every serve and profile start that no edgesplit code can act on. The property
+        # still answers; only this one warning is silenced, only here.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(tail, lora_config)
 
 
 class Tail:

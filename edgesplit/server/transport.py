@@ -94,13 +94,11 @@ class BoundedConnection(ServerConnection):
             self._stalled = None
 
 
-def bounded_connection(write_buffer_max_bytes: int, send_timeout_s: float) -> type[BoundedConnection]:
-    """The connection class for websockets' serve(create_connection=...), with these bounds."""
-    return type(
-        "ServerBoundedConnection",
-        (BoundedConnection,),
-        {"write_buffer_max_bytes": write_buffer_max_bytes, "send_timeout_s": send_timeout_s},
-    )
+def bounded_connection(max_frame_bytes: int, send_timeout_s: float) -> type[BoundedConnection]:
+    """The connection class for websockets' serve(create_connection=...): unread output bounded to the
+    session's largest frame plus WRITE_BUFFER_SLACK_BYTES, and unread time to `send_timeout_s`."""
+    bounds = {"write_buffer_max_bytes": max_frame_bytes + WRITE_BUFFER_SLACK_BYTES, "send_timeout_s": send_timeout_s}
+    return type("ServerBoundedConnection", (BoundedConnection,), bounds)
 
 
 def aborted_because(error: BaseException) -> str | None:

@@ -80,3 +80,5 @@ def test_a_peer_that_floods_pings_and_never_reads_is_aborted(artifacts, tmp_path
     assert "aborted: " in server.output
     assert grown_mb < 64, grown_mb  # the tail's first steps included; unbounded pongs grew ~4 MB/s a peer
     assert "round 2/2 closed with 1 clients (honest)" in server.output
+    assert "[server] round 1/2: 1 of about 4 steps" in server.output  # serve's per-step progress, in a pipe
+    assert "FutureWarning" not in server.output
