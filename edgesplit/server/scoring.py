@@ -28,7 +28,7 @@ from edgesplit.client.data import load_tokenizer
 from edgesplit.errors import ArtifactError, ExportError
 from edgesplit.server.hf_generate import generate_ids
 
-DEFAULT_BATCH_SIZE = 16  # rows per generate call; bench/generate.py measured the choice on a 2-core CPU
+DEFAULT_BATCH_SIZE = 16  # rows per generate call, as bench/generate.py runs it (other sizes not measured)
 
 
 class AdapterGenerator:
