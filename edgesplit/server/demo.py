@@ -369,7 +369,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         # The server takes a while to load its tail; the untrained model is scored meanwhile.
         server_log = config.out / "logs" / "server.log"
         server = children.start("server", serve_command(config, artifacts, data), server_log)
-        say("scoring the untrained split model on the held-out prompts while the server starts")
+        say("scoring the untrained model on the held-out prompts while the server starts")
         scorer = Scorer(artifacts, config)
         eval_batches = math.ceil(len(data.eval_examples) / config.batch_size)
         # LoRA B starts at zero on both halves: the untrained split model is the base model itself.
