@@ -243,19 +243,24 @@ class Tail:
         inputs, mask, target = self._tensors(activations, attention_mask, labels)
         inputs.requires_grad_(train_head)
         loss = causal_lm_loss(self._logits(inputs, mask, from_layer), target)
+        grads = self._apply(loss, inputs, train_head, "step")
+        return float(loss.detach()), grads
+
+    def _apply(self, loss: torch.Tensor, inputs: torch.Tensor, train_head: bool, what: str) -> np.ndarray | None:
+        """Backward from `loss`, then one AdamW step unless the loss or a gradient is not finite (one step must
+        not poison the shared tail: TrainingError, nothing applied). Returns d loss / d inputs as numpy, or None
+        when the head is not trained."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-        # One step must not poison the shared tail: a loss or gradient that is not finite is not applied.
         gradients = [p.grad for p in [*self.adapters.values(), inputs] if p.grad is not None]
         if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in gradients):
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError("this step's loss or gradients are not finite; it was not applied")
+            raise TrainingError(f"this {what}'s loss or gradients are not finite; it was not applied")
         if self.optimizer is not None:
             self.optimizer.step()
-        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
-        return float(loss.detach()), grads
+        return inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
 
     def train_batch(
         self,
@@ -291,17 +296,7 @@ class Tail:
             raise TrainingError("a batched step has no target token: its loss is not defined; nothing was applied")
         total_tokens = sum(counts)
         loss = torch.stack(sums).sum() / total_tokens
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        gradients = [p.grad for p in [*self.adapters.values(), inputs] if p.grad is not None]
-        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in gradients):
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError("this batch's loss or gradients are not finite; it was not applied")
-        if self.optimizer is not None:
-            self.optimizer.step()
-        grads = inputs.grad.cpu().numpy() if train_head and inputs.grad is not None else None
+        grads = self._apply(loss, inputs, train_head, "batch")
         results: list[tuple[float, np.ndarray | None]] = []
         for (start, end), summed, count in zip(itertools.pairwise(bounds), sums, counts, strict=True):
             own = None if grads is None else grads[start:end] * np.float32(total_tokens / count)
