@@ -346,9 +346,14 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from edgesplit.client.cpu import choose_route, detect
+
+    features = detect()
     return {
         "cores": os.cpu_count(),
         "cpu_model": model,
+        "cpu_features": features.names(),  # what decides the int8 route (edgesplit/client/cpu.py)
+        "int8_route": choose_route(features).value,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

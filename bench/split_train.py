@@ -11,6 +11,9 @@
   what the int8 head's weights and its LoRA gradients (about 10% off fp32's, bench/head_step.py) cost in
   training. The tail is float32 in both.
 Bars (issue 4): split throughput >= 0.8x centralised; int8 wire's final eval loss within 2% of fp32's.
+int4 wire: at least 8x fewer bytes up than fp32 at no more than 1% higher eval loss.
+
+    python bench/split_train.py --steps 24 --wires fp32,int4 --no-baselines   # the wires alone, no PyTorch run
 Client and server share this machine's cores, as they would not in a deployment; they take turns (each
 waits for the other), so the split run's figure includes no contention beyond that.
 """
@@ -172,16 +175,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-lines", type=int, default=400)
     parser.add_argument("--eval-lines", type=int, default=64)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-split"))
+    parser.add_argument("--wires", default="fp32,fp16,int8,int4", help="wire formats to run; fp32 always runs")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the centralised run and the int8-head run (wires only)"
+    )
     args = parser.parse_args(argv)
+    wires = ["fp32", *(w.strip() for w in args.wires.split(",") if w.strip() and w.strip() != "fp32")]
+    if not args.no_baselines and "int8" not in wires:
+        wires.append("int8")  # the int8 bar needs it
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     artifacts = ensure_artifacts(work, args.cut_layer)
     train, test = write_subsets(work, args.train_lines, args.eval_lines)
-    split = {
-        wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate)
-        for wire in ("fp32", "fp16", "int8")
+    split = {wire: split_run(artifacts, train, test, wire, args.steps, work, args.learning_rate) for wire in wires}
+    fp32_loss = split["fp32"]["eval_loss_after"]
+    by_wire = {
+        wire: {
+            "bytes_up_fp32_over_this": split["fp32"]["bytes_up_per_step"] / run["bytes_up_per_step"],
+            "bytes_down_fp32_over_this": split["fp32"]["bytes_down_per_step"] / run["bytes_down_per_step"],
+            "eval_loss_relative_change": (run["eval_loss_after"] - fp32_loss) / fp32_loss,
+        }
+        for wire, run in split.items()
     }
+    bars: dict[str, bool] = {}
+    if "int4" in by_wire:
+        bars["int4_8x_fewer_bytes_up"] = by_wire["int4"]["bytes_up_fp32_over_this"] >= 8
+        bars["int4_eval_loss_at_most_1pct_higher"] = by_wire["int4"]["eval_loss_relative_change"] <= 0.01
+    common = {
+        "benchmark": "split_train",
+        "model": "smollm2-135m",
+        "cut_layer": args.cut_layer,
+        "steps": args.steps,
+        "machine": {
+            "cores": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_before": load_before,
+        },
+        "split": split,
+        "vs_fp32_wire": by_wire,
+    }
+    if args.no_baselines:
+        print(json.dumps(common | {"bars": bars, "wall_seconds": time.time() - started}, indent=2))
+        return 0
     int8_head = split_run(
         ensure_artifacts(work, args.cut_layer, "int8"),
         train,
@@ -194,21 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     central = centralized_run(artifacts, train, args.steps, args.learning_rate)
     ratio = split["fp32"]["tokens_per_second_median"] / central["tokens_per_second_median"]
-    fp32_loss = split["fp32"]["eval_loss_after"]
     int8_gap = abs(split["int8"]["eval_loss_after"] - fp32_loss) / fp32_loss
-    result = {
-        "benchmark": "split_train",
-        "model": "smollm2-135m",
-        "cut_layer": args.cut_layer,
-        "steps": args.steps,
-        "machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    result = common | {
         "centralized": central,
-        "split": split,
         "split_over_centralized_throughput": ratio,
         "int8_vs_fp32_eval_loss_relative_gap": int8_gap,
         "int8_head": int8_head,
         "int8_head_vs_fp32_head_eval_loss_relative_gap": abs(int8_head["eval_loss_after"] - fp32_loss) / fp32_loss,
-        "bars": {"throughput_at_least_0.8x": ratio >= 0.8, "int8_eval_loss_within_2pct": int8_gap <= 0.02},
+        "bars": bars | {"throughput_at_least_0.8x": ratio >= 0.8, "int8_eval_loss_within_2pct": int8_gap <= 0.02},
         "wall_seconds": time.time() - started,
     }
     print(json.dumps(result, indent=2))

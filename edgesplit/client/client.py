@@ -163,6 +163,10 @@ class Client:
             self.energy.stop()
         summary["seconds"] = time.perf_counter() - started
         summary["providers"] = self.head.providers
+        summary["cpu_features"] = self.head.cpu.names()
+        summary["head_route"] = self.head.route  # fp32 or int8-dot (edgesplit/client/cpu.py)
+        if self.head.route_note:
+            summary["head_route_note"] = self.head.route_note
         summary.update(self._resource_summary())
         self.metrics.write("summary", client_id=self.config.client_id, **summary)
         self.metrics.close()

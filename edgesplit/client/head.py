@@ -20,6 +20,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
+from edgesplit.client.cpu import CpuFeatures, Route, choose_route, detect
 from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
 from edgesplit.lora_names import GRADIENT_PREFIX
 
@@ -106,6 +107,24 @@ def _register_shared_arena() -> None:
     _shared_arena_registered = True
 
 
+def head_route(quantize: str, cpu: CpuFeatures) -> tuple[str, str]:
+    """What the head's frozen-weight products run as here, and a note when this CPU would suit another form.
+
+    An fp32 head runs in float32. An int8 head's MatMulNBits nodes run with int8 dot products (the accuracy
+    level the exporter wrote); ONNX Runtime cannot be told to dequantise them at load, so on a CPU without
+    integer dot products the note says to export the head without --quantize for this device.
+    """
+    if quantize != "int8":
+        return "fp32", ""
+    if choose_route(cpu) is Route.INT8_DOT:
+        return Route.INT8_DOT.value, ""
+    features = ", ".join(cpu.names()) or "none known"
+    return Route.INT8_DOT.value, (
+        f"this CPU ({cpu.arch}; {features}) has no int8 dot products (VNNI, AVX-VNNI, arm64 dot product or i8mm),"
+        " where an int8 head runs slower than an fp32 one: export the head without --quantize for this device"
+    )
+
+
 class Head:
     """Both head graphs of one artifact directory, ready to run."""
 
@@ -133,6 +152,8 @@ class Head:
         except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
             raise ArtifactError(f"ONNX Runtime cannot load the head in {self.root}: {error}") from error
         self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
+        self.cpu: CpuFeatures = detect()
+        self.route, self.route_note = head_route(self.manifest.quantize, self.cpu)
         self.output_names = [o.name for o in self.forward_session.get_outputs()]
         self.backward_inputs = [i.name for i in self.backward_session.get_inputs()] if self.backward_session else []
 

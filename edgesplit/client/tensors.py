@@ -31,6 +31,7 @@ class Wire(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"  # half the bytes; values beyond float16's +-65504 are refused rather than sent as inf
     INT8 = "int8"  # a quarter of the bytes, plus one float32 scale per row (per token, for activations)
+    INT4 = "int4"  # an eighth of the bytes (two values a byte), plus one float32 scale per row
 
 
 def is_int(value: object) -> TypeGuard[int]:
@@ -72,7 +73,7 @@ class TensorHeader:
             raise ProtocolError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r:.40}", CLOSE_UNSUPPORTED_DATA)
         if (self.dtype == "float32") != (self.wire is not None):
             raise ProtocolError(
-                f"tensor {self.name!r}: float32 tensors travel as fp32, fp16 or int8 and other dtypes raw,"
+                f"tensor {self.name!r}: float32 tensors travel as fp32, fp16, int8 or int4 and other dtypes raw,"
                 f" got {self.dtype} as {self.wire_name}",
                 CLOSE_UNSUPPORTED_DATA,
             )
@@ -135,6 +136,8 @@ def _payload_nbytes(shape: Sequence[int], dtype: str, wire: Wire | None) -> int:
         return 4 * count
     if wire is Wire.FP16:
         return 2 * count
+    if wire is Wire.INT4:
+        return 4 * math.prod(shape[:-1]) + (count + 1) // 2  # scales, then two 4-bit codes a byte
     return 4 * math.prod(shape[:-1]) + count  # one float32 scale per row, then one int8 per value
 
 
@@ -155,6 +158,31 @@ def tensor_nbytes_on_wire(shape: Sequence[int], dtype: npt.DTypeLike, wire: Wire
 def _rows(shape: Sequence[int]) -> tuple[int, int]:
     """int8 quantises along the last axis: (number of rows, row length); a 0-d tensor is one row of one."""
     return math.prod(shape[:-1]), (shape[-1] if shape else 1)
+
+
+# int4: codes -7..7 stored as 1..15 (code + 8), the first value of each pair in a byte's low 4 bits. 0 is never
+# sent, so a frame holding it is refused; an odd count ends in a pad of 8 (zero).
+_INT4_TOP = 7
+_INT4_OFFSET = 8
+
+
+def _pack_nibbles(codes: npt.NDArray[np.int8]) -> bytes:
+    stored = (codes.astype(np.int16) + _INT4_OFFSET).astype(np.uint8)
+    if stored.size % 2:
+        stored = np.append(stored, np.uint8(_INT4_OFFSET))
+    return (stored[0::2] | (stored[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _unpack_nibbles(name: str, data: bytes | memoryview, count: int) -> npt.NDArray[np.int8]:
+    packed = np.frombuffer(data, np.uint8)
+    stored = np.empty(2 * packed.size, np.uint8)
+    stored[0::2] = packed & 0x0F
+    stored[1::2] = packed >> 4
+    if np.any(stored[:count] == 0):
+        raise ProtocolError(f"tensor {name!r}: int4 codes are 1 to 15 (value + 8), the frame holds a 0")
+    if np.any(stored[count:] != _INT4_OFFSET):
+        raise ProtocolError(f"tensor {name!r}: the int4 pad after an odd number of values must be 8 (zero)")
+    return (stored[:count].astype(np.int16) - _INT4_OFFSET).astype(np.int8)
 
 
 def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[TensorHeader, bytes]:
@@ -179,13 +207,17 @@ def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[Tens
         values = array.astype(_F32, copy=False)
         if not np.isfinite(values).all():
             # A NaN would poison its row's scale and silently zero the whole token.
-            raise ProtocolError(f"tensor {name!r} holds NaN or inf, which int8 cannot carry", CLOSE_UNSUPPORTED_DATA)
+            raise ProtocolError(
+                f"tensor {name!r} holds NaN or inf, which {tensor_wire.value} cannot carry", CLOSE_UNSUPPORTED_DATA
+            )
         rows = values.reshape(_rows(shape))
-        scales = (np.max(np.abs(rows), axis=1, initial=0.0) / 127).astype(_F32)
+        top = _INT4_TOP if tensor_wire is Wire.INT4 else 127
+        scales = (np.max(np.abs(rows), axis=1, initial=0.0) / top).astype(_F32)
         # An all-zero row, or one so small that its scale underflows, still needs a divisor.
         scales[scales == 0] = 1
-        quantised = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
-        data = scales.tobytes() + quantised.tobytes()
+        quantised = np.clip(np.rint(rows / scales[:, None]), -top, top).astype(np.int8)
+        body = quantised.tobytes() if tensor_wire is Wire.INT8 else _pack_nibbles(quantised.reshape(-1))
+        data = scales.tobytes() + body
     return TensorHeader(name, dtype, shape, tensor_wire, len(data)), data
 
 
@@ -206,8 +238,12 @@ def decode_tensor(header: TensorHeader, data: bytes | memoryview) -> Array:
         num_rows, row_len = _rows(header.shape)
         scales = np.frombuffer(data[: 4 * num_rows], _F32).astype(np.float32)
         if not np.all(np.isfinite(scales) & (scales > 0)):
-            raise ProtocolError(f"tensor {header.name!r}: int8 scales must be finite and positive")
-        quantised = np.frombuffer(data[4 * num_rows :], np.int8).reshape(num_rows, row_len)
+            raise ProtocolError(f"tensor {header.name!r}: {header.wire.value} scales must be finite and positive")
+        if header.wire is Wire.INT4:
+            quantised = _unpack_nibbles(header.name, data[4 * num_rows :], num_rows * row_len)
+        else:
+            quantised = np.frombuffer(data[4 * num_rows :], np.int8)
+        quantised = quantised.reshape(num_rows, row_len)
         with np.errstate(over="ignore"):  # a scale near float32's limit times 127 is inf, as it was sent
             array = quantised.astype(np.float32) * scales[:, None]
     return array.reshape(header.shape)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the client's LoRA matrices (default 8)")
     parser.add_argument(
         "--wire",
-        choices=("fp32", "fp16", "int8"),
+        choices=("fp32", "fp16", "int8", "int4"),
         default="fp32",
         help="how activations and their gradients travel (default fp32)",
     )

@@ -43,7 +43,7 @@ from edgesplit.errors import EdgesplitError
 EDGESPLIT: tuple[str, ...] = (sys.executable, "-m", "edgesplit.cli")
 
 QUANTIZE_CHOICES = ("none", "int8")
-WIRE_CHOICES = ("fp32", "fp16", "int8")
+WIRE_CHOICES = ("fp32", "fp16", "int8", "int4")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # the protocol's rule: ids end up in file names and logs
 _FRAMEWORK = re.compile(r"[a-z][a-z0-9_-]*")
 

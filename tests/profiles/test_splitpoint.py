@@ -99,6 +99,15 @@ def test_bytes_per_step_are_the_analytic_sizes(swept: SweepResult) -> None:
     assert int8.download_payload == B * T * H + B * T * 4
 
 
+def test_the_link_model_knows_int4() -> None:
+    """Half a byte per value plus one float32 scale per token, in both directions; the profile's link time
+    (estimate.py) follows from these bytes."""
+    int4 = wire_bytes(B, T, H, Wire.INT4)
+    assert int4.download_payload == (B * T * H + 1) // 2 + B * T * 4
+    assert int4.upload_payload == int4.download_payload + 2 * B * T * 8  # the mask and labels travel raw
+    assert 0 < int4.upload - int4.upload_payload < 1024
+
+
 def measurement(cut: int, step_s: float, peak_mib: float, server_s: float = 0.5, speed: float = 1.0) -> CutMeasurement:
     return CutMeasurement(
         cut_layer=cut,
