@@ -21,7 +21,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -30,9 +29,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from common import free_port, serve_command
+from common import free_port, machine, serve_command
 from load import ensure_artifacts, write_data
 
 from edgesplit.server.orchestrate import ClientCommand, command_line
@@ -80,21 +78,6 @@ def step_seconds(metrics: Path) -> list[tuple[float, float]]:
         if record.get("event") == "step":
             steps.append((record["time"], sum(record["seconds"].values())))
     return steps
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

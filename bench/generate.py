@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,31 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import export_command
+from common import export_command, machine
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_TEST = REPO.parent / "shared" / "data" / "e2e" / "test.jsonl"
 BAR_SECONDS, BAR_PROMPTS = 120.0, 200
-FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
-
-
-def machine() -> dict[str, Any]:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "cpu_features": [f for f in FEATURES if f in flags],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def load_average() -> list[float]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import machine
 
 E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "train.jsonl"
 SPEED_BAR = 2.0  # ORT step at least this many times faster than PyTorch
@@ -334,29 +334,6 @@ def files_mb(directory: Path, names: tuple[str, ...]) -> dict[str, float]:
         p.name: round(p.stat().st_size / 2**20, 2)
         for p in sorted(directory.iterdir())
         if p.is_file() and (p.name in names or p.suffix == ".data")
-    }
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from edgesplit.client.cpu import choose_route, detect
-
-    features = detect()
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "cpu_features": features.names(),  # what decides the int8 route (edgesplit/client/cpu.py)
-        "int8_route": choose_route(features).value,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,33 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import free_port, serve_command
+from common import free_port, machine, serve_command
 
 from edgesplit.server.orchestrate import ClientCommand, command_line
 
 REPO = Path(__file__).resolve().parent.parent
 E2E = REPO.parent / "shared" / "data" / "e2e"
 NAMES = ("dev-a", "dev-b", "dev-c")
-
-
-def machine() -> dict[str, Any]:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    features = sorted(flags & {"avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "neon"})
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "cpu_features": features,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def ensure_artifacts(work: Path, model: str, cuts: tuple[int, ...], batch_size: int, max_seq_len: int) -> Path:

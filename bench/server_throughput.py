@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,34 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import machine as common_machine
 
 E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "train.jsonl"
 BAR_CLIENTS, BAR_RATIO = 32, 1.5
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 def machine() -> dict[str, Any]:
-    """The CPU and what torch makes of it: the flags that decide its kernels (AVX2, AVX-512, bf16, AMX)."""
+    """The host (bench/common.py) and what torch makes of its CPU."""
     import torch
 
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
     return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "cpu_features": [flag for flag in CPU_FLAGS if flag in flags],
+        **common_machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
     }
 
 
