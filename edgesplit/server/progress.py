@@ -173,7 +173,10 @@ class LogTicker:
 # before a run can go by. Other models and machines differ; the estimate says so when it is printed.
 EXPORT_SECONDS = {False: 60.0, True: 480.0}  # split at a cut, whole model
 STEP_SECONDS_AT_64_TOKENS = {"split": 2.0, "fedllm": 3.0, "kd": 3.0}  # one client step, batch 4
-SCORE_SECONDS_PER_INPUT = 1.5
+# Scoring goes through the run's PEFT adapter with a KV cache (scoring.py): about 0.5-0.7 s an input on this
+# machine, after loading the base model once per framework (26-42 s for the default GGUF; bench/generate.py).
+SCORE_SECONDS_PER_INPUT = 0.7
+SCORE_LOAD_SECONDS = 30.0
 
 
 def rough_compare_seconds(config: Any, exports_to_make: Iterable[bool]) -> float:
@@ -186,5 +189,5 @@ def rough_compare_seconds(config: Any, exports_to_make: Iterable[bool]) -> float
         # The split clients queue at one shared tail; the others train side by side on their own cores.
         parallel = 1 if framework == "split" else min(config.clients, 2)
         seconds += STEP_SECONDS_AT_64_TOKENS.get(framework, 3.0) * token_share * steps / parallel
-        seconds += SCORE_SECONDS_PER_INPUT * config.eval_examples
+        seconds += SCORE_LOAD_SECONDS + SCORE_SECONDS_PER_INPUT * config.eval_examples
     return float(seconds)
