@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     "export": ("edgesplit.export.cli", "cut a model into an ONNX client head and a PyTorch server tail", "export"),
     "serve": ("edgesplit.server.cli", "run the cloud server (the tail) for many clients", "server"),
     "client": ("edgesplit.client.client_cli", "run an edge client (the head) against a server", None),
+    "bundle": ("edgesplit.client.bundle", "copy the files a device needs out of an export", None),
     "demo": ("edgesplit.server.demo", "export, serve and train N clients on this machine", "export,server"),
     "compare": ("edgesplit.server.compare", "run split, FedLLM and KD-FedLLM on the same data", "export,server"),
     "profile": ("edgesplit.profiles.cli", "measure the cost of each cut layer on this device", "export"),

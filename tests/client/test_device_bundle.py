@@ -91,3 +91,30 @@ def test_a_client_with_only_the_device_files_trains_against_a_real_server(tiny_a
     steps = [record for record in read_metrics(tmp_path / "pi-metrics.jsonl") if record["event"] == "step"]
     assert len(steps) == ROUNDS * STEPS
     assert all(record["bytes_down"] > 0 for record in steps)  # the server's gradients came back each step
+
+
+def test_edgesplit_bundle_copies_what_the_device_needs_and_no_server_file(tiny_artifacts, tmp_path: Path) -> None:
+    from edgesplit.cli import main as edgesplit_main
+
+    artifacts = tiny_artifacts("llama", 1)
+    assert edgesplit_main(["bundle", "--artifacts", str(artifacts), "--out", str(tmp_path / "device")]) == 0
+    bundled = {str(p.relative_to(tmp_path / "device")) for p in (tmp_path / "device").rglob("*") if p.is_file()}
+    # The same set as the hand-made copy the tests above train from.
+    assert bundled == {p.name for p in device_copy(artifacts, tmp_path / "by-hand").iterdir()}
+    data = tmp_path / "train.jsonl"
+    write_data_with_separators(data, 4)
+    Client(ClientConfig(server="ws://127.0.0.1:9", artifacts=tmp_path / "device", data=data, client_id="a"))
+
+
+def test_edgesplit_bundle_refuses_before_writing(tiny_artifacts, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from edgesplit.cli import main as edgesplit_main
+
+    artifacts = tiny_artifacts("llama", 1)
+    (tmp_path / "taken").mkdir()
+    assert edgesplit_main(["bundle", "--artifacts", str(artifacts), "--out", str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    cut = ["--cut-layer", "2"]
+    assert edgesplit_main(["bundle", "--artifacts", str(artifacts), "--out", str(tmp_path / "d"), *cut]) == 1
+    assert "exported for cut 1 only" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert edgesplit_main(["bundle", "--artifacts", str(tmp_path), "--out", str(tmp_path / "e")]) == 1
+    assert "not an edgesplit artifact directory" in capsys.readouterr().err
