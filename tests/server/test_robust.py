@@ -65,6 +65,31 @@ def test_clipping_bounds_any_one_clients_influence() -> None:
     assert largest_change(small, reference) < 1e-6
 
 
+@pytest.mark.parametrize("attack", [1e6, -1e6, "random"])
+def test_one_attacker_among_five_clients_moves_the_global_no_further_than_each_rule_allows(attack: object) -> None:
+    """Four honest clients and one that sends what it likes and claims 10**9 examples."""
+    honest = honest_clients(4, seed=3)
+    previous = {name: np.zeros_like(array) for name, array in honest[0].items()}
+    rng = np.random.default_rng(7)
+    attacker = {
+        name: rng.normal(0, 1e6, array.shape) if attack == "random" else np.full_like(array, float(attack))  # type: ignore[arg-type]
+        for name, array in honest[0].items()
+    }
+    updates = [*((tensors, 100) for tensors in honest), (attacker, 10**9)]
+    low = {name: np.min([c[name] for c in honest], axis=0) for name in previous}
+    high = {name: np.max([c[name] for c in honest], axis=0) for name in previous}
+    # The median and the trimmed mean (one of five trimmed at each end): every value stays among the honest.
+    for rule in (AggregationRule("median"), AggregationRule("trimmed-mean", trim_fraction=0.2)):
+        result = rule.aggregate(updates, previous)
+        for name in previous:
+            assert np.all(result[name] >= low[name] - 1e-6) and np.all(result[name] <= high[name] + 1e-6), rule.name
+    # Clipping: the whole round's move is at most clip_norm, whatever the attacker sends or claims.
+    result = AggregationRule("clipped", clip_norm=0.25).aggregate(updates, previous)
+    assert np.sqrt(sum(float(np.sum(np.square(result[n] - previous[n]))) for n in previous)) <= 0.25 + 1e-6
+    # FedAvg, for contrast, is the attacker's.
+    assert largest_change(AggregationRule().aggregate(updates, previous), previous) > 1e3
+
+
 def test_the_rule_checks_its_parameters_and_fedavg_stays_the_default() -> None:
     clients = [(t, 2) for t in honest_clients(3)]
     default = AggregationRule()
