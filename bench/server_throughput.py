@@ -61,32 +61,12 @@ def load_average() -> list[float]:
 # ------------------------------------------------------------------------------------------ artifacts
 
 
-def tiny_model(directory: Path) -> Path:
-    """A tiny random Llama with a word-level tokenizer over w0..w95, saved as a model directory."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def tiny_model_dir(directory: Path) -> Path:
+    """The tests' tiny random Llama (tests/tiny_models.py) with its word-level tokenizer, as a model directory."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import save_tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    vocab = {token: index for index, token in enumerate(["<pad>", "<unk>", "<eos>", *(f"w{i}" for i in range(96))])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    )
-    tokenizer.save_pretrained(directory)
-    return directory
+    return Path(save_tiny_model("llama", directory))
 
 
 def artifacts(work: Path, tiny: bool) -> Path:
@@ -98,7 +78,7 @@ def artifacts(work: Path, tiny: bool) -> Path:
         return out
     if tiny:
         config = ExportConfig(
-            model=str(tiny_model(work / "tiny-model")), cut_layer=1, out=out, batch_size=2, max_seq_len=16
+            model=str(tiny_model_dir(work / "tiny-model")), cut_layer=1, out=out, batch_size=2, max_seq_len=16
         )
     else:
         config = ExportConfig(cut_layer=4, out=out, batch_size=4, max_seq_len=128)  # SmolLM2-135M, the default

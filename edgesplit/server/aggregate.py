@@ -40,12 +40,7 @@ def fedavg(updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]]) -> dict[st
 
     total_examples = 0
     for client, (tensors, num_examples) in enumerate(updates):
-        # bool is an int subclass; True as a sample count is a bug upstream, not a weight of 1.
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
-            raise TrainingError(f"client {client}: example count must be an int, got {num_examples!r}")
-        if num_examples < 0:
-            raise TrainingError(f"client {client}: example count must be >= 0, got {num_examples}")
-        total_examples += int(num_examples)
+        total_examples += _checked_count(client, num_examples)
         _check_tensors(client, tensors, shapes)
     if total_examples <= 0:
         raise TrainingError("fedavg: the clients trained on 0 examples in total; there is nothing to average")
@@ -85,13 +80,9 @@ def fedavg_by_holder(
     shapes: dict[str, tuple[int, ...]] = {}
     total_examples = 0
     for client, (tensors, num_examples) in enumerate(updates):
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
-            raise TrainingError(f"client {client}: example count must be an int, got {num_examples!r}")
-        if num_examples < 0:
-            raise TrainingError(f"client {client}: example count must be >= 0, got {num_examples}")
         if not tensors:
             raise TrainingError(f"client {client} sent no tensors")
-        total_examples += int(num_examples)
+        total_examples += _checked_count(client, num_examples)
         for name, tensor in tensors.items():
             shapes.setdefault(name, np.shape(tensor))
         _check_tensors(client, tensors, {name: shapes[name] for name in tensors})
@@ -120,6 +111,16 @@ def fedavg_by_holder(
             raise TrainingError(f"{name!r}: its holders trained on 0 examples and the server holds no copy")
         averaged[name] = (weighted_sum / weight).astype(np.float32)
     return averaged
+
+
+def _checked_count(client: int, num_examples: object) -> int:
+    """A client's example count as an int >= 0; TrainingError naming the client otherwise."""
+    # bool is an int subclass; True as a sample count is a bug upstream, not a weight of 1.
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
+        raise TrainingError(f"client {client}: example count must be an int, got {num_examples!r}")
+    if num_examples < 0:
+        raise TrainingError(f"client {client}: example count must be >= 0, got {num_examples}")
+    return int(num_examples)
 
 
 def _check_tensors(client: int, tensors: Mapping[str, NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]) -> None:
