@@ -5,7 +5,7 @@ at module level or inside a function or class, becomes an edge of the module gra
 
 - the edge client (edgesplit/client/) never reaches the server, the exporter or a PyTorch/ONNX library,
   neither itself nor through anything it imports, because a device installs neither;
-- edgesplit/errors.py and edgesplit/profiles/devices.py sit at the bottom: from edgesplit they import
+- edgesplit/errors.py and edgesplit/devices/profiles.py sit at the bottom: from edgesplit they import
   only the exceptions;
 - the exporter does not import the server (the server loads what the exporter wrote, not the other way);
 - no two modules import each other in a circle.
@@ -27,7 +27,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "edgesplit"
 
 # Libraries a device never installs: the edge client must not import them, directly or through edgesplit.
 CLIENT_FORBIDDEN_LIBRARIES = ("torch", "transformers", "peft", "onnx")
-CLIENT_FORBIDDEN_PARTS = ("edgesplit.server", "edgesplit.export")
+CLIENT_FORBIDDEN_PARTS = ("edgesplit.server", "edgesplit.export", "edgesplit.profiles")
 
 # Circles tolerated while a change that removes them is in flight; each entry is one edge, (importer,
 # imported), that the cycle check leaves out. Empty: the tree has no circle (report.py <-> demo.py was the
@@ -40,7 +40,7 @@ class Import:
     """One import statement's target, as an absolute dotted name, and where it was written."""
 
     importer: str  # the module that imports, e.g. "edgesplit.client.energy"
-    target: str  # e.g. "edgesplit.profiles.devices" or "torch.nn"
+    target: str  # e.g. "edgesplit.devices.profiles" or "torch.nn"
     line: int
     type_checking_only: bool  # under `if TYPE_CHECKING:`: never executed
 
@@ -227,7 +227,7 @@ def test_the_parser_sees_the_package(imports: dict[str, list[Import]]) -> None:
     assert {"edgesplit.errors", "edgesplit.client.client", "edgesplit.server.server", "edgesplit.cli"} <= set(imports)
     graph = module_graph(imports)
     assert "edgesplit.client.protocol" in graph["edgesplit.client.client"]
-    assert "edgesplit.errors" in graph["edgesplit.profiles.devices"]
+    assert "edgesplit.errors" in graph["edgesplit.devices.profiles"]
 
 
 def test_the_client_imports_no_server_exporter_or_torch(imports: dict[str, list[Import]]) -> None:
@@ -255,7 +255,7 @@ def test_nothing_the_client_imports_reaches_torch(imports: dict[str, list[Import
     assert not bad, "a module the edge client loads imports what a device lacks:\n" + _describe(bad)
 
 
-@pytest.mark.parametrize("bottom", ["edgesplit.errors", "edgesplit.profiles.devices"])
+@pytest.mark.parametrize("bottom", ["edgesplit.errors", "edgesplit.devices.profiles"])
 def test_the_bottom_layer_imports_only_the_exceptions(imports: dict[str, list[Import]], bottom: str) -> None:
     bad = [item for item in imports[bottom] if item.is_of("edgesplit") and item.target != "edgesplit.errors"]
     assert not bad, f"{bottom} may import nothing from edgesplit but edgesplit.errors:\n" + _describe(bad)

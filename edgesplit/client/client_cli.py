@@ -154,7 +154,7 @@ def _device_artifacts(args: argparse.Namespace) -> Path:
     if args.device_profile is None:
         return device_artifacts(args.artifacts, None)  # refused, naming the cuts and the flags that choose
     from edgesplit.client.cut_choice import choose_cut
-    from edgesplit.profiles.devices import load_profile
+    from edgesplit.devices.profiles import load_profile
 
     choice = choose_cut(args.artifacts, manifest, load_profile(args.device_profile), args.max_memory_mb)
     print(f"[{args.client_id}] {choice.reason}", flush=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from edgesplit.client.artifacts import Manifest, load_manifest
+from edgesplit.devices.profiles import DeviceProfile
 from edgesplit.errors import ArtifactError
-from edgesplit.profiles.devices import DeviceProfile
 
 MIB = 2**20
 # Python with numpy, ONNX Runtime and tokenizers imported, before a model loads: a rough figure, below the

@@ -55,7 +55,7 @@ from edgesplit.client.energy_readers import (
     rapl_delta_uj,
     run_command,
 )
-from edgesplit.profiles.devices import DeviceProfile, load_profile
+from edgesplit.devices.profiles import DeviceProfile, load_profile
 
 __all__ = [
     "ESTIMATED",

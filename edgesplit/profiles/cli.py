@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgesplit.profiles.devices import DeviceProfile, LinkProfile, ProfileError, load_profile, save_profile
+from edgesplit.devices.profiles import DeviceProfile, LinkProfile, ProfileError, load_profile, save_profile
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ with a spread from the fastest and slowest of the repeated client steps (see spl
 from __future__ import annotations
 
 from edgesplit.client.energy import EstimatedEnergy
-from edgesplit.profiles.devices import DeviceProfile, LinkProfile
+from edgesplit.devices.profiles import DeviceProfile, LinkProfile
 from edgesplit.profiles.records import MIB, CutEstimate, CutMeasurement
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesplit.profiles.devices import DeviceProfile, LinkProfile
+from edgesplit.devices.profiles import DeviceProfile, LinkProfile
 from edgesplit.profiles.estimate import estimate
 from edgesplit.profiles.recommendation import Recommendation, overlapping_cuts, recommend
 from edgesplit.profiles.records import MIB, CutEstimate, CutMeasurement, ProfilingError, SweepResult

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesplit.profiles.devices import DeviceProfile, load_profile
+from edgesplit.devices.profiles import DeviceProfile, load_profile
 
 # The CPU speed benchmark: one fp32 matmul shaped like a SmolLM2 MLP up-projection over a 4 x 128 batch,
 # (B*T, H) @ (H, I), on every core numpy's BLAS uses. It is the dominant kind of work in a head step.

@@ -27,7 +27,7 @@ from edgesplit.client.energy import (
     pmic_rail_power_w,
     rapl_delta_uj,
 )
-from edgesplit.profiles.devices import ENERGY_READERS, load_profile
+from edgesplit.devices.profiles import ENERGY_READERS, load_profile
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "energy"
 PMIC_OUTPUT = (FIXTURES / "pi5-pmic_read_adc.txt").read_text()

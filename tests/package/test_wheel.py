@@ -40,7 +40,7 @@ def test_wheel_holds_only_the_edgesplit_package(tmp_path: Path) -> None:
         "client/protocol.py",
         "server/server.py",
         "export/exporter.py",
-        "profiles/raspberry-pi-5.toml",
+        "devices/raspberry-pi-5.toml",
         "cli.py",
         "__main__.py",
     ):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgesplit.errors import DataError, EdgesplitError
-from edgesplit.profiles.devices import (
+from edgesplit.devices.profiles import (
     ENERGY_READERS,
     DeviceProfile,
     LinkProfile,
@@ -21,6 +20,7 @@ from edgesplit.profiles.devices import (
     profile_to_toml,
     save_profile,
 )
+from edgesplit.errors import DataError, EdgesplitError
 
 BUILT_INS = ["jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "x86-laptop"]
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def test_construction_validates() -> None:
 
 def test_the_measurement_layer_does_not_import_torch() -> None:
     code = (
-        "import sys; import edgesplit.profiles, edgesplit.profiles.devices, edgesplit.client.energy,"
+        "import sys; import edgesplit.profiles, edgesplit.devices.profiles, edgesplit.client.energy,"
         " edgesplit.client.resources; "
         "bad = sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules); "
         "assert not bad, bad"

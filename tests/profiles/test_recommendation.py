@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from edgesplit.devices.profiles import LinkProfile, load_profile
 from edgesplit.errors import DataError
-from edgesplit.profiles.devices import LinkProfile, load_profile
 from edgesplit.profiles.recommendation import Recommendation, overlapping_cuts, recommend
 from edgesplit.profiles.splitpoint import (
     CutEstimate,

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from edgesplit.client.protocol import Wire
+from edgesplit.devices.profiles import LinkProfile, load_profile
 from edgesplit.profiles import cli
-from edgesplit.profiles.devices import LinkProfile, load_profile
 from edgesplit.profiles.splitpoint import (
     CutMeasurement,
     ProfileReport,
@@ -278,7 +278,7 @@ def test_parse_cut_layers() -> None:
 
 def test_the_device_side_never_imports_torch() -> None:
     code = (
-        "import sys, edgesplit.profiles.worker, edgesplit.profiles.devices, edgesplit.client.head;"
+        "import sys, edgesplit.profiles.worker, edgesplit.devices.profiles, edgesplit.client.head;"
         " print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
