@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
+from collections.abc import MutableMapping
+from typing import TextIO
 
 from edgesplit.errors import EdgesplitError
 
@@ -31,8 +34,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_progress_bars_off_terminal(environ: MutableMapping[str, str], stderr: TextIO) -> None:
+    """Where stderr is a log file or a pipe, not a terminal, the libraries' progress bars stay off: a bar
+    redrawn into a file is one line per update (loading a GGUF model wrote hundreds into the demo's log).
+    tqdm and huggingface_hub read these variables when they are first imported, so this runs before any
+    subcommand's imports; a value the user set is kept. Our own bars draw only on a terminal anyway."""
+    if stderr.isatty():
+        return
+    environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own default, as transformers' GGUF loader uses it
+    environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" and downloads
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_progress_bars_off_terminal(os.environ, sys.stderr)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -58,7 +58,7 @@ def make_bundle(artifacts: Path, out: Path, cut_layer: int | None = None) -> tup
     return len(names) + 1, copied + (out / MANIFEST_NAME).stat().st_size
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesplit bundle",
         description="Copy the files a device needs out of an export (no server files) into a new directory.",
@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, required=True, help="the export's directory")
     parser.add_argument("--out", type=Path, required=True, help="the new directory to copy to the device")
     parser.add_argument("--cut-layer", type=int, help="for a --cut-layers export: the cut this device runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     files, size = make_bundle(args.artifacts, args.out, args.cut_layer)
     whole = sum(path.stat().st_size for path in args.artifacts.rglob("*") if path.is_file())
     print(

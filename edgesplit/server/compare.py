@@ -1,8 +1,8 @@
 """`edgesplit compare`: split learning, FedLLM and KD-FedLLM side by side on one model, one data split.
 
     partition --data once ──> export once per kind (split at --cut-layer; --full-model for fedllm and kd)
-        ──> for each framework: `edgesplit serve --framework F` + N x `edgesplit client` (the demo's commands,
-            run by edgesplit.server.orchestrate)
+        ──> for each framework: `edgesplit serve --framework F` + N x `edgesplit client` processes on this
+            machine (the demo's commands)
         ──> score the server's final model: eval loss, perplexity, BLEU-4 / ROUGE-L (context/completion data)
             or exact match, and read the metrics: bytes per client per round (measured vs analytic),
             client FLOPs and time per step, peak memory, energy
@@ -117,19 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="training JSONL, partitioned across the clients")
     p.add_argument("--eval-data", type=Path, required=True, help="held-out JSONL: eval loss and task score")
     p.add_argument("--proxy-data", type=Path, help="kd: shared inputs (default: held-out training contexts)")
-    p.add_argument("--model", default=d.model)
+    p.add_argument("--model", default=d.model, help="hub id, local model directory or .gguf file (default %(default)s)")
     p.add_argument("--frameworks", default=",".join(d.frameworks), help="comma-separated: split,fedllm,kd")
-    p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--steps-per-round", type=int, default=d.steps_per_round)
-    p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)
+    p.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
+    p.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=d.steps_per_round,
+        help="training steps each client takes per round, in every framework (default %(default)s)",
+    )
+    p.add_argument(
+        "--partition",
+        choices=("iid", "dirichlet"),
+        default=d.partition,
+        help='how --data is shared out: uniformly at random, or skewed by its "group" key (default %(default)s)',
+    )
     p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (default %(default)s)")
     p.add_argument("--cut-layer", type=int, default=d.cut_layer, help="split: layers [0, cut) on the device")
-    p.add_argument("--out", type=Path, default=d.out)
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument(
+        "--out", type=Path, default=d.out, help="run directory: compare.md, .csv, .json, plots (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=d.max_seq_len, help="tokens per example, every export (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="examples per step, every export (default %(default)s)"
+    )
+    p.add_argument(
+        "--learning-rate", type=float, default=d.learning_rate, help="AdamW, server and clients (default %(default)s)"
+    )
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="rank of the LoRA adapters (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out inputs scored")
     p.add_argument(
         "--train-examples",
@@ -138,9 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a seeded sample of --data's lines (default 0: all)",
     )
     p.add_argument("--proxy-examples", type=int, default=d.proxy_examples, help="kd: proxy inputs")
-    p.add_argument("--kd-top-k", type=int, default=d.kd_top_k)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--kd-top-k", type=int, default=d.kd_top_k, help="kd: logits each client shares per token (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="tokens generated per held-out input when scoring (default 0: the longest reference's, within the window)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="the data split, sampling and initialisation (default 0)")
     p.add_argument("--threads", type=int, default=d.threads, help="PyTorch threads of server and scoring")
     return p
 

@@ -69,13 +69,25 @@ class DemoConfig:
 GENERATED_EVAL_EXAMPLES = 24  # held-out combinations of the generated task, unless --eval-examples says
 GENERATED_TASK_WINDOW = 16  # see DemoConfig.max_seq_len
 
+DESCRIPTION = """\
+`edgesplit demo`: the whole system on this machine, end to end, with real processes on loopback.
+
+    export the model (or reuse OUT/artifacts) ──> generate the task (or read --data), split it across the clients
+        ──> score the untrained model on held-out prompts
+        ──> `edgesplit serve` + N x `edgesplit client` train for --rounds rounds
+        ──> write the result as a PEFT adapter (OUT/adapter), score again with it
+        ──> OUT/report.md, plots, summary.json
+
+Ctrl-C stops the demo and every process it started.
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     from edgesplit.server.tasks import TASKS
 
     d = DemoConfig()
     parser = argparse.ArgumentParser(
-        prog="edgesplit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="edgesplit demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
@@ -113,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet concentration of the non-IID split: small = skewed (default %(default)s)",
     )
     parser.add_argument("--iid", action="store_true", help="split the data uniformly at random instead")
-    parser.add_argument("--train-examples", type=int, default=d.train_examples)
+    parser.add_argument(
+        "--train-examples",
+        type=int,
+        default=d.train_examples,
+        help="examples of the generated task (default %(default)s; not used with --data)",
+    )
     parser.add_argument(
         "--eval-examples",
         type=int,
@@ -135,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_seq_len_cap,
         help="the longest window sized from --data (default %(default)s): a longer one is refused, naming it",
     )
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="the task, the split and the initialisation (default %(default)s)"
+    )
     # One by default: on a small machine shared by the server, N clients and the demo itself, a second
     # PyTorch thread mostly waits at barriers for a core (measured: 5x slower generation on a busy
     # 2-core machine).

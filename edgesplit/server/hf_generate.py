@@ -182,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--data", type=Path, help="a JSON Lines file of {prompt, completion} examples")
     parser.add_argument("--raw", action="store_true", help="send each --prompt as given, with no newline after it")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=40, help="tokens generated per prompt at most (default %(default)s)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="write JSON Lines here instead of printing")
     return parser
 

@@ -259,7 +259,10 @@ class RoundEngine:
         if event.problem is not None:
             return [
                 Log(f"{client_id}: rejected: {event.problem}"),
-                Metric("refused", {"client_id": client_id, "code": "bad_tensor", "reason": event.problem}),
+                Metric(
+                    "refused",
+                    {"client_id": client_id, "code": "bad_tensor", "reason": event.problem, "round": event.round},
+                ),
                 Refuse(connection, "bad_tensor", event.problem),
             ]
         if not self.is_current(connection):

@@ -8,8 +8,10 @@ Per client connection (the protocol's states are in edgesplit/client/protocol.py
 The rules (admission, barrier, step order, quorum, deadlines, stale and duplicate updates, reconnection,
 revocation, the close order) are the round engine's, which takes events and returns actions; what differs by
 framework is the strategy's (strategies/); the heavy work runs on the tail worker (workers.py). This shell
-keeps the transport (transport.py: websockets, TLS, Hello timeout and cap, frame limits, SIGHUP, bytes
-counted) and carries out the engine's actions. Anything a peer sends ends, at worst, its own connection.
+keeps the transport (transport.py: websockets, TLS, frame limits, SIGHUP, bytes counted) and carries out the
+engine's actions; a new connection's Hello and the refusals are admission.py's, the metrics file's round and
+end-of-run records and the Prometheus endpoint records.py's. Anything a peer sends ends, at worst, its own
+connection.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from edgesplit.client.protocol import (
     AdapterUpdate,
     Bye,
     Gradients,
-    Hello,
     Role,
     RoundResult,
     Session,
@@ -36,29 +37,28 @@ from edgesplit.client.protocol import (
     Wire,
     max_frame_bytes,
 )
-from edgesplit.errors import ArtifactError, EdgesplitError, ProtocolError, TrainingError
+from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
+from edgesplit.server.admission import Admission, Refused
 from edgesplit.server.batching import build_worker
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
-from edgesplit.server.guards import check_finite_state, check_hello, check_result, update_problem
-from edgesplit.server.metrics import MetricsEndpoint, RoundProgress, StepTimes, round_progress
+from edgesplit.server.guards import check_finite_state, check_result, update_problem
+from edgesplit.server.metrics import MetricsEndpoint
 from edgesplit.server.progress import StepProgress
+from edgesplit.server.records import RunRecords
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.strategies import (
     Arrays,
     Strategy,
-    adapters_below,
     build_strategy,
     load_global_adapters,
 )
 from edgesplit.server.transport import (
-    CLOSE_TRY_AGAIN_LATER,
     HELLO_MAX_BYTES,
     MAX_QUEUE,
     Connection,
-    RefusalLog,
     aborted_because,
     bounded_connection,
     on_sighup,
@@ -82,13 +82,6 @@ CONVERSATION_ACTIONS = (
     events.SendRoundResult,
 )
 __all__ = ["HELLO_MAX_BYTES", "Server", "ServerConfig", "read_tokens", "run_server"]
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, reason: str, close_code: int = CLOSE_POLICY) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.close_code = close_code
 
 
 class _Stop(Exception):  # the engine has nothing more for this connection: end its conversation quietly
@@ -116,11 +109,9 @@ class Server:
         self.bytes_received: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}
         self._background: set[asyncio.Task[Any]] = set()  # tasks must be referenced or they may vanish
-        self._awaiting_hello = 0  # connections open that have not said Hello yet
         self._numbers = 0
-        self._refusal_log = RefusalLog()
-        self._cuts: dict[int, int | None] = {}  # connection number -> the client's cut (mixed-cut exports)
-        self.client_cuts: dict[str, int] = {}  # client id -> the cut it last joined at, for the metrics
+        self.admission = Admission(config, self.manifest, self.metrics)
+        self.records = RunRecords(config, self.metrics, self.manifest.cut_layer)
         round_index, last_eval_loss = self._resume()
         rules = config.round_rules(self.manifest.manifest_hash, PROTOCOL_VERSION)
         self.engine = RoundEngine(rules, round_index, last_eval_loss)
@@ -130,11 +121,6 @@ class Server:
         self.welcome_tensors: Arrays = self.strategy.welcome_tensors()
         self.round_tensors: Arrays = self.strategy.global_adapters
         self._aggregated: Arrays = {}
-        self._eval_seconds: dict[int, float] = {}  # round -> the server's evaluation of it, in seconds
-        # For --metrics-port: the steps' times summed, and the round's progress as of the last event.
-        self.step_times = StepTimes()
-        self.round_snapshot = RoundProgress(rounds_total=config.rounds)
-        self.metrics_endpoint: MetricsEndpoint | None = None
         if self.engine.finished:
             self.finished.set()
 
@@ -155,6 +141,10 @@ class Server:
     @property
     def global_adapters(self) -> Arrays:
         return self.strategy.global_adapters
+
+    @property
+    def metrics_endpoint(self) -> MetricsEndpoint | None:
+        return self.records.endpoint
 
     @property
     def tail(self) -> Any:
@@ -218,17 +208,7 @@ class Server:
             for warning in startup_warnings(config.host, config.tls_cert, bool(self.tokens)):
                 print(f"[server] warning: {warning}", flush=True)
             self.port = port
-            if config.metrics_port is not None:
-                self.metrics_endpoint = MetricsEndpoint(
-                    config.host,
-                    config.metrics_port,
-                    self.worker.stats,
-                    self.worker.queue_depth,
-                    lambda: self.round_snapshot,
-                    self.step_times,
-                )
-                where = f"http://{config.host}:{self.metrics_endpoint.port}/metrics"
-                print(f"[server] Prometheus metrics on {where}", flush=True)
+            self.records.start_endpoint(self.worker)
             if self.strategy.eval_set is not None and self.round == 0:  # the untrained model's score
                 before = (await self.worker.submit(self.strategy.evaluate)).unwrap() or 0.0
                 self.metrics.write("eval", round=0, when="before_training", eval_loss=before)
@@ -248,18 +228,8 @@ class Server:
                 connection.actions.put_nowait(None)
             deadline_task.cancel()
         self.worker.close()
-        if self.metrics_endpoint is not None:
-            self.metrics_endpoint.close()
         self.progress.close()
-        self.metrics.write(
-            "finished",
-            round=self.round,
-            eval_loss=self.last_eval_loss,
-            failure=self.failure,
-            bytes_received=self.bytes_received,
-            bytes_sent=self.bytes_sent,
-        )
-        self.metrics.close()
+        self.records.finished(self.round, self.last_eval_loss, self.failure, self.bytes_received, self.bytes_sent)
         if self.failure is not None:
             raise EdgesplitError(self.failure)
 
@@ -270,21 +240,14 @@ class Server:
         connection = Connection(self._numbers, websocket, Session(Role.SERVER, max_size=self.max_frame_bytes()))
         self.connections[connection.number] = connection
         try:
-            hello = await self._await_hello(connection)
-            check_hello(hello)
-            connection.client_id, connection.token = hello.client_id, hello.token
-            token_ok = token_valid(self.tokens, hello.client_id, hello.token)
-            # A stranger hears of the bad token (from the engine), not of the exported cuts.
-            cut, manifest_hash = self._client_cut(connection, hello) if token_ok else (None, hello.manifest_hash)
-            numbers = (hello.num_samples, token_ok, manifest_hash, hello.protocol_version, time.monotonic())
-            event = events.ClientHello(connection.number, hello.client_id, *numbers)
+            event, cut = await self.admission.hello(connection, self.tokens, self.bytes_received)
             welcome = await self._ask(connection, event, events.SendWelcome)
             # Where this client stands, for a reconnection (edgesplit/client/client.py: Client._resume).
             settings = SessionSettings.from_mapping(
                 {**self.settings, "resume_step": welcome.resume_step, "update_received": welcome.update_received}
             )
             set_frame_limit(websocket, self.max_frame_bytes())
-            tensors = self._for_cut(self.welcome_tensors, cut)
+            tensors = self.admission.for_cut(self.welcome_tensors, cut)
             await connection.send(
                 Welcome(welcome.round, self.config.rounds, settings, tensors), self.wire, self.bytes_sent
             )
@@ -304,55 +267,22 @@ class Server:
                     return
         except _Stop:
             pass
-        except _Refused as refusal:  # refused before the engine heard of it (busy)
-            await self._refuse(connection, "refused", refusal.code, str(refusal), refusal.close_code)
+        except Refused as refusal:  # refused before the engine heard of it (busy, no such cut)
+            await self.admission.refuse(connection, "refused", refusal.code, str(refusal), refusal.close_code)
         except ProtocolError as error:
-            await self._refuse(connection, "protocol error", "protocol", str(error), error.close_code)
+            await self.admission.refuse(connection, "protocol error", "protocol", str(error), error.close_code)
         except TrainingError as error:
-            await self._refuse(connection, "rejected", "bad_tensor", str(error), CLOSE_POLICY)
+            await self.admission.refuse(connection, "rejected", "bad_tensor", str(error), CLOSE_POLICY)
         except Exception as error:  # the connection's end: the server itself carries on
             closed = type(error).__name__.startswith("ConnectionClosed")
             text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
             aborted = aborted_because(error)
-            if aborted is None or self._refusal_logged(connection):  # aborts, like refusals: rate-limited
+            if aborted is None or self.admission.refusal_logged(connection):  # aborts, like refusals: rate-limited
                 print(f"[server] {connection.client_id}: {aborted or text}", flush=True)
         finally:
             del self.connections[connection.number]
-            self._cuts.pop(connection.number, None)
+            self.admission.forget(connection)
             self._dispatch(events.ClientLeft(connection.number))
-
-    def _client_cut(self, connection: Connection, hello: Hello) -> tuple[int | None, str]:
-        """The client's cut, checked against the exported cuts, and the manifest fingerprint the round engine
-        is to compare: a mixed-cut export's client presents its own cut's, which stands for the export's."""
-        try:
-            cut = self.manifest.client_cut(hello.manifest_hash, hello.cut_layer)
-        except ArtifactError as error:
-            raise _Refused("manifest_mismatch", str(error)) from None
-        self._cuts[connection.number] = cut
-        if cut is not None:
-            self.client_cuts[hello.client_id] = cut
-        known = self.manifest.cuts and cut is not None
-        return cut, self.manifest.manifest_hash if known else hello.manifest_hash
-
-    def _for_cut(self, tensors: Arrays, cut: int | None) -> Arrays:
-        """What a client at `cut` gets of the global adapters: the layers it holds, in a mixed-cut export."""
-        return adapters_below(tensors, cut) if self.manifest.cuts and cut is not None else tensors
-
-    async def _refuse(self, connection: Connection, what: str, code: str, reason: str, close_code: int) -> None:
-        """Tell the peer why and close; printed and recorded escaped, cut short, and rate-limited per address."""
-        reason = peer_text(reason)
-        if self._refusal_logged(connection):
-            print(f"[server] {connection.client_id}: {what}: {reason}", flush=True)
-            self.metrics.write("refused", client_id=connection.client_id, code=code, reason=reason)
-        await connection.refuse(code, reason, close_code)
-
-    def _refusal_logged(self, connection: Connection) -> bool:
-        """Whether to print and record a refusal of this peer: a few dozen a minute per address at most."""
-        address = str((getattr(connection.websocket, "remote_address", None) or ("?",))[0])
-        logged, note = self._refusal_log.admit(address, time.monotonic())
-        if note is not None:
-            print(f"[server] {note}", flush=True)
-        return logged
 
     async def _ask(self, connection: Connection, event: events.Event, expected: type[Any]) -> Any:
         self._dispatch(event)
@@ -363,25 +293,6 @@ class Server:
         if action is None or not isinstance(action, expected):
             raise _Stop  # DropStep, or closed from outside: nothing more to say on this connection
         return action
-
-    async def _await_hello(self, connection: Connection) -> Hello:
-        """The connection's first message, a Hello, within the Hello timeout; refused at once ("busy") when
-        `max_pending_hellos` other connections are already waiting to say theirs."""
-        if self._awaiting_hello >= self.config.max_pending_hellos:
-            raise _Refused(
-                "busy",
-                f"{self._awaiting_hello} connections are already waiting to say Hello; try again later",
-                CLOSE_TRY_AGAIN_LATER,
-            )
-        self._awaiting_hello += 1
-        try:
-            hello = await asyncio.wait_for(connection.receive(self.bytes_received), self.config.hello_timeout_s)
-        except asyncio.TimeoutError:
-            raise ProtocolError(f"no Hello within {self.config.hello_timeout_s:g} s", CLOSE_POLICY) from None
-        finally:
-            self._awaiting_hello -= 1
-        assert isinstance(hello, Hello)  # the Session allows nothing else first
-        return hello
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -395,7 +306,7 @@ class Server:
         actions = self.engine.handle(event)
         if isinstance(event, events.ClientHello) and any(isinstance(a, events.Refuse) for a in actions):
             connection = self.connections.get(event.connection)  # a stranger refused in a loop: rate-limited
-            if connection is not None and not self._refusal_logged(connection):
+            if connection is not None and not self.admission.refusal_logged(connection):
                 actions = [a for a in actions if not isinstance(a, (events.Log, events.Metric))]
         for action in actions:
             if isinstance(action, events.Log):
@@ -418,10 +329,10 @@ class Server:
                 self._round_closed(action)
             elif isinstance(action, events.Finish):
                 self.finished.set()
-        self.round_snapshot = round_progress(self.engine.state, self.config.rounds)
+        self.records.refresh(self.engine.state)
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
-        cut = self._cuts.get(connection.number)
+        cut = self.admission.cuts.get(connection.number)
         self.strategy.check_step(message.tensors, cut)  # shapes and values; the whole-model frameworks refuse
         started = time.perf_counter()
         number = connection.number
@@ -441,8 +352,8 @@ class Server:
             raise result.error
         step = result.unwrap() if end is StepEnd.TAKEN else None
         if step is not None:
-            self.step_times.queue_seconds += result.queue_seconds
-            self.step_times.compute_seconds += result.compute_seconds
+            self.records.step_times.queue_seconds += result.queue_seconds
+            self.records.step_times.compute_seconds += result.compute_seconds
             self.progress.step(message.round, connection.client_id, step.loss)
             self.metrics.write(
                 "step",
@@ -474,14 +385,14 @@ class Server:
         problem = update_problem(message.num_samples, message.tensors, self.wire)
         problem = None if problem is None else peer_text(problem)
         try:
-            self.strategy.check_update(message.tensors, self._cuts.get(connection.number))
+            self.strategy.check_update(message.tensors, self.admission.cuts.get(connection.number))
         except TrainingError as error:
             problem = peer_text(error)
         update = events.Update(connection.client_id, message.num_samples, message.metrics, message.tensors)
         event = events.UpdateArrived(connection.number, message.round, update, problem)
         result: events.SendRoundResult = await self._ask(connection, event, events.SendRoundResult)
-        tensors = self._for_cut(self.round_tensors, self._cuts.get(connection.number))
-        eval_seconds = self._eval_seconds.get(result.update_round)
+        tensors = self.admission.for_cut(self.round_tensors, self.admission.cuts.get(connection.number))
+        eval_seconds = self.records.eval_seconds.get(result.update_round)
         return RoundResult(result.update_round, result.next_round, result.done, result.eval_loss, tensors, eval_seconds)
 
     async def _aggregate(self, action: events.Aggregate) -> None:
@@ -494,7 +405,9 @@ class Server:
                 return None
             started = time.perf_counter()
             loss = self.strategy.evaluate()
-            self._eval_seconds[action.round] = time.perf_counter() - started  # the clients are told (RoundResult)
+            self.records.eval_seconds[action.round] = (
+                time.perf_counter() - started
+            )  # the clients are told (RoundResult)
             return loss
 
         result = await self.worker.submit(aggregate_and_evaluate)
@@ -526,8 +439,7 @@ class Server:
             self._dispatch(events.RoundSaved(action.round, time.monotonic()))
 
     def _update_cuts(self, action: events.SaveCheckpoint | events.RoundClosed) -> dict[str, int]:
-        """The cut each client of a round ran at (the export's one cut for a client that named none)."""
-        return {u.client_id: self.client_cuts.get(u.client_id, self.manifest.cut_layer) for u in action.updates}
+        return self.records.update_cuts(action.updates, self.admission.client_cuts)
 
     def _round_failed(self, round_index: int, result: WorkResult[Any]) -> bool:
         if result.error is None:
@@ -540,19 +452,7 @@ class Server:
         self.round_tensors = self._aggregated
         self.welcome_tensors = self.strategy.welcome_tensors()
         clients = sorted(update.client_id for update in action.updates)
-        self.metrics.write(
-            "round",
-            round=action.round,
-            clients=clients,
-            num_samples={update.client_id: update.num_samples for update in action.updates},
-            eval_loss=action.eval_loss,
-            seconds=action.seconds,
-            eval_seconds=self._eval_seconds.get(action.round),
-            bytes_received=dict(self.bytes_received),
-            bytes_sent=dict(self.bytes_sent),
-            client_metrics={update.client_id: dict(update.metrics) for update in action.updates},
-            cut_layers=self._update_cuts(action),
-        )
+        self.records.round_closed(action, self.admission.client_cuts, self.bytes_received, self.bytes_sent)
         eval_text = "" if action.eval_loss is None else f", eval loss {action.eval_loss:.4f}"
         self.progress.round_closed(action.round + 1)
         print(

@@ -8,6 +8,7 @@ server loudly, with every client told why, rather than leave it asleep.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from loopback import (
 from edgesplit.client.artifacts import load_manifest
 from edgesplit.client.metrics import read_jsonl
 from edgesplit.client.protocol import PROTOCOL_VERSION, AdapterUpdate, Error, Gradients, Kind, Welcome, encode
+from edgesplit.server.aggregate import fedavg
 from edgesplit.server.checkpoint import load_latest
 from edgesplit.server.guards import MAX_NUM_SAMPLES
 from edgesplit.server.transport import REFUSALS_LOGGED_PER_WINDOW
@@ -145,6 +147,45 @@ def test_poisoned_steps_and_updates_are_dropped_and_the_round_closes(artifacts, 
     assert refused == {"poisoner", *(f"attacker-{i}" for i in range(len(attacks)))}
     (update,) = [r for r in records if r["event"] == "update"]
     assert update["client_id"] == "honest"  # a client metric named "id" does not replace it
+
+
+def test_the_checkpoint_is_the_average_of_the_updates_the_metrics_record_as_accepted(artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two updates accepted with different counts, one dropped in the same round: the checkpoint's global
+    adapters are FedAvg of exactly those the `round` record names, with its counts."""
+    manifest = load_manifest(artifacts, verify=False)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    step = encode(activations(manifest))
+    sent = {"a": (adapters(manifest, 0.01), 8), "b": (adapters(manifest, 0.03), 24)}
+
+    def join(name: str, frame: bytes) -> threading.Thread:
+        thread = threading.Thread(target=probe, args=(url, hello_frame(name, manifest), step, frame))
+        thread.start()
+        return thread
+
+    with Processes() as run:
+        server = run.start("server", serve_command(artifacts, port, tmp_path, rounds=1, steps=1, min_clients=2))
+        server.wait_for("listening on")
+        # "evil" and "a" make the quorum; evil's update is dropped before "b" joins, so the round holds all three.
+        evil, first = join("evil", update_frame(8, adapters(manifest, 1e30))), join("a", update_frame(8, sent["a"][0]))
+        evil.join(120)
+        second = join("b", update_frame(24, sent["b"][0]))
+        first.join(120)
+        second.join(120)
+        assert server.wait(120) == 0, server.output
+
+    records = read_jsonl(tmp_path / "server.jsonl")
+    (closed,) = [r for r in records if r["event"] == "round"]
+    dropped = [r for r in records if r["event"] == "refused" and r["code"] == "bad_tensor"]
+    assert sorted(closed["clients"]) == ["a", "b"] and closed["num_samples"] == {"a": 8, "b": 24}
+    assert [(r["client_id"], r["round"]) for r in dropped] == [("evil", 0)]
+    checkpoint = load_latest(tmp_path / "ckpt")
+    assert checkpoint is not None and set(checkpoint.updates) == {"a", "b"}
+    accepted = [(checkpoint.updates[name], closed["num_samples"][name]) for name in closed["clients"]]
+    expected = fedavg(accepted)
+    for name, array in checkpoint.global_adapters.items():
+        np.testing.assert_array_equal(array, expected[name])
+        np.testing.assert_allclose(array, (0.01 * 8 + 0.03 * 24) / 32, rtol=1e-6)  # not either client's alone
 
 
 def test_a_failed_checkpoint_write_stops_the_server_and_tells_the_clients(artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
