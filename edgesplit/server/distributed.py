@@ -31,6 +31,7 @@ default group: NCCL between GPUs, gloo on the CPU.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -120,6 +121,13 @@ def share_step(
     return results
 
 
+def first_sentence(error: BaseException) -> str:
+    """A collective's error, said in a line: gloo's "[.../pair.cc:553] Connection closed by peer [addr]. This is
+    typically ..." -> "Connection closed by peer [addr]"."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return (text.split(". ")[0] or type(error).__name__)[:200]
+
+
 def _on_cpu(value: Any) -> Any:
     """A state dict with every tensor on the CPU, to pickle for another rank (its load puts them on its device)."""
     if isinstance(value, torch.Tensor):
@@ -160,7 +168,7 @@ class RankGroup:
 
 class DistributedTailWorker(BatchingTailWorker):
     """Rank 0's tail worker: gathers steps as BatchingTailWorker does, and runs each batch across the ranks.
-    `rank_busy_seconds[r]`: the seconds rank r spent on its shares, for the metrics endpoint."""
+    `stats.rank_busy_seconds[r]`: the seconds rank r spent on its shares, for the metrics endpoint."""
 
     def __init__(
         self,
@@ -177,8 +185,8 @@ class DistributedTailWorker(BatchingTailWorker):
         self.synced = False  # whether the replicas hold rank 0's tail state
         self.lost: str | None = None  # why the ranks can no longer be reached, once they cannot
         self.on_lost: Callable[[str], None] | None = None  # told once, on the worker thread
-        self.rank_busy_seconds = [0.0] * group.size
         super().__init__(self._step, self._batch, max_batch_clients, window_s, idle_seconds=heartbeat_s)
+        self.stats.rank_busy_seconds = [0.0] * group.size
 
     def _step(self, tensors: Step, cut_layer: int | None) -> StepOutcome:
         return self._batch([tensors], cut_layer)[0]
@@ -210,7 +218,7 @@ class DistributedTailWorker(BatchingTailWorker):
         assert gathered is not None
         outcomes: list[StepOutcome] = []
         for rank, (rank_results, rank_busy) in enumerate(gathered):
-            self.rank_busy_seconds[rank] += rank_busy
+            self.stats.rank_busy_seconds[rank] += rank_busy
             outcomes.extend(StepOutcome(loss, grads) for loss, grads in rank_results)
         return outcomes
 
@@ -228,9 +236,8 @@ class DistributedTailWorker(BatchingTailWorker):
     def _lose(self, error: BaseException) -> str:
         if self.lost is None:
             self.lost = (
-                f"a tail worker rank stopped answering ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "its own output says why. The run cannot go on without it: restart the server (it resumes "
-                "from --checkpoint-dir)"
+                f"a tail worker rank stopped answering ({first_sentence(error)}); its own output says why. The "
+                "run cannot go on without it: restart the server (it resumes from --checkpoint-dir)"
             )
             if self.on_lost is not None:
                 self.on_lost(self.lost)
@@ -252,7 +259,7 @@ def serve_rank(tail: Tail, group: RankGroup, say: Callable[[str], None]) -> int:
         try:
             command = group.command()
         except Exception as error:
-            say(f"lost rank 0 ({type(error).__name__}: {str(error).splitlines()[0][:200]}); stopping")
+            say(f"lost rank 0 ({first_sentence(error)}); stopping")
             return 1
         kind = command[0]
         if kind == "stop":
@@ -271,5 +278,5 @@ def serve_rank(tail: Tail, group: RankGroup, say: Callable[[str], None]) -> int:
                     continue  # every rank saw it; rank 0 runs the steps again one at a time
                 group.gather((results, time.perf_counter() - started))
             except Exception as error:
-                say(f"lost the other ranks mid-step ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+                say(f"lost the other ranks mid-step ({first_sentence(error)}); stopping")
                 return 1

@@ -112,10 +112,11 @@ def free_loopback_port() -> int:
 
 
 @contextlib.contextmanager
-def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str]) -> Iterator[Any]:
+def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str], output: Any = None) -> Iterator[Any]:
     """Start the other ranks if this process is to (--workers), join the process group, and yield its
     RankGroup (None with one worker); on the way out, wait for the ranks started here (or stop them).
-    `config` is this rank's (rank_config); `argv`: the serve command line the other ranks run too."""
+    `config` is this rank's (rank_config); `argv`: the serve command line the other ranks run too; `output`:
+    where the ranks started here write (default: this process's stdout)."""
     if not plan.distributed:
         yield None
         return
@@ -131,7 +132,8 @@ def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str]) ->
         os.environ.update({**environment, "RANK": "0", "LOCAL_RANK": "0"})
         for rank in range(1, plan.size):
             env = {**os.environ, **environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            children.append(subprocess.Popen([sys.executable, "-m", "edgesplit", "serve", *argv], env=env))
+            command = [sys.executable, "-m", "edgesplit", "serve", *argv]
+            children.append(subprocess.Popen(command, env=env, stdout=output))
         threading.Thread(target=_watch_start, args=(children, joined), daemon=True).start()
     backend = "nccl" if config.device.startswith("cuda") else "gloo"  # config: rank_config's, this rank's device
     timeout = timedelta(seconds=config.worker_timeout_s)

@@ -26,7 +26,7 @@ from edgesplit.server.scaleout import plan_workers
 from edgesplit.server.server import Server
 
 CLIENTS = ("a", "b", "c", "d")
-ROUNDS, STEPS = 2, 3
+ROUNDS, STEPS = 2, 2
 SCHEDULE = ("--max-batch-clients", "4", "--batch-window-ms", "10000")
 
 
@@ -82,12 +82,15 @@ def test_two_gloo_workers_train_four_clients_to_the_checkpoint_one_worker_trains
     expected, got = load_latest(one / "ckpt"), load_latest(two / "ckpt")
     assert expected is not None and got is not None and expected.round == got.round == ROUNDS
     initial = Server(ServerConfig(artifacts=artifacts, port=0, device="cpu"))  # where training started
-    moved = 0.0
+    moved = differ = 0.0
     for name, value in expected.tail_lora.items():
         np.testing.assert_allclose(got.tail_lora[name], value, rtol=0, atol=1e-5, err_msg=name)
         moved = max(moved, float(np.abs(value - initial.tail.lora_state()[name]).max()))
+        differ = max(differ, float(np.abs(value - got.tail_lora[name]).max()))
     for name, value in expected.global_adapters.items():
         np.testing.assert_allclose(got.global_adapters[name], value, rtol=0, atol=1e-5, err_msg=name)
+        differ = max(differ, float(np.abs(value - got.global_adapters[name]).max()))
+    print(f"largest difference between the runs' adapters {differ:.2e}; the tail's largest move {moved:.2e}")
     assert moved > 1e-2  # the comparison is of adapters that trained, not of two untouched ones
 
 
@@ -112,3 +115,32 @@ def test_bad_worker_settings_are_refused_before_anything_loads(tmp_path) -> None
     plan = plan_workers(ServerConfig(artifacts=tmp_path, device="cpu"), torchrun)
     assert (plan.rank, plan.size, plan.local_rank, plan.spawn) == (1, 2, 1, False)
     assert plan_workers(ServerConfig(artifacts=tmp_path, workers=2, device="cpu"), {}).spawn
+
+
+def test_a_rank_that_dies_ends_the_run_with_a_line_saying_so(tiny_artifacts, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import psutil
+
+    artifacts = tiny_artifacts("llama", 1)
+    with Processes() as run:
+        extra = ["--workers", "2", "--device", "cpu", "--worker-timeout", "4"]  # rank 0 pings every second while idle
+        server = run.start("server", serve_command(artifacts, free_port(), tmp_path, rounds=1, extra=extra))
+        server.wait_for(r"listening on")
+        server.wait_for(r"\[worker 1\] tail replica on")
+        (rank_1,) = psutil.Process(server.process.pid).children()
+        rank_1.kill()
+        assert server.wait(30) == 1, server.output  # not a hang: within a ping or two
+        assert "a tail worker rank stopped answering" in server.output
+        assert "Traceback" not in server.output
+
+
+def test_the_metrics_endpoint_shows_each_ranks_busy_seconds() -> None:
+    pytest.importorskip("prometheus_client")
+    from edgesplit.server.metrics import RoundProgress, StepTimes, _Collector
+    from edgesplit.server.workers import WorkerStats
+
+    stats = WorkerStats(rank_busy_seconds=[1.5, 2.25])
+    families = {f.name: f for f in _Collector(stats, lambda: 0, RoundProgress, StepTimes()).collect()}
+    samples = {s.labels.get("rank"): s.value for s in families["edgesplit_worker_busy_seconds"].samples}
+    assert samples == {"0": 1.5, "1": 2.25}
+    one_worker = _Collector(WorkerStats(), lambda: 0, RoundProgress, StepTimes()).collect()
+    assert "edgesplit_worker_busy_seconds" not in {family.name for family in one_worker}
