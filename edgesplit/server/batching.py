@@ -63,12 +63,7 @@ class BatchingTailWorker:
     """One worker thread, like ThreadTailWorker, that batches steps of the same key (module docstring)."""
 
     def __init__(
-        self,
-        step_function: StepFunction,
-        batch_function: BatchFunction,
-        max_batch_clients: int,
-        window_s: float,
-        idle_seconds: float | None = None,
+        self, step_function: StepFunction, batch_function: BatchFunction, max_batch_clients: int, window_s: float
     ) -> None:
         if max_batch_clients < 1 or window_s < 0:
             raise ValueError("a batch holds at least one step, and its window is not negative")
@@ -76,7 +71,6 @@ class BatchingTailWorker:
         self.batch_function = batch_function
         self.max_batch_clients = max_batch_clients
         self.window_s = window_s
-        self.idle_seconds = idle_seconds  # None: never woken without work (the distributed worker's heartbeat)
         self.stats = WorkerStats()
         self._queue: deque[_Item] = deque()
         self._condition = threading.Condition()
@@ -117,29 +111,18 @@ class BatchingTailWorker:
     def _serve(self) -> None:
         while True:
             with self._condition:
-                if not self._queue and not self._closed:
-                    self._condition.wait(self.idle_seconds)
+                while not self._queue and not self._closed:
+                    self._condition.wait()
                 if not self._queue:
-                    if self._closed:
-                        return  # closed, and nothing left
-                    idle = True
-                else:
-                    idle = False
-                    first = self._queue.popleft()
-                    batch = [first] if first.job is None else self._gather(first)
-            if idle:
-                self._idle()  # the lock released: a subclass may talk to other processes here
-                continue
+                    return  # closed, and nothing left
+                first = self._queue.popleft()
+                batch = [first] if first.job is None else self._gather(first)
             started = time.perf_counter()
             if first.job is None:
                 self._run_work(first, started)
             else:
                 self._run_steps(batch, started)
             self.stats.busy_seconds += time.perf_counter() - started
-
-    def _idle(self) -> None:
-        """Called on the worker thread after `idle_seconds` without work (or a wake-up with none): nothing here;
-        the distributed worker (distributed.py) tells its ranks it is alive."""
 
     def _gather(self, first: _Item) -> list[_Item]:
         """The steps that go with `first` (the lock held): same key, none from behind a barrier, at most

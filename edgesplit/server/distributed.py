@@ -20,9 +20,10 @@ gradient not finite, an error) sets the flag, every rank sees it after the all-r
 and the batching worker runs the steps again one at a time, as it does for one worker.
 
 Other work (aggregation, evaluation, checkpoint) runs on rank 0 alone; rank 0's tail is the reference, and
-its state (LoRA and AdamW moments) goes to the replicas before the next step after it ("sync"). While idle,
-rank 0 sends a "ping" every few seconds, so that each collective can have a timeout: a rank that dies or
-stops answering ends the run with one line saying so (`on_lost`), and the other ranks stop.
+its state (LoRA and AdamW moments) goes to the replicas before the next step after it ("sync"). Whenever a
+few seconds pass without a step (idle, or busy evaluating), a thread of rank 0 sends a "ping", so that each
+collective can have a timeout: a rank that dies or stops answering ends the run with one line saying so
+(`on_lost`), and the other ranks stop.
 
 The control messages go over a gloo group (pickled Python objects on the CPU); the gradients over the
 default group: NCCL between GPUs, gloo on the CPU.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -184,9 +186,15 @@ class DistributedTailWorker(BatchingTailWorker):
         self.group = group
         self.synced = False  # whether the replicas hold rank 0's tail state
         self.lost: str | None = None  # why the ranks can no longer be reached, once they cannot
-        self.on_lost: Callable[[str], None] | None = None  # told once, on the worker thread
-        super().__init__(self._step, self._batch, max_batch_clients, window_s, idle_seconds=heartbeat_s)
+        self.on_lost: Callable[[str], None] | None = None  # told once, on the worker or the pinging thread
+        self.heartbeat_s = heartbeat_s
+        self._wire = threading.Lock()  # one exchange with the ranks at a time: a step's, or a ping
+        self._closing = threading.Event()
+        self._last_exchange = time.monotonic()
+        super().__init__(self._step, self._batch, max_batch_clients, window_s)
         self.stats.rank_busy_seconds = [0.0] * group.size
+        self._pinger = threading.Thread(target=self._ping, name="tail-ranks-ping", daemon=True)
+        self._pinger.start()
 
     def _step(self, tensors: Step, cut_layer: int | None) -> StepOutcome:
         return self._batch([tensors], cut_layer)[0]
@@ -198,6 +206,13 @@ class DistributedTailWorker(BatchingTailWorker):
         if min(counts) == 0:
             raise TrainingError("a batched step has no target token: its loss is not defined; nothing was applied")
         total = sum(counts)
+        with self._wire:
+            return self._exchange(steps, cut_layer, total)
+
+    def _exchange(self, steps: Sequence[Step], cut_layer: int | None, total: int) -> list[StepOutcome]:
+        """One step across the ranks (the module docstring's protocol), under the wire lock."""
+        if self.lost is not None:
+            raise EdgesplitError(self.lost)
         try:
             if not self.synced:
                 self.group.command(("sync", _on_cpu(self.tail.state_dict())))
@@ -205,16 +220,15 @@ class DistributedTailWorker(BatchingTailWorker):
             self.group.command(("step", cut_layer, self.train_head, total))
             mine = self.group.scatter(shares(steps, self.group.size))
             started = time.perf_counter()
-            try:
-                results = share_step(self.tail, mine, total, self.train_head, cut_layer, self.group.gradients)
-            except TrainingError:
-                raise  # every rank raised it: nothing applied anywhere, the ranks are still in step
+            results = share_step(self.tail, mine, total, self.train_head, cut_layer, self.group.gradients)
             busy = time.perf_counter() - started
             gathered = self.group.gather((results, busy))
         except TrainingError:
-            raise
+            raise  # every rank raised it after the all-reduce: nothing applied anywhere, the ranks still in step
         except Exception as error:  # a collective failed or timed out: a rank is gone
             raise EdgesplitError(self._lose(error)) from None
+        finally:
+            self._last_exchange = time.monotonic()
         assert gathered is not None
         outcomes: list[StepOutcome] = []
         for rank, (rank_results, rank_busy) in enumerate(gathered):
@@ -226,12 +240,19 @@ class DistributedTailWorker(BatchingTailWorker):
         super()._run_work(item, started)
         self.synced = False  # the work may have changed rank 0's tail (a mixed-cut aggregation, a resume)
 
-    def _idle(self) -> None:
-        if self.lost is None:
-            try:
-                self.group.command(("ping",))
-            except Exception as error:
-                self._lose(error)
+    def _ping(self) -> None:
+        """On a thread of its own: a ping to the ranks whenever heartbeat_s pass without an exchange, so that
+        their waits (and rank 0's) can time out, idle or not (an evaluation on rank 0 may take minutes)."""
+        while not self._closing.wait(self.heartbeat_s / 2):
+            with self._wire:
+                quiet = time.monotonic() - self._last_exchange >= self.heartbeat_s
+                if self.lost is not None or self._closing.is_set() or not quiet:
+                    continue
+                self._last_exchange = time.monotonic()
+                try:
+                    self.group.command(("ping",))
+                except Exception as error:
+                    self._lose(error)
 
     def _lose(self, error: BaseException) -> str:
         if self.lost is None:
@@ -245,6 +266,8 @@ class DistributedTailWorker(BatchingTailWorker):
 
     def close(self) -> None:
         super().close()
+        self._closing.set()
+        self._pinger.join()
         if self.lost is None:
             try:
                 self.group.command(("stop",))
