@@ -34,6 +34,8 @@ from edgesplit.server.batching import BatchingTailWorker, build_worker
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.workers import ThreadTailWorker
 
+MEETING_TIMEOUT = timedelta(minutes=10)  # how long the ranks wait for each other to start
+
 
 @dataclass(frozen=True)
 class WorkerPlan:
@@ -138,10 +140,13 @@ def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str], ou
     backend = "nccl" if config.device.startswith("cuda") else "gloo"  # config: rank_config's, this rank's device
     timeout = timedelta(seconds=config.worker_timeout_s)
     try:
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        # The ranks' meeting may wait for slow starts (imports on a loaded machine, another node booting); the
+        # groups the run uses time out after --worker-timeout.
+        dist.init_process_group(backend, init_method="env://", timeout=max(timeout, MEETING_TIMEOUT))
         joined.set()
-        control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
-        yield RankGroup(control, dist.group.WORLD)
+        control = dist.new_group(backend="gloo", timeout=timeout)
+        gradients = dist.new_group(backend=backend, timeout=timeout) if backend == "nccl" else control
+        yield RankGroup(control, gradients)
     except BaseException:
         for child in children:  # rank 0 failed: the ranks it started go with it
             child.terminate()
