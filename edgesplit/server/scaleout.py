@@ -91,9 +91,10 @@ def check_devices(config: ServerConfig, plan: WorkerPlan) -> None:
     gpus = torch.cuda.device_count() if config.device in ("cuda", "auto") else 0
     wanted = plan.size if plan.spawn else plan.local_rank + 1  # torchrun: this machine's ranks, up to this one
     if (config.device == "cuda" or gpus > 0) and wanted > gpus:
+        instead = f"--workers {gpus} or fewer, or --device cpu" if gpus else "--device cpu"
         raise EdgesplitError(
             f"{plan.size} workers with --device {config.device} need a GPU each; this machine shows {gpus}: "
-            f"use --workers {max(gpus, 1)} or fewer, or --device cpu"
+            f"use {instead}"
         )
 
 
