@@ -3,6 +3,7 @@
 
     python bench/server_throughput.py [--clients 1 8 32] [--steps 2] [--max-batch-clients 8]
                                       [--batch-window-ms 5] [--threads N] [--work-dir DIR] [--tiny]
+                                      [--workers 1 2]
 
 The server side is the real one: the split strategy (its Tail, on the CPU in fp32) behind the worker
 `edgesplit serve` builds (ThreadTailWorker, or BatchingTailWorker for K > 1). The clients are simulated: N
@@ -11,6 +12,11 @@ tail is never idle, so the figure is the tail's capacity, not the clients'), `--
 activations recorded once from the real head (ONNX Runtime) on E2E batches. The websocket and the wire
 are left out: they cost the same batched or not. A step's latency is from its submission to its result,
 the queue included.
+
+`--workers 1 2` also runs the batched mode over tail worker ranks (`serve --workers N`: this process is rank 0
+with a DistributedTailWorker and starts the other ranks as `edgesplit serve` does, gloo on the CPU): each
+batch of K steps is shared between the N ranks, whose gradients are all-reduced. The torch threads (--threads,
+or torch's choice) are split evenly between the ranks, so that N workers use the cores one worker used.
 
 The model is SmolLM2-135M cut at layer 4 with batches of 4 x 128 tokens (exported once into --work-dir);
 `--tiny` takes a tiny random Llama (3 layers, hidden 32) with batches of 2 x 16, for a check in seconds. A
@@ -173,6 +179,46 @@ def measure(
     return asyncio.run(run())
 
 
+def measure_workers(
+    strategy: Any, replay: list[dict[str, np.ndarray]], args: argparse.Namespace, workers: int, threads: int
+) -> list[dict[str, Any]]:
+    """The batched mode with the tail's steps shared between `workers` ranks, for each client count."""
+    import torch
+
+    from edgesplit.server.config import ServerConfig
+    from edgesplit.server.distributed import DistributedTailWorker
+    from edgesplit.server.scaleout import WorkerPlan, worker_ranks
+
+    per_rank = max(1, threads // workers)
+    torch.set_num_threads(per_rank)
+    root = strategy.tail.root
+    config = ServerConfig(artifacts=root, device="cpu", threads=per_rank, workers=workers)
+    argv = ["--artifacts", str(root), "--device", "cpu", "--workers", str(workers), "--threads", str(per_rank)]
+    records = []
+    # The ranks' lines go to stderr with the progress: stdout is the JSON's.
+    with worker_ranks(config, WorkerPlan(0, workers, 0, spawn=True), argv, output=sys.stderr) as ranks:
+        window_s = args.batch_window_ms / 1000
+        worker = DistributedTailWorker(strategy.tail, True, ranks, args.max_batch_clients, window_s)
+        try:
+            for clients in args.clients:
+
+                async def run(clients: int = clients) -> dict[str, Any]:
+                    await drive(worker, 1, 1, replay)  # warm-up, and the replicas' first sync
+                    busy_before = list(worker.stats.rank_busy_seconds)
+                    record = await drive(worker, clients, args.steps, replay)
+                    busy = [b - a for a, b in zip(busy_before, worker.stats.rank_busy_seconds, strict=True)]
+                    record["rank_busy_fraction"] = [round(b / record["seconds"], 3) for b in busy]
+                    return record
+
+                record = {"clients": clients, "mode": "batched", "max_batch_clients": args.max_batch_clients}
+                records.append({**record, "workers": workers, "threads_per_rank": per_rank, **asyncio.run(run())})
+                print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+        finally:
+            worker.close()
+    torch.set_num_threads(threads)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients to try")
@@ -182,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--work-dir", type=Path, help="where the export is kept between runs (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, 2 x 16 tokens: a quick check")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="also the batched mode over N tail worker ranks"
+    )
     args = parser.parse_args(argv)
-    if min(args.clients) < 1 or args.steps < 1 or args.max_batch_clients < 2:
-        parser.error("--clients and --steps must be at least 1, --max-batch-clients at least 2")
+    if min(args.clients) < 1 or args.steps < 1 or args.max_batch_clients < 2 or min(args.workers) < 1:
+        parser.error("--clients, --steps and --workers must be at least 1, --max-batch-clients at least 2")
     import torch
 
     from edgesplit.server.strategies.base import StrategyOptions
@@ -201,9 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     for clients in args.clients:
         for mode, batch in (("unbatched", 1), ("batched", args.max_batch_clients)):
             record = measure(strategy, replay, clients, args.steps, batch, args.batch_window_ms / 1000)
-            results.append({"clients": clients, "mode": mode, "max_batch_clients": batch, **record})
+            results.append({"clients": clients, "mode": mode, "max_batch_clients": batch, "workers": 1, **record})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress; the JSON goes to stdout
-    per_second = {(r["clients"], r["mode"]): r["steps_per_second"] for r in results}
+    threads = torch.get_num_threads()
+    for workers in sorted(set(args.workers) - {1}):
+        results += measure_workers(strategy, replay, args, workers, threads)
+    per_second = {(r["clients"], r["mode"]): r["steps_per_second"] for r in results if r["workers"] == 1}
+    over_one = {
+        f"{r['workers']} workers, {r['clients']} clients": round(r["steps_per_second"] / one, 2)
+        for r in results
+        if r["workers"] > 1 and (one := per_second[r["clients"], "batched"])
+    }
     ratios = {str(n): round(per_second[n, "batched"] / per_second[n, "unbatched"], 2) for n in args.clients}
     batch_size, seq, _ = strategy.manifest.activations_shape
     report = {
@@ -218,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             "batch_window_ms": args.batch_window_ms,
             "device": "cpu",
             "dtype": "fp32",
+            "torch_threads": threads,  # one worker's; N ranks take threads // N each
+            "workers": sorted(set(args.workers)),
         },
         "results": results,
         "batched_over_unbatched": ratios,
+        "workers_over_one_worker_batched": over_one,  # steps/s of N ranks over one worker, both batched
         "bar": {
             "clients": BAR_CLIENTS,
             "ratio": BAR_RATIO,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from pathlib import Path
 
 from edgesplit.errors import EdgesplitError
 from edgesplit.server.metrics import check_metrics_available
 from edgesplit.server.placement import choose_placement
 from edgesplit.server.robust import AGGREGATIONS
+from edgesplit.server.scaleout import plan_workers, rank_config, serve_worker_rank, worker_ranks
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
 from edgesplit.server.strategies import FRAMEWORKS
 
@@ -118,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --max-batch-clients > 1: how long a step waits for others to join its batch",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tail worker processes (torch.distributed ranks: gloo on the CPU, one per GPU with NCCL) that "
+        "share each batch of --max-batch-clients steps; under torchrun, its ranks (docs/architecture.md)",
+    )
+    parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=300.0,
+        help="with --workers: seconds a rank waits on the others before the run ends, saying which",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the prometheus-client package)",
@@ -163,16 +178,25 @@ def main(argv: list[str] | None = None) -> int:
             aggregation=args.aggregation,
             trim_fraction=args.trim_fraction,
             clip_norm=args.clip_norm,
+            workers=args.workers,
+            worker_timeout_s=args.worker_timeout,
         )
     except ValueError as error:  # a flag combination the config refuses: say it as argparse would
         parser.error(str(error))
-    check_port_free(config.host, config.port)  # before the tail loads: a taken port is said in a second
-    if config.metrics_port is not None:
-        check_metrics_available()
-        check_port_free(config.host, config.metrics_port)
-    if config.framework == "split":  # the frameworks that train on the device have no tail to place
-        print(f"[server] the tail runs on {choose_placement(config.device, config.dtype).describe()}", flush=True)
-    server = run_server(config)
+    plan = plan_workers(config)  # --workers, or the ranks torchrun started: checked before anything loads
+    if plan.rank == 0:
+        check_port_free(config.host, config.port)  # before the tail loads: a taken port is said in a second
+        if config.metrics_port is not None:
+            check_metrics_available()
+            check_port_free(config.host, config.metrics_port)
+    config = rank_config(config, plan)  # rank r's own GPU
+    with worker_ranks(config, plan, sys.argv[2:] if argv is None else argv) as ranks:
+        if plan.rank > 0:
+            return serve_worker_rank(config, plan, ranks)
+        if config.framework == "split":  # the frameworks that train on the device have no tail to place
+            where = choose_placement(config.device, config.dtype).describe()
+            print(f"[server] the tail runs on {where}{plan.describe()}", flush=True)
+        server = run_server(config, ranks)
     print(finished_line(server.round, server.last_eval_loss))
     return 0
 

@@ -53,6 +53,8 @@ class ServerConfig:
     aggregation: str = "fedavg"  # a name in robust.AGGREGATIONS, with its parameters below
     trim_fraction: float = 0.1
     clip_norm: float = 1.0
+    workers: int = 1  # tail worker ranks (torch.distributed; scaleout.py); under torchrun its world's size
+    worker_timeout_s: float = 300.0  # how long a rank waits on the others before the run ends
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1 or self.steps_per_round < 1:
@@ -75,6 +77,15 @@ class ServerConfig:
             raise ValueError(f"--batch-window-ms must be between 0 and 10000, got {self.batch_window_ms}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers > 1 and self.framework != "split":
+            raise ValueError(
+                f"--workers spreads the server's tail over ranks; --framework {self.framework} trains on the "
+                "devices only and has none: leave --workers out"
+            )
+        if not self.worker_timeout_s > 0:
+            raise ValueError("--worker-timeout must be positive")
         self.aggregation_rule()  # raises on an unknown rule or a parameter out of range
         if self.aggregation != "fedavg" and self.framework == "kd":
             raise ValueError("--aggregation applies to the split and fedllm frameworks; kd averages probabilities")

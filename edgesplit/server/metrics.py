@@ -12,6 +12,8 @@ http://HOST:PORT/metrics (HOST is --host). prometheus-client is an optional extr
     edgesplit_rounds_total                 the rounds of the run
     edgesplit_round_steps_taken            steps the tail took in the open round, all clients together
     edgesplit_round_updates_received       adapter updates the open round has
+    edgesplit_worker_busy_seconds_total    with --workers N: seconds each rank (label `rank`) spent on its shares
+                                           of the steps (rate: that rank's utilisation)
 
 The numbers are read when scraped: the worker's counters directly (each written by the worker thread only),
 the round's progress from a snapshot the event loop refreshes (`RoundProgress`), so the HTTP thread never
@@ -90,6 +92,13 @@ class _Collector:
         )
         for name, text, value in counters:
             yield CounterMetricFamily(name, text, value=value)
+        if stats.rank_busy_seconds:
+            ranks = CounterMetricFamily(
+                "edgesplit_worker_busy_seconds", "seconds each tail worker rank spent on its shares", labels=["rank"]
+            )
+            for rank, seconds in enumerate(list(stats.rank_busy_seconds)):
+                ranks.add_metric([str(rank)], seconds)
+            yield ranks
         gauges = (
             ("edgesplit_tail_queue_depth", "pieces of work waiting for the tail", self.queue_depth()),
             ("edgesplit_clients_connected", "clients that are members of the run", progress.clients_connected),

@@ -425,4 +425,6 @@ TRANSITIONS: dict[tuple[Phase, type[Any]], _Handler] = {
     (Phase.CLOSING, Aggregated): RoundEngine._aggregated,
     (Phase.CLOSING, RoundSaved): RoundEngine._saved,
     (Phase.CLOSING, RoundFailed): RoundEngine._failed,
+    # A tail worker rank lost mid-round (scaleout.py): the run cannot go on either.
+    **{(phase, RoundFailed): RoundEngine._failed for phase in (Phase.GATHERING, Phase.TRAINING)},
 }

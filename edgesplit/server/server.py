@@ -40,7 +40,6 @@ from edgesplit.client.protocol import (
 from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 from edgesplit.server import round_events as events
 from edgesplit.server.admission import Admission, Refused
-from edgesplit.server.batching import build_worker
 from edgesplit.server.checkpoint import Checkpoint, load_latest, remove_partial, save_checkpoint
 from edgesplit.server.config import ServerConfig
 from edgesplit.server.guards import check_finite_state, check_result, update_problem
@@ -49,6 +48,7 @@ from edgesplit.server.progress import StepProgress
 from edgesplit.server.records import RunRecords
 from edgesplit.server.round_events import CLOSE_POLICY, StepEnd
 from edgesplit.server.rounds import RoundEngine
+from edgesplit.server.scaleout import build_tail_worker, on_worker_lost
 from edgesplit.server.strategies import (
     Arrays,
     Strategy,
@@ -89,7 +89,8 @@ class _Stop(Exception):  # the engine has nothing more for this connection: end 
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, ranks: Any = None) -> None:
+        """`ranks`: the tail worker ranks' group, on rank 0 of `serve --workers N` (scaleout.py); None: one worker."""
         self.config = config
         self.manifest = load_manifest(config.artifacts)
         # A mixed-cut export: the deepest cut's client sends and receives the most adapters.
@@ -102,7 +103,7 @@ class Server:
         self.strategy: Strategy = build_strategy(config.framework, config.strategy_options())
         self.head = self.strategy.head
         self.metrics = JsonlWriter(config.metrics_out)
-        self.worker = build_worker(self.strategy, config.max_batch_clients, config.batch_window_ms / 1000)
+        self.worker = build_tail_worker(self.strategy, config, ranks)
         self.tokens = dict(config.tokens)
         self.connections: dict[int, Connection] = {}
         self.finished = asyncio.Event()  # set when the run is over (tests set it to stop a server)
@@ -208,6 +209,7 @@ class Server:
             for warning in startup_warnings(config.host, config.tls_cert, bool(self.tokens)):
                 print(f"[server] warning: {warning}", flush=True)
             self.port = port
+            on_worker_lost(self.worker, lambda reason: self._dispatch(events.RoundFailed(self.round, reason)))
             self.records.start_endpoint(self.worker)
             if self.strategy.eval_set is not None and self.round == 0:  # the untrained model's score
                 before = (await self.worker.submit(self.strategy.evaluate)).unwrap() or 0.0
@@ -482,7 +484,7 @@ class Server:
         self._dispatch(events.TokensRevoked(revoked))
 
 
-def run_server(config: ServerConfig) -> Server:
-    server = Server(config)
+def run_server(config: ServerConfig, ranks: Any = None) -> Server:
+    server = Server(config, ranks)
     asyncio.run(server.serve())
     return server

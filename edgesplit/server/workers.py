@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
@@ -93,6 +93,8 @@ class WorkerStats:
     steps: int = 0
     batches: int = 0
     busy_seconds: float = 0.0
+    # With tail worker ranks (distributed.py): the seconds each rank spent on its shares of the steps.
+    rank_busy_seconds: list[float] = field(default_factory=list)
 
     def record_batch(self, steps: int) -> None:
         self.steps += steps
