@@ -3,7 +3,7 @@
 Prints one JSON object.
 
     python bench/aggregation.py [--rules fedavg,median,trimmed-mean,clipped] [--clients 4] [--rounds 3]
-                                [--steps 8] [--model tiny | smollm2-135m] [--work-dir runs/bench-aggregation]
+                                [--steps 8] [--repeats 1] [--model tiny | smollm2-135m] [--work-dir DIR]
 
 - `--model tiny` (the default): the tests' tiny random Llama (as bench/load.py), each client on its own
   seeded sample of load.py's word task, evaluated on a held-out sample: seconds a run.
@@ -11,8 +11,11 @@ Prints one JSON object.
   slice of E2E's training set, evaluated on the first 64 lines of E2E's test set (the server's --eval-data,
   --eval-batches 8): minutes a run.
 - Each run: one `edgesplit serve` and --clients `edgesplit client` processes on loopback, --rounds rounds of
-  --steps steps, --trim-fraction 0.25 (with 4 clients: one value trimmed at each end) and --clip-norm 1.0
-  (the defaults otherwise). Reported per rule: the eval loss before training and after each round.
+  --steps steps, learning rate 3e-3, --trim-fraction 0.25 (with 4 clients: one value trimmed at each end) and
+  --clip-norm 1.0 (the defaults otherwise). Reported per rule and run: the eval loss before training and
+  after each round, and how far each round moved the global adapters (L2 norm, from the checkpoints). The
+  tail trains on the steps in the order they arrive, so two runs of one rule differ: --repeats shows by how
+  much.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def one_rule(
     port = free_port()
     extra = ["--threads", "1", "--aggregation", rule, "--trim-fraction", "0.25", "--clip-norm", "1.0"]
     extra += ["--eval-data", str(eval_data), "--eval-batches", "8", "--seed", "0", "--learning-rate", "3e-3"]
+    extra += ["--checkpoint-dir", str(run / "ckpt")]
     command = serve_command(
         artifacts, port, run / "server.jsonl", rounds=rounds, min_clients=len(shares), steps=steps, extra=extra
     )
@@ -100,11 +104,29 @@ def one_rule(
     before = [r["eval_loss"] for r in records if r["event"] == "eval" and r.get("when") == "before_training"]
     after = [r["eval_loss"] for r in records if r["event"] == "round"]
     return {
+        "global_change_l2_by_round": change_norms(run / "ckpt", artifacts, rounds),
         "eval_loss_before": round(before[0], 4) if before else None,
         "eval_loss_by_round": [round(loss, 4) for loss in after],
         "client_exits": codes,
         "server_exit": server_code,
     }
+
+
+def change_norms(checkpoints: Path, artifacts: Path, rounds: int) -> list[float]:
+    """How far each round moved the global adapters (L2 over all of them): what --clip-norm is to exceed."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from edgesplit.server.checkpoint import load_checkpoint
+
+    previous = load_file(str(artifacts / "head_adapters.safetensors"))
+    norms = []
+    for round_number in range(1, rounds + 1):
+        current = load_checkpoint(checkpoints / f"round-{round_number:04d}").global_adapters
+        squares = sum(float(np.sum((current[name].astype(np.float64) - previous[name]) ** 2)) for name in current)
+        norms.append(round(squares**0.5, 4))
+        previous = current
+    return norms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,22 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each run")
     parser.add_argument("--steps", type=int, default=8, help="steps each client takes per round")
     parser.add_argument("--model", default="tiny", choices=("tiny", "smollm2-135m"), help="see above")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each rule: their spread is the noise")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-aggregation")
     args = parser.parse_args(argv)
     rules = args.rules.split(",")
-    if set(rules) - set(RULES) or not 2 <= args.clients <= 8 or not 1 <= args.rounds <= 10 or not 1 <= args.steps <= 50:
-        parser.error(f"--rules from {','.join(RULES)}; --clients 2-8, --rounds 1-10, --steps 1-50")
+    limits = 2 <= args.clients <= 8 and 1 <= args.rounds <= 10 and 1 <= args.steps <= 50 and 1 <= args.repeats <= 5
+    if set(rules) - set(RULES) or not limits:
+        parser.error(f"--rules from {','.join(RULES)}; --clients 2-8, --rounds 1-10, --steps 1-50, --repeats 1-5")
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     examples = args.rounds * args.steps * 4  # at the export's batch size of at most 4: no example seen twice
     artifacts, shares, eval_data = prepare(work, args.model, args.clients, examples)
     load_before = machine()["load_average"]
-    results = {rule: one_rule(work, rule, artifacts, shares, eval_data, args.rounds, args.steps) for rule in rules}
+    results = {
+        rule: [one_rule(work, rule, artifacts, shares, eval_data, args.rounds, args.steps) for _ in range(args.repeats)]
+        for rule in rules
+    }
     report = {
         "model": args.model,
         "clients": args.clients,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
+        "repeats": args.repeats,
         "trim_fraction": 0.25,
         "clip_norm": 1.0,
         "rules": results,
@@ -137,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     print(json.dumps(report, indent=2))
-    return 0 if all(r["server_exit"] == 0 and not any(r["client_exits"]) for r in results.values()) else 1
+    runs = [run for repeats in results.values() for run in repeats]
+    return 0 if all(run["server_exit"] == 0 and not any(run["client_exits"]) for run in runs) else 1
 
 
 if __name__ == "__main__":
