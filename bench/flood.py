@@ -13,6 +13,14 @@ before and during the flood. Prints one JSON object.
   server aborts opens a new one at once, until --flood-seconds have passed.
 - Reported: the server's RSS every 0.5 s (MB, seconds since the flood began), each connection's seconds from
   open to abort, and the honest client's median step time (its metrics' phases summed) before and during.
+
+    python bench/flood.py --bar [--rounds 3] [--steps 20] [--flood-seconds 60] [--aggregation fedavg]
+
+The hardening bar instead (bench/flood_bar.py): the same server run twice with tokens on and two honest
+clients, first alone (its idle-training memory peak), then under every attack of docs/security.md at once
+(flood_bar.py's docstring lists them); whether both honest clients finish every round, the server's peak
+memory over the idle one, and whether each checkpoint is finite and equal to the rule's aggregation of the
+updates the round accepted.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import free_port, machine, serve_command
@@ -39,15 +48,20 @@ REPO = Path(__file__).resolve().parent.parent
 PINGS = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 500  # masked with a zero key, as a client must mask
 
 
-def flood(port: int, until: float, aborted_after: list[float]) -> None:
-    """Open a websocket, flood pings, never read; when the server aborts it, record when and open another."""
-    while time.monotonic() < until:
+def flood(port: int, until: float, aborted_after: list[float], going: Callable[[], bool] = lambda: True) -> None:
+    """Open a websocket, flood pings, never read; when the server aborts it, record when and open another
+    (until `until`, or until going() says the server is gone)."""
+    while time.monotonic() < until and going():
         opened = time.monotonic()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(5.0)
         try:
             sock.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            sock.close()
+            return  # nothing listens on the port any more: the run is over
+        try:
             key = base64.b64encode(os.urandom(16)).decode()
             sock.sendall(
                 f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -55,10 +69,13 @@ def flood(port: int, until: float, aborted_after: list[float]) -> None:
             )
             answer = b""
             while b"\r\n\r\n" not in answer:
-                answer += sock.recv(1024)
+                chunk = sock.recv(1024)
+                if not chunk:
+                    raise ConnectionResetError("closed during the opening handshake")
+                answer += chunk
             sock.settimeout(1.0)
             opened = time.monotonic()
-            while time.monotonic() < until:
+            while time.monotonic() < until and going():
                 try:
                     sock.sendall(PINGS)
                 except TimeoutError:
@@ -89,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=120, help="the honest client's steps (one round)")
     parser.add_argument("--send-timeout", type=float, default=60.0, help="the server's --send-timeout")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-flood")
+    parser.add_argument("--bar", action="store_true", help="the hardening bar: every attack, two honest clients")
+    parser.add_argument("--rounds", type=int, default=3, help="--bar: rounds of the run")
+    parser.add_argument("--aggregation", default="fedavg", help="--bar: the server's --aggregation")
     args = parser.parse_args(argv)
+    if args.bar:
+        from flood_bar import run_bar
+
+        report = run_bar(args.work_dir.resolve(), args.rounds, args.steps, args.flood_seconds, args.aggregation)
+        print(json.dumps({**report, "machine": machine()}, indent=2))
+        return 0 if report["passed"] else 1
     if not 1 <= args.flooders <= 64 or not 0 < args.flood_seconds <= 300 or not 10 <= args.steps <= 500:
         parser.error("--flooders 1-64, --flood-seconds up to 300, --steps 10-500")
     work = args.work_dir.resolve()

@@ -34,15 +34,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Seconds between two redraws of a library's progress bar written to a file rather than a terminal.
+LOG_BAR_INTERVAL_S = 15
+
+
 def quiet_progress_bars_off_terminal(environ: MutableMapping[str, str], stderr: TextIO) -> None:
-    """Where stderr is a log file or a pipe, not a terminal, the libraries' progress bars stay off: a bar
-    redrawn into a file is one line per update (loading a GGUF model wrote hundreds into the demo's log).
-    tqdm and huggingface_hub read these variables when they are first imported, so this runs before any
-    subcommand's imports; a value the user set is kept. Our own bars draw only on a terminal anyway."""
-    if stderr.isatty():
-        return
-    environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own default, as transformers' GGUF loader uses it
-    environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" and downloads
+    """Where stderr is a log file or a pipe, not a terminal, the libraries' tqdm bars (transformers' GGUF
+    dequantisation and weight loading, hub downloads) redraw at most every LOG_BAR_INTERVAL_S seconds: each
+    redraw is a line in a file (loading a GGUF model wrote hundreds into the demo's log), while the first and
+    the last, and a long download's progress, still tell a reader of the log where the work stands. tqdm
+    reads TQDM_MININTERVAL when it is first imported, so this runs before any subcommand's imports; a value
+    the user set is kept. edgesplit's own bars draw only on a terminal."""
+    if not stderr.isatty():
+        environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_INTERVAL_S))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ class Refused(Exception):
 
 
 class Admission:
+    """The server's door: what it knows of connections before and outside the round engine (the Hellos
+    awaited, each connection's cut, the refusal log). Used on the event loop only."""
+
     def __init__(self, config: ServerConfig, manifest: Manifest, metrics: JsonlWriter) -> None:
         self.config = config
         self.manifest = manifest

@@ -18,6 +18,9 @@ from edgesplit.server.workers import TailWorker
 
 
 class RunRecords:
+    """The run's counters for its records: evaluation seconds per round, the steps' summed times, the round's
+    progress as /metrics reports it."""
+
     def __init__(self, config: ServerConfig, metrics: JsonlWriter, export_cut: int) -> None:
         self.config = config
         self.metrics = metrics

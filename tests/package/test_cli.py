@@ -58,28 +58,34 @@ def test_a_device_install_names_the_extra_a_command_needs(command: list[str], ex
     assert f"`edgesplit {command[0]}` needs" in result.stderr
 
 
-# A subcommand stand-in: what transformers' GGUF loader does (tqdm.auto, imported after the command starts).
+# A subcommand stand-in: a bar as transformers' GGUF loader draws one (tqdm.auto, imported after the command
+# starts, no interval of its own), for about a second.
 BAR_AFTER_MAIN = """
-import os, sys
+import os, sys, time
 from edgesplit.cli import quiet_progress_bars_off_terminal
 quiet_progress_bars_off_terminal(os.environ, sys.stderr)
 from tqdm.auto import tqdm
-for _ in tqdm(range(200), desc="de-quantizing", mininterval=0):
-    pass
+for _ in tqdm(range(40), desc="de-quantizing"):
+    time.sleep(0.025)
 """
 
 
-def test_library_progress_bars_stay_out_of_a_log_file(tmp_path: Path) -> None:
+def redraws_into_a_file(script: str, tmp_path: Path) -> str:
     log = tmp_path / "export.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TQDM_")}
     with log.open("w") as handle:
-        subprocess.run([sys.executable, "-c", BAR_AFTER_MAIN], stderr=handle, cwd=REPO, env=env, check=True, timeout=60)
-    assert "de-quantizing" not in log.read_text()
-    # The same bar, without the call: it does write to the file (what the call prevents).
-    without = BAR_AFTER_MAIN.replace("quiet_progress_bars_off_terminal(os.environ, sys.stderr)", "")
-    with log.open("w") as handle:
-        subprocess.run([sys.executable, "-c", without], stderr=handle, cwd=REPO, env=env, check=True, timeout=60)
-    assert "de-quantizing" in log.read_text()
+        subprocess.run([sys.executable, "-c", script], stderr=handle, cwd=REPO, env=env, check=True, timeout=60)
+    return log.read_text()
+
+
+def test_library_progress_bars_redraw_rarely_into_a_log_file(tmp_path: Path) -> None:
+    throttled = redraws_into_a_file(BAR_AFTER_MAIN, tmp_path)
+    assert throttled.count("de-quantizing") <= 2 and "40/40" in throttled  # the first and the last draw
+    # The same bar without the call: a redraw every 0.1 s (what the call prevents).
+    unthrottled = redraws_into_a_file(
+        BAR_AFTER_MAIN.replace("quiet_progress_bars_off_terminal(os.environ, sys.stderr)", ""), tmp_path
+    )
+    assert unthrottled.count("de-quantizing") >= 5
 
 
 def test_a_terminal_or_a_users_setting_is_left_alone() -> None:
@@ -90,6 +96,9 @@ def test_a_terminal_or_a_users_setting_is_left_alone() -> None:
     environ: dict[str, str] = {}
     quiet_progress_bars_off_terminal(environ, Terminal())  # type: ignore[arg-type]
     assert environ == {}
-    environ = {"TQDM_DISABLE": "0"}
+    environ = {"TQDM_MININTERVAL": "1"}
     quiet_progress_bars_off_terminal(environ, io.StringIO())
-    assert environ == {"TQDM_DISABLE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    assert environ == {"TQDM_MININTERVAL": "1"}
+    environ = {}
+    quiet_progress_bars_off_terminal(environ, io.StringIO())
+    assert environ == {"TQDM_MININTERVAL": "15"}
