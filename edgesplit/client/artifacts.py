@@ -45,6 +45,7 @@ MANIFEST_NAME = "manifest.json"
 DEVICE, SERVER = "device", "server"
 HEAD, HEAD_GRAD, TAIL = "head", "head_grad", "tail"  # the stages an export writes today
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
+LAYOUT_DEQUANTIZE = "dequantize-linear"  # Manifest.int8_layout: see edgesplit/export/quantize.py
 
 
 def bucket_stage(stage: str, seq_len: int, max_seq_len: int) -> str:
@@ -233,6 +234,10 @@ class Manifest:
     # What the exporter measured when it ran the written files against the model (export/selfcheck.py):
     # relative errors and seconds. Optional: absent from older manifests.
     self_check: dict[str, Any] | None = None
+    # How an int8 head holds its matmul weights: "dequantize-linear" (blocked DequantizeLinear + MatMul, which
+    # the client runs as int8 dot products or dequantises at load, per CPU) or, absent from older int8
+    # exports, None: MatMulNBits nodes, always int8 dot products. See edgesplit/export/quantize.py.
+    int8_layout: str | None = None
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -385,7 +390,9 @@ class Manifest:
         return digest.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        optional = {} if self.self_check is None else {"self_check": dict(self.self_check)}
+        optional: dict[str, Any] = {} if self.self_check is None else {"self_check": dict(self.self_check)}
+        if self.int8_layout is not None:
+            optional["int8_layout"] = self.int8_layout
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -440,6 +447,7 @@ class Manifest:
             pad_token_id=model.get("pad_token_id"),
             cuts=tuple(CutEntry.from_json(c) for c in raw.get("cuts", ())),
             self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
+            int8_layout=str(raw["int8_layout"]) if raw.get("int8_layout") is not None else None,
         )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
+from edgesplit.client.artifacts import LAYOUT_DEQUANTIZE, Manifest, load_manifest, verify_files
 from edgesplit.client.cpu import CpuFeatures, Route, choose_route, detect
 from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
 from edgesplit.lora_names import GRADIENT_PREFIX
@@ -119,21 +119,35 @@ def _register_shared_arena() -> None:
     _shared_arena_registered = True
 
 
-def head_route(quantize: str, cpu: CpuFeatures) -> tuple[str, str]:
+# Session options per route for such a head (ONNX Runtime's names): the QDQ fusion into MatMulNBits with
+# int8 dot products, or no fusion, so that constant folding dequantises each weight once at load.
+ROUTE_SESSION_CONFIG: dict[Route, dict[str, str]] = {
+    Route.INT8_DOT: {"session.qdq_matmulnbits_accuracy_level": "4"},
+    Route.FP32_DEQUANTISED: {"session.disable_quant_qdq": "1"},
+}
+
+
+def head_route(quantize: str, cpu: CpuFeatures, int8_layout: str | None = None) -> tuple[str, str]:
     """What the head's frozen-weight products run as here, and a note when this CPU would suit another form.
 
-    An fp32 head runs in float32. An int8 head's MatMulNBits nodes run with int8 dot products (the accuracy
-    level the exporter wrote); ONNX Runtime cannot be told to dequantise them at load, so on a CPU without
-    integer dot products the note says to export the head without --quantize for this device.
+    An fp32 head runs in float32. An int8 head exported as blocked DequantizeLinear + MatMul (`int8_layout`
+    "dequantize-linear") takes the route cpu.py chooses: int8 dot products where the CPU has them, else
+    float32 from weights dequantised at load, so that it is never slower than the fp32 head. An older int8
+    head holds MatMulNBits nodes, which ONNX Runtime cannot dequantise at load: int8 dot products always, and
+    on a CPU without them a note saying to export again.
     """
     if quantize != "int8":
         return "fp32", ""
-    if choose_route(cpu) is Route.INT8_DOT:
-        return Route.INT8_DOT.value, ""
+    route = choose_route(cpu)
+    if int8_layout == LAYOUT_DEQUANTIZE:
+        return route.value, ""
+    if route is Route.INT8_DOT:
+        return route.value, ""
     features = ", ".join(cpu.names()) or "none known"
     return Route.INT8_DOT.value, (
         f"this CPU ({cpu.arch}; {features}) has no int8 dot products (VNNI, AVX-VNNI, arm64 dot product or i8mm),"
-        " where an int8 head runs slower than an fp32 one: export the head without --quantize for this device"
+        " where this int8 head (MatMulNBits, from an older export) runs slower than an fp32 one: export it again "
+        "with this version, whose int8 head is dequantised at load on such a CPU"
     )
 
 
@@ -154,21 +168,30 @@ class Head:
         threads: int | None = None,
         verify: bool = True,
         providers: Sequence[str] = (),
+        cpu: CpuFeatures | None = None,
+        int8_route: Route | None = None,
     ) -> None:
-        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty."""
+        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty.
+        `cpu`: the features to choose the int8 route by (this host's by default); `int8_route` forces a route
+        on an int8 head that can take either (benchmarks compare them on one host)."""
         self.root = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.root, verify=False)
         if verify:  # the device needs (and may hold) only its own files: the head and the tokenizer, no tail/
             verify_files(self.root, self.manifest, only=("head", "tokenizer"))
+        self.cpu: CpuFeatures = detect() if cpu is None else cpu
+        self.route, self.route_note = head_route(self.manifest.quantize, self.cpu, self.manifest.int8_layout)
+        if int8_route is not None and self.manifest.int8_layout == LAYOUT_DEQUANTIZE:
+            self.route = int8_route.value
         self._options = session_options(threads)
+        if self.manifest.int8_layout == LAYOUT_DEQUANTIZE:
+            for key, value in ROUTE_SESSION_CONFIG[Route(self.route)].items():
+                self._options.add_session_config_entry(key, value)
         self._providers = resolve_providers(providers)
         self._graphs: dict[int, _Graphs] = {}
         full = self._graphs_for(self.manifest.max_seq_len)  # loaded now: a bad artifact fails at start
         self.forward_session = full.forward
         self.backward_session = full.backward
         self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
-        self.cpu: CpuFeatures = detect()
-        self.route, self.route_note = head_route(self.manifest.quantize, self.cpu)
         self.output_names = full.output_names
         self.backward_inputs = full.backward_inputs
 

@@ -36,6 +36,7 @@ from edgesplit.client.artifacts import (
     DEVICE,
     HEAD,
     HEAD_GRAD,
+    LAYOUT_DEQUANTIZE,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SERVER,
@@ -415,6 +416,7 @@ def _write_manifest(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
         cuts=cuts,
         self_check=self_check,
+        int8_layout=LAYOUT_DEQUANTIZE if config.quantize == "int8" else None,
     )
     (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
