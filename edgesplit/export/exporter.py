@@ -54,7 +54,7 @@ from edgesplit.client.artifacts import (
 )
 from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
-from edgesplit.export.onnx_files import data_file_name
+from edgesplit.export.onnx_files import data_file_name, external_files
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,9 @@ def _stages(
     `head_dir`, whose files are `prefix` + name in `files`), and the tail."""
 
     def graph_files(name: str) -> tuple[str, ...]:
-        return tuple(prefix + file for file in (name, data_file_name(name)) if prefix + file in files)
+        # Its own data file, then any it shares with the full-length graph (a shorter sequence bucket's).
+        data = [data_file_name(name), *external_files(head_dir / name)]
+        return tuple(dict.fromkeys(prefix + file for file in (name, *data) if prefix + file in files))
 
     stages = []
     # The full length first (the `head` stage the rest of edgesplit reads), then each shorter bucket.
@@ -259,7 +261,7 @@ def _export_head(
 
     from edgesplit.export.families import family_for
     from edgesplit.export.lora import HeadWithLora
-    from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.onnx_files import SharedData, save_with_aligned_data
     from edgesplit.export.quantize import quantize_model, store_saved_as_float16
     from edgesplit.export.trainable import export_graph, trace_head
 
@@ -276,7 +278,8 @@ def _export_head(
     lora = head.initial_lora(config.seed) if trainable else {}
 
     report = None
-    for seq_len in config.buckets:  # the graphs carry concrete sizes: one pair per sequence length
+    shared = SharedData()  # the full length's weights, which the shorter buckets' graphs point into
+    for seq_len in reversed(config.buckets):  # the graphs carry concrete sizes: one pair per sequence length
         forward_file = bucket_graph_file("head.onnx", seq_len, config.max_seq_len)
         backward_file = bucket_graph_file("head_grad.onnx", seq_len, config.max_seq_len)
         log(
@@ -308,7 +311,7 @@ def _export_head(
             if backward_file in graphs:
                 store_saved_as_float16(graphs[forward_file], graphs[backward_file])
         for name, graph in graphs.items():
-            save_with_aligned_data(graph, scratch / name)
+            save_with_aligned_data(graph, scratch / name, shared, record=seq_len == config.max_seq_len)
         step = "quantize" if config.quantize == "int8" else "save"
         seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t0
 
