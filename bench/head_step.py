@@ -1,7 +1,10 @@
 """One client training step of the head, ONNX Runtime (fp32 and int8 artifacts) against PyTorch + PEFT.
 
     python bench/head_step.py [--cut-layer 4] [--warmup 1] [--repeats 5] [--threads N] [--work-dir DIR]
-                               [--reexport] [--attention sdpa|eager]
+                               [--reexport] [--attention sdpa|eager] [--data packed|e2e]
+
+--data e2e measures real E2E batches instead (bench/head_step_e2e.py): real tokens per second and peak
+memory, ONNX Runtime with sequence buckets against PyTorch padding each batch to its longest example.
 
 A step is what the edge client does per batch: the head's forward to the cut (activations (B, T, H) and the
 tensors saved for backward), then the LoRA gradients of sum(activations * activation_grads) given
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import head_step_e2e
 import numpy as np
 from common import machine
 
@@ -47,6 +51,7 @@ SPEED_BAR = 2.0  # ORT step at least this many times faster than PyTorch
 MEMORY_BAR = 3.0  # and at least this many times lower peak RSS
 SEED = 0
 BATCH_FILE = "batch.npz"
+EXPORT_SECONDS_FILE = "export_seconds.json"
 
 
 def peak_rss_mb() -> float:
@@ -173,15 +178,15 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """The same step in PyTorch: the head built from its config and weights, LoRA through peft."""
+def build_torch_head(args: argparse.Namespace) -> tuple[Any, dict[str, Any], float, float]:
+    """The head in PyTorch from its config and weights, LoRA through peft with the ONNX head's initial adapters:
+    (model, its LoRA parameters by name, load seconds, peak RSS after loading)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import load_file
     from transformers import AutoModel
 
-    from edgesplit.client.artifacts import load_manifest
-    from edgesplit.lora_names import from_peft_key, gradient_name
+    from edgesplit.lora_names import from_peft_key
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,11 +210,21 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
             if adapter is not None:
                 parameter.copy_(torch.from_numpy(initial[str(adapter)]))
     load_seconds = time.perf_counter() - started
-    rss_after_load = peak_rss_mb()
+    lora_parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return model, lora_parameters, load_seconds, peak_rss_mb()
+
+
+def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The same step in PyTorch: the head built from its config and weights, LoRA through peft."""
+    import torch
+
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.lora_names import from_peft_key, gradient_name
+
+    model, lora_parameters, load_seconds, rss_after_load = build_torch_head(args)
     manifest = load_manifest(args.artifacts, verify=False)
     input_ids, attention_mask = (torch.from_numpy(a) for a in load_batch(args.artifacts.parent))
     grads_in = torch.from_numpy(activation_grads(manifest.activations_shape))
-    lora_parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     result: dict[str, Any] = {}
 
     def step() -> dict[str, float]:
@@ -241,7 +256,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ orchestration
 
 
-def prepare(work_dir: Path, cut_layer: int, reexport: bool) -> None:
+def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed") -> None:
     """Export the artifacts and the head's weights unless already there, in a process of their own.
 
     Not in this one: on Linux a child process starts with its parent's ru_maxrss, so the workers' peak
@@ -251,12 +266,12 @@ def prepare(work_dir: Path, cut_layer: int, reexport: bool) -> None:
         work_dir / "fp32" / "manifest.json",
         work_dir / "int8" / "manifest.json",
         work_dir / "head" / "lora.json",
-        work_dir / BATCH_FILE,
+        work_dir / (BATCH_FILE if data == "packed" else head_step_e2e.E2E_BATCHES_FILE),
     ]
     if all(path.exists() for path in wanted) and not reexport:
         return
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "export"]
-    command += ["--artifacts", str(work_dir), "--cut-layer", str(cut_layer)]
+    command += ["--artifacts", str(work_dir), "--cut-layer", str(cut_layer), "--data", data]
     if subprocess.run(command, stdout=sys.stderr).returncode != 0:
         raise SystemExit("exporting the head failed (see above)")
 
@@ -281,9 +296,14 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
         lora_targets=("q_proj", "v_proj"),
         force=True,
     )
+    buckets = head_step_e2e.SEQ_BUCKETS if args.data == "e2e" else ()
+    seconds = {}
     for variant, quantize in (("fp32", "none"), ("int8", "int8")):
-        result = export(ExportConfig(out=work_dir / variant, quantize=quantize, **settings), loaded=loaded)
+        config = ExportConfig(out=work_dir / variant, quantize=quantize, seq_buckets=buckets, **settings)
+        result = export(config, loaded=loaded)
+        seconds[variant] = {key: round(value, 1) for key, value in result.seconds.items()}
         print(f"exported {variant} in {result.seconds['total']:.1f} s", file=sys.stderr)
+    (work_dir / EXPORT_SECONDS_FILE).write_text(json.dumps({"seq_buckets": list(buckets), **seconds}) + "\n")
     model = loaded.model
     prepare_for_training(model)
     family = family_for(model)
@@ -297,12 +317,19 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
         "targets": list(settings["lora_targets"]),
     }
     (work_dir / "head" / "lora.json").write_text(json.dumps(lora) + "\n")
-    tokens = text_batch(work_dir / "fp32" / "tokenizer.json", settings["batch_size"], settings["max_seq_len"])
-    np.savez(work_dir / BATCH_FILE, input_ids=tokens[0], attention_mask=tokens[1])
+    if args.data == "e2e":
+        head_step_e2e.write_batches(
+            work_dir / "fp32", E2E_TRAIN, work_dir / head_step_e2e.E2E_BATCHES_FILE, 4, 128, SEED
+        )
+    else:
+        tokens = text_batch(work_dir / "fp32" / "tokenizer.json", settings["batch_size"], settings["max_seq_len"])
+        np.savez(work_dir / BATCH_FILE, input_ids=tokens[0], attention_mask=tokens[1])
     return {"exported": str(work_dir)}
 
 
-def run_worker(kind: str, args: argparse.Namespace, artifacts: Path, save: Path) -> dict[str, Any]:
+def run_worker(
+    kind: str, args: argparse.Namespace, artifacts: Path, save: Path, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -320,6 +347,9 @@ def run_worker(kind: str, args: argparse.Namespace, artifacts: Path, save: Path)
         str(args.repeats),
         "--attention",
         args.attention,
+        "--data",
+        args.data,
+        *extra,
     ]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -517,6 +547,43 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    """--data e2e: real batches, real tokens/s and peak memory per runtime, each in its own process."""
+    if not E2E_TRAIN.is_file():
+        raise SystemExit(f"--data e2e needs the E2E training set at {E2E_TRAIN}")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    prepare(args.work_dir, args.cut_layer, args.reexport, "e2e")
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    runs: dict[str, dict[str, Any]] = {}
+    for name, kind, variant, extra in (
+        ("ort_fp32", "ort", "fp32", ()),
+        ("ort_int8", "ort", "int8", ()),
+        ("ort_int8_dequantised", "ort", "int8", ("--int8-route", "fp32-dequantised")),
+        ("ort_int8_no_buckets", "ort", "int8", ("--no-buckets",)),
+        ("torch", "torch", "fp32", ()),
+    ):
+        runs[name] = run_worker(kind, args, args.work_dir / variant, args.work_dir / f"{name}.npz", extra)
+    busy = load_before[0] > 0.5 * (os.cpu_count() or 1)
+    return {
+        "setup": {
+            "model": "smollm2-135m",
+            "cut_layer": args.cut_layer,
+            "batch_size": 4,
+            "max_seq_len": 128,
+            "batches": head_step_e2e.BATCHES,
+            "data": f"E2E {E2E_TRAIN.name}, random examples, right-padded (not packed)",
+            "warmup_passes": args.warmup,
+            "repeats": args.repeats,
+            "threads": args.threads or "runtime default",
+            "work_dir": str(args.work_dir),
+        },
+        "export_seconds": json.loads((args.work_dir / EXPORT_SECONDS_FILE).read_text()),
+        "machine": {**machine(), "load_average_before": load_before, "busy": busy},
+        **runs,
+        "vs_torch": head_step_e2e.compare(runs, busy),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cut-layer", type=int, default=4)
@@ -537,14 +604,27 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op threads of both runtimes (default: theirs). With 1 and a busy machine, compare the "
         "step_cpu figures: CPU time without spinning threads barely depends on the load",
     )
+    parser.add_argument(
+        "--data",
+        choices=("packed", "e2e"),
+        default="packed",
+        help="packed: one batch of E2E text packed end to end (every position a token); e2e: real right-padded "
+        "E2E batches, real tokens/s with sequence buckets against PyTorch's dynamic padding",
+    )
+    parser.add_argument("--no-buckets", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--int8-route", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("ort", "torch", "export"), help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--head-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    e2e = args.data == "e2e"
     if args.worker is None:
-        args.work_dir = args.work_dir / f"cut{args.cut_layer}"
-        report = orchestrate(args)
+        args.work_dir = args.work_dir / f"cut{args.cut_layer}{'-e2e' if e2e else ''}"
+        report = orchestrate_e2e(args) if e2e else orchestrate(args)
+    elif e2e and args.worker != "export":
+        worker = {"ort": head_step_e2e.ort_worker, "torch": head_step_e2e.torch_worker}[args.worker]
+        report = worker(args)
     else:
         report = {"ort": ort_worker, "torch": torch_worker, "export": export_worker}[args.worker](args)
     print(json.dumps(report, indent=None if args.worker else 2))

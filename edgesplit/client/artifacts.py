@@ -15,6 +15,12 @@ from which files, with which named inputs and outputs. Today's exports have thre
 graph on the device, the tail on the server; several heads (several cuts) or a device-side top stage are
 more entries in the same list. LoRA matrices are named by the rule in edgesplit/lora_names.py everywhere.
 
+An export with shorter sequence buckets (`--seq-buckets 64,96`) holds the head and its gradient graph once
+more per bucket, traced for that many tokens, beside the full-length ones: `head.t64.onnx` and
+`head_grad.t64.onnx` (stages `head.t64`, `head_grad.t64`; `bucket_stage`). `head` and `head_grad` are
+always the full `max_seq_len`; the client runs each batch at the smallest bucket that holds its longest row
+(`Manifest.seq_buckets`, `Manifest.bucket_for`). The server's tail takes any length.
+
 A mixed-cut export (`--cut-layers 2,4,8`) writes one tail, from the smallest cut, and one complete device
 artifact per cut in a sub-directory (`cut2/`, `cut4/`, ...): the top-level manifest lists them under `cuts`
 (`CutEntry`), and its head stages are the smallest cut's, with files inside that cut's directory.
@@ -39,6 +45,20 @@ MANIFEST_NAME = "manifest.json"
 DEVICE, SERVER = "device", "server"
 HEAD, HEAD_GRAD, TAIL = "head", "head_grad", "tail"  # the stages an export writes today
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
+LAYOUT_DEQUANTIZE = "dequantize-linear"  # Manifest.int8_layout: see edgesplit/export/quantize.py
+
+
+def bucket_stage(stage: str, seq_len: int, max_seq_len: int) -> str:
+    """The name of `stage` (head or head_grad) traced for `seq_len` tokens: the plain name at full length."""
+    return stage if seq_len == max_seq_len else f"{stage}.t{seq_len}"
+
+
+def bucket_graph_file(graph_file: str, seq_len: int, max_seq_len: int) -> str:
+    """head.onnx -> head.t64.onnx for a bucket of 64 tokens; the plain name at full length."""
+    if seq_len == max_seq_len:
+        return graph_file
+    stem, dot, suffix = graph_file.rpartition(".")
+    return f"{stem}.t{seq_len}{dot}{suffix}"
 
 
 def _is_size(dimension: object) -> bool:
@@ -214,6 +234,10 @@ class Manifest:
     # What the exporter measured when it ran the written files against the model (export/selfcheck.py):
     # relative errors and seconds. Optional: absent from older manifests.
     self_check: dict[str, Any] | None = None
+    # How an int8 head holds its matmul weights: "dequantize-linear" (blocked DequantizeLinear + MatMul, which
+    # the client runs as int8 dot products or dequantises at load, per CPU) or, absent from older int8
+    # exports, None: MatMulNBits nodes, always int8 dot products. See edgesplit/export/quantize.py.
+    int8_layout: str | None = None
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -230,6 +254,11 @@ class Manifest:
         if TAIL in names and self.stage(TAIL).first_layer != self.cut_layer:
             tail_first = self.stage(TAIL).first_layer
             raise ArtifactError(f"the tail starts at layer {tail_first}, the head ends at {self.cut_layer}")
+        for seq_len in self.seq_buckets:
+            if not 2 <= seq_len <= self.max_seq_len:
+                raise ArtifactError(f"a sequence bucket of {seq_len} tokens: expected 2 to {self.max_seq_len}")
+            if HEAD_GRAD in names and bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len) not in names:
+                raise ArtifactError(f"the head has a {seq_len}-token bucket but its gradient graph has none")
         if self.cuts:
             layers = [cut.cut_layer for cut in self.cuts]
             if layers != sorted(set(layers)) or layers[0] != self.cut_layer or layers[-1] >= self.num_layers:
@@ -293,6 +322,30 @@ class Manifest:
         return entry.cut_layer
 
     @property
+    def seq_buckets(self) -> tuple[int, ...]:
+        """The sequence lengths the head graphs were traced for, shortest first; the last is max_seq_len."""
+        prefix = f"{HEAD}.t"
+        shorter = {
+            int(stage.name.removeprefix(prefix))
+            for stage in self.stages
+            if stage.name.startswith(prefix) and stage.name.removeprefix(prefix).isdigit()
+        }
+        return (*sorted(shorter - {self.max_seq_len}), self.max_seq_len)
+
+    def bucket_for(self, longest: int) -> int:
+        """The shortest bucket that holds a batch whose longest row has `longest` tokens."""
+        for seq_len in self.seq_buckets:
+            if longest <= seq_len:
+                return seq_len
+        raise ArtifactError(f"a row of {longest} tokens: the head takes at most {self.max_seq_len}")
+
+    def head_stage(self, seq_len: int) -> Stage:
+        return self.stage(bucket_stage(HEAD, seq_len, self.max_seq_len))
+
+    def grad_stage(self, seq_len: int) -> Stage:
+        return self.stage(bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len))
+
+    @property
     def full_model(self) -> bool:
         """The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its
         logits (B, T, V), `activation_grads` the loss gradient with respect to them."""
@@ -337,7 +390,9 @@ class Manifest:
         return digest.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        optional = {} if self.self_check is None else {"self_check": dict(self.self_check)}
+        optional: dict[str, Any] = {} if self.self_check is None else {"self_check": dict(self.self_check)}
+        if self.int8_layout is not None:
+            optional["int8_layout"] = self.int8_layout
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -392,6 +447,7 @@ class Manifest:
             pad_token_id=model.get("pad_token_id"),
             cuts=tuple(CutEntry.from_json(c) for c in raw.get("cuts", ())),
             self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
+            int8_layout=str(raw["int8_layout"]) if raw.get("int8_layout") is not None else None,
         )
 
 

@@ -164,7 +164,8 @@ class Client:
         summary["seconds"] = time.perf_counter() - started
         summary["providers"] = self.head.providers
         summary["cpu_features"] = self.head.cpu.names()
-        summary["head_route"] = self.head.route  # fp32 or int8-dot (edgesplit/client/cpu.py)
+        summary["head_route"] = self.head.route  # fp32, int8-dot or fp32-dequantised (edgesplit/client/cpu.py)
+        summary["seq_buckets"] = list(self.head.manifest.seq_buckets)  # the lengths a split step may run at
         if self.head.route_note:
             summary["head_route_note"] = self.head.route_note
         summary.update(self._resource_summary())

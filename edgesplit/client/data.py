@@ -7,6 +7,7 @@ Only `tokenizers` and numpy, never torch or transformers: this runs on the devic
     encode_examples      [Example] -> EncodedSet     input_ids, attention_mask, labels: (N, T) int64
     pad_rows             token rows -> PaddedRows    (B, T) ids and attention mask, padded on the right
     iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full
+    fit_to_bucket        Batch -> Batch              (B, T') for T' the shortest sequence bucket that holds it
     iid_partition        example count -> one list of example indices per client
     dirichlet_partition  group labels -> non-IID lists of example indices per client
 
@@ -370,6 +371,27 @@ def _batches(encoded: EncodedSet, batch_size: int, rng: np.random.Generator, epo
                 labels=encoded.labels[indices],
                 indices=indices,
             )
+
+
+def fit_to_bucket(batch: Batch, buckets: Sequence[int]) -> Batch:
+    """`batch` cut on the right to the shortest of `buckets` that holds its longest row.
+
+    What is cut is padding only (every row is padded on the right): no attended position and no label is
+    lost, and a causal model's outputs at the kept positions do not depend on the cut ones, so the step's
+    loss and gradients are those of the full-length batch, at the cost of the shorter one.
+    """
+    width = batch.attention_mask.shape[1]
+    attended = np.flatnonzero(batch.attention_mask.any(axis=0))
+    longest = int(attended[-1]) + 1 if attended.size else 1
+    seq_len = min((b for b in buckets if longest <= b <= width), default=width)
+    if seq_len == width:
+        return batch
+    return Batch(
+        input_ids=np.ascontiguousarray(batch.input_ids[:, :seq_len]),
+        attention_mask=np.ascontiguousarray(batch.attention_mask[:, :seq_len]),
+        labels=np.ascontiguousarray(batch.labels[:, :seq_len]),
+        indices=batch.indices,
+    )
 
 
 def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[list[int]]:

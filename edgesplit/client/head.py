@@ -6,7 +6,9 @@
 The LoRA matrices are named `layers.<layer>.<module path>.lora_A` / `.lora_B` (edgesplit/lora_names.py): the
 graphs' input names, the keys of head_adapters.safetensors and of every adapter update.
 
-The graphs are traced for the manifest's (batch_size, max_seq_len); callers pad to it (see data.py).
+The graphs are traced for the manifest's batch_size and for each of its sequence buckets (max_seq_len, and
+the shorter ones an export made with --seq-buckets): a batch is (batch_size, T) for one of them, padded and
+then cut to the shortest that holds it (data.fit_to_bucket). Each bucket's sessions load on its first batch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from edgesplit.client.artifacts import Manifest, load_manifest, verify_files
+from edgesplit.client.artifacts import LAYOUT_DEQUANTIZE, Manifest, load_manifest, verify_files
 from edgesplit.client.cpu import CpuFeatures, Route, choose_route, detect
 from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
 from edgesplit.lora_names import GRADIENT_PREFIX
@@ -31,6 +33,16 @@ Arrays = dict[str, np.ndarray]
 class ForwardResult:
     activations: np.ndarray  # (B, T, H) float32
     saved: Arrays  # what the backward graph needs from this forward, by name
+
+
+@dataclass
+class _Graphs:
+    """One sequence bucket's sessions: the forward, and the gradient graph (None for a frozen head)."""
+
+    forward: ort.InferenceSession
+    backward: ort.InferenceSession | None
+    output_names: list[str]
+    backward_inputs: list[str]
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -107,22 +119,44 @@ def _register_shared_arena() -> None:
     _shared_arena_registered = True
 
 
-def head_route(quantize: str, cpu: CpuFeatures) -> tuple[str, str]:
+# Session options per route for such a head (ONNX Runtime's names): the QDQ fusion into MatMulNBits with
+# int8 dot products, or no fusion, so that constant folding dequantises each weight once at load.
+ROUTE_SESSION_CONFIG: dict[Route, dict[str, str]] = {
+    Route.INT8_DOT: {"session.qdq_matmulnbits_accuracy_level": "4"},
+    Route.FP32_DEQUANTISED: {"session.disable_quant_qdq": "1"},
+}
+
+
+def head_route(quantize: str, cpu: CpuFeatures, int8_layout: str | None = None) -> tuple[str, str]:
     """What the head's frozen-weight products run as here, and a note when this CPU would suit another form.
 
-    An fp32 head runs in float32. An int8 head's MatMulNBits nodes run with int8 dot products (the accuracy
-    level the exporter wrote); ONNX Runtime cannot be told to dequantise them at load, so on a CPU without
-    integer dot products the note says to export the head without --quantize for this device.
+    An fp32 head runs in float32. An int8 head exported as blocked DequantizeLinear + MatMul (`int8_layout`
+    "dequantize-linear") takes the route cpu.py chooses: int8 dot products where the CPU has them, else
+    float32 from weights dequantised at load, so that it is never slower than the fp32 head. An older int8
+    head holds MatMulNBits nodes, which ONNX Runtime cannot dequantise at load: int8 dot products always, and
+    on a CPU without them a note saying to export again.
     """
     if quantize != "int8":
         return "fp32", ""
-    if choose_route(cpu) is Route.INT8_DOT:
-        return Route.INT8_DOT.value, ""
+    route = choose_route(cpu)
+    if int8_layout == LAYOUT_DEQUANTIZE:
+        return route.value, ""
+    if route is Route.INT8_DOT:
+        return route.value, ""
     features = ", ".join(cpu.names()) or "none known"
     return Route.INT8_DOT.value, (
         f"this CPU ({cpu.arch}; {features}) has no int8 dot products (VNNI, AVX-VNNI, arm64 dot product or i8mm),"
-        " where an int8 head runs slower than an fp32 one: export the head without --quantize for this device"
+        " where this int8 head (MatMulNBits, from an older export) runs slower than an fp32 one: export it again "
+        "with this version, whose int8 head is dequantised at load on such a CPU"
     )
+
+
+def _graph_file(files: Sequence[str]) -> str:
+    """The ONNX graph among a stage's files (the others are its external data)."""
+    graph = next((file for file in files if file.endswith(".onnx")), None)
+    if graph is None:
+        raise ArtifactError(f"a head stage lists no .onnx file, only {list(files)}: export the artifacts again")
+    return graph
 
 
 class Head:
@@ -134,28 +168,62 @@ class Head:
         threads: int | None = None,
         verify: bool = True,
         providers: Sequence[str] = (),
+        cpu: CpuFeatures | None = None,
+        int8_route: Route | None = None,
     ) -> None:
-        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty."""
+        """`providers`: ONNX Runtime execution providers by preference (see `resolve_providers`); CPU if empty.
+        `cpu`: the features to choose the int8 route by (this host's by default); `int8_route` forces a route
+        on an int8 head that can take either (benchmarks compare them on one host)."""
         self.root = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.root, verify=False)
         if verify:  # the device needs (and may hold) only its own files: the head and the tokenizer, no tail/
             verify_files(self.root, self.manifest, only=("head", "tokenizer"))
-        options = session_options(threads)
-        chosen = resolve_providers(providers)
-        try:
-            self.forward_session = ort.InferenceSession(str(self.root / "head.onnx"), options, providers=chosen)
-            self.backward_session = (
-                None
-                if self.manifest.frozen_head
-                else ort.InferenceSession(str(self.root / "head_grad.onnx"), options, providers=chosen)
+        self.cpu: CpuFeatures = detect() if cpu is None else cpu
+        self.route, self.route_note = head_route(self.manifest.quantize, self.cpu, self.manifest.int8_layout)
+        if int8_route is not None and self.manifest.int8_layout == LAYOUT_DEQUANTIZE:
+            self.route = int8_route.value
+        self._options = session_options(threads)
+        if self.manifest.int8_layout == LAYOUT_DEQUANTIZE:
+            for key, value in ROUTE_SESSION_CONFIG[Route(self.route)].items():
+                self._options.add_session_config_entry(key, value)
+        self._providers = resolve_providers(providers)
+        self._graphs: dict[int, _Graphs] = {}
+        full = self._graphs_for(self.manifest.max_seq_len)  # loaded now: a bad artifact fails at start
+        self.forward_session = full.forward
+        self.backward_session = full.backward
+        self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
+        self.output_names = full.output_names
+        self.backward_inputs = full.backward_inputs
+
+    def _graphs_for(self, seq_len: int) -> _Graphs:
+        """The sessions of the bucket of `seq_len` tokens, loaded on first use and kept."""
+        graphs = self._graphs.get(seq_len)
+        if graphs is not None:
+            return graphs
+        if seq_len not in self.manifest.seq_buckets:
+            raise TrainingError(
+                f"the head takes batches of {self.manifest.batch_size} x one of {list(self.manifest.seq_buckets)} "
+                f"tokens, got {seq_len} tokens"
             )
+        manifest = self.manifest
+        forward_file = _graph_file(manifest.head_stage(seq_len).files)
+        backward_file = None if manifest.frozen_head else _graph_file(manifest.grad_stage(seq_len).files)
+        try:
+            forward = self._session(forward_file)
+            backward = None if backward_file is None else self._session(backward_file)
         except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
             raise ArtifactError(f"ONNX Runtime cannot load the head in {self.root}: {error}") from error
-        self.providers: list[str] = self.forward_session.get_providers()  # what the session really uses
-        self.cpu: CpuFeatures = detect()
-        self.route, self.route_note = head_route(self.manifest.quantize, self.cpu)
-        self.output_names = [o.name for o in self.forward_session.get_outputs()]
-        self.backward_inputs = [i.name for i in self.backward_session.get_inputs()] if self.backward_session else []
+        graphs = _Graphs(
+            forward=forward,
+            backward=backward,
+            output_names=[o.name for o in forward.get_outputs()],
+            backward_inputs=[i.name for i in backward.get_inputs()] if backward else [],
+        )
+        self._graphs[seq_len] = graphs
+        return graphs
+
+    def _session(self, file: str) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.root / file), self._options, providers=self._providers)
 
     @property
     def trainable(self) -> bool:
@@ -179,22 +247,30 @@ class Head:
                 raise TrainingError(f"adapter {name} contains NaN or Inf")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, adapters: Arrays) -> ForwardResult:
-        expected = (self.manifest.batch_size, self.manifest.max_seq_len)
-        if input_ids.shape != expected or attention_mask.shape != expected:
-            raise TrainingError(f"the head takes batches of exactly {expected} tokens, got {input_ids.shape}")
+        """input_ids and attention_mask (B, T) for T one of the manifest's sequence buckets."""
+        if (
+            input_ids.ndim != 2
+            or input_ids.shape[0] != self.manifest.batch_size
+            or attention_mask.shape != input_ids.shape
+        ):
+            raise TrainingError(
+                f"the head takes batches of {self.manifest.batch_size} x one of {list(self.manifest.seq_buckets)} "
+                f"tokens, got input_ids {input_ids.shape} and attention_mask {attention_mask.shape}"
+            )
+        graphs = self._graphs_for(int(input_ids.shape[1]))
         feed = {
             "input_ids": input_ids.astype(np.int64, copy=False),
             "attention_mask": attention_mask.astype(np.int64, copy=False),
         }
         for name in self.manifest.lora.matrices:
             feed[name] = adapters[name]
-        outputs = self.forward_session.run(None, feed)
-        named = dict(zip(self.output_names, outputs, strict=True))
+        outputs = graphs.forward.run(None, feed)
+        named = dict(zip(graphs.output_names, outputs, strict=True))
         activations = named.pop("activations")
         # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
         saved = {
             name: named[name] if name in named else feed[name]
-            for name in self.backward_inputs
+            for name in graphs.backward_inputs
             if name != "activation_grads"
         }
         return ForwardResult(activations=activations, saved=saved)
@@ -209,8 +285,10 @@ class Head:
             )
         if not np.all(np.isfinite(activation_grads)):
             raise TrainingError("activation_grads from the server contain NaN or Inf; the step is skipped")
+        session = self._graphs_for(int(forward.activations.shape[1])).backward
+        assert session is not None  # a trainable head has a gradient graph in every bucket (the manifest checks)
         feed = dict(forward.saved)
         feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
-        outputs = self.backward_session.run(None, feed)
-        names = [o.name for o in self.backward_session.get_outputs()]
+        outputs = session.run(None, feed)
+        names = [o.name for o in session.get_outputs()]
         return {name.removeprefix(GRADIENT_PREFIX): value for name, value in zip(names, outputs, strict=True)}

@@ -23,7 +23,7 @@ from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 
-from edgesplit.client.data import Batch, EncodedSet
+from edgesplit.client.data import Batch, EncodedSet, fit_to_bucket
 from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
@@ -123,7 +123,9 @@ class SplitTrainer(Trainer):
             self.set_adapters(tensors)
 
     async def step(self, batch: Batch, round_index: int, step: int, runtime: Runtime) -> StepResult:
-        # input_ids (B, T) -> head -> activations (B, T, H) up; activation_grads (B, T, H) down.
+        # input_ids (B, T) -> head -> activations (B, T, H) up; activation_grads (B, T, H) down. T is the
+        # shortest of the export's sequence buckets that holds the batch: no compute on the padding past it.
+        batch = fit_to_bucket(batch, self.head.manifest.seq_buckets)
         forward = await runtime.compute(
             "head_forward", self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
         )

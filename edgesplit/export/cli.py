@@ -3,6 +3,8 @@ part (PyTorch tail, the rest), written with their manifest into one artifact dir
 
     edgesplit export --cut-layer 4 [--model smollm2-135m] [--out artifacts] [--quantize int8]
     edgesplit export --cut-layers 2,4,8 --out artifacts       (one head per cut in cut2/ cut4/ cut8/, one tail)
+    edgesplit export --cut-layer 4 --seq-buckets 64,96 (the head also traced for 64 and 96 tokens: no compute
+                                                       on padding past a batch's longest example)
     edgesplit export --full-model --out artifacts-full        (the whole model on the device, for FedLLM and KD)
 
 --model and --cut-layer are checked before the model loads (a load takes tens of seconds): an unknown name is
@@ -36,6 +38,17 @@ def parse_cut_layers(text: str) -> tuple[int, ...]:
     if not cuts:
         raise argparse.ArgumentTypeError(f"names no layer: {text!r}")
     return tuple(sorted(cuts))
+
+
+def parse_seq_buckets(text: str) -> tuple[int, ...]:
+    """ "64,96" -> (64, 96): distinct, sorted."""
+    try:
+        buckets = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated token counts such as 64,96, got {text!r}") from None
+    if not buckets:
+        raise argparse.ArgumentTypeError(f"names no length: {text!r}")
+    return tuple(sorted(buckets))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="tokens per example the head's graphs are traced for: clients pad or truncate to it (default 128)",
     )
+    parser.add_argument(
+        "--seq-buckets",
+        type=parse_seq_buckets,
+        help="shorter sequence lengths to trace the head for as well, e.g. 64,96: the client runs each batch at "
+        "the shortest that holds its longest example instead of padding it to --max-seq-len (docs/export.md)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA matrices (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         frozen_head=args.frozen_head,
         batch_size=args.batch_size,
         max_seq_len=args.max_seq_len,
+        seq_buckets=args.seq_buckets or (),
         force=args.force,
         seed=args.seed,
     )

@@ -4,7 +4,8 @@
                  --[ tail: layers [cut, L) + norm + LM head ]--> logits (B, T, V)        -> tail/ (server)
 
 The manifest (schema 2) lists these as stages: `head` and its backward `head_grad` on the device, `tail` on
-the server, each with its layers, files and named inputs and outputs (`_stages`).
+the server, each with its layers, files and named inputs and outputs (`_stages`). With `seq_buckets`, the
+head and its gradient graph are traced once more for each shorter sequence length, as `head.t<T>` stages.
 
 With several cuts (`cut_layers`, for a federation whose devices run different depths), each cut gets a
 complete device artifact of its own in `cut<N>/` (its manifest, head graphs, adapters, tokenizer; no tail),
@@ -35,6 +36,7 @@ from edgesplit.client.artifacts import (
     DEVICE,
     HEAD,
     HEAD_GRAD,
+    LAYOUT_DEQUANTIZE,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SERVER,
@@ -44,13 +46,15 @@ from edgesplit.client.artifacts import (
     Manifest,
     Stage,
     TensorSpec,
+    bucket_graph_file,
+    bucket_stage,
     cut_directory,
     head_matrices,
     sha256_file,
 )
 from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
-from edgesplit.export.onnx_files import data_file_name
+from edgesplit.export.onnx_files import data_file_name, external_files
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class ExportConfig:
     frozen_head: bool = False
     batch_size: int = 4
     max_seq_len: int = 128
+    # Shorter sequence lengths the head is traced for as well (max_seq_len always is): the client runs each
+    # batch at the smallest that holds it, so no compute goes on padding beyond it.
+    seq_buckets: tuple[int, ...] = ()
     force: bool = False
     seed: int = 0
     full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
@@ -81,6 +88,17 @@ class ExportConfig:
             raise ExportError("--cut-layers needs at least one cut, and cannot go with --full-model")
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
+        wrong = [seq_len for seq_len in self.seq_buckets if not 2 <= seq_len <= self.max_seq_len]
+        if wrong:
+            raise ExportError(
+                f"--seq-buckets {wrong[0]} is out of range: each bucket must be from 2 to --max-seq-len "
+                f"({self.max_seq_len})"
+            )
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Every sequence length the head is traced for, shortest first, max_seq_len last."""
+        return (*sorted(set(self.seq_buckets) - {self.max_seq_len}), self.max_seq_len)
 
 
 @dataclass
@@ -119,13 +137,19 @@ def _stages(
     `head_dir`, whose files are `prefix` + name in `files`), and the tail."""
 
     def graph_files(name: str) -> tuple[str, ...]:
-        return tuple(prefix + file for file in (name, data_file_name(name)) if prefix + file in files)
+        # Its own data file, then any it shares with the full-length graph (a shorter sequence bucket's).
+        data = [data_file_name(name), *external_files(head_dir / name)]
+        return tuple(dict.fromkeys(prefix + file for file in (name, *data) if prefix + file in files))
 
-    head_inputs, head_outputs = _specs(head_dir / "head.onnx")
-    stages = [Stage(HEAD, DEVICE, 0, cut_layer, graph_files("head.onnx"), head_inputs, head_outputs)]
-    if (head_dir / "head_grad.onnx").exists():
-        grad_inputs, grad_outputs = _specs(head_dir / "head_grad.onnx")
-        stages.append(Stage(HEAD_GRAD, DEVICE, 0, cut_layer, graph_files("head_grad.onnx"), grad_inputs, grad_outputs))
+    stages = []
+    # The full length first (the `head` stage the rest of edgesplit reads), then each shorter bucket.
+    for seq_len in (config.max_seq_len, *config.buckets[:-1]):
+        for stage_name, graph in ((HEAD, "head.onnx"), (HEAD_GRAD, "head_grad.onnx")):
+            file = bucket_graph_file(graph, seq_len, config.max_seq_len)
+            if (head_dir / file).exists():
+                inputs, outputs = _specs(head_dir / file)
+                name = bucket_stage(stage_name, seq_len, config.max_seq_len)
+                stages.append(Stage(name, DEVICE, 0, cut_layer, graph_files(file), inputs, outputs))
     if (scratch / "tail").is_dir():
         tokens = (config.batch_size, config.max_seq_len)
         activations = (*tokens, hidden_size)  # (B, T, H)
@@ -237,7 +261,7 @@ def _export_head(
 
     from edgesplit.export.families import family_for
     from edgesplit.export.lora import HeadWithLora
-    from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.onnx_files import SharedData, save_with_aligned_data
     from edgesplit.export.quantize import quantize_model, store_saved_as_float16
     from edgesplit.export.trainable import export_graph, trace_head
 
@@ -253,39 +277,43 @@ def _export_head(
     trainable = not config.frozen_head
     lora = head.initial_lora(config.seed) if trainable else {}
 
-    log(
-        f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
-        f"{config.max_seq_len} tokens"
-    )
-    t0 = time.perf_counter()
-    with torch.no_grad() if not trainable else torch.enable_grad():
-        traced = trace_head(head, lora, config.batch_size, config.max_seq_len, trainable=trainable)
-    seconds["trace"] = seconds.get("trace", 0.0) + time.perf_counter() - t0
-    log("exporting head.onnx" + ("" if not trainable else " and head_grad.onnx"))
-    t0 = time.perf_counter()
-    with _quiet_exporter():
-        export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / "head.onnx")
-        if traced.backward is not None:
-            export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / "head_grad.onnx")
-    seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
-
     report = None
-    if config.quantize == "int8":
-        log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
-    t0 = time.perf_counter()
-    graphs = {
-        name: onnx.load(str(scratch / name)) for name in ("head.onnx", "head_grad.onnx") if (scratch / name).exists()
-    }
-    if config.quantize == "int8":
-        for graph in graphs.values():
-            part = quantize_model(graph)
-            report = part if report is None else _merge(report, part)
-        if "head_grad.onnx" in graphs:
-            store_saved_as_float16(graphs["head.onnx"], graphs["head_grad.onnx"])
-    for name, graph in graphs.items():
-        save_with_aligned_data(graph, scratch / name)
-    step = "quantize" if config.quantize == "int8" else "save"
-    seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t0
+    shared = SharedData()  # the full length's weights, which the shorter buckets' graphs point into
+    for seq_len in reversed(config.buckets):  # the graphs carry concrete sizes: one pair per sequence length
+        forward_file = bucket_graph_file("head.onnx", seq_len, config.max_seq_len)
+        backward_file = bucket_graph_file("head_grad.onnx", seq_len, config.max_seq_len)
+        log(
+            f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
+            f"{seq_len} tokens"
+        )
+        t0 = time.perf_counter()
+        with torch.no_grad() if not trainable else torch.enable_grad():
+            traced = trace_head(head, lora, config.batch_size, seq_len, trainable=trainable)
+        seconds["trace"] = seconds.get("trace", 0.0) + time.perf_counter() - t0
+        log(f"exporting {forward_file}" + ("" if not trainable else f" and {backward_file}"))
+        t0 = time.perf_counter()
+        with _quiet_exporter():
+            export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / forward_file)
+            if traced.backward is not None:
+                export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / backward_file)
+        seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
+
+        if config.quantize == "int8":
+            log("quantising the head's frozen weights to int8 (weight-only, blocks of 32 along the input dimension)")
+        t0 = time.perf_counter()
+        names = [name for name in (forward_file, backward_file) if (scratch / name).exists()]
+        graphs = {name: onnx.load(str(scratch / name)) for name in names}
+        if config.quantize == "int8":
+            for graph in graphs.values():
+                part = quantize_model(graph)
+                if seq_len == config.max_seq_len:  # the same weights in every bucket: counted once
+                    report = part if report is None else _merge(report, part)
+            if backward_file in graphs:
+                store_saved_as_float16(graphs[forward_file], graphs[backward_file])
+        for name, graph in graphs.items():
+            save_with_aligned_data(graph, scratch / name, shared, record=seq_len == config.max_seq_len)
+        step = "quantize" if config.quantize == "int8" else "save"
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t0
 
     save_numpy(
         {k: v.detach().numpy().astype("float32") for k, v in lora.items()},
@@ -302,24 +330,35 @@ def _export_head(
 def _self_check(
     loaded: LoadedModel, head: Any, config: ExportConfig, scratch: Path, tail_dir: Path, seconds: dict[str, float]
 ) -> dict[str, Any]:
-    """Run the written files against the model (export/selfcheck.py); ExportError above tolerance."""
+    """Run the written files, every sequence bucket's, against the model (export/selfcheck.py); ExportError
+    above tolerance. The full length's errors, with each shorter bucket's under `buckets`."""
     from edgesplit.export.families import family_for
     from edgesplit.export.selfcheck import run_self_check
 
     model = loaded.model
-    check = run_self_check(
-        scratch,
-        model,
-        family_for(model),
-        head,
-        config.batch_size,
-        config.max_seq_len,
-        config.quantize,
-        tail_dir=tail_dir,
-    )
-    seconds["self_check"] = seconds.get("self_check", 0.0) + check.seconds
-    log(check.summary())
-    return check.to_json()
+    checks: dict[int, dict[str, Any]] = {}
+    for seq_len in reversed(config.buckets):  # the full length first
+        check = run_self_check(
+            scratch,
+            model,
+            family_for(model),
+            head,
+            config.batch_size,
+            seq_len,
+            config.quantize,
+            tail_dir=tail_dir,
+            graphs=(
+                bucket_graph_file("head.onnx", seq_len, config.max_seq_len),
+                bucket_graph_file("head_grad.onnx", seq_len, config.max_seq_len),
+            ),
+        )
+        seconds["self_check"] = seconds.get("self_check", 0.0) + check.seconds
+        log(check.summary() + ("" if seq_len == config.max_seq_len else f" at {seq_len} tokens"))
+        checks[seq_len] = check.to_json()
+    result = checks.pop(config.max_seq_len)
+    if checks:
+        result["buckets"] = {str(seq_len): check for seq_len, check in sorted(checks.items())}
+    return result
 
 
 def _write_tail(loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path) -> None:
@@ -380,6 +419,7 @@ def _write_manifest(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
         cuts=cuts,
         self_check=self_check,
+        int8_layout=LAYOUT_DEQUANTIZE if config.quantize == "int8" else None,
     )
     (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

@@ -6,12 +6,23 @@ measurements agree (14% on the activations, 40-80% on the LoRA gradients when ev
 the gradient graph quantises its input per tensor). Here the frozen weights shrink, each block of 32 weights
 along K with its own scale:
 
-  MatMul(x, W)      ->  MatMulNBits(x, W_q, scales, bits=8, block_size=32, accuracy_level=4)   W: (K, N)
-  Gather(E, ids)    ->  Cast(Gather(E_q, ids)) * Unsqueeze(Gather(scale[V], ids))              E: (V, H), a row each
+  MatMul(x, W)      ->  MatMul(x, DequantizeLinear(W_q, scales, axis=0, block_size=32))    W: (K, N), W_q int8
+  Gather(E, ids)    ->  Cast(Gather(E_q, ids)) * Unsqueeze(Gather(scale[V], ids))          E: (V, H), a row each
 
-MatMulNBits is ONNX Runtime's block-quantised matmul (com.microsoft, 8-bit on CPU since 1.22, x86 and arm64).
-`accuracy_level=4` lets it quantise each block of 32 activations to int8 on the fly and use integer dot
-products (VNNI on x86, the dot-product instructions on arm64). Measured on this repository's benchmark machine
+The blocked DequantizeLinear (ONNX opset 21) says only what the weights are; the device's ONNX Runtime
+chooses at load how to multiply by them (the client's route, edgesplit/client/cpu.py, picks the session
+option):
+  - int8-dot: its QDQ fusion turns DequantizeLinear + MatMul into MatMulNBits (ONNX Runtime's block-quantised
+    matmul, 8-bit on CPU since 1.22) with `session.qdq_matmulnbits_accuracy_level` 4: each block of 32
+    activations is quantised to int8 on the fly and multiplied with integer dot products (VNNI on x86, the
+    dot-product instructions on arm64);
+  - fp32-dequantised: with `session.disable_quant_qdq` the fusion is off and constant folding dequantises
+    each weight once, at load: plain float32 MatMul, the fp32 head's speed on a CPU without integer dot
+    products (the file stays int8; the memory of those weights is the fp32 head's).
+The manifest says so (`int8_layout`: "dequantize-linear"). Older int8 exports wrote MatMulNBits nodes directly
+and have no int8_layout: they always run int8-dot.
+
+Measured on this repository's benchmark machine
 (2-core AMD EPYC with AVX-512 VNNI, ONNX Runtime 1.32, SmolLM2 cut 4, batch 4 x 128, against the fp32 head):
 
   form                                        step    activations  LoRA grads (max, median)
@@ -41,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+DEQUANTIZE_OPSET = 21  # blocked DequantizeLinear (block_size) is opset 21
 MIN_ELEMENTS = 1024  # smaller constants (norm weights, masks, tiny test layers) are not worth a scale tensor
 BLOCK_SIZE = 32  # weights per scale along K in MatMulNBits
 ACCURACY_LEVEL = 4  # MatMulNBits may quantise its input per block to int8 and use integer dot products
@@ -91,6 +103,22 @@ def quantize_blocks(weights: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[
     return codes.astype(np.uint8), scale.reshape(-1)
 
 
+def quantize_blocks_along_k(weights: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Blocked DequantizeLinear's layout for a (K, N) weight: codes (K, N) int8, scales (ceil(K / block), N).
+
+    The same symmetric blocks as `quantize_blocks` (scale = max|w| / 127 over each block of `block_size`
+    along K; the last block may be short), without a zero point.
+    """
+    k, n = weights.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weights
+    peak = np.max(np.abs(padded.reshape(blocks, block_size, n)), axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.round(weights / np.repeat(scale, block_size, axis=0)[:k]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
 def dequantize_blocks(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
     """The (K, N) float32 weight that `quantize_blocks`' codes stand for (for tests and error reports)."""
     n, blocks, block_size = codes.shape
@@ -101,7 +129,8 @@ def dequantize_blocks(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarra
 def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
     """Rewrite `model` in place: 2-D float initializers used as MatMul weights or Gather tables become int8.
 
-    MatMul weights become MatMulNBits nodes (8-bit blocks); embedding tables become int8 rows with a scale each.
+    MatMul weights become int8 blocks behind a blocked DequantizeLinear (the model moves to opset 21);
+    embedding tables become int8 rows with a scale each.
     """
     graph = model.graph
     uses = _consumers(graph)
@@ -125,25 +154,25 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
             continue
         name = initializer.name
         if is_matmul:
-            k, n = weights.shape
-            codes, scale = quantize_blocks(weights)
+            codes, scale = quantize_blocks_along_k(weights)
             added += [numpy_helper.from_array(codes, f"{name}.q8"), numpy_helper.from_array(scale, f"{name}.scales")]
             report.bytes_after += codes.nbytes + scale.nbytes
             report.quantized.append(name)
             for position, (matmul, _) in enumerate(consumers):
-                replacement = helper.make_node(
-                    "MatMulNBits",
-                    [matmul.input[0], f"{name}.q8", f"{name}.scales"],
-                    list(matmul.output),
-                    name=f"{name}.matmul{position}",
-                    domain=MS_DOMAIN,
-                    K=k,
-                    N=n,
-                    bits=8,
+                # One DequantizeLinear per MatMul: the runtime's fusion takes a pair whose weight has one reader.
+                weight = f"{name}.dequantized{position}"
+                dequantize = helper.make_node(
+                    "DequantizeLinear",
+                    [f"{name}.q8", f"{name}.scales"],
+                    [weight],
+                    name=f"{name}.dequantize{position}",
+                    axis=0,
                     block_size=BLOCK_SIZE,
-                    accuracy_level=ACCURACY_LEVEL,
                 )
-                new_nodes.append((matmul, [replacement]))
+                replacement = helper.make_node(
+                    "MatMul", [matmul.input[0], weight], list(matmul.output), name=f"{name}.matmul{position}"
+                )
+                new_nodes.append((matmul, [dequantize, replacement]))
             continue
         quantized, scale = quantize_per_channel(weights, 0)
         added += [numpy_helper.from_array(quantized, f"{name}.int8"), numpy_helper.from_array(scale, f"{name}.scale")]
@@ -175,9 +204,18 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
     graph.node.extend(ordered)
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
-    if report.quantized and not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if report.quantized:
+        _use_opset(model, DEQUANTIZE_OPSET)
     return report
+
+
+def _use_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default domain's opset to `version`. The operators the head uses (MatMul, Gather, Cast, Pad,
+    Reshape, Softmax, ...) changed between 18 and 21 only by taking more types, so their meaning holds; the
+    export's self-check runs the result against the model."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version < version:
+            entry.version = version
 
 
 def store_saved_as_float16(forward: onnx.ModelProto, backward: onnx.ModelProto) -> list[str]:

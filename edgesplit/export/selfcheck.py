@@ -18,6 +18,8 @@ the exporter removes its scratch directory); otherwise the errors go into the ma
 A wrong split (a layer-type pattern that did not follow its layers, an embedding scaled twice, positions
 added twice) puts the error near 1, far above any tolerance here; fp32 ONNX against PyTorch differs by
 about 1e-6. int8 weights move the head's output by a few per cent, hence the wider bounds for them.
+
+An export with sequence buckets checks each bucket's graphs (`graphs`) the same way, at that bucket's length.
 """
 
 from __future__ import annotations
@@ -97,15 +99,18 @@ def run_self_check(
     quantize: str,
     seed: int = 0,
     tail_dir: Path | None = None,
+    graphs: tuple[str, str] = ("head.onnx", "head_grad.onnx"),
 ) -> SelfCheck:
     """Check the head graphs in `scratch` and the tail in `tail_dir` (by default `scratch/tail`; where there is
-    none, the head's activations are compared) against `model`; ExportError above tolerance."""
+        none, the head's activations are compared) against `model`; ExportError above tolerance. `graphs`: the
+    forward and gradient files to check, traced for `seq_len` tokens."""
     import onnxruntime as ort
 
     started = time.perf_counter()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    forward = ort.InferenceSession(str(scratch / "head.onnx"), options, providers=["CPUExecutionProvider"])
+    forward_file, backward_file = graphs
+    forward = ort.InferenceSession(str(scratch / forward_file), options, providers=["CPUExecutionProvider"])
     input_ids, mask = check_batch(int(model.config.vocab_size), batch_size, seq_len, seed)
     prefix = (slice(0, min(batch_size, CHECK_ROWS)), slice(0, min(seq_len, CHECK_POSITIONS)))
     tokens = torch.from_numpy(input_ids[prefix])
@@ -138,8 +143,8 @@ def run_self_check(
     logits_error = _relative_error(actual, expected, mask[prefix])
 
     gradients_error = None
-    if (scratch / "head_grad.onnx").exists():
-        gradients_error = _gradients_error(scratch / "head_grad.onnx", head, run_forward, names, prefix, seed, options)
+    if (scratch / backward_file).exists():
+        gradients_error = _gradients_error(scratch / backward_file, head, run_forward, names, prefix, seed, options)
     check = SelfCheck(logits_error, gradients_error, compared, time.perf_counter() - started)
     logits_bound, gradients_bound = TOLERANCES.get(quantize, TOLERANCES["none"])
     if logits_error > logits_bound or (gradients_error is not None and gradients_error > gradients_bound):

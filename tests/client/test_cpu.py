@@ -50,6 +50,31 @@ def test_head_route_per_export_and_cpu() -> None:
     avx2 = parse_cpuinfo((FIXTURES / "x86_avx2_only.txt").read_text(), "x86_64")
     vnni = parse_cpuinfo((FIXTURES / "x86_avx512_vnni.txt").read_text(), "x86_64")
     assert head_route("none", avx2) == ("fp32", "")
+    # Today's int8 export: the route follows the CPU, and neither needs a note.
+    assert head_route("int8", vnni, "dequantize-linear") == ("int8-dot", "")
+    assert head_route("int8", avx2, "dequantize-linear") == ("fp32-dequantised", "")
+    # An older int8 export (MatMulNBits in the graph) can only run int8 dot products: said where they are slow.
     assert head_route("int8", vnni) == ("int8-dot", "")
     route, note = head_route("int8", avx2)
-    assert route == "int8-dot" and "without --quantize" in note
+    assert route == "int8-dot" and "export it again" in note
+
+
+def test_an_avx2_only_host_runs_an_int8_head_on_dequantised_weights(tiny_artifacts) -> None:
+    """A recorded AVX2-only cpuinfo: the head takes the float route, and computes the int8 weights' function."""
+    import numpy as np
+
+    from edgesplit.client.head import Head
+
+    artifacts = tiny_artifacts("llama", 2, quantize="int8")
+    avx2 = parse_cpuinfo((FIXTURES / "x86_avx2_only.txt").read_text(), "x86_64")
+    vnni = parse_cpuinfo((FIXTURES / "x86_avx512_vnni.txt").read_text(), "x86_64")
+    heads = {"avx2": Head(artifacts, cpu=avx2), "vnni": Head(artifacts, cpu=vnni)}
+    assert heads["avx2"].route == "fp32-dequantised" and heads["vnni"].route == "int8-dot"
+    rng = np.random.default_rng(0)
+    shape = (heads["avx2"].manifest.batch_size, heads["avx2"].manifest.max_seq_len)
+    input_ids, mask = rng.integers(0, 100, shape), np.ones(shape, dtype=np.int64)
+    adapters = heads["avx2"].initial_adapters()
+    outputs = {name: head.forward(input_ids, mask, adapters).activations for name, head in heads.items()}
+    # Two kernels: the same int8 weights, the activations rounded to int8 on the VNNI route only.
+    difference = np.linalg.norm(outputs["avx2"] - outputs["vnni"]) / np.linalg.norm(outputs["avx2"])
+    assert 0 < difference < 0.05

@@ -148,7 +148,8 @@ def test_int8_head_trains_and_stays_close(tiny_artifacts) -> None:
 
     assert head_bytes(int8) < head_bytes(fp32)
     ops = {node.op_type for node in onnx.load(str(int8.root / "head_grad.onnx"), load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops and "MatMul" in ops  # frozen weights quantised; LoRA and attention matmuls not
+    assert "DequantizeLinear" in ops and "MatMul" in ops  # frozen weights quantised; LoRA and attention matmuls not
+    assert int8.manifest.int8_layout == "dequantize-linear"
     adapters = random_adapters(fp32, seed=5)
     input_ids, attention_mask = batch(fp32, seed=6)
     a = fp32.forward(input_ids, attention_mask, adapters)

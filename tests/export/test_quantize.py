@@ -1,4 +1,5 @@
-"""The int8 layouts: MatMulNBits blocks and the aligned external data file, checked against numpy and ONNX Runtime."""
+"""The int8 layouts: blocked DequantizeLinear (and MatMulNBits' blocks) and the aligned external data file,
+checked against numpy and ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit.export.onnx_files import ALIGN_MIN_BYTES, ALIGNMENT, save_with_aligned_data
-from edgesplit.export.quantize import BLOCK_SIZE, dequantize_blocks, quantize_blocks, quantize_model
+from edgesplit.export.quantize import (
+    BLOCK_SIZE,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blocks_along_k,
+    quantize_model,
+)
 
 
 @pytest.mark.parametrize("k", [BLOCK_SIZE * 3, BLOCK_SIZE * 3 + 5])  # a whole number of blocks, and a ragged end
@@ -38,21 +45,38 @@ def matmul_model(weights: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def test_matmul_becomes_matmulnbits_that_onnxruntime_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("k", [160, 150])  # a whole number of blocks, and a ragged end
+def test_matmul_becomes_blocked_dequantize_that_either_route_runs(tmp_path: Path, k: int) -> None:
+    from edgesplit.client.cpu import Route
+    from edgesplit.client.head import ROUTE_SESSION_CONFIG
+
     rng = np.random.default_rng(1)
-    weights = (rng.standard_normal((160, 96)) * 0.05).astype(np.float32)
-    x = rng.standard_normal((8, 160)).astype(np.float32)
+    weights = (rng.standard_normal((k, 96)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((8, k)).astype(np.float32)
     model = matmul_model(weights)
     report = quantize_model(model)
-    assert report.quantized == ["w"] and [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    assert report.quantized == ["w"] and [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert next(e.version for e in model.opset_import if e.domain == "") == 21
     assert report.bytes_after < 0.3 * report.bytes_before
     save_with_aligned_data(model, tmp_path / "q.onnx")
-    y = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})[0]
-    codes, scales = quantize_blocks(weights)
+    codes, scales = quantize_blocks_along_k(weights)
+    dequantized = codes.astype(np.float32) * np.repeat(scales, BLOCK_SIZE, axis=0)[:k]
+    assert np.abs(dequantized - weights).max() <= scales.max() / 2 + 1e-6
     exact = x @ weights
-    # The node computes with the quantised weights; accuracy level 4 also rounds x per block of 32 to int8.
-    assert np.linalg.norm(y - x @ dequantize_blocks(codes, scales, 160)) / np.linalg.norm(exact) < 0.02
-    assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.03
+    outputs = {}
+    for route, config in ROUTE_SESSION_CONFIG.items():
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{route.value}.onnx")
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        outputs[route] = ort.InferenceSession(str(tmp_path / "q.onnx"), options).run(None, {"x": x})[0]
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"{route.value}.onnx")).graph.node]
+        # What the route means: the runtime's int8 kernel, or a float MatMul on weights dequantised at load.
+        assert ops == (["MatMulNBits"] if route is Route.INT8_DOT else ["MatMul"]), (route, ops)
+    # Dequantised at load: float32 products of the int8 weights, to float rounding.
+    np.testing.assert_allclose(outputs[Route.FP32_DEQUANTISED], x @ dequantized, rtol=1e-4, atol=1e-5)
+    # int8 dot products also round x per block of 32 to int8: a little further from the exact product.
+    assert np.linalg.norm(outputs[Route.INT8_DOT] - exact) / np.linalg.norm(exact) < 0.03
 
 
 def test_external_data_is_page_aligned_and_round_trips(tmp_path: Path) -> None:

@@ -91,13 +91,21 @@ class SplitStrategy:
         self._check_cut(cut_layer)
         activations = tensors["activations"]
         # (B, T, H) at every cut: the hidden size does not change from layer to layer.
-        if tuple(activations.shape) != self.manifest.activations_shape:
-            expected = self.manifest.activations_shape
+        # T is one of the export's sequence buckets: a client cuts each batch's padding to the shortest.
+        batch, _, hidden = self.manifest.activations_shape
+        shape = tuple(activations.shape)
+        if len(shape) != 3 or shape[0] != batch or shape[2] != hidden or shape[1] not in self.manifest.seq_buckets:
+            expected = f"({batch}, T, {hidden}) for T in {list(self.manifest.seq_buckets)}"
             raise TrainingError(f"activations of shape {activations.shape}, the artifacts say {expected}")
         if not np.all(np.isfinite(activations)):
             raise TrainingError("activations contain NaN or Inf")
         check_activation_scale(activations)  # one huge finite value would still overflow the tail's norms
         mask = tensors["attention_mask"]
+        if mask.shape != shape[:2] or tensors["labels"].shape != shape[:2]:
+            raise TrainingError(
+                f"attention_mask {mask.shape} and labels {tensors['labels'].shape} must be {shape[:2]}, as the "
+                "activations"
+            )
         if np.any((mask != 0) & (mask != 1)):
             raise TrainingError("attention_mask holds values other than 0 and 1")
         labels = tensors["labels"]

@@ -1,0 +1,185 @@
+"""`bench/head_step.py --data e2e`: what a user gets on real batches, not packed text.
+
+Real E2E examples, tokenized as the client tokenizes them (prompt, completion, EOS; right-padded to the
+export's 128 tokens), in batches of 4 drawn at random. Each runtime trains the head on every batch, in its
+own process (memory counts all it needs), and reports real tokens per second: the batch's attended tokens,
+not its padding, over the step's wall time.
+
+    ort_fp32, ort_int8   the edge client's Head on artifacts exported with --seq-buckets: each batch cut to the
+                         shortest bucket that holds its longest example (data.fit_to_bucket), as the client does
+    ort_int8_dequantised the int8 artifacts on the route a CPU without int8 dot products takes (weights
+                         dequantised at load, float32 products), forced here to compare the routes on one host
+    ort_int8_no_buckets  the same int8 artifacts run at the full 128 tokens: what buckets save
+    torch                PyTorch + peft, each batch padded to its own longest example only (the usual dynamic
+                         padding of a PyTorch training loop)
+
+A repeat is one pass over all the batches (the first pass, the warm-up, also loads every bucket's sessions);
+its tokens/s is the pass's real tokens over its wall time; the median over repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+E2E_BATCHES_FILE = "e2e_batches.npz"
+SEQ_BUCKETS = (64, 80, 96, 112)  # with 128: E2E's batches of 4 have their longest example at 62-92 tokens (5-95%)
+TOKENS_PER_S_BAR = 1.5  # ORT int8 at least this many times PyTorch's real tokens/s
+BATCHES = 12
+
+
+def write_batches(
+    tokenizer_dir: Path, train: Path, out: Path, batch_size: int, max_seq_len: int, seed: int
+) -> dict[str, Any]:
+    """BATCHES batches of random E2E examples, encoded as the client encodes them."""
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import encode_examples, load_tokenizer, read_jsonl
+
+    manifest = load_manifest(tokenizer_dir, verify=False)
+    examples = read_jsonl(train)
+    rng = np.random.default_rng(seed)
+    chosen = [examples[i] for i in rng.choice(len(examples), size=BATCHES * batch_size, replace=False)]
+    encoded = encode_examples(
+        load_tokenizer(tokenizer_dir), chosen, max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
+    shape = (BATCHES, batch_size, max_seq_len)
+    np.savez(
+        out,
+        input_ids=encoded.input_ids.reshape(shape),
+        attention_mask=encoded.attention_mask.reshape(shape),
+    )
+    lengths = encoded.attention_mask.sum(axis=1)
+    return {"examples": len(chosen), "median_tokens": float(np.median(lengths)), "truncated": encoded.num_truncated}
+
+
+def load_batches(work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(work_dir / E2E_BATCHES_FILE) as batches:
+        return batches["input_ids"], batches["attention_mask"]
+
+
+def _grads(shape: tuple[int, ...]) -> np.ndarray:
+    return (np.random.default_rng(1).standard_normal(shape) * 1e-3).astype(np.float32)
+
+
+def _passes(warmup: int, repeats: int, one_pass: Any) -> list[tuple[float, float]]:
+    for _ in range(warmup):
+        one_pass()
+    return [one_pass() for _ in range(repeats)]
+
+
+def _figures(passes: list[tuple[float, float]], real_tokens: int, computed_tokens: int) -> dict[str, Any]:
+    rates = [real_tokens / seconds for seconds, _ in passes]
+    return {
+        "real_tokens_per_s_median": round(statistics.median(rates), 1),
+        "real_tokens_per_s_samples": [round(rate, 1) for rate in rates],
+        "pass_s_samples": [round(seconds, 3) for seconds, _ in passes],
+        "pass_cpu_s_samples": [round(cpu, 3) for _, cpu in passes],
+        "real_tokens_per_pass": real_tokens,
+        "computed_tokens_per_pass": computed_tokens,
+        "real_share_of_computed": round(real_tokens / computed_tokens, 3),
+    }
+
+
+def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's head, numpy and ONNX Runtime only; `--no-buckets` runs every batch at full length."""
+    from head_step import memory_figures, peak_rss_mb
+
+    from edgesplit.client.cpu import Route
+    from edgesplit.client.data import Batch, fit_to_bucket
+    from edgesplit.client.head import Head
+
+    started = time.perf_counter()
+    route = Route(args.int8_route) if args.int8_route else None
+    head = Head(args.artifacts, threads=args.threads, int8_route=route)
+    load_seconds = time.perf_counter() - started
+    rss_after_load = peak_rss_mb()
+    adapters = head.initial_adapters()
+    input_ids, attention_mask = load_batches(args.artifacts.parent)
+    buckets = (head.manifest.max_seq_len,) if args.no_buckets else head.manifest.seq_buckets
+    batches = []
+    for ids, mask in zip(input_ids, attention_mask, strict=True):
+        batch = fit_to_bucket(Batch(ids, mask, ids, np.arange(len(ids))), buckets)
+        grads = _grads((*batch.input_ids.shape, head.manifest.hidden_size))
+        batches.append((batch.input_ids, batch.attention_mask, grads))
+
+    def one_pass() -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for ids, mask, grads in batches:
+            head.backward(head.forward(ids, mask, adapters), grads)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    passes = _passes(args.warmup, args.repeats, one_pass)
+    assert "torch" not in sys.modules, "the ONNX Runtime worker imported torch"
+    return {
+        **_figures(passes, int(attention_mask.sum()), sum(ids.size for ids, _, _ in batches)),
+        **memory_figures(rss_after_load),
+        "load_s": round(load_seconds, 2),
+        "route": head.route,
+        "seq_buckets": list(buckets),
+        "batches_per_bucket": {str(b): sum(ids.shape[1] == b for ids, _, _ in batches) for b in buckets},
+    }
+
+
+def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """PyTorch + peft, each batch padded to its own longest example."""
+    import torch
+    from head_step import build_torch_head, memory_figures
+
+    model, lora_parameters, load_seconds, rss_after_load = build_torch_head(args)
+    input_ids, attention_mask = load_batches(args.artifacts.parent)
+    batches = []
+    for ids, mask in zip(input_ids, attention_mask, strict=True):
+        longest = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+        hidden = model.config.hidden_size
+        batches.append(
+            (
+                torch.from_numpy(np.ascontiguousarray(ids[:, :longest])),
+                torch.from_numpy(np.ascontiguousarray(mask[:, :longest])),
+                torch.from_numpy(_grads((ids.shape[0], longest, hidden))),
+            )
+        )
+
+    def one_pass() -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for ids, mask, grads in batches:
+            for parameter in lora_parameters.values():
+                parameter.grad = None
+            activations = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            (activations * grads).sum().backward()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    passes = _passes(args.warmup, args.repeats, one_pass)
+    return {
+        **_figures(passes, int(attention_mask.sum()), sum(ids.numel() for ids, _, _ in batches)),
+        **memory_figures(rss_after_load),
+        "load_s": round(load_seconds, 2),
+        "threads": torch.get_num_threads(),
+        "attention": args.attention,
+    }
+
+
+def compare(runs: dict[str, dict[str, Any]], busy: bool) -> dict[str, Any]:
+    """vs_torch.<runtime>: tokens/s and peak memory against PyTorch's, and the bars."""
+    from head_step import MEMORY_BAR
+
+    torch_run = runs["torch"]
+    comparison: dict[str, Any] = {}
+    for name, run in runs.items():
+        if name == "torch":
+            continue
+        speed = run["real_tokens_per_s_median"] / torch_run["real_tokens_per_s_median"]
+        memory = torch_run["peak_rss_mb"] / run["peak_rss_mb"]
+        comparison[name] = {
+            "tokens_per_s_ratio": round(speed, 2),
+            "memory_ratio_torch_over_ort": round(memory, 2),
+            f"tokens_per_s_bar_{TOKENS_PER_S_BAR:g}x_met": bool(speed >= TOKENS_PER_S_BAR),
+            f"memory_bar_{MEMORY_BAR:g}x_met": bool(memory >= MEMORY_BAR),
+            "speed_bar_reliable": not busy,
+        }
+    return comparison
