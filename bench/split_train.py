@@ -63,8 +63,19 @@ def write_subsets(work: Path, train_lines: int, eval_lines: int) -> tuple[Path, 
 
 
 def split_run(
-    artifacts: Path, train: Path, test: Path, wire: str, steps: int, work: Path, lr: float, tag: str = ""
+    artifacts: Path,
+    train: Path,
+    test: Path,
+    wire: str,
+    steps: int,
+    work: Path,
+    lr: float,
+    tag: str = "",
+    client_extra: tuple[str, ...] = (),
+    eval_batches: int = 8,
 ) -> dict:
+    """One real server and one real client on loopback; `client_extra` adds client flags (bench/inversion.py's
+    --activation-noise)."""
     port = free_port()
     name = tag or wire
     server_metrics, client_metrics = work / f"server-{name}.jsonl", work / f"client-{name}.jsonl"
@@ -76,7 +87,16 @@ def split_run(
             port,
             server_metrics,
             steps=steps,
-            extra=["--wire", wire, "--learning-rate", str(lr), "--eval-data", str(test), "--eval-batches", "8"],
+            extra=[
+                "--wire",
+                wire,
+                "--learning-rate",
+                str(lr),
+                "--eval-data",
+                str(test),
+                "--eval-batches",
+                str(eval_batches),
+            ],
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -88,6 +108,7 @@ def split_run(
         client_id="bench",
         metrics_out=client_metrics,
         quiet=True,
+        extra=client_extra,
     )
     client = subprocess.run(
         command_line(client_command),

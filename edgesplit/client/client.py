@@ -31,6 +31,7 @@ import numpy as np
 
 from edgesplit.client.checks import check_token_window
 from edgesplit.client.data import Batch, encode_examples, iterate_batches, load_tokenizer, read_jsonl
+from edgesplit.client.defences import ActivationDefence
 from edgesplit.client.energy import EnergyReader, detect_energy_reader
 from edgesplit.client.head import Head
 from edgesplit.client.metrics import JsonlWriter
@@ -49,7 +50,7 @@ from edgesplit.client.protocol import (
     max_frame_bytes,
 )
 from edgesplit.client.resources import MemorySampler, PhaseTimer
-from edgesplit.client.trainers import Result, StepResult, Trainer, trainer_for
+from edgesplit.client.trainers import Result, SplitTrainer, StepResult, Trainer, trainer_for
 from edgesplit.errors import EdgesplitError, ProtocolError
 
 
@@ -68,6 +69,7 @@ class ClientConfig:
     ca_file: Path | None = None
     quiet: bool = False
     connect_timeout_s: float = 60.0
+    activation_defence: ActivationDefence | None = None  # --activation-noise/--activation-clip (defences.py)
 
 
 class ServerRefused(EdgesplitError):
@@ -350,6 +352,7 @@ class Client:
         self.steps_per_round = settings.steps_per_round
         if self.trainer is None:  # the first Welcome of this process
             self.trainer = trainer_for(self.head, self.adapters, settings)
+            self._attach_defence(self.trainer)
             self.batch_iterator = self.batches(seed=settings.seed + self.config.seed)
         elif settings.framework != self.trainer.framework:
             raise EdgesplitError(
@@ -387,6 +390,18 @@ class Client:
         )
         return position
 
+    def _attach_defence(self, trainer: Trainer) -> None:
+        """Give the split trainer the --activation-noise defence; say so, or say that it has nothing to act on."""
+        defence = self.config.activation_defence
+        if defence is None:
+            return
+        if isinstance(trainer, SplitTrainer):
+            trainer.defence = defence
+            self.log(defence.describe())
+        else:
+            framework = trainer.framework
+            self.log(f"--activation-noise has nothing to act on: the server runs {framework}, no activation goes up")
+
     def _batch(self, round_index: int, step: int) -> Batch:
         """The batch of (round, step): number round * steps_per_round + step of this client's sequence, so
         that a restarted process neither resends what the server already took nor trains on it twice."""
@@ -403,6 +418,7 @@ class Client:
 
     def _summary(self) -> dict[str, Any]:
         rounds = 0 if self.position is None else self.position.round + 1
+        defence = self.config.activation_defence if isinstance(self.trainer, SplitTrainer) else None
         return {
             "rounds": rounds,
             "steps": self.steps_done,
@@ -411,6 +427,7 @@ class Client:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "reconnects": self.reconnects,
+            "activation_defence": None if defence is None else defence.to_json(),
         }
 
     async def _step(
@@ -536,6 +553,10 @@ def main_summary(summary: dict[str, Any]) -> str:
         else f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
     )
     reconnects = f", {summary['reconnects']} reconnections" if summary.get("reconnects") else ""
+    defence = summary.get("activation_defence")
+    if defence:
+        clip = "" if defence["clip"] is None else f", clip {defence['clip']:g}"
+        reconnects += f"; activations noised (sigma {defence['sigma']:g}{clip})"
     return (
         f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
         f"{summary['bytes_up'] / 1e6:.1f} MB up, "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 from edgesplit.client.checks import SERVER_FORM, check_client_id, check_manifest_shapes, check_server_url
 from edgesplit.client.client import ClientConfig, main_summary, run_client
+from edgesplit.client.defences import ActivationDefence
 from edgesplit.errors import EdgesplitError
 
 _WIDTH = 100
@@ -47,6 +49,31 @@ def _number(kind: Callable[[str], float], minimum: float, what: str) -> Callable
         return value
 
     return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (its range is the caller's to check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def activation_defence(args: argparse.Namespace) -> ActivationDefence | None:
+    """The defence that --activation-noise and --activation-clip ask for, or None; EdgesplitError if they are
+    out of range, or if --activation-clip comes alone (clipping keeps each vector's direction, which is what
+    an inversion reads: alone it hides nothing)."""
+    if args.activation_noise is None:
+        if args.activation_clip is not None:
+            raise EdgesplitError(
+                "--activation-clip needs --activation-noise: clipping alone keeps each token's direction, which "
+                "is what an inversion reads; add --activation-noise SIGMA (e.g. 0.3)"
+            )
+        return None
+    return ActivationDefence(args.activation_noise, args.activation_clip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a mixed-cut export and --device-profile: the memory budget the chosen cut must fit "
         "(default: the profile's memory)",
     )
+    parser.add_argument(
+        "--activation-noise",
+        type=_finite,
+        metavar="SIGMA",
+        help="split training: add Gaussian noise to the activations sent up, its norm SIGMA times each token's "
+        "(above 0, at most 10; e.g. 0.3). It makes inverting them harder and training noisier; it is not "
+        "differential privacy (docs/security.md)",
+    )
+    parser.add_argument(
+        "--activation-clip",
+        type=_finite,
+        metavar="C",
+        help="with --activation-noise: first clip each token's hidden vector to norm C (above 0)",
+    )
     parser.add_argument("--ca-file", type=Path, help="CA certificate that signed the server's TLS certificate (wss://)")
     parser.add_argument("--quiet", action="store_true", help="no per-step lines")
     parser.add_argument(
@@ -169,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_server_url(args.server)
         check_client_id(args.client_id)
+        defence = activation_defence(args)
     except EdgesplitError as error:
         parser.error(str(error))
     token = None
@@ -192,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ca_file=args.ca_file,
         quiet=args.quiet,
         connect_timeout_s=args.connect_timeout,
+        activation_defence=defence,
     )
     from edgesplit.client.artifacts import load_manifest
 

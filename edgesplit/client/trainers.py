@@ -24,6 +24,7 @@ from typing import ClassVar, Protocol, TypeVar
 import numpy as np
 
 from edgesplit.client.data import Batch, EncodedSet, fit_to_bucket
+from edgesplit.client.defences import ActivationDefence
 from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
@@ -111,6 +112,7 @@ class SplitTrainer(Trainer):
     """Split learning: the device runs the head, the server the tail and the loss."""
 
     framework = "split"
+    defence: ActivationDefence | None = None  # the client's --activation-noise: applied to what goes up
 
     def __init__(self, head: Head, adapters: Arrays, settings: SessionSettings) -> None:
         if head.manifest.full_model:
@@ -130,10 +132,11 @@ class SplitTrainer(Trainer):
             "head_forward", self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
         )
         with runtime.phase("encode"):
+            uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
             message = Activations(
                 round_index,
                 step,
-                {"activations": forward.activations, "attention_mask": batch.attention_mask, "labels": batch.labels},
+                {"activations": uploaded, "attention_mask": batch.attention_mask, "labels": batch.labels},
             )
         waited = time.perf_counter()
         gradients = await runtime.exchange(message)
@@ -144,6 +147,8 @@ class SplitTrainer(Trainer):
             activation_grads = gradients.tensors.get("activation_grads")
             if activation_grads is None:
                 raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+            if self.defence is not None:  # the gradient at what went up, taken back through the clip
+                activation_grads = self.defence.backward(forward.activations, activation_grads)
             grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
             with runtime.phase("optimizer"):
                 self.optimizer.step(grads)
