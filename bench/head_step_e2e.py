@@ -14,7 +14,9 @@ not its padding, over the step's wall time.
                          padding of a PyTorch training loop)
 
 A repeat is one pass over all the batches (the first pass, the warm-up, also loads every bucket's sessions);
-its tokens/s is the pass's real tokens over its wall time; the median over repeats is reported.
+its tokens/s is the pass's real tokens over its wall time; the median over repeats is reported, and the same
+per second of the process's CPU time (`real_tokens_per_cpu_s_median`, `vs_torch.*.tokens_per_cpu_s_ratio`):
+on a shared machine the wall clock measures the neighbours; with `--threads 1` the CPU time does not.
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def _passes(warmup: int, repeats: int, one_pass: Any) -> list[tuple[float, float
 
 def _figures(passes: list[tuple[float, float]], real_tokens: int, computed_tokens: int) -> dict[str, Any]:
     rates = [real_tokens / seconds for seconds, _ in passes]
+    cpu_rates = [real_tokens / cpu for _, cpu in passes]
     return {
         "real_tokens_per_s_median": round(statistics.median(rates), 1),
+        # Per second of this process's CPU time: what a busy machine's wall clock does not show.
+        "real_tokens_per_cpu_s_median": round(statistics.median(cpu_rates), 1),
         "real_tokens_per_s_samples": [round(rate, 1) for rate in rates],
         "pass_s_samples": [round(seconds, 3) for seconds, _ in passes],
         "pass_cpu_s_samples": [round(cpu, 3) for _, cpu in passes],
@@ -175,8 +180,10 @@ def compare(runs: dict[str, dict[str, Any]], busy: bool) -> dict[str, Any]:
             continue
         speed = run["real_tokens_per_s_median"] / torch_run["real_tokens_per_s_median"]
         memory = torch_run["peak_rss_mb"] / run["peak_rss_mb"]
+        cpu_speed = run["real_tokens_per_cpu_s_median"] / torch_run["real_tokens_per_cpu_s_median"]
         comparison[name] = {
             "tokens_per_s_ratio": round(speed, 2),
+            "tokens_per_cpu_s_ratio": round(cpu_speed, 2),
             "memory_ratio_torch_over_ort": round(memory, 2),
             f"tokens_per_s_bar_{TOKENS_PER_S_BAR:g}x_met": bool(speed >= TOKENS_PER_S_BAR),
             f"memory_bar_{MEMORY_BAR:g}x_met": bool(memory >= MEMORY_BAR),
