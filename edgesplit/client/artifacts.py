@@ -42,7 +42,7 @@ HEAD, HEAD_GRAD, TAIL = "head", "head_grad", "tail"  # the stages an export writ
 # backward in one graph (top.onnx), with its initial LoRA matrices and the LM head's weight beside it.
 TOP = "top"
 TOP_FILES = ("top_adapters.safetensors", "lm_head.npy")
-LM_HEAD_INPUT = "lm_head.weight"
+LM_HEAD_INPUT = "lm_head.weight_t"  # top.onnx's input: the LM head's weight transposed, (H, V)
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
 
 

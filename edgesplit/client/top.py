@@ -1,8 +1,8 @@
 """The device's top stage of a U-shaped split in ONNX Runtime: the last layers, the norm, the LM head and the
 loss, forward and backward in one run. numpy only.
 
-    top.onnx:  activations (B, T, H) from the server's middle, attention_mask, labels (B, T), lm_head.weight
-               (V, H), the top's LoRA matrices
+    top.onnx:  activations (B, T, H) from the server's middle, attention_mask, labels (B, T),
+               lm_head.weight_t (H, V), the top's LoRA matrices
            ->  loss, activation_grads (B, T, H) for the server, grad.<adapter name> per top matrix
 
 The labels go into this graph and nowhere else. The LM head's weight is read from `lm_head.npy` memory-mapped,

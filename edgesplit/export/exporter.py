@@ -320,15 +320,15 @@ def _export_top(
     loaded: LoadedModel, first_layer: int, config: ExportConfig, scratch: Path, seconds: dict[str, float]
 ) -> None:
     """The device's top stage of a U-shaped split (export/top.py): top.onnx (+ .data), its initial LoRA
-    matrices in top_adapters.safetensors, and the LM head's weight in lm_head.npy (fed to the graph as an
-    input, memory-mapped). Always fp32: --quantize applies to the head."""
+    matrices in top_adapters.safetensors, and the LM head's weight, transposed (H, V), in lm_head.npy (fed to
+    the graph as an input, memory-mapped). Always fp32: --quantize applies to the head."""
     import numpy as np
     import onnx
     from safetensors.numpy import save_file as save_numpy
 
     from edgesplit.export.families import family_for
     from edgesplit.export.onnx_files import save_with_aligned_data
-    from edgesplit.export.top import TopWithLora, export_top, lm_head_weight
+    from edgesplit.export.top import TopWithLora, export_top, lm_head_weight_t
 
     model = loaded.model
     family = family_for(model)
@@ -352,7 +352,7 @@ def _export_top(
     save_numpy(
         {k: v.detach().numpy().astype("float32") for k, v in lora.items()}, str(scratch / "top_adapters.safetensors")
     )
-    np.save(scratch / "lm_head.npy", lm_head_weight(tail).numpy().astype(np.float32))
+    np.save(scratch / "lm_head.npy", lm_head_weight_t(tail).numpy().astype(np.float32))  # (H, V)
 
 
 def _self_check(

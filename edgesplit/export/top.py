@@ -1,6 +1,6 @@
 """The device's top stage of a U-shaped split: the last K layers, the final norm, the LM head and the loss.
 
-    top.onnx:  activations (B, T, H) at the upper cut, attention_mask (B, T), labels (B, T), lm_head.weight
+    top.onnx:  activations (B, T, H) at the upper cut, attention_mask (B, T), labels (B, T), lm_head.weight_t
                (V, H), the top's LoRA matrices
            ->  loss, activation_grads (d loss / d activations, B, T, H), grad.<adapter name> per matrix
 
@@ -13,8 +13,10 @@ respect to the final hidden state `chunk` tokens at a time, in its forward, and 
 (B, T, H) for the backward: no (B, T, V) logits tensor ever exists, only one (chunk, V) block at a time
 (SmolLM2 at 4 x 128 tokens: 100 MB of fp32 logits in all, 25 MB a block of 128 tokens).
 
-The LM head's weight is a graph input, not a constant: the device feeds it from one memory-mapped copy
-(`lm_head.npy`), which ONNX Runtime does not pre-pack into a second one.
+The LM head's weight is a graph input, not a constant, transposed to (H, V): the device feeds it from one
+memory-mapped copy (`lm_head.npy`), which ONNX Runtime does not pre-pack into a second one. Neither product
+transposes it: the logits are a plain product, and the gradient p @ W is computed as (W^T @ p^T)^T, which
+transposes the block instead. (The (V, H) layout measured the same peak on SmolLM2.)
 """
 
 from __future__ import annotations
@@ -29,37 +31,43 @@ from edgesplit.export.families import Family
 from edgesplit.export.lora import LoraLinear, linear_features
 from edgesplit.lora_names import adapter_name, gradient_name, matches_target, parse_adapter_name
 
-LM_HEAD_INPUT = "lm_head.weight"
+LM_HEAD_INPUT = "lm_head.weight_t"  # the LM head's weight transposed, (H, V)
 LOSS_CHUNK_TOKENS = 128
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """loss = mean next-token cross-entropy of (hidden @ weight^T) over labels != -100, computed `chunk`
-    tokens at a time; its gradient with respect to `hidden` is computed in the same pass and saved."""
+    """loss = mean next-token cross-entropy of (hidden @ weight_t) over labels != -100, computed `chunk`
+    tokens at a time; its gradient with respect to `hidden` is computed in the same pass and saved.
+
+    Per block of tokens: logits (chunk, V), their log-softmax, the probabilities p, and the gradient
+    p @ W - W[label] (the one-hot never built). Each block's first input is made to depend on the previous
+    block's result (plus zero times one of its values), so that ONNX Runtime, which runs a graph in any
+    topological order, has to finish one block before it starts the next: only one block's vocabulary-wide
+    tensors are alive at a time."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight_t: torch.Tensor, labels: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         batch, length, width = hidden.shape
         states = hidden[:, :-1, :].reshape(-1, width)  # position t predicts the label at t + 1
         targets = labels[:, 1:].reshape(-1)
         valid = targets != -100
         safe = torch.where(valid, targets, torch.zeros_like(targets))
-        vocabulary = torch.arange(weight.shape[0], device=hidden.device)
         total = hidden.new_zeros(())
-        grads = []
+        grads: list[torch.Tensor] = []
         for start in range(0, states.shape[0], chunk):
             end = start + chunk
-            rows, wanted, keep = states[start:end], safe[start:end], valid[start:end]
-            logits = rows @ weight.t()  # (chunk, V): the only vocabulary-wide tensor, one block at a time
-            top = logits.amax(dim=-1, keepdim=True)
-            shifted = logits - top
-            exp = shifted.exp()
-            sums = exp.sum(dim=-1, keepdim=True)
-            picked = shifted.gather(1, wanted.unsqueeze(1))
-            total = total + torch.where(keep.unsqueeze(1), sums.log() - picked, torch.zeros_like(picked)).sum()
-            one_hot = (vocabulary.unsqueeze(0) == wanted.unsqueeze(1)).to(hidden.dtype)
-            dlogits = torch.where(keep.unsqueeze(1), exp / sums - one_hot, torch.zeros_like(exp))
-            grads.append(dlogits @ weight)  # (chunk, H)
+            rows, wanted, keep = states[start:end], safe[start:end], valid[start:end].unsqueeze(1)
+            if grads:  # the previous block first (a data dependency worth zero)
+                rows = rows + grads[-1][:1, :1] * 0.0
+            log_probs = torch.log_softmax(rows @ weight_t, dim=-1)  # (chunk, V): one block at a time
+            picked = log_probs.gather(1, wanted.unsqueeze(1))
+            total = total - torch.where(keep, picked, torch.zeros_like(picked)).sum()
+            target_rows = weight_t.index_select(1, wanted).t()  # W[label]: d logits = p - one_hot
+            # p @ W as (W^T @ p^T)^T: the product transposes the (chunk, V) block, never the weight.
+            block = (weight_t @ log_probs.exp().t()).t() - target_rows
+            grads.append(torch.where(keep, block, torch.zeros_like(block)))
         count = valid.sum().to(hidden.dtype)  # 0 target tokens: 0 / 0, a NaN loss, never a 0
         grad = (torch.cat(grads) / count).reshape(batch, length - 1, width)
         ctx.save_for_backward(torch.cat([grad, grad.new_zeros(batch, 1, width)], dim=1))
@@ -137,10 +145,10 @@ class TopWithLora(nn.Module):
         return matrices
 
 
-def lm_head_weight(tail: nn.Module) -> torch.Tensor:
-    """The LM head's (V, H) weight of a tail built by Family.build_tail (untied there: its own copy)."""
+def lm_head_weight_t(tail: nn.Module) -> torch.Tensor:
+    """The LM head's weight of a tail built by Family.build_tail, transposed: (H, V), contiguous."""
     head: nn.Linear = tail.get_output_embeddings()  # type: ignore[operator]
-    return head.weight.detach().contiguous()
+    return head.weight.detach().t().contiguous()
 
 
 def export_top(
@@ -168,7 +176,7 @@ def export_top(
         torch.randn(batch_size, seq_len, width, generator=generator),
         torch.ones(batch_size, seq_len, dtype=torch.long),
         torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator),
-        torch.zeros(vocab_size, width),
+        torch.zeros(width, vocab_size),
         *(lora[name].detach().clone() for name in names),
     )
     graph = make_fx(joint, decomposition_table=dict(core_aten_decompositions()))(*examples)

@@ -34,6 +34,8 @@ from edgesplit.client.top import Top
 from edgesplit.client.trainers import trainer_for
 from edgesplit.errors import EdgesplitError, ExportError
 from edgesplit.export import cli
+from edgesplit.lora_names import parse_adapter_name
+from edgesplit.server.adapter import check_adapters_fit
 from edgesplit.server.checkpoint import load_latest
 
 ROUNDS, STEPS = 2, 4
@@ -146,6 +148,10 @@ def test_a_u_shaped_run_trains_to_a_lower_loss(u_run) -> None:  # type: ignore[n
     top = set(manifest.top_matrices)
     assert top and top <= set(checkpoint.global_adapters)  # the device's top adapters were averaged and kept
     assert all(np.abs(checkpoint.global_adapters[name]).max() > 0 for name in top if "lora_B" in name)
+    # The PEFT adapter out of the run covers the whole model: head and top from the devices, middle from the server.
+    check_adapters_fit(manifest, checkpoint.global_adapters, checkpoint.tail_lora)
+    layers = {parse_adapter_name(name).layer for name in (*checkpoint.global_adapters, *checkpoint.tail_lora)}
+    assert layers == set(range(manifest.num_layers))
 
 
 def test_no_frame_the_client_sends_carries_labels(u_run) -> None:  # type: ignore[no-untyped-def]
