@@ -12,12 +12,13 @@ sampler can miss) and its median step time:
 - split:    the plain split's device step: head forward, then its backward from a random activation gradient;
 - u_shaped: the U-shaped device step: head forward, top.onnx (the last layers, the norm, the LM head and the
             chunked loss, forward and backward) on activations standing in for the middle's output, head
-            backward.
+            backward;
+- top:      top.onnx alone, on random activations (no head loaded).
 
 With each, how much of the two files that hold the vocabulary table is resident after the steps (from
 /proc/self/smaps): head.onnx.data (the head's embedding table, of which a step reads the batch's rows) and
-lm_head.npy (the LM head's weight, transposed, read whole by every step of the top). No server and no network: what is
-measured is the device's compute and its memory.
+lm_head.npy (the LM head's weight, transposed, read whole by every step of the top). No server and no
+network: what is measured is the device's compute and its memory.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import numpy as np
 from edgesplit.client.head import Head
 mode, root, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert "torch" not in sys.modules
-head = Head(root, threads=None, verify=False)
-m = head.manifest
-adapters = head.initial_adapters()
+head = Head(root, threads=None, verify=False) if mode != "top" else None
+from edgesplit.client.artifacts import load_manifest
+m = load_manifest(root, verify=False)
+adapters = head.initial_adapters() if head is not None else {}
 top = None
-if mode == "u_shaped":
+if mode in ("u_shaped", "top"):
     from edgesplit.client.top import Top
     top = Top(root, verify=False)
     top_adapters = top.initial_adapters()
@@ -54,6 +56,12 @@ labels = rng.integers(0, m.vocab_size, ids.shape).astype(np.int64)
 times = []
 for step in range(steps + 1):
     started = time.perf_counter()
+    if head is None:  # the top alone, on activations of the usual scale
+        upper = rng.standard_normal((m.batch_size, m.max_seq_len, m.hidden_size)).astype(np.float32)
+        top.step(upper, mask, labels, top_adapters)
+        if step:
+            times.append(time.perf_counter() - started)
+        continue
     forward = head.forward(ids, mask, adapters)
     if top is None:
         grads = rng.standard_normal(forward.activations.shape).astype(np.float32) * 1e-3
@@ -119,7 +127,7 @@ def main() -> None:
         "shapes": manifest["shapes"],
         "vocab_size": manifest["model"]["vocab_size"],
         "steps": args.steps,
-        "modes": {mode: run_mode(mode, artifacts, args.steps) for mode in ("split", "u_shaped")},
+        "modes": {mode: run_mode(mode, artifacts, args.steps) for mode in ("split", "u_shaped", "top")},
         "machine": machine(),
     }
     modes = report["modes"]
