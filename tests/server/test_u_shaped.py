@@ -9,6 +9,7 @@ are of the other kind (plain against U-shaped, and the other way round).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -207,3 +208,67 @@ def test_top_layers_that_leave_no_middle_are_refused_before_loading(tmp_path: Pa
     with pytest.raises(ExportError, match=message):
         out = str(tmp_path / "out")
         cli.main(["--out", out, "--model", str(directory), "--cut-layer", "2", "--top-layers", top_layers])
+
+
+def test_a_client_that_breaks_off_mid_step_resends_it_and_a_replay_is_refused(tiny_artifacts, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The round engine's rules hold across a U-shaped step's two exchanges: a client that drops after the
+    middle's output came down has trained nothing (its reconnection is welcomed at once, to step 0, and sends
+    it again), and a step taken once is refused when sent again."""
+    from websockets.asyncio.client import connect
+
+    from edgesplit.client.protocol import PROTOCOL_VERSION, Error, Role, Session
+    from edgesplit.server.server import Server, ServerConfig
+
+    artifacts = tiny_artifacts("llama", 1, top_layers=1)
+    manifest = load_manifest(artifacts, verify=False)
+    shape = manifest.activations_shape
+    lower = {
+        "activations": np.full(shape, 0.1, np.float32),
+        "attention_mask": np.ones(shape[:2], np.int64),
+    }
+
+    async def join(url: str) -> tuple[object, Session, object]:
+        websocket = await connect(url, max_size=None, compression=None)
+        session = Session(Role.CLIENT)
+        hello = Hello("raw", PROTOCOL_VERSION, manifest.manifest_hash, None, 8, cut_layer=manifest.cut_layer)
+        await websocket.send(session.send(hello))
+        welcome = session.receive(await asyncio.wait_for(websocket.recv(), 30))
+        return websocket, session, welcome
+
+    async def scenario() -> None:
+        config = ServerConfig(
+            artifacts=artifacts, port=0, rounds=1, min_clients=1, steps_per_round=2, checkpoint_dir=tmp_path / "ck"
+        )
+        server = Server(config)
+        ready = asyncio.Event()
+        serving = asyncio.create_task(server.serve(ready))
+        await ready.wait()
+        url = f"ws://127.0.0.1:{server.port}"
+        try:
+            websocket, session, _ = await join(url)
+            await websocket.send(session.send(Activations(0, 0, dict(lower), "lower")))  # type: ignore[attr-defined]
+            upper = session.receive(await websocket.recv())  # type: ignore[attr-defined]
+            assert isinstance(upper, Activations) and upper.stage == "upper"
+            await websocket.close()  # type: ignore[attr-defined]  # gone before its upper gradient
+
+            websocket, session, welcome = await join(url)  # not held back by a step that will never finish
+            assert welcome.settings.resume_step == 0  # type: ignore[attr-defined]  # nothing was taken
+            await websocket.send(session.send(Activations(0, 0, dict(lower), "lower")))  # type: ignore[attr-defined]
+            upper = session.receive(await websocket.recv())  # type: ignore[attr-defined]
+            grads = {"activation_grads": np.full(shape, 1e-3, np.float32)}
+            await websocket.send(session.send(Gradients(0, 0, 4.5, 0.1, grads, "upper")))  # type: ignore[attr-defined]
+            down = session.receive(await websocket.recv())  # type: ignore[attr-defined]
+            assert isinstance(down, Gradients) and down.stage == "lower" and down.loss == 4.5
+            assert down.tensors["activation_grads"].shape == shape
+            assert np.abs(down.tensors["activation_grads"]).max() > 0
+
+            replay = Activations(0, 0, dict(lower), "lower")  # the same step again
+            await websocket.send(session.send(replay))  # type: ignore[attr-defined]
+            refusal = session.receive(await websocket.recv())  # type: ignore[attr-defined]
+            assert isinstance(refusal, Error) and "again" in refusal.message
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+
+    asyncio.run(scenario())
