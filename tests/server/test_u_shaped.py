@@ -107,12 +107,13 @@ def u_run(tiny_artifacts, tmp_path_factory):  # type: ignore[no-untyped-def]
                 rounds=ROUNDS,
                 steps=STEPS,
                 min_clients=1,
-                extra=["--eval-data", str(work / "eval.jsonl"), "--eval-batches", "4"],
+                extra=["--eval-data", str(work / "eval.jsonl"), "--eval-batches", "2"],
             ),
         )
         server.wait_for("listening on")
         url = f"ws://127.0.0.1:{port}"
-        # A client with a plain split's artifacts: refused at the handshake, before it trains anything.
+        # First, a client with a plain split's artifacts: refused at the handshake, before it trains anything
+        # (alongside the real client it could come after the run and find no server).
         stranger = processes.start("plain-client", client_command(url, plain, work / "a.jsonl", "plain", work))
         stranger_code = stranger.wait(120)
         relay = RecordingRelay(port)
