@@ -141,9 +141,7 @@ def head_route(quantize: str, cpu: CpuFeatures, int8_layout: str | None = None) 
     if quantize != "int8":
         return "fp32", ""
     route = choose_route(cpu)
-    if int8_layout == LAYOUT_DEQUANTIZE:
-        return route.value, ""
-    if route is Route.INT8_DOT:
+    if int8_layout == LAYOUT_DEQUANTIZE or route is Route.INT8_DOT:  # the CPU's route, or one it suits
         return route.value, ""
     features = ", ".join(cpu.names()) or "none known"
     return Route.INT8_DOT.value, (
