@@ -98,6 +98,16 @@ def check_devices(config: ServerConfig, plan: WorkerPlan) -> None:
         )
 
 
+def worker_warning(config: ServerConfig, plan: WorkerPlan) -> str | None:
+    """A setting that runs but wastes the ranks: batches smaller than the ranks leave some of them idle."""
+    if plan.distributed and config.max_batch_clients < plan.size:
+        return (
+            f"{plan.size} worker ranks share batches of at most --max-batch-clients {config.max_batch_clients} "
+            f"steps: some ranks wait through every step; use --max-batch-clients {plan.size} or more"
+        )
+    return None
+
+
 def rank_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     """The configuration as this rank runs it: on its own GPU where the tail runs on GPUs."""
     if not plan.distributed:

@@ -22,7 +22,7 @@ from loopback import Processes, free_port, serve_command, write_task
 from edgesplit.client.client import Client, ClientConfig
 from edgesplit.server.checkpoint import load_latest
 from edgesplit.server.config import ServerConfig
-from edgesplit.server.scaleout import plan_workers
+from edgesplit.server.scaleout import plan_workers, worker_warning
 from edgesplit.server.server import Server
 
 CLIENTS = ("a", "b", "c", "d")
@@ -114,6 +114,8 @@ def test_bad_worker_settings_are_refused_before_anything_loads(tmp_path) -> None
         plan_workers(ServerConfig(artifacts=tmp_path, workers=2, device="cuda:1"), {})
     plan = plan_workers(ServerConfig(artifacts=tmp_path, device="cpu"), torchrun)
     assert (plan.rank, plan.size, plan.local_rank, plan.spawn) == (1, 2, 1, False)
+    assert "use --max-batch-clients 2 or more" in str(worker_warning(ServerConfig(artifacts=tmp_path), plan))
+    assert worker_warning(ServerConfig(artifacts=tmp_path, max_batch_clients=2), plan) is None
     assert plan_workers(ServerConfig(artifacts=tmp_path, workers=2, device="cpu"), {}).spawn
 
 
