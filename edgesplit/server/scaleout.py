@@ -153,6 +153,10 @@ def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str], ou
     try:
         # The ranks' meeting may wait for slow starts (imports on a loaded machine, another node booting); the
         # groups the run uses time out after --worker-timeout.
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(config.device)  # before NCCL's communicators: this rank's GPU, not GPU 0
         dist.init_process_group(backend, init_method="env://", timeout=max(timeout, MEETING_TIMEOUT))
         joined.set()
         control = dist.new_group(backend="gloo", timeout=timeout)
