@@ -146,3 +146,12 @@ def test_the_metrics_endpoint_shows_each_ranks_busy_seconds() -> None:
     assert samples == {"0": 1.5, "1": 2.25}
     one_worker = _Collector(WorkerStats(), lambda: 0, RoundProgress, StepTimes()).collect()
     assert "edgesplit_worker_busy_seconds" not in {family.name for family in one_worker}
+
+
+def test_a_batch_is_split_over_the_ranks_in_contiguous_shares_as_even_as_can_be() -> None:
+    from edgesplit.server.distributed import shares, target_tokens
+
+    steps = [{"labels": np.array([[n]])} for n in range(5)]
+    assert [[int(s["labels"][0, 0]) for s in share] for share in shares(steps, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(share) for share in shares(steps[:1], 3)] == [1, 0, 0]  # a lone step: the other ranks idle
+    assert target_tokens(np.array([[5, 6, -100, 7], [-100, -100, 1, 2]])) == 4  # the first position is no target
