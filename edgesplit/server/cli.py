@@ -11,7 +11,7 @@ from edgesplit.errors import EdgesplitError
 from edgesplit.server.metrics import check_metrics_available
 from edgesplit.server.placement import choose_placement
 from edgesplit.server.robust import AGGREGATIONS
-from edgesplit.server.scaleout import plan_workers, rank_config, serve_worker_rank, worker_ranks
+from edgesplit.server.scaleout import plan_workers, rank_config, serve_worker_rank, worker_ranks, worker_warning
 from edgesplit.server.server import ServerConfig, read_tokens, run_server
 from edgesplit.server.strategies import FRAMEWORKS
 
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.framework == "split":  # the frameworks that train on the device have no tail to place
             where = choose_placement(config.device, config.dtype).describe()
             print(f"[server] the tail runs on {where}{plan.describe()}", flush=True)
+        warning = worker_warning(config, plan)
+        if warning is not None:
+            print(f"[server] warning: {warning}", flush=True)
         server = run_server(config, ranks)
     print(finished_line(server.round, server.last_eval_loss))
     return 0

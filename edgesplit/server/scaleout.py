@@ -98,6 +98,16 @@ def check_devices(config: ServerConfig, plan: WorkerPlan) -> None:
         )
 
 
+def worker_warning(config: ServerConfig, plan: WorkerPlan) -> str | None:
+    """A setting that runs but wastes the ranks: batches smaller than the ranks leave some of them idle."""
+    if plan.distributed and config.max_batch_clients < plan.size:
+        return (
+            f"{plan.size} worker ranks share batches of at most --max-batch-clients {config.max_batch_clients} "
+            f"steps: some ranks wait through every step; use --max-batch-clients {plan.size} or more"
+        )
+    return None
+
+
 def rank_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     """The configuration as this rank runs it: on its own GPU where the tail runs on GPUs."""
     if not plan.distributed:
@@ -108,9 +118,10 @@ def rank_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     return dataclasses.replace(config, device=f"cuda:{plan.local_rank}" if on_gpu else "cpu")
 
 
-def free_loopback_port() -> int:
+def free_port() -> int:
+    """A port free on every interface (rank 0's store listens on all of them), for the ranks to meet at."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 
@@ -129,21 +140,26 @@ def worker_ranks(config: ServerConfig, plan: WorkerPlan, argv: Sequence[str], ou
 
     children: list[subprocess.Popen[bytes]] = []
     joined = threading.Event()
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"  # config: rank_config's, this rank's device
+    timeout = timedelta(seconds=config.worker_timeout_s)
+    # The ranks' meeting may wait for slow starts (imports on a loaded machine, another node booting); the
+    # groups the run uses time out after --worker-timeout.
+    meeting = max(timeout, MEETING_TIMEOUT)
     if plan.spawn:
-        port = str(free_loopback_port())
-        environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(plan.size)}
+        environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(plan.size)}
         os.environ.update({**environment, "RANK": "0", "LOCAL_RANK": "0"})
         for rank in range(1, plan.size):
             env = {**os.environ, **environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             command = [sys.executable, "-m", "edgesplit", "serve", *argv]
             children.append(subprocess.Popen(command, env=env, stdout=output))
         threading.Thread(target=_watch_start, args=(children, joined), daemon=True).start()
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"  # config: rank_config's, this rank's device
-    timeout = timedelta(seconds=config.worker_timeout_s)
     try:
-        # The ranks' meeting may wait for slow starts (imports on a loaded machine, another node booting); the
-        # groups the run uses time out after --worker-timeout.
-        dist.init_process_group(backend, init_method="env://", timeout=max(timeout, MEETING_TIMEOUT))
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(config.device)  # before NCCL's communicators: this rank's GPU, not GPU 0
+        # MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE: torchrun's, or those set above
+        dist.init_process_group(backend, init_method="env://", timeout=meeting)
         joined.set()
         control = dist.new_group(backend="gloo", timeout=timeout)
         gradients = dist.new_group(backend=backend, timeout=timeout) if backend == "nccl" else control
@@ -218,3 +234,5 @@ def on_worker_lost(worker: Any, end_run: Callable[[str], None]) -> None:
     if hasattr(worker, "on_lost"):
         loop = asyncio.get_running_loop()
         worker.on_lost = lambda reason: loop.call_soon_threadsafe(end_run, reason)
+        if worker.lost is not None:  # lost before the server was listening
+            loop.call_soon(end_run, worker.lost)
