@@ -319,14 +319,20 @@ class Client:
             metrics = {"steps": float(len(position.losses))}
             if position.losses:
                 metrics["mean_loss"] = float(np.mean(position.losses))
-            update = AdapterUpdate(position.round, self.num_samples, await trainer.upload(runtime), metrics)
+            # The round's own device work (kd: the proxy logits, then the distillation), timed for the record.
+            started = time.perf_counter()
+            upload = await trainer.upload(runtime)
+            upload_seconds = time.perf_counter() - started
+            update = AdapterUpdate(position.round, self.num_samples, upload, metrics)
             # The round's upload goes in fp32 whatever the step's wire: it is what the server averages. Its wait
             # (the other clients' last steps, the averaging, the evaluation) is the round's, not the next step's.
             round_timer = PhaseTimer()
             result = await self._exchange(websocket, session, update, Wire.FP32, round_timer)
             assert isinstance(result, RoundResult)
             close_seconds = sum(round_timer.step_done().values())
+            started = time.perf_counter()
             await trainer.take_result(result, runtime)
+            take_result_seconds = time.perf_counter() - started
             mean_loss = metrics.get("mean_loss")
             loss_text = "" if mean_loss is None else f": mean loss {mean_loss:.4f}"
             eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
@@ -341,6 +347,8 @@ class Client:
                 eval_loss=result.eval_loss,
                 close_seconds=round(close_seconds, 6),
                 server_eval_seconds=result.eval_seconds,
+                upload_seconds=round(upload_seconds, 6),
+                take_result_seconds=round(take_result_seconds, 6),
             )
             if result.done:
                 return self._summary()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from edgesplit.client.data import Batch, EncodedSet
+from edgesplit.client.data import IGNORE_INDEX, Batch, EncodedSet
 from edgesplit.client.head import Head
 from edgesplit.client.losses import cross_entropy_and_grad, distillation_and_grad, top_k
 from edgesplit.client.optim import AdamW
@@ -52,18 +52,29 @@ class LocalTrainer:
         return loss
 
 
-def proxy_batches(proxy: EncodedSet, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The proxy set in fixed order, cut into full batches (the last one padded with fully masked rows)."""
+def distil_positions(proxy: EncodedSet) -> npt.NDArray[np.int64]:
+    """(N, T): 1 where KD distils, the positions whose next token is a target (a completion's tokens and its
+    EOS; the prompt is given, not learnt). A proxy of plain inputs with no target at all: every real position."""
+    positions = np.zeros_like(proxy.attention_mask)
+    positions[:, :-1] = proxy.labels[:, 1:] != IGNORE_INDEX
+    return positions if positions.any() else proxy.attention_mask
+
+
+def proxy_batches(proxy: EncodedSet, batch_size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The proxy set in fixed order, cut into full batches (the last one padded with fully masked rows):
+    (input_ids, attention_mask, distil_positions) each."""
     count = len(proxy.input_ids)
+    positions = distil_positions(proxy)
     batches = []
     for start in range(0, count, batch_size):
         index = np.arange(start, start + batch_size)
         ids = np.zeros((batch_size, proxy.input_ids.shape[1]), dtype=np.int64)
-        mask = np.zeros_like(ids)
+        mask, distilled = np.zeros_like(ids), np.zeros_like(ids)
         real = index[index < count]
         ids[: len(real)] = proxy.input_ids[real]
         mask[: len(real)] = proxy.attention_mask[real]
-        batches.append((ids, mask))
+        distilled[: len(real)] = positions[real]
+        batches.append((ids, mask, distilled))
     return batches
 
 
@@ -75,26 +86,29 @@ def distil_on_proxy(
     temperature: float,
     epochs: int = 1,
 ) -> list[float]:
-    """Distil `trainer`'s model towards target top-k distributions (N, T, k) on the proxy set, batch by batch."""
+    """Distil `trainer`'s model towards target top-k distributions (N, T, k) on the proxy set, batch by batch,
+    on the distilled positions only (`distil_positions`)."""
     batch_size = trainer.head.manifest.batch_size
     losses = []
     for _ in range(epochs):
-        for number, (ids, mask) in enumerate(proxy_batches(proxy, batch_size)):
+        for number, (ids, mask, distilled) in enumerate(proxy_batches(proxy, batch_size)):
             rows = slice(number * batch_size, (number + 1) * batch_size)
             target_values = np.zeros((batch_size, *values.shape[1:]), dtype=np.float32)
             target_indices = np.zeros((batch_size, *indices.shape[1:]), dtype=np.int64)
             target_values[: len(values[rows])] = values[rows]  # the last batch's padded rows have no target
             target_indices[: len(indices[rows])] = indices[rows]
+            target_values *= distilled[..., None]  # the attention still sees the prompt; the loss does not
             losses.append(trainer.distillation_step(ids, mask, target_values, target_indices, temperature))
     return losses
 
 
 def proxy_top_k(head: Head, adapters: Arrays, proxy: EncodedSet, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The model's top-k next-token probabilities on every proxy position: (N, T, k) values and indices."""
+    """The model's top-k next-token probabilities on the proxy set: (N, T, k) values and indices, the values 0
+    where nothing is distilled (`distil_positions`)."""
     values, indices = [], []
-    for ids, mask in proxy_batches(proxy, head.manifest.batch_size):
+    for ids, mask, distilled in proxy_batches(proxy, head.manifest.batch_size):
         logits = head.forward(ids, mask, adapters).activations
-        batch_values, batch_indices = top_k(logits, k, mask)
+        batch_values, batch_indices = top_k(logits, k, distilled)
         values.append(batch_values)
         indices.append(batch_indices)
     count = len(proxy.input_ids)

@@ -90,12 +90,13 @@ def _require_optional_counts(message: object, *names: str) -> None:
 
 
 def _require_round_tensors(message: object, tensors: dict[str, Array]) -> None:
-    """Adapters are float. KD-FedLLM also sends int64 tensors: top-k token indices and the proxy set's tokens."""
+    """Adapters are float. KD-FedLLM also sends int64 tensors: top-k token indices and the proxy set's tokens
+    and labels."""
     for name, array in tensors.items():
         is_indices = (
             isinstance(array, np.ndarray)
             and array.dtype == np.int64
-            and name.endswith(("indices", "input_ids", "attention_mask"))
+            and name.endswith(("indices", "input_ids", "attention_mask", "labels"))
         )
         if not is_indices:
             _require_float_tensors(message, {name: array})

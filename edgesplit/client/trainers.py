@@ -279,11 +279,16 @@ class KdTrainer(_OnDeviceTrainer):
         self.proxy: EncodedSet | None = None
 
     def take_welcome(self, tensors: Arrays, new_round: bool) -> None:
-        # KD's Welcome carries the shared proxy set, as tokens, instead of adapters.
+        # KD's Welcome carries the shared proxy set, as tokens, instead of adapters; its labels (a labelled
+        # proxy: -100 on the prompt) say where to distil, on the completions.
         ids, mask = tensors.get("proxy.input_ids"), tensors.get("proxy.attention_mask")
         if ids is None or mask is None or ids.shape != mask.shape or ids.ndim != 2:
             raise ProtocolError("a KD-FedLLM Welcome carries proxy.input_ids and proxy.attention_mask (N, T)")
-        self.proxy = EncodedSet(ids, mask, np.full_like(ids, -100), 0, 0)
+        labels = tensors.get("proxy.labels")
+        if labels is not None and labels.shape != ids.shape:
+            raise ProtocolError(f"the Welcome's proxy.labels are {labels.shape}, its proxy.input_ids {ids.shape}")
+        targets = np.full_like(ids, -100) if labels is None else labels.astype(np.int64)
+        self.proxy = EncodedSet(ids, mask, targets, 0, 0)
 
     def _proxy(self) -> EncodedSet:
         if self.proxy is None:

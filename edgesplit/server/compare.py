@@ -9,7 +9,10 @@
         ──> compare.md, compare.csv, compare.json and plots under --out
 
 Every framework gets the same clients' shares, the same steps per round and the same (batch, sequence)
-shape, so each client trains on the same number of tokens whatever the framework.
+shape, so each client trains on the same number of tokens whatever the framework. Before anything runs it
+prints a rough estimate of the wall time for the chosen settings; each export then shows its elapsed time and
+its log's latest line. The defaults are a quick look (minutes), not a fine-tune: bench/fidelity.py runs the
+frameworks at a real budget (docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class CompareConfig:
     max_new_tokens: int = 0  # 0: the longest reference + EOS, within the window
     seed: int = 0
     threads: int = 1
+    eval_batches: int = 0  # the server's eval loss each round on this many batches; 0: every eval input
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class CompareConfig:
             raise CompareError("--partition is iid or dirichlet")
         if min(self.clients, self.rounds, self.steps_per_round, self.eval_examples, self.proxy_examples) < 1:
             raise CompareError("--clients, --rounds, --steps-per-round and the example counts must be at least 1")
+        if self.eval_batches < 0:
+            raise CompareError("--eval-batches is 0 (every eval input) or a count of batches")
 
     def demo_config(self, out: Path) -> DemoConfig:
         return DemoConfig(
@@ -116,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, required=True, help="training JSONL, partitioned across the clients")
     p.add_argument("--eval-data", type=Path, required=True, help="held-out JSONL: eval loss and task score")
-    p.add_argument("--proxy-data", type=Path, help="kd: shared inputs (default: held-out training contexts)")
+    p.add_argument(
+        "--proxy-data", type=Path, help="kd: the shared labelled set (default: held-out training lines, one per input)"
+    )
     p.add_argument("--model", default=d.model, help="hub id, local model directory or .gguf file (default %(default)s)")
     p.add_argument("--frameworks", default=",".join(d.frameworks), help="comma-separated: split,fedllm,kd")
     p.add_argument("--clients", type=int, default=d.clients, help="edge client processes (default %(default)s)")
@@ -150,12 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="rank of the LoRA adapters (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out inputs scored")
     p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=d.eval_batches,
+        help="the server's eval loss after each round on this many batches (default 0: every eval input)",
+    )
+    p.add_argument(
         "--train-examples",
         type=int,
         default=d.train_examples,
         help="a seeded sample of --data's lines (default 0: all)",
     )
-    p.add_argument("--proxy-examples", type=int, default=d.proxy_examples, help="kd: proxy inputs")
+    p.add_argument(
+        "--proxy-examples", type=int, default=d.proxy_examples, help="kd: proxy examples (input and completion)"
+    )
     p.add_argument(
         "--kd-top-k", type=int, default=d.kd_top_k, help="kd: logits each client shares per token (default %(default)s)"
     )
@@ -216,19 +232,24 @@ def prepare_data(config: CompareConfig) -> CompareData:
             json.dumps({key_name: k, "completion": r[0]}) + "\n" for k, r in zip(eval_inputs, references, strict=True)
         )
     )
-    # Proxy (kd): inputs only, never targets; held-out training inputs when there are any, else eval inputs.
+    # Proxy (kd): a public labelled set, held-out training lines with their completions (one per input), never
+    # an eval line; when --data has no held-out lines, training lines (public data the clients also hold).
     proxy, proxy_note = config.proxy_data, f"--proxy-data {config.proxy_data}"
     if proxy is None:
-        pool = [_input_of(r) for r in held_out] or eval_inputs
-        source = (
-            "held-out training inputs (lines of --data not sampled for training)"
-            if held_out
-            else "the eval inputs (prompts only; --data had no held-out lines)"
-        )
-        inputs = list(dict.fromkeys(p for p in pool if p))[: config.proxy_examples]
+        source = "held-out training lines (not sampled for training)" if held_out else "training lines"
+        firsts: dict[str, dict[str, Any]] = {}
+        for record in held_out or train:
+            key = _input_of(record)
+            if key is not None and "completion" in record:
+                firsts.setdefault(key, {key_name: key, "completion": record["completion"]})
+        chosen_proxy = list(firsts.values())[: config.proxy_examples]
         proxy = folder / "proxy.jsonl"
-        proxy.write_text("".join(json.dumps({"text": p}) + "\n" for p in inputs))
-        proxy_note = f"{len(inputs)} {source}, as plain text"
+        proxy.write_text("".join(json.dumps(p) + "\n" for p in chosen_proxy))
+        proxy_note = f"{len(chosen_proxy)} {source}, input and completion"
+        if not chosen_proxy and "kd" in config.frameworks:
+            raise CompareError(
+                f"{config.data} has no prompt/context and completion lines for kd's proxy: give --proxy-data"
+            )
     # Partition once, for every framework.
     labels = [str(r.get("group") or (_input_of(r) or "").split("|")[0].strip()) for r in train]
     if config.partition == "dirichlet":
@@ -303,8 +324,10 @@ def run_framework(
     shutil.rmtree(run, ignore_errors=True)  # old checkpoints would make the server resume
     run.mkdir(parents=True)
     demo_config = config.demo_config(run)
+    served = serve_command(demo_config, artifacts, data.demo_data)
     command = replace(
-        serve_command(demo_config, artifacts, data.demo_data),
+        served,
+        eval_batches=config.eval_batches or served.eval_batches,
         framework=framework,
         kd_top_k=config.kd_top_k,
         proxy_data=data.proxy if framework == "kd" else None,
@@ -327,20 +350,35 @@ def trained_generator(config: CompareConfig, framework: str, artifacts: Path, ru
     return scorer.generator, scorer.load_checkpoint(run / "checkpoints", run / "adapter")
 
 
-def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:
+def generate_texts(generator: Any, adapter: str | None, data: CompareData, max_new_tokens: int = 0) -> list[str]:
+    """Greedy completions of every eval input (an AdapterGenerator, scoring.py), as text without the EOS;
+    `max_new_tokens` 0: the longest reference's tokens + EOS."""
     from edgesplit.client.data import DEFAULT_PROMPT_FORMAT
-    from edgesplit.server.textmetrics import corpus_bleu, corpus_rouge_l
 
-    generator, adapters = trained_generator(config, framework, artifacts, run)
-    started = time.perf_counter()
     separator = DEFAULT_PROMPT_FORMAT.separator
     encode = generator.tokenizer.encode_batch
     prompts = [list(e.ids) for e in encode([p + separator for p in data.eval_inputs], add_special_tokens=False)]
     longest = max(len(e.ids) for e in encode([r for refs in data.references for r in refs], add_special_tokens=False))
-    budget = config.max_new_tokens or longest + 1
-    outputs = generator.generate(prompts, adapters, budget)
+    outputs = generator.generate(prompts, adapter, max_new_tokens or longest + 1)
     eos = generator.eos_token_id
-    texts = [generator.tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True).strip() for o in outputs]
+    return [generator.tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True).strip() for o in outputs]
+
+
+def score_texts(texts: list[str], data: CompareData) -> dict[str, Any]:
+    """BLEU, chrF, NIST and ROUGE-L against all the references of each input (context/completion data), or
+    exact match against any of them."""
+    from edgesplit.server.text_scores import text_scores
+
+    if data.text_task:
+        return text_scores(texts, data.references)
+    matched = [any(t == r.strip() for r in refs) for t, refs in zip(texts, data.references, strict=True)]
+    return {"exact_match": float(np.mean(matched))}
+
+
+def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path, data: CompareData) -> dict[str, Any]:
+    generator, adapter = trained_generator(config, framework, artifacts, run)
+    started = time.perf_counter()
+    texts = generate_texts(generator, adapter, data, config.max_new_tokens)
     result: dict[str, Any] = {
         "generation_seconds": round(time.perf_counter() - started, 1),
         "examples": [
@@ -348,14 +386,7 @@ def task_score(config: CompareConfig, framework: str, artifacts: Path, run: Path
             for i, o, r in list(zip(data.eval_inputs, texts, data.references, strict=True))[:3]
         ],
     }
-    if data.text_task:
-        result["bleu"] = corpus_bleu(texts, data.references)
-        result["rouge_l"] = corpus_rouge_l(texts, data.references)
-    else:
-        result["exact_match"] = float(
-            np.mean([any(t == r.strip() for r in refs) for t, refs in zip(texts, data.references, strict=True)])
-        )
-    return result
+    return result | score_texts(texts, data)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -14,7 +14,9 @@ COLUMNS = [  # (csv key, markdown header, format)
     ("framework", "framework", "{}"),
     ("eval_loss", "eval loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
-    ("bleu", "BLEU-4", "{:.4f}"),
+    ("bleu", "BLEU-4", "{:.2f}"),
+    ("chrf", "chrF", "{:.2f}"),
+    ("nist", "NIST", "{:.2f}"),
     ("rouge_l", "ROUGE-L F1", "{:.4f}"),
     ("exact_match", "exact match", "{:.1%}"),
     ("bytes_up_per_client_round", "up / client / round (B)", "{:,.0f}"),
@@ -111,7 +113,7 @@ def run_caption(config: Any) -> str:
 
 def plot_compare(path: Path, results: dict[str, dict[str, Any]], caption: str = "") -> None:
     """compare's charts on a 2 x 3 grid: one panel per figure, one bar per framework, values on the bars,
-    the task score (BLEU-4 and ROUGE-L, or exact match) in the last panel, `caption` (the run's settings)
+    the task score (BLEU-4, chrF and ROUGE-L, or exact match) in the last panel, `caption` (the run's settings)
     above them all."""
     import matplotlib
 
@@ -142,19 +144,21 @@ def plot_compare(path: Path, results: dict[str, dict[str, Any]], caption: str = 
 
 
 def score_panel(axis: Any, results: dict[str, dict[str, Any]], names: list[str]) -> None:
-    """BLEU-4 and ROUGE-L side by side per framework (a text task), or exact match (codes)."""
-    text_metrics = (("bleu", "BLEU-4"), ("rouge_l", "ROUGE-L F1"))
-    metrics = [(key, header) for key, header in text_metrics if any(key in results[n] for n in names)]
+    """BLEU-4, chrF and ROUGE-L (x 100) side by side per framework (a text task), or exact match (codes), all
+    on a 0-100 scale."""
+    text_metrics = (("bleu", "BLEU-4", 1.0), ("chrf", "chrF", 1.0), ("rouge_l", "ROUGE-L F1 x 100", 100.0))
+    metrics = [(key, header, scale) for key, header, scale in text_metrics if any(key in results[n] for n in names)]
     if not metrics:
-        metrics = [("exact_match", "exact match")]
+        metrics = [("exact_match", "exact match (%)", 100.0)]
     width = 0.8 / len(metrics)
-    for index, (key, header) in enumerate(metrics):
+    for index, (key, header, scale) in enumerate(metrics):
         positions = [p + (index - (len(metrics) - 1) / 2) * width for p in range(len(names))]
         # Colours of their own: the framework colours of the other panels would read as frameworks here.
-        color = ("tab:purple", "tab:gray")[index]
-        bars = axis.bar(positions, [results[n].get(key) or 0.0 for n in names], width=width, label=header, color=color)
-        axis.bar_label(bars, fmt="%.3f", fontsize=8)
+        color = ("tab:purple", "tab:gray", "tab:olive")[index]
+        values = [(results[n].get(key) or 0.0) * scale for n in names]
+        bars = axis.bar(positions, values, width=width, label=header, color=color)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
     axis.set_xticks(range(len(names)), names)
-    axis.set(title="task score on the held-out inputs", xlabel="framework", ylabel="score (0-1, higher is better)")
-    axis.set_ylim(0, 1.1)
+    axis.set(title="task score on the held-out inputs", xlabel="framework", ylabel="score (0-100, higher is better)")
+    axis.set_ylim(0, 110)
     axis.legend(fontsize=8)

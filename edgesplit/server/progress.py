@@ -7,6 +7,7 @@ of how long it will take."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -188,6 +189,10 @@ def rough_compare_seconds(config: Any, exports_to_make: Iterable[bool]) -> float
     for framework in config.frameworks:
         # The split clients queue at one shared tail; the others train side by side on their own cores.
         parallel = 1 if framework == "split" else min(config.clients, 2)
-        seconds += STEP_SECONDS_AT_64_TOKENS.get(framework, 3.0) * token_share * steps / parallel
+        step = STEP_SECONDS_AT_64_TOKENS.get(framework, 3.0) * token_share
+        seconds += step * steps / parallel
+        if framework == "kd":  # each round, each client: top-k on the proxy (forward), then a distillation epoch
+            proxy_batches = math.ceil(config.proxy_examples / config.batch_size)
+            seconds += 1.5 * step * proxy_batches * config.rounds * config.clients / parallel
         seconds += SCORE_LOAD_SECONDS + SCORE_SECONDS_PER_INPUT * config.eval_examples
     return float(seconds)

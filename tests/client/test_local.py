@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from edgesplit.client.data import EncodedSet, encode_examples, iterate_batches, read_jsonl
 from edgesplit.client.head import Head
-from edgesplit.client.local import LocalTrainer, eval_loss, proxy_top_k
+from edgesplit.client.local import LocalTrainer, distil_positions, eval_loss, proxy_top_k
 from edgesplit.errors import ArtifactError
 from edgesplit.export.families import prepare_for_training
 from edgesplit.server.centralized import build_reference, train_centralized
@@ -72,6 +72,14 @@ def test_proxy_top_k_has_one_row_per_example(tiny_artifacts, tmp_path) -> None:
     head, encoded = encoded_task(tiny_artifacts("llama", full_model=True), tmp_path, count=5)
     values, indices = proxy_top_k(head, head.initial_adapters(), encoded, k=3)
     assert values.shape == (5, head.manifest.max_seq_len, 3) and indices.shape == values.shape
+    # A labelled proxy: top-k only where the next token is the completion's (or its EOS), 0 on the prompt
+    # and the padding.
+    distilled = distil_positions(encoded) == 1
+    assert distilled.sum() == (encoded.labels != -100).sum()
+    assert np.all(values[~distilled] == 0) and np.all(values[distilled].sum(-1) > 0)
+    # Plain inputs (no target anywhere): every real position.
+    plain = EncodedSet(encoded.input_ids, encoded.attention_mask, np.full_like(encoded.labels, -100), 0, 0)
+    values, _ = proxy_top_k(head, head.initial_adapters(), plain, k=3)
     padded = encoded.attention_mask == 0
     assert np.all(values[padded] == 0) and np.all(values[~padded].sum(-1) > 0)
 

@@ -4,9 +4,13 @@
         -> the server distils it into its own global model (for evaluation)
         -> RoundResult: the averaged top-k (N, T, k), for the clients to distil from
 
-It follows FedMD (Li and Wang, 2019: clients share class scores on a public set, and each client "digests" the
-consensus by distillation) with the server-side ensemble distillation of FedDF (Lin et al., 2020). Both run on
-the ONNX whole-model head (`export --full-model`), the server's distillation too, so neither needs PyTorch.
+It follows FedMD (Li and Wang, 2019: clients share class scores on a public labelled set, and each client
+"digests" the consensus by distillation) with the server-side ensemble distillation of FedDF (Lin et al., 2020).
+For a language model the public set's "inputs" are whole examples, prompt and completion (--proxy-data lines
+of context/prompt and completion): the clients' next-token distributions are taken, and distilled, on the
+completion's positions only (edgesplit.client.local.distil_positions), teacher-forced on the public
+completion; a proxy of prompts alone would teach nothing about the answers. Both run on the ONNX whole-model
+head (`export --full-model`), the server's distillation too, so neither needs PyTorch.
 """
 
 from __future__ import annotations
@@ -86,8 +90,12 @@ class KdStrategy:
         }
 
     def welcome_tensors(self) -> Arrays:
-        # The proxy set travels once, as tokens; no weights ever do.
-        return {"proxy.input_ids": self.proxy.input_ids, "proxy.attention_mask": self.proxy.attention_mask}
+        # The proxy set travels once, as tokens, with its labels (where to distil); no weights ever do.
+        return {
+            "proxy.input_ids": self.proxy.input_ids,
+            "proxy.attention_mask": self.proxy.attention_mask,
+            "proxy.labels": self.proxy.labels,
+        }
 
     def check_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> None:
         raise refuse_activations(self.name)
