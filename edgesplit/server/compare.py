@@ -11,8 +11,8 @@
 Every framework gets the same clients' shares, the same steps per round and the same (batch, sequence)
 shape, so each client trains on the same number of tokens whatever the framework. Before anything runs it
 prints a rough estimate of the wall time for the chosen settings; each export then shows its elapsed time and
-its log's latest line. The defaults are a quick look (minutes), not a fine-tune: bench/fidelity.py runs the
-frameworks at a real budget (docs/fidelity.md).
+its log's latest line. The defaults are a quick look (minutes), not a fine-tune: the fidelity benchmark runs
+the frameworks at a real budget (docs/fidelity.md).
 """
 
 from __future__ import annotations
