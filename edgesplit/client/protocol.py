@@ -135,8 +135,7 @@ def max_frame_bytes(manifest: Manifest) -> int:
     """
     batch, seq, hidden = manifest.activations_shape
     activations = batch * seq * (hidden * 4 + 16)
-    matrices = {**manifest.lora.matrices, **manifest.top_matrices}  # a U-shaped device's adapters include its top's
-    adapters = sum(math.prod(shape) * 4 for shape in matrices.values())
+    adapters = sum(math.prod(shape) * 4 for shape in manifest.lora.matrices.values())
     return max(activations, adapters) + (1 << 20)
 
 
