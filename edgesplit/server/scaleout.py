@@ -193,16 +193,9 @@ def _watch_start(children: list[subprocess.Popen[bytes]], joined: threading.Even
 def serve_worker_rank(config: ServerConfig, plan: WorkerPlan, group: Any) -> int:
     """A rank other than 0: a replica of the tail, built as the split strategy builds rank 0's, serving shares."""
     from edgesplit.server.distributed import serve_rank
-    from edgesplit.server.tail import OptimizerSettings, Tail
+    from edgesplit.server.strategies.split import build_tail
 
-    tail = Tail(
-        config.artifacts,
-        OptimizerSettings(learning_rate=config.learning_rate, weight_decay=config.weight_decay),
-        seed=config.seed,
-        threads=config.threads,
-        device=config.device,
-        dtype=config.dtype,
-    )
+    tail = build_tail(config.strategy_options())
 
     def say(text: str) -> None:
         print(f"[worker {plan.rank}] {text}", flush=True)

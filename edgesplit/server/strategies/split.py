@@ -34,6 +34,19 @@ def adapters_below(adapters: Mapping[str, np.ndarray], cut_layer: int) -> Arrays
     return {name: value for name, value in adapters.items() if parse_adapter_name(name).layer < cut_layer}
 
 
+def build_tail(options: StrategyOptions) -> Tail:
+    """The server's tail as a run's options describe it. Every tail worker rank builds its replica here too, so
+    the ranks start from the same LoRA initialisation as rank 0's strategy."""
+    return Tail(
+        options.artifacts,
+        OptimizerSettings(learning_rate=options.learning_rate, weight_decay=options.weight_decay),
+        seed=options.seed,
+        threads=options.threads,
+        device=options.device,
+        dtype=options.dtype,
+    )
+
+
 class SplitStrategy:
     """Holds the shared tail and, for evaluation, a head of its own (the server runs the whole model then:
     the smallest cut's head, then the whole tail)."""
@@ -49,14 +62,7 @@ class SplitStrategy:
                 f"{options.artifacts} is a --full-model export: serve it with --framework "
                 "fedllm or kd, or export a split head with --cut-layer"
             )
-        self.tail = Tail(
-            options.artifacts,
-            OptimizerSettings(learning_rate=options.learning_rate, weight_decay=options.weight_decay),
-            seed=options.seed,
-            threads=options.threads,
-            device=options.device,
-            dtype=options.dtype,
-        )
+        self.tail = build_tail(options)
         self.mixed = bool(self.manifest.cuts)
         if self.mixed and options.aggregation.name != "fedavg":
             raise ArtifactError(
