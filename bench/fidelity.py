@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/fidelity"), help="runs, exports, results (outside git)")
     p.add_argument("--frameworks", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     p.add_argument("--report-only", action="store_true", help="no training: the report from OUT/results")
+    p.add_argument(
+        "--score-finished",
+        action="store_true",
+        help="a run whose server log in OUT says it finished without failure is scored, not trained again "
+        "(after an interruption during scoring); its result says so",
+    )
     p.add_argument("--data", type=Path, default=E2E / "train.jsonl")
     p.add_argument("--eval-data", type=Path, default=E2E / "test.jsonl")
     p.add_argument("--model", default="smollm2-135m")
@@ -247,10 +253,18 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
             result |= {"bytes_total": 0, "client_seconds": None, "client_gflop": None}
         else:
             t = time.monotonic()
-            run = run_framework(config, framework, artifacts, data, children)
+            finished = finished_seconds(config.out / framework) if args.score_finished else None
+            if finished is None:
+                run = run_framework(config, framework, artifacts, data, children)
+            else:
+                run = config.out / framework
+                say(f"{name}: the server log in {run} says the run finished; scored without training again")
             measured = measure(config, framework, artifacts, run, proxy_count)
             measured.pop("clients")
-            result |= measured | {"framework": name, "train_seconds": round(time.monotonic() - t, 1)}
+            seconds = time.monotonic() - t if finished is None else finished
+            result |= measured | {"framework": name, "train_seconds": round(seconds, 1)}
+            if finished is not None:
+                result["reused_finished_run"] = True
             result["bytes_total"] = measured["bytes_up_total"] + measured["bytes_down_total"]
             result |= client_totals(run, config, measured, proxy_count)
             result["eval_loss_curve"] = server_curve(run)
@@ -284,6 +298,18 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     (args.out / "results" / f"{name}.json").write_text(json.dumps(result, indent=1))
     say(f"{name}: done in {result['wall_seconds']:.0f} s, eval loss {result['eval_loss']:.4f}")
     return result
+
+
+def finished_seconds(run: Path) -> float | None:
+    """The seconds from the server's first record to its `finished` record, when the run in RUN finished
+    without failure; None otherwise (no log, a failure, or still running when it was stopped)."""
+    log = run / "server.jsonl"
+    if not log.is_file() or not (run / "checkpoints" / "latest").is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not records or records[-1].get("event") != "finished" or records[-1].get("failure") is not None:
+        return None
+    return float(records[-1]["time"] - records[0]["time"])
 
 
 def server_curve(run: Path) -> list[float | None]:
