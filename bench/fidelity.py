@@ -300,13 +300,16 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     return result
 
 
+def server_records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "server.jsonl").read_text().splitlines() if line.strip()]
+
+
 def finished_seconds(run: Path) -> float | None:
     """The seconds from the server's first record to its `finished` record, when the run in RUN finished
     without failure; None otherwise (no log, a failure, or still running when it was stopped)."""
-    log = run / "server.jsonl"
-    if not log.is_file() or not (run / "checkpoints" / "latest").is_file():
+    if not (run / "server.jsonl").is_file() or not (run / "checkpoints" / "latest").is_file():
         return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = server_records(run)
     if not records or records[-1].get("event") != "finished" or records[-1].get("failure") is not None:
         return None
     return float(records[-1]["time"] - records[0]["time"])
@@ -314,7 +317,7 @@ def finished_seconds(run: Path) -> float | None:
 
 def server_curve(run: Path) -> list[float | None]:
     """The server's eval loss before training and after each round (its first --eval-batches batches)."""
-    records = [json.loads(line) for line in (run / "server.jsonl").read_text().splitlines() if line.strip()]
+    records = server_records(run)
     before = [r.get("eval_loss") for r in records if r["event"] == "eval"][:1]
     return before + [r.get("eval_loss") for r in records if r["event"] == "round"]
 
