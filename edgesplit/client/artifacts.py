@@ -44,6 +44,11 @@ MANIFEST_NAME = "manifest.json"
 
 DEVICE, SERVER = "device", "server"
 HEAD, HEAD_GRAD, TAIL = "head", "head_grad", "tail"  # the stages an export writes today
+# A U-shaped export's device-side top: the last layers, the final norm, the LM head and the loss, forward and
+# backward in one graph (top.onnx), with its initial LoRA matrices and the LM head's weight beside it.
+TOP = "top"
+TOP_FILES = ("top_adapters.safetensors", "lm_head.npy")
+LM_HEAD_INPUT = "lm_head.weight_t"  # top.onnx's input: the LM head's weight transposed, (H, V)
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
 LAYOUT_DEQUANTIZE = "dequantize-linear"  # Manifest.int8_layout: see edgesplit/export/quantize.py
 
@@ -259,6 +264,16 @@ class Manifest:
                 raise ArtifactError(f"a sequence bucket of {seq_len} tokens: expected 2 to {self.max_seq_len}")
             if HEAD_GRAD in names and bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len) not in names:
                 raise ArtifactError(f"the head has a {seq_len}-token bucket but its gradient graph has none")
+        if TOP in names:
+            top = self.stage(TOP)
+            if top.runs_on != DEVICE or top.end_layer != self.num_layers or top.first_layer <= self.cut_layer:
+                raise ArtifactError(
+                    f"the top stage runs layers [{top.first_layer}, {top.end_layer}) on the {top.runs_on}: a U-shaped "
+                    f"export's top runs on the device, ends at layer {self.num_layers} and leaves the server a "
+                    f"middle after the head's {self.cut_layer}"
+                )
+            if self.cuts:
+                raise ArtifactError("a U-shaped export has one cut; these artifacts list several")
         if self.cuts:
             layers = [cut.cut_layer for cut in self.cuts]
             if layers != sorted(set(layers)) or layers[0] != self.cut_layer or layers[-1] >= self.num_layers:
@@ -350,6 +365,22 @@ class Manifest:
         """The whole model on the client (FedLLM, KD-FedLLM): no tail, and the head's `activations` are its
         logits (B, T, V), `activation_grads` the loss gradient with respect to them."""
         return self.cut_layer == self.num_layers
+
+    @property
+    def u_shaped(self) -> bool:
+        """The device also runs the top (the last layers, the norm, the LM head and the loss): the labels never
+        leave it, and the server runs the middle [cut_layer, top_first_layer)."""
+        return self.has_stage(TOP)
+
+    @property
+    def top_first_layer(self) -> int:
+        """Where the device's top starts: the server's middle ends here (num_layers for a plain split)."""
+        return self.stage(TOP).first_layer if self.u_shaped else self.num_layers
+
+    @property
+    def top_matrices(self) -> dict[str, tuple[int, ...]]:
+        """The top's LoRA matrices (adapter name -> shape); empty for a plain split or a top without layers."""
+        return head_matrices(self.stage(TOP).inputs) if self.u_shaped else {}
 
     @property
     def frozen_head(self) -> bool:

@@ -50,6 +50,7 @@ from edgesplit.client.protocol import (
     max_frame_bytes,
 )
 from edgesplit.client.resources import MemorySampler, PhaseTimer
+from edgesplit.client.top import Top
 from edgesplit.client.trainers import Result, SplitTrainer, StepResult, Trainer, trainer_for
 from edgesplit.errors import EdgesplitError, ProtocolError
 
@@ -125,6 +126,14 @@ class Client:
         self.memory = MemorySampler(interval_ms=10)
         self.energy: EnergyReader = detect_energy_reader(config.device_profile)
         self.adapters: dict[str, np.ndarray] = self.head.initial_adapters()
+        # A U-shaped export's top: the last layers, the LM head and the loss run here too (the labels stay).
+        self.top = (
+            Top(config.artifacts, threads=config.threads or None, providers=config.providers)
+            if manifest.u_shaped
+            else None
+        )
+        if self.top is not None:
+            self.adapters.update(self.top.initial_adapters())
         self.trainer: Trainer | None = None  # from the run's first Welcome: its framework's trainer
         self.bytes_up = 0
         self.bytes_down = 0
@@ -359,7 +368,7 @@ class Client:
         resume_step = settings.resume_step
         self.steps_per_round = settings.steps_per_round
         if self.trainer is None:  # the first Welcome of this process
-            self.trainer = trainer_for(self.head, self.adapters, settings)
+            self.trainer = trainer_for(self.head, self.adapters, settings, self.top)
             self._attach_defence(self.trainer)
             self.batch_iterator = self.batches(seed=settings.seed + self.config.seed)
         elif settings.framework != self.trainer.framework:

@@ -135,7 +135,8 @@ def max_frame_bytes(manifest: Manifest) -> int:
     """
     batch, seq, hidden = manifest.activations_shape
     activations = batch * seq * (hidden * 4 + 16)
-    adapters = sum(math.prod(shape) * 4 for shape in manifest.lora.matrices.values())
+    matrices = {**manifest.lora.matrices, **manifest.top_matrices}  # a U-shaped device's adapters include its top's
+    adapters = sum(math.prod(shape) * 4 for shape in matrices.values())
     return max(activations, adapters) + (1 << 20)
 
 

@@ -6,7 +6,9 @@ round's result. The client (client.py) keeps the transport: connecting, retries,
 never compares framework names; adding a framework is adding a trainer here and naming it in TRAINERS
 (and a strategy on the server). numpy and ONNX Runtime only, like the rest of the client.
 
-    split   head forward on the device, tail on the server: one exchange a step (Activations -> Gradients)
+    split   head forward on the device, tail on the server: one exchange a step (Activations -> Gradients);
+            U-shaped (the Welcome's exchange "u_shaped"): the device runs the top and the loss too, two
+            exchanges a step, and the labels never leave it
     fedllm  the whole model on the device; the round uploads its adapters for FedAvg
     kd      the whole model on the device; the round uploads top-k probabilities on a shared proxy set,
             and the device distils towards the clients' consensus
@@ -29,7 +31,8 @@ from edgesplit.client.head import Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
 from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings
-from edgesplit.errors import EdgesplitError, ProtocolError
+from edgesplit.client.top import Top
+from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 
 Arrays = dict[str, np.ndarray]
 Result = TypeVar("Result")
@@ -161,6 +164,89 @@ class SplitTrainer(Trainer):
         )
 
 
+class UShapedTrainer(SplitTrainer):
+    """The U-shaped split: the device runs the head and the top (the last layers, the norm, the LM head, the
+    loss); the server runs the middle. Per step, Activations "lower" (no labels) up, the middle's output
+    down, its gradient up (Gradients "upper", with the device's loss), the lower cut's gradient down. The
+    head's and the top's adapters are one set of device adapters, averaged together each round; each part
+    has its own numpy AdamW (AdamW is per matrix: the same as one optimiser over both)."""
+
+    def __init__(self, head: Head, adapters: Arrays, settings: SessionSettings, top: Top) -> None:
+        super().__init__(head, {name: adapters[name] for name in head.manifest.lora.matrices}, settings)
+        self.adapters = adapters  # the head's and the top's: what goes up at the round's end
+        self.top = top
+        top_adapters = {name: adapters[name] for name in top.manifest.top_matrices}
+        self.top_optimizer = (  # a top of no layer (--top-layers 0: the norm, the LM head) has nothing to train
+            AdamW(top_adapters, lr=settings.learning_rate, weight_decay=settings.weight_decay) if top_adapters else None
+        )
+
+    def set_adapters(self, tensors: Arrays) -> None:
+        expected = {**self.head.manifest.lora.matrices, **self.top.manifest.top_matrices}
+        if set(tensors) != set(expected):
+            got, wanted = sorted(tensors)[:6], sorted(expected)[:6]
+            raise ProtocolError(f"the server's adapters are {got}, this device's {wanted}")
+        for name, shape in self.top.manifest.top_matrices.items():
+            if tuple(tensors[name].shape) != tuple(shape) or not np.all(np.isfinite(tensors[name])):
+                raise ProtocolError(f"the server's adapter {name} is not finite of shape {tuple(shape)}")
+        super().set_adapters(tensors)
+
+    async def step(self, batch: Batch, round_index: int, step: int, runtime: Runtime) -> StepResult:
+        # input_ids -> head -> lower activations up; the middle's output down -> top -> loss; its gradient up;
+        # the lower gradient down -> head backward. The labels are used here, on the device, only.
+        forward = await runtime.compute(
+            "head_forward", self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
+        )
+        with runtime.phase("encode"):
+            uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
+            lower = Activations(
+                round_index, step, {"activations": uploaded, "attention_mask": batch.attention_mask}, "lower"
+            )
+        waited = time.perf_counter()
+        upper = await runtime.exchange(lower)
+        waited = time.perf_counter() - waited
+        if not isinstance(upper, Activations):  # the session's table allows nothing else here
+            raise ProtocolError(f"expected the middle's Activations, the server sent {upper.kind.name}")
+        started = time.perf_counter()
+        top = await runtime.compute(
+            "top", self.top.step, upper.tensors["activations"], batch.attention_mask, batch.labels, self.adapters
+        )
+        if not np.isfinite(top.loss):
+            raise TrainingError(f"the device's loss is {top.loss}: this batch has no target token or diverged")
+        with runtime.phase("optimizer"):
+            if self.top_optimizer is not None:
+                self.top_optimizer.step(top.grads)
+        with runtime.phase("encode"):
+            up = Gradients(
+                round_index,
+                step,
+                top.loss,
+                time.perf_counter() - started,
+                {"activation_grads": top.activation_grads},
+                "upper",
+            )
+        second = time.perf_counter()
+        gradients = await runtime.exchange(up)
+        waited += time.perf_counter() - second
+        if not isinstance(gradients, Gradients):
+            raise ProtocolError(f"expected Gradients, the server sent {gradients.kind.name}")
+        if self.head.trainable:
+            activation_grads = gradients.tensors.get("activation_grads")
+            if activation_grads is None:
+                raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+            if self.defence is not None:  # the gradient at what went up, taken back through the clip
+                activation_grads = self.defence.backward(forward.activations, activation_grads)
+            grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
+            with runtime.phase("optimizer"):
+                self.optimizer.step(grads)
+        return StepResult(
+            top.loss,
+            server_seconds=gradients.server_seconds,
+            wait_seconds=waited,
+            server_queue_seconds=gradients.queue_seconds,
+            server_compute_seconds=gradients.compute_seconds,
+        )
+
+
 class _OnDeviceTrainer(Trainer):
     """The whole model on the device (a --full-model export): each step is local, nothing travels."""
 
@@ -240,9 +326,20 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
-def trainer_for(head: Head, adapters: Arrays, settings: SessionSettings) -> Trainer:
-    """The trainer for the framework the Welcome names."""
+def trainer_for(head: Head, adapters: Arrays, settings: SessionSettings, top: Top | None = None) -> Trainer:
+    """The trainer for the framework the Welcome names (the U-shaped one for its exchange "u_shaped")."""
     trainer = TRAINERS.get(settings.framework)
     if trainer is None:  # SessionSettings knows a framework this client has no trainer for
         raise EdgesplitError(f"this client cannot train {settings.framework!r}: it knows {sorted(TRAINERS)}")
+    u_shaped = settings.exchange == "u_shaped"
+    if u_shaped != (top is not None):
+        raise EdgesplitError(
+            "the server runs a U-shaped split (the device computes the loss), these artifacts are a plain split "
+            "export: copy the server's export to this device"
+            if u_shaped
+            else "the server runs a plain split, these artifacts are a U-shaped export (--top-layers): copy the "
+            "server's export to this device"
+        )
+    if top is not None:
+        return UShapedTrainer(head, adapters, settings, top)
     return trainer(head, adapters, settings)

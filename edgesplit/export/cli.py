@@ -5,6 +5,8 @@ part (PyTorch tail, the rest), written with their manifest into one artifact dir
     edgesplit export --cut-layers 2,4,8 --out artifacts       (one head per cut in cut2/ cut4/ cut8/, one tail)
     edgesplit export --cut-layer 4 --seq-buckets 64,96 (the head also traced for 64 and 96 tokens: no compute
                                                        on padding past a batch's longest example)
+    edgesplit export --cut-layer 4 --top-layers 2 --out artifacts  (U-shaped: the last 2 layers and the loss on
+                                                                  the device too; the labels never leave it)
     edgesplit export --full-model --out artifacts-full        (the whole model on the device, for FedLLM and KD)
 
 --model and --cut-layer are checked before the model loads (a load takes tens of seconds): an unknown name is
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL
-from edgesplit.export.preflight import check_cut_layers, check_model_name, known_depth
+from edgesplit.export.preflight import check_cut_layers, check_model_name, check_top_layers, known_depth
 
 
 def parse_cut_layer(text: str) -> int:
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-model",
         action="store_true",
         help="the whole model on the device, trainable, outputting logits (for FedLLM and KD-FedLLM)",
+    )
+    parser.add_argument(
+        "--top-layers",
+        type=int,
+        default=None,
+        help="a U-shaped split: the device also runs the last K layers, the final norm, the LM head and the "
+        "loss, so the labels never leave it; the server runs the middle (K >= 0; docs/architecture.md)",
     )
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact directory (default artifacts/)")
     parser.add_argument(
@@ -140,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{flag} {min(cuts)} is out of range: a cut must be at least 1 (layers [0, cut) run on the "
             "device; --full-model puts the whole model there)"
         )
+    if args.top_layers is not None and (args.full_model or args.cut_layers):
+        parser.error("--top-layers goes with one --cut-layer (not --cut-layers or --full-model)")
+    if args.top_layers is not None and set(args.seq_buckets or ()) - {args.max_seq_len}:
+        parser.error("--seq-buckets does not go with --top-layers yet: the top stage is traced for --max-seq-len only")
+    if args.top_layers is not None and args.top_layers < 0:
+        check_top_layers(args.top_layers, args.cut_layer, args.cut_layer + 1)  # refuses a negative K
     # Before the model loads, which takes tens of seconds: a typo or a cut past the model's end is refused now.
     check_model_name(args.model)
     depth = known_depth(args.model)
     if depth is not None and not args.full_model:
         check_cut_layers(cuts, depth, flag=flag)
+        if args.top_layers is not None:
+            check_top_layers(args.top_layers, args.cut_layer, depth)
     from edgesplit.export.exporter import ExportConfig, export
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
@@ -164,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_buckets=args.seq_buckets or (),
         force=args.force,
         seed=args.seed,
+        top_layers=args.top_layers,
     )
     result = export(config)
     manifest = result.manifest

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edgesplit.client.artifacts import (
     ACTIVATION_GRADS,
@@ -41,6 +41,8 @@ from edgesplit.client.artifacts import (
     SCHEMA_VERSION,
     SERVER,
     TAIL,
+    TOP,
+    TOP_FILES,
     CutEntry,
     LoraSpec,
     Manifest,
@@ -78,6 +80,9 @@ class ExportConfig:
     seed: int = 0
     full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
     write_tail: bool = True  # False: head files only, no tail/ (the split-point profiler's sweep)
+    # A U-shaped split: the device also runs the last `top_layers` layers, the final norm, the LM head and the
+    # loss (top.onnx); None: the plain split.
+    top_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "int8"):
@@ -86,6 +91,12 @@ class ExportConfig:
             raise ExportError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         if self.cut_layers is not None and (self.full_model or not self.cut_layers):
             raise ExportError("--cut-layers needs at least one cut, and cannot go with --full-model")
+        if self.top_layers is not None and (self.full_model or self.cut_layers is not None or self.top_layers < 0):
+            raise ExportError("--top-layers needs one --cut-layer, no --full-model, and a value >= 0")
+        if self.top_layers is not None and set(self.seq_buckets) - {self.max_seq_len}:
+            raise ExportError(
+                "--seq-buckets does not go with --top-layers yet: the top stage is traced for --max-seq-len only"
+            )
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
         wrong = [seq_len for seq_len in self.seq_buckets if not 2 <= seq_len <= self.max_seq_len]
@@ -161,6 +172,11 @@ def _stages(
         )
         outputs = (TensorSpec("loss", "float32", ()), TensorSpec(ACTIVATION_GRADS, "float32", activations))
         stages.append(Stage(TAIL, SERVER, cut_layer, num_layers, tail_files, inputs, outputs))
+    if (head_dir / "top.onnx").exists():
+        top_inputs, top_outputs = _specs(head_dir / "top.onnx")
+        top_files = (*graph_files("top.onnx"), *(prefix + name for name in TOP_FILES if prefix + name in files))
+        first = num_layers - (config.top_layers or 0)
+        stages.append(Stage(TOP, DEVICE, first, num_layers, top_files, top_inputs, top_outputs))
     return tuple(stages)
 
 
@@ -218,6 +234,11 @@ def export(config: ExportConfig, loaded: LoadedModel | None = None) -> ExportRes
             report, head = _export_head(loaded, cuts[0], config, scratch, seconds)
             if config.write_tail and not config.full_model:  # a full-model export has no tail: all is on the client
                 _write_tail(loaded, cuts[0], config, scratch)
+            if config.top_layers is not None:
+                from edgesplit.export.preflight import check_top_layers
+
+                check_top_layers(config.top_layers, cuts[0], num_layers)
+                _export_top(loaded, num_layers - config.top_layers, config, scratch, seconds)
             check = _self_check(loaded, head, config, scratch, scratch / "tail", seconds)
             manifest = _write_manifest(loaded, scratch, cuts[0], config, self_check=check)
         else:
@@ -325,6 +346,45 @@ def _export_head(
     if made != expected:  # the graph's inputs are the contract
         raise ExportError(f"head.onnx takes LoRA inputs {made}, the head made {expected}")
     return report, head
+
+
+def _export_top(
+    loaded: LoadedModel, first_layer: int, config: ExportConfig, scratch: Path, seconds: dict[str, float]
+) -> None:
+    """The device's top stage of a U-shaped split (export/top.py): top.onnx (+ .data), its initial LoRA
+    matrices in top_adapters.safetensors, and the LM head's weight, transposed (H, V), in lm_head.npy (fed to
+    the graph as an input, memory-mapped). Always fp32: --quantize applies to the head."""
+    import numpy as np
+    import onnx
+    from safetensors.numpy import save_file as save_numpy
+
+    from edgesplit.export.families import family_for
+    from edgesplit.export.onnx_files import save_with_aligned_data
+    from edgesplit.export.top import TopWithLora, export_top, lm_head_weight_t
+
+    model = loaded.model
+    family = family_for(model)
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ExportError(
+            f"{family.name} caps its logits (final_logit_softcapping): the device's chunked loss does not, so "
+            "--top-layers is not available for it yet; export a plain split"
+        )
+    targets = config.lora_targets or family.lora_targets
+    tail = family.build_tail(family.tail_config(model, first_layer), family.tail_state_dict(model, first_layer))
+    cast(Any, tail).set_attn_implementation("eager")
+    top = TopWithLora(tail, family, first_layer, config.lora_rank, config.lora_alpha, targets)
+    lora = top.initial_lora(config.seed + 1)  # the head's come from `seed`: not the same random A matrices
+    layers = f"layers {first_layer}-{family.num_layers(model) - 1}, " if first_layer < family.num_layers(model) else ""
+    log(f"tracing the device's top ({layers}final norm, LM head, loss)")
+    t0 = time.perf_counter()
+    with _quiet_exporter():
+        export_top(top, lora, config.batch_size, config.max_seq_len, int(model.config.vocab_size), scratch / "top.onnx")
+    save_with_aligned_data(onnx.load(str(scratch / "top.onnx")), scratch / "top.onnx")
+    seconds["top"] = time.perf_counter() - t0
+    save_numpy(
+        {k: v.detach().numpy().astype("float32") for k, v in lora.items()}, str(scratch / "top_adapters.safetensors")
+    )
+    np.save(scratch / "lm_head.npy", lm_head_weight_t(tail).numpy().astype(np.float32))  # (H, V)
 
 
 def _self_check(

@@ -133,6 +133,20 @@ def check_cut_layers(cut_layers: tuple[int, ...], num_layers: int, flag: str = "
             )
 
 
+def check_top_layers(top_layers: int, cut_layer: int, num_layers: int) -> None:
+    """A U-shaped split keeps at least one layer in the server's middle: cut + top_layers <= num_layers - 1."""
+    if top_layers < 0:
+        raise ExportError(
+            f"--top-layers {top_layers} is negative: it is how many of the last layers the device runs besides "
+            "the first ones (0: only the final norm, the LM head and the loss)"
+        )
+    if cut_layer + top_layers > num_layers - 1:
+        raise ExportError(
+            f"--top-layers {top_layers} with --cut-layer {cut_layer} leaves no middle for the server: this model "
+            f"has {num_layers} layers, so --top-layers can be at most {num_layers - 1 - cut_layer} at this cut"
+        )
+
+
 # Mixture-of-experts model types, by transformers' and GGUF's names. Their routers pick each token's experts at
 # run time (`nonzero` / `where` over the routing mask), so each expert's batch has a data-dependent size: the
 # device's ahead-of-time graphs, traced for one fixed shape, cannot hold that.

@@ -5,6 +5,9 @@
       tail_lora.safetensors        layers [cut, L)    ─┴──>    adapter_model.safetensors base_model.model.<layers
                                                                                           path>.<layer>.<module>.lora_A|B.weight
 
+A U-shaped run's global adapters also hold the device's top layers [L-K, L), and its tail LoRA the server's
+middle [cut, L-K): the union is the whole model's all the same.
+
 Both halves already use one naming, by absolute layer (edgesplit/lora_names.py), so the adapter is the union
 of the two, keyed as PEFT keys it; nothing is transposed or rescaled: the head's and the tail's LoRA already
 hold PEFT's layout (A: (rank, in), B: (out, rank)) and scale updates by alpha / rank as PEFT does.
@@ -80,7 +83,7 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
     A checkpoint of another model, cut or LoRA setting is refused here, saying what differs, before anything
     is written.
     """
-    expected_head = manifest.lora.matrices
+    expected_head = {**manifest.lora.matrices, **manifest.top_matrices}  # a U-shaped device's top is the device's
     _compare_names("head (global adapters)", set(head), set(expected_head))
     for name, shape in expected_head.items():
         if tuple(head[name].shape) != tuple(shape):
@@ -90,6 +93,7 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
             raise ArtifactError("the checkpoint has tail adapters, but these artifacts have no tail (--full-model)")
         return
     stage = manifest.stage(TAIL)
+    trained = range(stage.first_layer, manifest.top_first_layer)  # a U-shaped export's server trains the middle
     # Every layer carries LoRA on the same modules: the head's tell which, when the head has any.
     module_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
     for name, value in head.items():
@@ -97,7 +101,7 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
         module_shapes[(parsed.module_path, parsed.matrix)] = tuple(value.shape)
     if module_shapes:
         expected_tail = {
-            adapter_name(layer, module_path, matrix) for layer in stage.layers for module_path, matrix in module_shapes
+            adapter_name(layer, module_path, matrix) for layer in trained for module_path, matrix in module_shapes
         }
         _compare_names("tail (tail LoRA)", set(tail), expected_tail)
     for name, value in tail.items():
@@ -105,10 +109,8 @@ def check_adapters_fit(manifest: Manifest, head: Mapping[str, np.ndarray], tail:
             parsed = parse_adapter_name(name)
         except ValueError as error:
             raise ArtifactError(f"the checkpoint's tail LoRA holds {error}") from None
-        if parsed.layer not in stage.layers:
-            raise ArtifactError(
-                f"tail adapter {name} is outside the tail's layers [{stage.first_layer}, {stage.end_layer})"
-            )
+        if parsed.layer not in trained:
+            raise ArtifactError(f"tail adapter {name} is outside the tail's layers [{trained.start}, {trained.stop})")
         head_shape = module_shapes.get((parsed.module_path, parsed.matrix))
         if head_shape is not None and tuple(value.shape) != head_shape:
             raise ArtifactError(f"tail adapter {name} has shape {tuple(value.shape)}, the head's {head_shape}")

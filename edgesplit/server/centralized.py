@@ -1,7 +1,8 @@
 """Centralised LoRA training of the whole model in PyTorch: the reference split training must reproduce.
 
 The reference model carries PEFT LoRA on every layer, started from exactly the split run's initial adapters:
-the head's layers from head_adapters.safetensors, the tail's from the server tail's (seeded) PEFT init. Both
+the head's layers from head_adapters.safetensors, the tail's from the server tail's (seeded) PEFT init; in a
+U-shaped run, the device's top layers from top_adapters.safetensors and the server's middle from its tail. Both
 sides name a matrix by its absolute layer and module path (edgesplit/lora_names.py), so a reference parameter
 finds its starting value by name alone.
 It trains on the same batches with the same loss and AdamW settings, so that with one client and fp32 on
@@ -27,7 +28,8 @@ from edgesplit.server.tail import OptimizerSettings, Tail, causal_lm_loss
 def build_reference(
     model: nn.Module, manifest: Manifest, head_adapters: dict[str, np.ndarray], tail_lora: dict[str, np.ndarray]
 ) -> nn.Module:
-    """`model` with PEFT LoRA on all layers, initialised from the split run's head and tail adapters."""
+    """`model` with PEFT LoRA on all layers, initialised from the split run's device adapters (`head_adapters`:
+    the head's, and in a U-shaped run the top's too) and the server's (`tail_lora`)."""
     from peft import LoraConfig, get_peft_model
 
     from edgesplit.export.families import family_by_name
@@ -50,7 +52,8 @@ def build_reference(
             name = from_peft_key(peft_name, family.layers_path)
             if not parameter.requires_grad or name is None:
                 continue
-            source = head_adapters if name.layer < manifest.cut_layer else tail_lora
+            on_device = name.layer < manifest.cut_layer or name.layer >= manifest.top_first_layer
+            source = head_adapters if on_device else tail_lora
             value = source.get(str(name))
             if value is None:
                 side = "head" if source is head_adapters else "tail"
@@ -61,11 +64,17 @@ def build_reference(
 
 def reference_for_artifacts(model: nn.Module, artifact_dir: Path, seed: int = 0) -> nn.Module:
     """The reference for the split run a server with `seed` would do on `artifact_dir`."""
+    from safetensors.numpy import load_file
+
     from edgesplit.client.head import Head
 
     head = Head(artifact_dir, verify=False)
-    tail = Tail(artifact_dir, seed=seed)
-    return build_reference(model, head.manifest, head.initial_adapters(), tail.lora_state())
+    manifest = head.manifest
+    device = head.initial_adapters()
+    if manifest.u_shaped:
+        device.update(load_file(str(Path(artifact_dir) / "top_adapters.safetensors")))
+    tail = Tail(artifact_dir, seed=seed, end_layer=manifest.top_first_layer if manifest.u_shaped else None)
+    return build_reference(model, manifest, device, tail.lora_state())
 
 
 def train_centralized(

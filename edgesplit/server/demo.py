@@ -62,9 +62,11 @@ def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = F
     differ = [] if same_model(config, manifest) else [f"it was exported from {manifest.model_source}"]
     # A whole-model export's cut is its last layer, whatever --cut-layer says.
     cut_layer = manifest.num_layers if full_model else config.cut_layer
+    top_layers = manifest.num_layers - manifest.top_first_layer if manifest.u_shaped else None
     for option, have, want in (
         ("full_model", manifest.full_model, full_model),
         ("cut_layer", manifest.cut_layer, cut_layer),
+        ("top_layers", top_layers, None if full_model else config.top_layers),
         ("quantize", manifest.quantize, config.quantize),
         ("batch_size", manifest.batch_size, config.batch_size),
         ("max_seq_len", manifest.max_seq_len, config.max_seq_len),
@@ -106,6 +108,7 @@ def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False
         out=artifacts,
         model=config.model,
         cut_layer=None if full_model else config.cut_layer,
+        top_layers=None if full_model else config.top_layers,
         full_model=full_model,
         quantize=config.quantize,
         batch_size=config.batch_size,

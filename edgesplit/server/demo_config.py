@@ -24,6 +24,7 @@ class DemoConfig:
     rounds: int = 3
     steps_per_round: int = 4
     cut_layer: int = 4
+    top_layers: int | None = None  # a U-shaped split: the last K layers and the loss on the clients too
     quantize: str = "none"
     # None: sized for the data. A short task needs a short window: 16 tokens holds the longest shape-codes
     # example (14 tokens with EOS), and a training step costs about 8x less than at the exporter's 128. With
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps each client takes per round (default %(default)s)",
     )
     parser.add_argument("--cut-layer", type=int, default=d.cut_layer, help="layers [0, cut) run on the clients")
+    parser.add_argument(
+        "--top-layers",
+        type=int,
+        default=d.top_layers,
+        help="a U-shaped split: the clients also run the last K layers, the LM head and the loss (labels stay)",
+    )
     parser.add_argument("--quantize", choices=("none", "int8"), default=d.quantize, help="the head's frozen weights")
     parser.add_argument("--out", type=Path, default=d.out, help="run directory (default %(default)s)")
     parser.add_argument(

@@ -87,6 +87,7 @@ class ExportCommand:
     out: Path
     model: str
     cut_layer: int | None = None
+    top_layers: int | None = None  # a U-shaped export
     full_model: bool = False
     quantize: str | None = None
     batch_size: int | None = None
@@ -104,7 +105,7 @@ class ExportCommand:
             raise RunError("export: needs a cut_layer, or full_model")
         _at_least("export", 1, cut_layer=self.cut_layer, batch_size=self.batch_size, max_seq_len=self.max_seq_len)
         _at_least("export", 1, lora_rank=self.lora_rank)
-        _at_least("export", 0, seed=self.seed)
+        _at_least("export", 0, seed=self.seed, top_layers=self.top_layers)
         _positive_number("export", lora_alpha=self.lora_alpha)
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise RunError(f"export: quantize is one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
@@ -114,6 +115,7 @@ class ExportCommand:
             [
                 ("--model", self.model),
                 ("--cut-layer", self.cut_layer),
+                ("--top-layers", self.top_layers),
                 ("--full-model", self.full_model),
                 ("--out", self.out),
                 ("--quantize", self.quantize),

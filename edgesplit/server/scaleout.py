@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from edgesplit.client.artifacts import load_manifest
 from edgesplit.errors import EdgesplitError
 from edgesplit.server.batching import BatchingTailWorker, build_worker
 from edgesplit.server.config import ServerConfig
@@ -75,8 +76,22 @@ def plan_workers(config: ServerConfig, environ: dict[str, str] | None = None) ->
     if plan.distributed and config.framework != "split":
         raise EdgesplitError(f"--framework {config.framework} has no server tail to spread over {plan.size} ranks")
     if plan.distributed:
+        check_u_shaped(config, plan)
         check_devices(config, plan)
     return plan
+
+
+def check_u_shaped(config: ServerConfig, plan: WorkerPlan) -> None:
+    """The ranks all-reduce whole tail steps, which need the labels; a U-shaped export keeps them on the device."""
+    try:
+        u_shaped = load_manifest(config.artifacts, verify=False).u_shaped
+    except EdgesplitError:
+        return  # the server's own loading says what is wrong with the artifacts
+    if u_shaped:
+        raise EdgesplitError(
+            f"{config.artifacts} is a U-shaped export (--top-layers): its middle steps have no labels for "
+            f"{plan.size} worker ranks to share; serve it with one worker (leave --workers out)"
+        )
 
 
 def check_devices(config: ServerConfig, plan: WorkerPlan) -> None:

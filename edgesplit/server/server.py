@@ -51,6 +51,7 @@ from edgesplit.server.rounds import RoundEngine
 from edgesplit.server.scaleout import build_tail_worker, on_worker_lost
 from edgesplit.server.strategies import (
     Arrays,
+    StepOutcome,
     Strategy,
     build_strategy,
     load_global_adapters,
@@ -334,35 +335,102 @@ class Server:
         self.records.refresh(self.engine.state)
 
     async def _train_step(self, connection: Connection, message: Activations) -> Gradients | None:
+        if message.stage == "lower":
+            return await self._u_shaped_step(connection, message)
         cut = self.admission.cuts.get(connection.number)
         self.strategy.check_step(message.tensors, cut)  # shapes and values; the whole-model frameworks refuse
         started = time.perf_counter()
         number = connection.number
         await self._ask(connection, events.StepArrived(number, message.round, message.step), events.RunStep)
+        key = (message.stage, message.tensors["activations"].shape[1:], cut)  # only steps alike share a batch
+        result = await self.worker.submit_step(self._job(connection, message, message.tensors, key))
+        seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
+        return await self._step_answer(connection, message, result, seconds, None, message.stage)
+
+    def _job(self, connection: Connection, message: Activations, tensors: Any, key: tuple[object, ...]) -> StepJob:
+        number = connection.number
 
         def still_wanted() -> bool:  # on the worker thread: a client gone while its step waited gets none
             return self.engine.is_current(number) and connection.open()
 
-        key = (message.stage, message.tensors["activations"].shape[1:], cut)  # only steps alike share a batch
-        job = StepJob(connection.client_id, message.round, message.step, message.tensors, still_wanted, cut, key)
-        result = await self.worker.submit_step(job)
-        seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
+        cut = self.admission.cuts.get(number)
+        return StepJob(connection.client_id, message.round, message.step, tensors, still_wanted, cut, key)
+
+    async def _u_shaped_step(self, connection: Connection, message: Activations) -> Gradients | None:
+        """A U-shaped step: two exchanges, two pieces of work on the worker (the middle's forward; then its
+        forward again, backward and AdamW), and one step for the round engine: StepArrived before the first,
+        StepDone after the second, so replay refusal and resumption count whole steps. A client that leaves
+        or breaks off between them has trained nothing: its step ends FAILED (not taken), the engine forgets
+        it, and a reconnection sends it again. Never batched: each half is one client's alone."""
+        cut, number, step_id = (
+            self.admission.cuts.get(connection.number),
+            connection.number,
+            (message.round, message.step),
+        )
+        self.strategy.check_step(message.tensors, cut)  # no labels: they stay on the device
+        started = time.perf_counter()
+        await self._ask(connection, events.StepArrived(number, *step_id), events.RunStep)
+        key = (message.stage, number)
+        first = await self.worker.submit_step(self._job(connection, message, message.tensors, key))
+        if first.skipped or first.error is not None:
+            return await self._step_answer(connection, message, first, time.perf_counter() - started, None, "lower")
+        outcome = first.unwrap()
+        assert outcome.activations is not None  # the strategy's first half gives the middle's output
+        seconds = time.perf_counter() - started
+        try:
+            upper = Activations(message.round, message.step, {"activations": outcome.activations}, "upper")
+            await connection.send(upper, self.wire, self.bytes_sent)
+            reply = await connection.receive(self.bytes_received)  # the Session admits Gradients "upper" or Bye
+            resumed = time.perf_counter()
+            if not isinstance(reply, Gradients):
+                self._dispatch(events.StepDone(number, *step_id, StepEnd.FAILED))
+                return None  # Bye: the client left in the middle of its step
+            tensors = {**message.tensors, "activation_grads": reply.tensors["activation_grads"]}
+            self.strategy.check_step(tensors, cut)
+        except BaseException:
+            self._dispatch(events.StepDone(number, *step_id, StepEnd.FAILED))
+            raise
+        second = await self.worker.submit_step(self._job(connection, message, tensors, key))
+        seconds += time.perf_counter() - resumed  # the server's own time: the device's top is not in it
+        merged = WorkResult(
+            second.value,
+            second.error,
+            second.skipped,
+            first.queue_seconds + second.queue_seconds,
+            first.compute_seconds + second.compute_seconds,
+        )
+        return await self._step_answer(connection, message, merged, seconds, reply.loss, "lower")
+
+    async def _step_answer(
+        self,
+        connection: Connection,
+        message: Activations,
+        result: WorkResult[StepOutcome],
+        seconds: float,
+        device_loss: float | None,
+        stage: str,
+    ) -> Gradients | None:
+        """The step's end for the round engine (taken, skipped or failed), its metrics, and its Gradients.
+        `device_loss`: the loss the device computed (a U-shaped step's), else the strategy's."""
+        number, cut = connection.number, self.admission.cuts.get(connection.number)
         end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN
         if end is StepEnd.FAILED:
             self._dispatch(events.StepDone(number, message.round, message.step, end))
             assert result.error is not None
             raise result.error
         step = result.unwrap() if end is StepEnd.TAKEN else None
+        loss = float("nan")
         if step is not None:
+            loss = step.loss if device_loss is None else device_loss
             self.records.step_times.queue_seconds += result.queue_seconds
             self.records.step_times.compute_seconds += result.compute_seconds
-            self.progress.step(message.round, connection.client_id, step.loss)
+            self.progress.step(message.round, connection.client_id, loss)
             self.metrics.write(
                 "step",
                 client_id=connection.client_id,
                 round=message.round,
                 step=message.step,
-                loss=step.loss,
+                loss=loss,
                 cut_layer=cut if cut is not None else self.manifest.cut_layer,
                 server_seconds=round(seconds, 6),
                 queue_seconds=round(result.queue_seconds, 6),
@@ -374,10 +442,10 @@ class Server:
         return Gradients(
             message.round,
             message.step,
-            step.loss,
+            loss,
             seconds,
             tensors,
-            message.stage,
+            stage,
             queue_seconds=result.queue_seconds,
             compute_seconds=result.compute_seconds,
         )

@@ -219,6 +219,44 @@ class Tail:
             if isinstance(layer_types, list):
                 config.layer_types = layer_types
 
+    def _middle(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A U-shaped split's middle: layers [first, end) and no final norm (the device's top applies it)."""
+        from edgesplit.export.families import family_by_name
+
+        family = family_by_name(self.manifest.family)
+        model: Any = self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside PEFT's wrapper
+        backbone = family.backbone(base)
+        norm = getattr(backbone, family.final_norm_attr)
+        setattr(backbone, family.final_norm_attr, torch.nn.Identity())
+        try:
+            output = backbone(
+                inputs_embeds=activations.to(self.compute_dtype), attention_mask=attention_mask, use_cache=False
+            )
+        finally:
+            setattr(backbone, family.final_norm_attr, norm)
+        return output.last_hidden_state.float()  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def middle_forward(self, activations: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The middle's output (B, T, H) for the device's top: the first half of a U-shaped step. Nothing is
+        kept: the second half runs the middle again, so a client that never comes back leaves nothing behind,
+        and other clients' steps may run in between."""
+        inputs, mask, _ = self._tensors(activations, attention_mask, np.zeros(attention_mask.shape, np.int64))
+        return self._middle(inputs, mask).cpu().numpy()
+
+    def middle_step(
+        self, activations: np.ndarray, attention_mask: np.ndarray, upper_grads: np.ndarray, train_head: bool = True
+    ) -> np.ndarray | None:
+        """The second half of a U-shaped step: the middle's forward again, backward from the device's gradient
+        at the upper cut `upper_grads` (B, T, H), one AdamW step; returns d loss / d activations at the lower
+        cut (None if the head is not trained). The same tensors as the first half give the same output."""
+        inputs, mask, _ = self._tensors(activations, attention_mask, np.zeros(attention_mask.shape, np.int64))
+        inputs.requires_grad_(train_head)
+        grads = torch.from_numpy(np.ascontiguousarray(upper_grads, dtype=np.float32)).to(self.device)
+        surrogate = (self._middle(inputs, mask) * grads).sum()  # its gradient is the chain rule through the middle
+        return self._apply(surrogate, inputs, train_head, "step")
+
     def _tensors(
         self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

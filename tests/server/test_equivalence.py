@@ -38,9 +38,13 @@ def write_data(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_dirs, tmp_path, family) -> None:
-    artifacts = tiny_artifacts(family, 1)
+@pytest.mark.parametrize(("family", "top_layers"), [*((family, None) for family in FAMILIES), ("llama", 1)])
+def test_split_training_equals_centralised_training(
+    tiny_artifacts, tiny_model_dirs, tmp_path, family, top_layers
+) -> None:
+    """top_layers 1: the U-shaped split (layer 0 and layer 2 with the norm, the LM head and the loss on the
+    device, layer 1 on the server), whose device trains the top's adapters too, equals it as well."""
+    artifacts = tiny_artifacts(family, 1) if top_layers is None else tiny_artifacts(family, 1, top_layers=top_layers)
     write_data(tmp_path / "data.jsonl")
     split_losses = asyncio.run(
         federated_run(artifacts, tmp_path / "data.jsonl", tmp_path / "ckpt", ROUNDS, STEPS, LEARNING_RATE, "only")
@@ -87,3 +91,6 @@ def test_split_training_equals_centralised_training(tiny_artifacts, tiny_model_d
             )
             moved += int(not np.allclose(parameter.detach().numpy(), 0) and "lora_B" in name)
     assert moved > 0  # the B matrices left zero: the adapters really were trained
+    if top_layers is not None:  # the device's top adapters are in the global ones, and trained
+        top = [name for name in checkpoint.global_adapters if name.startswith("layers.2.") and "lora_B" in name]
+        assert top and all(np.abs(checkpoint.global_adapters[name]).max() > 0 for name in top)

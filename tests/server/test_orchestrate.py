@@ -52,7 +52,7 @@ def assert_round_trip(command: ExportCommand | ServeCommand | ClientCommand) -> 
 
 def test_export_command_round_trips_through_the_exporter_parser(tmp_path: Path) -> None:
     split = ExportCommand(
-        out=tmp_path / "artifacts", model="tiny", cut_layer=3, full_model=False, quantize="int8",
+        out=tmp_path / "artifacts", model="tiny", cut_layer=3, top_layers=1, full_model=False, quantize="int8",
         batch_size=2, max_seq_len=24, lora_rank=4, lora_alpha=8.0, seed=7, force=True,
     )  # fmt: skip
     assert_round_trip(split)

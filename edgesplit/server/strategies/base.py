@@ -44,6 +44,9 @@ class StepOutcome:
 
     loss: float
     activation_grads: np.ndarray | None
+    # A U-shaped step's first half: the middle's output (B, T, H) for the device's top; its loss is then NaN
+    # (the device computes it) and activation_grads None.
+    activations: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,13 @@ Activations: activations (B, T, H), attention_mask (B, T), labels (B, T)
     --[ tail: layers [cut, L), final norm, LM head, loss ]--> loss, activation_grads (B, T, H)
 AdapterUpdate: the head's LoRA matrices -> FedAvg -> RoundResult: the global head adapters
 
+A U-shaped export (`edgesplit export --top-layers K`) keeps the last K layers, the norm, the LM head and the
+loss on the device. A step is two exchanges, and two calls here: Activations "lower" (activations, mask; no
+labels) -> the middle [cut, L-K) -> its output down; Gradients "upper" (the device's gradient there) -> the
+middle again, backward, AdamW -> the lower cut's gradient down. The global adapters are the head's and the
+top's, averaged together; the server evaluates the whole model with them (head, middle, then its own copy of
+the top layers from tail/, which holds [cut, L)).
+
 A mixed-cut export (`edgesplit export --cut-layers 2,4,8`) lets each device run its own cut. The one tail is
 built from the smallest cut; a client at cut c runs its layers [c, L), and the same layer's tail adapters
 are one parameter whoever's step trains them. The global adapters then cover layers [0, c_max): layers below
@@ -17,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from edgesplit.client.artifacts import device_artifacts, load_manifest
 from edgesplit.client.head import Head
@@ -34,13 +42,16 @@ def adapters_below(adapters: Mapping[str, np.ndarray], cut_layer: int) -> Arrays
     return {name: value for name, value in adapters.items() if parse_adapter_name(name).layer < cut_layer}
 
 
-def build_tail(options: StrategyOptions) -> Tail:
-    """The server's tail as a run's options describe it. Every tail worker rank builds its replica here too, so
-    the ranks start from the same LoRA initialisation as rank 0's strategy."""
+def build_tail(options: StrategyOptions, first_layer: int | None = None, end_layer: int | None = None) -> Tail:
+    """The server's tail as a run's options describe it: layers [first_layer, end_layer) of the export's tail
+    (all of them by default; a U-shaped split's middle ends where the device's top starts). Every tail worker
+    rank builds its replica here too, so the ranks start from the same LoRA initialisation as rank 0's."""
     return Tail(
         options.artifacts,
         OptimizerSettings(learning_rate=options.learning_rate, weight_decay=options.weight_decay),
         seed=options.seed,
+        first_layer=first_layer,
+        end_layer=end_layer,
         threads=options.threads,
         device=options.device,
         dtype=options.dtype,
@@ -62,7 +73,12 @@ class SplitStrategy:
                 f"{options.artifacts} is a --full-model export: serve it with --framework "
                 "fedllm or kd, or export a split head with --cut-layer"
             )
-        self.tail = build_tail(options)
+        self.u_shaped = self.manifest.u_shaped
+        # A U-shaped export's tail/ holds [cut, L): the server trains the middle [cut, L-K) and evaluates the
+        # top [L-K, L) with the global top adapters (never trained here: the devices train them).
+        end = self.manifest.top_first_layer if self.u_shaped else None
+        self.tail = build_tail(options, end_layer=end)
+        self.top_tail = build_tail(options, first_layer=end) if self.u_shaped else None
         self.mixed = bool(self.manifest.cuts)
         if self.mixed and options.aggregation.name != "fedavg":
             raise ArtifactError(
@@ -71,6 +87,11 @@ class SplitStrategy:
                 "--aggregation fedavg, or export one cut"
             )
         self.global_adapters: Arrays = self.head.initial_adapters()
+        if self.u_shaped:
+            if self.mixed:
+                raise ArtifactError("a U-shaped export has one cut: export it again with one --cut-layer")
+            top = load_file(str(options.artifacts / "top_adapters.safetensors"))
+            self.global_adapters.update({name: np.asarray(value, np.float32) for name, value in top.items()})
         if self.mixed:
             # Layers [c_min, c_max) are the tail's too: their global value starts as the tail's, so that a
             # deeper device starts them where the tail is.
@@ -81,7 +102,7 @@ class SplitStrategy:
         self.aggregation = options.aggregation
 
     def settings(self) -> dict[str, object]:
-        return {}  # the common settings say all a split client needs
+        return {"exchange": "u_shaped"} if self.u_shaped else {}  # the common settings say all else
 
     def welcome_tensors(self) -> Arrays:
         return self.global_adapters
@@ -93,8 +114,23 @@ class SplitStrategy:
         return cut
 
     def check_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> None:
-        """Refuse activations the tail cannot learn from, before they reach it."""
+        """Refuse activations the tail cannot learn from, before they reach it (and a U-shaped step's upper
+        gradient: `activation_grads`, with the lower activations it goes with)."""
         self._check_cut(cut_layer)
+        if ("labels" in tensors) == self.u_shaped:
+            raise TrainingError(
+                "labels came up with the activations, and this server runs a U-shaped split where they stay on "
+                "the device"
+                if self.u_shaped
+                else "no labels came up with the activations: this server runs a plain split"
+            )
+        if "activation_grads" in tensors:
+            upper = tensors["activation_grads"]
+            if tuple(upper.shape) != self.manifest.activations_shape or not np.all(np.isfinite(upper)):
+                raise TrainingError(
+                    f"the gradient at the upper cut must be finite, of shape {self.manifest.activations_shape}; "
+                    f"got shape {upper.shape}"
+                )
         activations = tensors["activations"]
         # (B, T, H) at every cut: the hidden size does not change from layer to layer.
         # T is one of the export's sequence buckets: a client cuts each batch's padding to the shortest.
@@ -107,18 +143,28 @@ class SplitStrategy:
             raise TrainingError("activations contain NaN or Inf")
         check_activation_scale(activations)  # one huge finite value would still overflow the tail's norms
         mask = tensors["attention_mask"]
-        if mask.shape != shape[:2] or tensors["labels"].shape != shape[:2]:
-            raise TrainingError(
-                f"attention_mask {mask.shape} and labels {tensors['labels'].shape} must be {shape[:2]}, as the "
-                "activations"
-            )
+        if mask.shape != shape[:2]:
+            raise TrainingError(f"attention_mask {mask.shape} must be {shape[:2]}, as the activations")
         if np.any((mask != 0) & (mask != 1)):
             raise TrainingError("attention_mask holds values other than 0 and 1")
-        labels = tensors["labels"]
-        if np.any((labels != -100) & ((labels < 0) | (labels >= self.manifest.vocab_size))):
+        labels = tensors.get("labels")  # a U-shaped step carries none: they stay on the device
+        if labels is not None and labels.shape != shape[:2]:
+            raise TrainingError(f"labels {labels.shape} must be {shape[:2]}, as the activations")
+        if labels is not None and np.any((labels != -100) & ((labels < 0) | (labels >= self.manifest.vocab_size))):
             raise TrainingError(f"labels outside the vocabulary [0, {self.manifest.vocab_size})")
 
     def train_step(self, tensors: Mapping[str, np.ndarray], cut_layer: int | None = None) -> StepOutcome:
+        if self.u_shaped:  # the first half (lower activations) or the second (with the upper gradient)
+            if "activation_grads" not in tensors:
+                upper = self.tail.middle_forward(tensors["activations"], tensors["attention_mask"])
+                return StepOutcome(float("nan"), None, activations=upper)
+            grads = self.tail.middle_step(
+                tensors["activations"],
+                tensors["attention_mask"],
+                tensors["activation_grads"],
+                not self.manifest.frozen_head,
+            )
+            return StepOutcome(float("nan"), grads)
         # activations (B, T, H) -> tail layers [cut, L) -> loss, and d loss / d activations (B, T, H) unless the
         # head is frozen
         loss, grads = self.tail.train_step(
@@ -132,6 +178,8 @@ class SplitStrategy:
 
     def train_batch(self, steps: Sequence[Mapping[str, np.ndarray]], cut_layer: int | None = None) -> list[StepOutcome]:
         """Several clients' steps as one step of the tail (Tail.train_batch); the batching worker's."""
+        if self.u_shaped:  # the shell never batches a U-shaped step; this keeps it so (one at a time instead)
+            raise TrainingError("a U-shaped step is not batched")
         batch = [(tensors["activations"], tensors["attention_mask"], tensors["labels"]) for tensors in steps]
         return [
             StepOutcome(loss, grads)
@@ -173,6 +221,11 @@ class SplitStrategy:
     def evaluate(self) -> float | None:
         if self.eval_set is None:
             return None
+        if self.top_tail is not None:
+            top_names = set(self.top_tail.adapters)
+            self.top_tail.set_lora({k: v for k, v in self.global_adapters.items() if k in top_names})
+            whole = _MiddleThenTop(self.tail, self.top_tail)
+            return eval_loss(self.head, whole, self.eval_set, self.global_adapters, self.eval_batches)
         return eval_loss(self.head, self.tail, self.eval_set, self.global_adapters, self.eval_batches)
 
     def tail_state(self) -> TailState:
@@ -180,3 +233,16 @@ class SplitStrategy:
 
     def load_tail_state(self, state: TailState) -> None:
         self.tail.load_state_dict(state)
+
+
+class _MiddleThenTop:
+    """The rest of the model after the head, for a U-shaped run's evaluation: the middle, then the top."""
+
+    def __init__(self, middle: Tail, top: Tail) -> None:
+        self.middle, self.top = middle, top
+
+    def eval_loss(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, from_layer: int | None = None
+    ) -> tuple[float, int]:
+        upper = self.middle.middle_forward(activations, attention_mask)
+        return self.top.eval_loss(upper, attention_mask, labels)
