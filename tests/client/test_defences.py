@@ -199,3 +199,45 @@ def test_a_split_steps_frame_carries_noised_activations_and_the_step_still_train
     assert float(np.min(ratio)) > 0.1, "a token went up without its noise"
     np.testing.assert_array_equal(sent.tensors["labels"], batch.labels)
     assert any(not np.array_equal(trainer.adapters[name], initial[name]) for name in initial), "no update"
+
+
+def test_a_u_shaped_steps_lower_frame_carries_noised_activations_and_no_labels(
+    tiny_artifacts: Callable[..., Path], tmp_path: Path
+) -> None:
+    """In the U-shaped split the defence noises what goes up at the lower cut; the gradient going up at the
+    upper cut is the device's top's, and the labels never travel."""
+    from edgesplit.client.top import Top
+    from edgesplit.client.trainers import UShapedTrainer
+
+    artifacts = tiny_artifacts("llama", 1, top_layers=1)
+    lines = [json.dumps({"prompt": f"w{i} w{i + 3}", "completion": f"w{i + 1} w{i + 2}"}) for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    head, top = Head(artifacts), Top(artifacts)
+    tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
+    encoded = encode_examples(tokenizer, read_jsonl(tmp_path / "data.jsonl"), head.manifest.max_seq_len, 2, 0)
+    batch = next(iterate_batches(encoded, head.manifest.batch_size, seed=0))
+    settings = SessionSettings(
+        steps_per_round=1, learning_rate=0.01, wire=Wire.FP32, batch_size=2, max_seq_len=16, exchange="u_shaped"
+    )
+    initial = {**head.initial_adapters(), **top.initial_adapters()}
+    trainer = UShapedTrainer(head, {name: value.copy() for name, value in initial.items()}, settings, top)
+    trainer.defence = ActivationDefence(0.5, clip=1e6, rng=np.random.default_rng(7))
+
+    def server(message: Message) -> Message:
+        if isinstance(message, Activations):  # the middle: its output is what came up, here
+            return Activations(message.round, message.step, {"activations": message.tensors["activations"]}, "upper")
+        assert isinstance(message, Gradients)
+        grads = np.full_like(message.tensors["activation_grads"], 0.01)
+        return Gradients(message.round, message.step, 0.0, 0.0, {"activation_grads": grads})
+
+    runtime = _Runtime(server)
+    loss = asyncio.run(trainer.step(batch, 0, 0, runtime)).loss
+    assert np.isfinite(loss)
+    lower, upper = (decode(frame) for frame in runtime.frames)
+    assert isinstance(lower, Activations) and isinstance(upper, Gradients)
+    clean = head.forward(batch.input_ids, batch.attention_mask, head.initial_adapters()).activations
+    ratio = token_norms(lower.tensors["activations"] - clean) / token_norms(clean)
+    assert abs(float(np.mean(ratio)) - 0.5) < 0.1
+    assert float(np.min(ratio)) > 0.1, "a token went up without its noise"
+    assert "labels" not in lower.tensors and "labels" not in upper.tensors
+    assert any(not np.array_equal(trainer.adapters[name], initial[name]) for name in initial), "no update"

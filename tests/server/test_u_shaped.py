@@ -229,7 +229,7 @@ def test_a_u_shaped_export_is_refused_by_several_tail_worker_ranks(tiny_artifact
     from edgesplit.server.scaleout import plan_workers
 
     u_shaped = tiny_artifacts("llama", 1, top_layers=1)
-    with pytest.raises(EdgesplitError, match="U-shaped export .* leave --workers out"):
+    with pytest.raises(EdgesplitError, match=r"U-shaped export .* \(leave --workers out\)"):
         plan_workers(ServerConfig(artifacts=u_shaped, workers=2, device="cpu"), {})
     assert plan_workers(ServerConfig(artifacts=tiny_artifacts("llama", 1), workers=2, device="cpu"), {}).spawn
 
