@@ -89,6 +89,14 @@ class _Stop(Exception):  # the engine has nothing more for this connection: end 
     pass
 
 
+class _StepFault(Exception):
+    """The server itself failed on a client's step (not the client's tensors: those raise TrainingError). The
+    client is told and stops: sending the step again would fail again, and it would reconnect forever."""
+
+
+CLOSE_INTERNAL_ERROR = 1011  # websocket close code: the server met a condition that kept it from answering
+
+
 class Server:
     def __init__(self, config: ServerConfig, ranks: Any = None) -> None:
         """`ranks`: the tail worker ranks' group, on rank 0 of `serve --workers N` (scaleout.py); None: one worker."""
@@ -276,6 +284,9 @@ class Server:
             await self.admission.refuse(connection, "protocol error", "protocol", str(error), error.close_code)
         except TrainingError as error:
             await self.admission.refuse(connection, "rejected", "bad_tensor", str(error), CLOSE_POLICY)
+        except _StepFault as fault:
+            reason = f"the server failed on this client's step ({fault}); the server's log has the details"
+            await self.admission.refuse(connection, "server error", "server_error", reason, CLOSE_INTERNAL_ERROR)
         except Exception as error:  # the connection's end: the server itself carries on
             closed = type(error).__name__.startswith("ConnectionClosed")
             text = "connection closed" if closed else peer_text(f"{type(error).__name__}: {error}")
@@ -416,8 +427,13 @@ class Server:
         end = StepEnd.SKIPPED if result.skipped else StepEnd.FAILED if result.error is not None else StepEnd.TAKEN
         if end is StepEnd.FAILED:
             self._dispatch(events.StepDone(number, message.round, message.step, end))
-            assert result.error is not None
-            raise result.error
+            error = result.error
+            assert error is not None
+            if isinstance(error, EdgesplitError):
+                raise error  # the client's tensors (TrainingError), or a rule of the protocol
+            trace = "".join(traceback.format_exception(error)).rstrip()
+            print(f"[server] {connection.client_id}: step {message.step} failed on the server:\n{trace}", flush=True)
+            raise _StepFault(peer_text(f"{type(error).__name__}: {error}")) from error
         step = result.unwrap() if end is StepEnd.TAKEN else None
         loss = float("nan")
         if step is not None:

@@ -239,3 +239,58 @@ def test_peer_text_is_escaped_and_cut_and_close_reasons_fit() -> None:
     assert cut.startswith("x" * 50) and "10000 characters in all" in cut and len(cut) < 100
     reason = close_reason("é" * 200)
     assert len(reason.encode()) <= CLOSE_REASON_MAX_BYTES and set(reason) == {"é"}
+
+
+def test_a_step_the_server_itself_fails_on_stops_the_client_with_a_line_instead_of_a_reconnection_loop(
+    artifacts, tmp_path: Path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A bug in the server's step (here a KeyError, as a U-shaped step once met) is not the client's fault and
+    not a lost link: the client is told, in an Error it stops on, and the server's log keeps the traceback."""
+    import asyncio
+    import contextlib
+
+    from websockets.asyncio.client import connect
+
+    from edgesplit.client.protocol import Activations, Hello, Role, Session
+    from edgesplit.server.server import Server, ServerConfig
+    from edgesplit.server.strategies.split import SplitStrategy
+
+    manifest = load_manifest(artifacts, verify=False)
+    shape = manifest.activations_shape
+    tensors = {
+        "activations": np.full(shape, 0.1, np.float32),
+        "attention_mask": np.ones(shape[:2], np.int64),
+        "labels": np.ones(shape[:2], np.int64),
+    }
+
+    async def scenario() -> Any:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise KeyError("labels")
+
+        monkeypatch.setattr(SplitStrategy, "train_step", broken)
+        monkeypatch.setattr(SplitStrategy, "train_batch", broken)
+        server = Server(ServerConfig(artifacts=artifacts, port=0, rounds=1, min_clients=1, steps_per_round=2))
+        ready = asyncio.Event()
+        serving = asyncio.create_task(server.serve(ready))
+        await ready.wait()
+        try:
+            websocket = await connect(f"ws://127.0.0.1:{server.port}", max_size=None, compression=None)
+            session = Session(Role.CLIENT)
+            hello = Hello("raw", PROTOCOL_VERSION, manifest.manifest_hash, None, 8, cut_layer=manifest.cut_layer)
+            await websocket.send(session.send(hello))
+            assert isinstance(session.receive(await asyncio.wait_for(websocket.recv(), 30)), Welcome)
+            await websocket.send(session.send(Activations(0, 0, dict(tensors))))
+            answer = session.receive(await asyncio.wait_for(websocket.recv(), 60))
+            await asyncio.wait_for(websocket.wait_closed(), 30)
+            return answer, websocket.close_code
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+
+    answer, close_code = asyncio.run(scenario())
+    assert isinstance(answer, Error) and answer.code == "server_error", answer
+    assert "KeyError" in answer.message and "server's log" in answer.message
+    assert close_code == 1011
+    log = capsys.readouterr().out
+    assert "step 0 failed on the server" in log and "Traceback" in log and "KeyError: 'labels'" in log
