@@ -27,7 +27,7 @@ import numpy as np
 
 from edgesplit.client.data import Batch, EncodedSet, fit_to_bucket
 from edgesplit.client.defences import ActivationDefence
-from edgesplit.client.head import Head
+from edgesplit.client.head import ForwardResult, Head
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
 from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings
@@ -127,6 +127,19 @@ class SplitTrainer(Trainer):
         if new_round:  # within its own round this process keeps its adapters
             self.set_adapters(tensors)
 
+    async def _head_backward(self, forward: ForwardResult, gradients: Gradients, runtime: Runtime) -> None:
+        """The head's LoRA step from the gradient that came down at the (lower) cut: none for a frozen head."""
+        if not self.head.trainable:
+            return
+        activation_grads = gradients.tensors.get("activation_grads")
+        if activation_grads is None:
+            raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+        if self.defence is not None:  # the gradient at what went up, taken back through the clip
+            activation_grads = self.defence.backward(forward.activations, activation_grads)
+        grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
+        with runtime.phase("optimizer"):
+            self.optimizer.step(grads)
+
     async def step(self, batch: Batch, round_index: int, step: int, runtime: Runtime) -> StepResult:
         # input_ids (B, T) -> head -> activations (B, T, H) up; activation_grads (B, T, H) down. T is the
         # shortest of the export's sequence buckets that holds the batch: no compute on the padding past it.
@@ -146,15 +159,7 @@ class SplitTrainer(Trainer):
         waited = time.perf_counter() - waited
         if not isinstance(gradients, Gradients):  # the session's table allows nothing else here
             raise ProtocolError(f"expected Gradients, the server sent {gradients.kind.name}")
-        if self.head.trainable:
-            activation_grads = gradients.tensors.get("activation_grads")
-            if activation_grads is None:
-                raise ProtocolError("the server sent no activation_grads, and this head is trainable")
-            if self.defence is not None:  # the gradient at what went up, taken back through the clip
-                activation_grads = self.defence.backward(forward.activations, activation_grads)
-            grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
-            with runtime.phase("optimizer"):
-                self.optimizer.step(grads)
+        await self._head_backward(forward, gradients, runtime)
         return StepResult(
             gradients.loss,
             server_seconds=gradients.server_seconds,
@@ -229,15 +234,7 @@ class UShapedTrainer(SplitTrainer):
         waited += time.perf_counter() - second
         if not isinstance(gradients, Gradients):
             raise ProtocolError(f"expected Gradients, the server sent {gradients.kind.name}")
-        if self.head.trainable:
-            activation_grads = gradients.tensors.get("activation_grads")
-            if activation_grads is None:
-                raise ProtocolError("the server sent no activation_grads, and this head is trainable")
-            if self.defence is not None:  # the gradient at what went up, taken back through the clip
-                activation_grads = self.defence.backward(forward.activations, activation_grads)
-            grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
-            with runtime.phase("optimizer"):
-                self.optimizer.step(grads)
+        await self._head_backward(forward, gradients, runtime)
         return StepResult(
             top.loss,
             server_seconds=gradients.server_seconds,
