@@ -28,9 +28,10 @@ import numpy as np
 from edgesplit.client.data import Batch, EncodedSet, fit_to_bucket
 from edgesplit.client.defences import ActivationDefence
 from edgesplit.client.head import Head
+from edgesplit.client.int4k import zero_padding
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
-from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings
+from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings, Wire
 from edgesplit.client.top import Top
 from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 
@@ -127,6 +128,11 @@ class SplitTrainer(Trainer):
         if new_round:  # within its own round this process keeps its adapters
             self.set_adapters(tensors)
 
+    def unpadded(self, tensor: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Under int4k, `tensor` (B, T, H) with its padding rows zeroed: the wire leaves zero rows out. Exact:
+        the model masks padding positions, so they reach no loss and no real position's gradient."""
+        return zero_padding(tensor, attention_mask) if self.settings.wire is Wire.INT4K else tensor
+
     async def step(self, batch: Batch, round_index: int, step: int, runtime: Runtime) -> StepResult:
         # input_ids (B, T) -> head -> activations (B, T, H) up; activation_grads (B, T, H) down. T is the
         # shortest of the export's sequence buckets that holds the batch: no compute on the padding past it.
@@ -136,6 +142,7 @@ class SplitTrainer(Trainer):
         )
         with runtime.phase("encode"):
             uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
+            uploaded = self.unpadded(uploaded, batch.attention_mask)
             message = Activations(
                 round_index,
                 step,
@@ -150,6 +157,7 @@ class SplitTrainer(Trainer):
             activation_grads = gradients.tensors.get("activation_grads")
             if activation_grads is None:
                 raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+            activation_grads = self.unpadded(activation_grads, batch.attention_mask)
             if self.defence is not None:  # the gradient at what went up, taken back through the clip
                 activation_grads = self.defence.backward(forward.activations, activation_grads)
             grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
@@ -198,6 +206,7 @@ class UShapedTrainer(SplitTrainer):
         )
         with runtime.phase("encode"):
             uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
+            uploaded = self.unpadded(uploaded, batch.attention_mask)
             lower = Activations(
                 round_index, step, {"activations": uploaded, "attention_mask": batch.attention_mask}, "lower"
             )
@@ -221,7 +230,7 @@ class UShapedTrainer(SplitTrainer):
                 step,
                 top.loss,
                 time.perf_counter() - started,
-                {"activation_grads": top.activation_grads},
+                {"activation_grads": self.unpadded(top.activation_grads, batch.attention_mask)},
                 "upper",
             )
         second = time.perf_counter()
@@ -233,6 +242,7 @@ class UShapedTrainer(SplitTrainer):
             activation_grads = gradients.tensors.get("activation_grads")
             if activation_grads is None:
                 raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+            activation_grads = self.unpadded(activation_grads, batch.attention_mask)
             if self.defence is not None:  # the gradient at what went up, taken back through the clip
                 activation_grads = self.defence.backward(forward.activations, activation_grads)
             grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
