@@ -89,6 +89,30 @@ def test_a_session_in_int4k_trains_and_leaves_the_padding_rows_out(tiny_artifact
         assert len(widths) == 1, (record, widths)
 
 
+def test_a_u_shaped_session_in_int4k_trains(tiny_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Four int4k exchanges a step: the lower cut's activations up, the middle's output down (its padding
+    rows zeroed by the server from the step's mask), their gradients back."""
+    artifacts = tiny_artifacts("llama", 1, top_layers=1)
+    write_task(tmp_path / "a.jsonl", seed=1, count=16)
+    port = free_port()
+    with Processes() as run:
+        extra = ["--wire", "int4k", "--eval-data", str(tmp_path / "a.jsonl")]
+        command = serve_command(artifacts, port, tmp_path, rounds=1, steps=6, min_clients=1, extra=extra)
+        server = run.start("server", command)
+        server.wait_for("listening on")
+        client = run.start(
+            "client", client_command(f"ws://127.0.0.1:{port}", artifacts, tmp_path / "a.jsonl", "a", tmp_path)
+        )
+        assert client.wait() == 0, client.output
+        assert server.wait() == 0, server.output
+    records = read_jsonl(tmp_path / "server.jsonl")
+    before = next(r["eval_loss"] for r in records if r["event"] == "eval")
+    after = [r["eval_loss"] for r in records if r["event"] == "round"][-1]
+    assert np.isfinite(after) and after < before
+    steps = [r for r in read_jsonl(tmp_path / "a-metrics.jsonl") if r["event"] == "step"]
+    assert len(steps) == 6 and all(np.isfinite(r["loss"]) for r in steps)
+
+
 def test_the_tails_loss_and_real_gradients_do_not_depend_on_the_padding_rows(tiny_artifacts) -> None:  # type: ignore[no-untyped-def]
     """What makes int4k's zeroing of padding rows exact: the tail masks them."""
     tail = Tail(tiny_artifacts("llama", 1))
