@@ -18,7 +18,8 @@ A frame, little-endian:
     8+M     ...   payload: the tensors' wire bytes, concatenated; nothing after the last
 
 Float tensors travel in the `Wire` encoding the sender picks and always decode to float32; integer and
-bool tensors travel as their own dtype ("wire": "raw"). Never pickle: a frame is untrusted input, and
+bool tensors travel as their own dtype ("wire": "raw"). int4k (int4k.py) is for a step's (B, T, H) tensors:
+under it the other messages' float tensors (adapters) travel in fp32. Never pickle: a frame is untrusted input, and
 unpickling untrusted input is running the peer's code.
 
 The conversation (`TRANSITIONS` is the authority), for the split's one exchange a step:
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 2
 MAGIC = b"ES"
 _HEADER = struct.Struct("<2sBBI")  # magic, version, kind, metadata length
+_INT4K_REBUILT_MAX = 1 << 32  # float32 bytes int4k tensors may rebuild to, for a decode without a frame limit
 
 
 # ------------------------------------------------------------------------------------- encode / decode
@@ -109,7 +111,10 @@ def _parse_field(annotation: str, value: object) -> object:
 
 
 def encode(message: Message, wire: Wire = Wire.FP32) -> bytes:
-    """The bytes of one binary frame. `wire` applies to float tensors; the others always travel raw."""
+    """The bytes of one binary frame. `wire` applies to float tensors; the others always travel raw. int4k
+    applies to Activations and Gradients (whose float tensors are all (B, T, H)): the rest go in fp32."""
+    if wire is Wire.INT4K and not isinstance(message, Activations | Gradients):
+        wire = Wire.FP32
     metadata: dict[str, object] = {}
     tensors: dict[str, Array] = {}
     for field in dataclasses.fields(message):
@@ -134,7 +139,8 @@ def max_frame_bytes(manifest: Manifest) -> int:
     attention mask, and a set of adapters.
     """
     batch, seq, hidden = manifest.activations_shape
-    activations = batch * seq * (hidden * 4 + 16)
+    # int4k's row (a scale, 8 outliers and their indices, the codes) outgrows fp32's for a hidden size under 12.
+    activations = batch * seq * (max(hidden * 4, tensor_nbytes_on_wire((1, hidden), "float32", Wire.INT4K)) + 16)
     matrices = {**manifest.lora.matrices, **manifest.top_matrices}  # a U-shaped device's adapters include its top's
     adapters = sum(math.prod(shape) * 4 for shape in matrices.values())
     return max(activations, adapters) + (1 << 20)
@@ -185,14 +191,22 @@ def _decode(frame: bytes | bytearray, max_size: int | None) -> Message:
         raise ProtocolError(f"{kind.name} metadata is not UTF-8 JSON: {exc}") from exc
     if not isinstance(metadata, dict):
         raise ProtocolError(f"{kind.name} metadata must be a JSON object, got {type(metadata).__name__}")
-    tensors = _decode_payload(kind, metadata.pop("tensors", None), view[payload_start:])
+    tensors = _decode_payload(kind, metadata.pop("tensors", None), view[payload_start:], max_size)
     return _build(kind, metadata, tensors)
 
 
-def _decode_payload(kind: Kind, entries: object, payload: memoryview) -> dict[str, Array]:
+def _decode_payload(kind: Kind, entries: object, payload: memoryview, max_size: int | None) -> dict[str, Array]:
     if not isinstance(entries, list):
         raise ProtocolError(f"{kind.name} metadata needs a 'tensors' list")
     headers = [TensorHeader.from_json(entry) for entry in entries]
+    # An int4k row left out costs a bit: bound what its zeros rebuild by what the frame could hold in fp32.
+    rebuilt = sum(4 * math.prod(header.shape) for header in headers if header.wire is Wire.INT4K)
+    if rebuilt > (_INT4K_REBUILT_MAX if max_size is None else max_size):
+        raise ProtocolError(
+            f"{kind.name} frame's int4k tensors rebuild to {rebuilt} bytes, more than this session's"
+            f" frame limit of {max_size or _INT4K_REBUILT_MAX} bytes in fp32",
+            CLOSE_TOO_BIG,
+        )
     if len({header.name for header in headers}) != len(headers):
         raise ProtocolError(f"{kind.name} frame names a tensor twice")
     declared = sum(header.nbytes for header in headers)

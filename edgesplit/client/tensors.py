@@ -15,6 +15,15 @@ from typing import Any, TypeAlias, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
+from edgesplit.client.int4k import (
+    INT4_TOP,
+    decode_int4k,
+    encode_int4k,
+    header_problem,
+    int4k_nbytes,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from edgesplit.errors import ProtocolError
 
 # Websocket close codes (RFC 6455) carried by ProtocolError.
@@ -32,6 +41,9 @@ class Wire(str, Enum):
     FP16 = "fp16"  # half the bytes; values beyond float16's +-65504 are refused rather than sent as inf
     INT8 = "int8"  # a quarter of the bytes, plus one float32 scale per row (per token, for activations)
     INT4 = "int4"  # an eighth of the bytes (two values a byte), plus one float32 scale per row
+    # int4 with a float16 scale per row, each row's 8 largest values apart in float16, and all-zero rows (the
+    # padding, zeroed by both sides) not sent: int4k.py. Only a step's (B, T, H) tensors; the rest go fp32.
+    INT4K = "int4k"
 
 
 def is_int(value: object) -> TypeGuard[int]:
@@ -73,7 +85,7 @@ class TensorHeader:
             raise ProtocolError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r:.40}", CLOSE_UNSUPPORTED_DATA)
         if (self.dtype == "float32") != (self.wire is not None):
             raise ProtocolError(
-                f"tensor {self.name!r}: float32 tensors travel as fp32, fp16, int8 or int4 and other dtypes raw,"
+                f"tensor {self.name!r}: float32 tensors travel as fp32, fp16, int8, int4 or int4k and other dtypes raw,"
                 f" got {self.dtype} as {self.wire_name}",
                 CLOSE_UNSUPPORTED_DATA,
             )
@@ -83,6 +95,11 @@ class TensorHeader:
             or math.prod(max(dim, 1) for dim in self.shape) > _MAX_ELEMENTS
         ):
             raise ProtocolError(f"tensor {self.name!r}: impossible shape {list(self.shape)!r:.100}")
+        if self.wire is Wire.INT4K:
+            problem = header_problem(self.shape, self.nbytes)
+            if problem is not None:
+                raise ProtocolError(f"tensor {self.name!r}: {problem}")
+            return
         expected = _payload_nbytes(self.shape, self.dtype, self.wire)
         if self.nbytes != expected:
             raise ProtocolError(
@@ -128,7 +145,7 @@ class TensorHeader:
         return TensorHeader(name, dtype, tuple(shape), None if wire == _RAW else wires[wire], nbytes)
 
 
-def _payload_nbytes(shape: Sequence[int], dtype: str, wire: Wire | None) -> int:
+def _payload_nbytes(shape: Sequence[int], dtype: str, wire: Wire | None, rows_sent: int | None = None) -> int:
     count = math.prod(shape)
     if wire is None:
         return count * _RAW_DTYPES[dtype].itemsize
@@ -136,6 +153,8 @@ def _payload_nbytes(shape: Sequence[int], dtype: str, wire: Wire | None) -> int:
         return 4 * count
     if wire is Wire.FP16:
         return 2 * count
+    if wire is Wire.INT4K:
+        return int4k_nbytes(shape, rows_sent)
     if wire is Wire.INT4:
         return 4 * math.prod(shape[:-1]) + (count + 1) // 2  # scales, then two 4-bit codes a byte
     return 4 * math.prod(shape[:-1]) + count  # one float32 scale per row, then one int8 per value
@@ -150,39 +169,15 @@ def _wire_format(dtype: np.dtype[Any], wire: Wire) -> tuple[str, Wire | None]:
     raise ProtocolError(f"cannot send a {dtype} tensor: send float, int64, int32, int8 or bool", CLOSE_UNSUPPORTED_DATA)
 
 
-def tensor_nbytes_on_wire(shape: Sequence[int], dtype: npt.DTypeLike, wire: Wire) -> int:
-    """Payload bytes of one tensor of this shape and dtype in encoding `wire` (its metadata not counted)."""
-    return _payload_nbytes(tuple(shape), *_wire_format(np.dtype(dtype), Wire(wire)))
+def tensor_nbytes_on_wire(shape: Sequence[int], dtype: npt.DTypeLike, wire: Wire, rows_sent: int | None = None) -> int:
+    """Payload bytes of one tensor of this shape and dtype in encoding `wire` (its metadata not counted).
+    `rows_sent`: int4k's rows not all zero (default: every row); the other wires send every row."""
+    return _payload_nbytes(tuple(shape), *_wire_format(np.dtype(dtype), Wire(wire)), rows_sent)
 
 
 def _rows(shape: Sequence[int]) -> tuple[int, int]:
     """int8 quantises along the last axis: (number of rows, row length); a 0-d tensor is one row of one."""
     return math.prod(shape[:-1]), (shape[-1] if shape else 1)
-
-
-# int4: codes -7..7 stored as 1..15 (code + 8), the first value of each pair in a byte's low 4 bits. 0 is never
-# sent, so a frame holding it is refused; an odd count ends in a pad of 8 (zero).
-_INT4_TOP = 7
-_INT4_OFFSET = 8
-
-
-def _pack_nibbles(codes: npt.NDArray[np.int8]) -> bytes:
-    stored = (codes.astype(np.int16) + _INT4_OFFSET).astype(np.uint8)
-    if stored.size % 2:
-        stored = np.append(stored, np.uint8(_INT4_OFFSET))
-    return (stored[0::2] | (stored[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _unpack_nibbles(name: str, data: bytes | memoryview, count: int) -> npt.NDArray[np.int8]:
-    packed = np.frombuffer(data, np.uint8)
-    stored = np.empty(2 * packed.size, np.uint8)
-    stored[0::2] = packed & 0x0F
-    stored[1::2] = packed >> 4
-    if np.any(stored[:count] == 0):
-        raise ProtocolError(f"tensor {name!r}: int4 codes are 1 to 15 (value + 8), the frame holds a 0")
-    if np.any(stored[count:] != _INT4_OFFSET):
-        raise ProtocolError(f"tensor {name!r}: the int4 pad after an odd number of values must be 8 (zero)")
-    return (stored[:count].astype(np.int16) - _INT4_OFFSET).astype(np.int8)
 
 
 def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[TensorHeader, bytes]:
@@ -210,13 +205,16 @@ def encode_tensor(name: str, array: Array, wire: Wire = Wire.FP32) -> tuple[Tens
             raise ProtocolError(
                 f"tensor {name!r} holds NaN or inf, which {tensor_wire.value} cannot carry", CLOSE_UNSUPPORTED_DATA
             )
+        if tensor_wire is Wire.INT4K:
+            data = encode_int4k(name, values)
+            return TensorHeader(name, dtype, shape, tensor_wire, len(data)), data
         rows = values.reshape(_rows(shape))
-        top = _INT4_TOP if tensor_wire is Wire.INT4 else 127
+        top = INT4_TOP if tensor_wire is Wire.INT4 else 127
         scales = (np.max(np.abs(rows), axis=1, initial=0.0) / top).astype(_F32)
         # An all-zero row, or one so small that its scale underflows, still needs a divisor.
         scales[scales == 0] = 1
         quantised = np.clip(np.rint(rows / scales[:, None]), -top, top).astype(np.int8)
-        body = quantised.tobytes() if tensor_wire is Wire.INT8 else _pack_nibbles(quantised.reshape(-1))
+        body = quantised.tobytes() if tensor_wire is Wire.INT8 else pack_nibbles(quantised)
         data = scales.tobytes() + body
     return TensorHeader(name, dtype, shape, tensor_wire, len(data)), data
 
@@ -234,13 +232,15 @@ def decode_tensor(header: TensorHeader, data: bytes | memoryview) -> Array:
         array = np.frombuffer(data, _F32).astype(np.float32)
     elif header.wire is Wire.FP16:
         array = np.frombuffer(data, _F16).astype(np.float32)
+    elif header.wire is Wire.INT4K:
+        return decode_int4k(header.name, header.shape, data)
     else:
         num_rows, row_len = _rows(header.shape)
         scales = np.frombuffer(data[: 4 * num_rows], _F32).astype(np.float32)
         if not np.all(np.isfinite(scales) & (scales > 0)):
             raise ProtocolError(f"tensor {header.name!r}: {header.wire.value} scales must be finite and positive")
         if header.wire is Wire.INT4:
-            quantised = _unpack_nibbles(header.name, data[4 * num_rows :], num_rows * row_len)
+            quantised = unpack_nibbles(header.name, data[4 * num_rows :], num_rows * row_len)
         else:
             quantised = np.frombuffer(data[4 * num_rows :], np.int8)
         quantised = quantised.reshape(num_rows, row_len)

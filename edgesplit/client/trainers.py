@@ -28,9 +28,10 @@ import numpy as np
 from edgesplit.client.data import Batch, EncodedSet, fit_to_bucket
 from edgesplit.client.defences import ActivationDefence
 from edgesplit.client.head import ForwardResult, Head
+from edgesplit.client.int4k import zero_padding
 from edgesplit.client.local import LocalTrainer, distil_on_proxy, proxy_top_k
 from edgesplit.client.optim import AdamW
-from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings
+from edgesplit.client.protocol import Activations, Gradients, Message, RoundResult, SessionSettings, Wire
 from edgesplit.client.top import Top
 from edgesplit.errors import EdgesplitError, ProtocolError, TrainingError
 
@@ -127,13 +128,21 @@ class SplitTrainer(Trainer):
         if new_round:  # within its own round this process keeps its adapters
             self.set_adapters(tensors)
 
-    async def _head_backward(self, forward: ForwardResult, gradients: Gradients, runtime: Runtime) -> None:
+    def unpadded(self, tensor: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Under int4k, `tensor` (B, T, H) with its padding rows zeroed: the wire leaves zero rows out. Exact:
+        the model masks padding positions, so they reach no loss and no real position's gradient."""
+        return zero_padding(tensor, attention_mask) if self.settings.wire is Wire.INT4K else tensor
+
+    async def _head_backward(
+        self, forward: ForwardResult, attention_mask: np.ndarray, gradients: Gradients, runtime: Runtime
+    ) -> None:
         """The head's LoRA step from the gradient that came down at the (lower) cut: none for a frozen head."""
         if not self.head.trainable:
             return
         activation_grads = gradients.tensors.get("activation_grads")
         if activation_grads is None:
             raise ProtocolError("the server sent no activation_grads, and this head is trainable")
+        activation_grads = self.unpadded(activation_grads, attention_mask)
         if self.defence is not None:  # the gradient at what went up, taken back through the clip
             activation_grads = self.defence.backward(forward.activations, activation_grads)
         grads = await runtime.compute("grad_graph", self.head.backward, forward, activation_grads)
@@ -149,6 +158,7 @@ class SplitTrainer(Trainer):
         )
         with runtime.phase("encode"):
             uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
+            uploaded = self.unpadded(uploaded, batch.attention_mask)
             message = Activations(
                 round_index,
                 step,
@@ -159,7 +169,7 @@ class SplitTrainer(Trainer):
         waited = time.perf_counter() - waited
         if not isinstance(gradients, Gradients):  # the session's table allows nothing else here
             raise ProtocolError(f"expected Gradients, the server sent {gradients.kind.name}")
-        await self._head_backward(forward, gradients, runtime)
+        await self._head_backward(forward, batch.attention_mask, gradients, runtime)
         return StepResult(
             gradients.loss,
             server_seconds=gradients.server_seconds,
@@ -203,6 +213,7 @@ class UShapedTrainer(SplitTrainer):
         )
         with runtime.phase("encode"):
             uploaded = forward.activations if self.defence is None else self.defence.apply(forward.activations)
+            uploaded = self.unpadded(uploaded, batch.attention_mask)
             lower = Activations(
                 round_index, step, {"activations": uploaded, "attention_mask": batch.attention_mask}, "lower"
             )
@@ -226,7 +237,7 @@ class UShapedTrainer(SplitTrainer):
                 step,
                 top.loss,
                 time.perf_counter() - started,
-                {"activation_grads": top.activation_grads},
+                {"activation_grads": self.unpadded(top.activation_grads, batch.attention_mask)},
                 "upper",
             )
         second = time.perf_counter()
@@ -234,7 +245,7 @@ class UShapedTrainer(SplitTrainer):
         waited += time.perf_counter() - second
         if not isinstance(gradients, Gradients):
             raise ProtocolError(f"expected Gradients, the server sent {gradients.kind.name}")
-        await self._head_backward(forward, gradients, runtime)
+        await self._head_backward(forward, batch.attention_mask, gradients, runtime)
         return StepResult(
             top.loss,
             server_seconds=gradients.server_seconds,

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from edgesplit.client.tensors import Wire
 from edgesplit.devices.profiles import DeviceProfile, LinkProfile, ProfileError, load_profile, save_profile
 
 
@@ -53,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the client's LoRA matrices (default 8)")
     parser.add_argument(
         "--wire",
-        choices=("fp32", "fp16", "int8", "int4"),
+        choices=tuple(wire.value for wire in Wire),
         default="fp32",
-        help="how activations and their gradients travel (default fp32)",
+        help="how activations and their gradients travel (default fp32; int4k assumes every token real)",
     )
     parser.add_argument("--link", default=None, help="the device profile's link (default wifi, else its first)")
     parser.add_argument("--uplink-mbps", type=float, default=None, help="overrides the link's uplink")

@@ -28,14 +28,29 @@ def _log(message: str) -> None:
     print(f"[edgesplit] {message}", file=sys.stderr, flush=True)
 
 
-def wire_bytes(batch_size: int, seq_len: int, hidden_size: int, wire: Wire, trainable: bool = True) -> WireBytes:
-    """Bytes of one step's frames, from frames encoded for real (the metadata's size is what it is)."""
+def wire_bytes(
+    batch_size: int,
+    seq_len: int,
+    hidden_size: int,
+    wire: Wire,
+    trainable: bool = True,
+    real_tokens: float = 1.0,
+) -> WireBytes:
+    """Bytes of one step's frames, from frames encoded for real (the metadata's size is what it is).
+
+    `real_tokens`: the fraction of the B x T positions that are tokens rather than padding. Only int4k's
+    size depends on it (it leaves padding rows out: a bitmap bit each, and their int64 mask and labels);
+    the profile's sweep has no data set and takes 1, every position a token, the most int4k sends."""
+    if not 0.0 <= real_tokens <= 1.0:
+        raise ProfilingError(f"the fraction of real tokens is between 0 and 1, got {real_tokens}")
     rng = np.random.default_rng(0)
     activations = rng.standard_normal((batch_size, seq_len, hidden_size)).astype(np.float32)  # (B, T, H)
-    tokens = np.ones((batch_size, seq_len), dtype=np.int64)  # (B, T)
+    real = round(batch_size * seq_len * real_tokens)
+    tokens = (np.arange(batch_size * seq_len) < real).astype(np.int64).reshape(batch_size, seq_len)  # (B, T)
+    activations[tokens == 0] = 0  # padding, zeroed by both sides under int4k
     up = Activations(0, 0, {"activations": activations, "attention_mask": tokens, "labels": tokens})
     down = Gradients(0, 0, 2.5, 0.1, {"activation_grads": activations} if trainable else {})
-    float_bytes = tensor_nbytes_on_wire(activations.shape, np.float32, wire)
+    float_bytes = tensor_nbytes_on_wire(activations.shape, np.float32, wire, rows_sent=real)
     int_bytes = tensor_nbytes_on_wire(tokens.shape, np.int64, wire)
     return WireBytes(
         upload=len(encode(up, wire)),

@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+from edgesplit.client.tensors import Wire
 from edgesplit.errors import EdgesplitError
 from edgesplit.server.metrics import check_metrics_available
 from edgesplit.server.placement import choose_placement
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, for the tail and the clients")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, tail and clients")
     parser.add_argument(
-        "--wire", choices=("fp32", "fp16", "int8", "int4"), default="fp32", help="how activations and gradients travel"
+        "--wire",
+        choices=tuple(wire.value for wire in Wire),
+        default="fp32",
+        help="how activations and gradients travel (int4k: int4 with outliers apart and padding left out)",
     )
     parser.add_argument("--eval-data", type=Path, help="JSONL evaluated after every round")
     parser.add_argument("--eval-batches", type=int, default=8, help="at most this many batches of --eval-data")

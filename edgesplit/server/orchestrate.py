@@ -37,13 +37,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from edgesplit.client.tensors import Wire
 from edgesplit.errors import EdgesplitError
 
 # This interpreter's edgesplit: the same environment (torch and all) as the parent's.
 EDGESPLIT: tuple[str, ...] = (sys.executable, "-m", "edgesplit.cli")
 
 QUANTIZE_CHOICES = ("none", "int8")
-WIRE_CHOICES = ("fp32", "fp16", "int8", "int4")
+WIRE_CHOICES = tuple(wire.value for wire in Wire)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # the protocol's rule: ids end up in file names and logs
 _FRAMEWORK = re.compile(r"[a-z][a-z0-9_-]*")
 

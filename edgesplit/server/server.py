@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from edgesplit.client.artifacts import load_manifest
+from edgesplit.client.int4k import zero_padding
 from edgesplit.client.metrics import JsonlWriter
 from edgesplit.client.protocol import (
     PROTOCOL_VERSION,
@@ -358,6 +359,12 @@ class Server:
         seconds = time.perf_counter() - started  # the queue's wait included, as the client has always seen it
         return await self._step_answer(connection, message, result, seconds, None, message.stage)
 
+    def _unpadded(self, tensor: Any, message: Activations) -> Any:
+        """Under int4k, a step's (B, T, H) tensor with the padding rows of `message`'s mask zeroed, as the
+        client zeroes its own: the wire leaves zero rows out, and the model masks those positions anyway."""
+        mask = message.tensors.get("attention_mask")
+        return tensor if self.wire is not Wire.INT4K or mask is None else zero_padding(tensor, mask)
+
     def _job(self, connection: Connection, message: Activations, tensors: Any, key: tuple[object, ...]) -> StepJob:
         number = connection.number
 
@@ -389,7 +396,8 @@ class Server:
         assert outcome.activations is not None  # the strategy's first half gives the middle's output
         seconds = time.perf_counter() - started
         try:
-            upper = Activations(message.round, message.step, {"activations": outcome.activations}, "upper")
+            middle = self._unpadded(outcome.activations, message)
+            upper = Activations(message.round, message.step, {"activations": middle}, "upper")
             await connection.send(upper, self.wire, self.bytes_sent)
             reply = await connection.receive(self.bytes_received)  # the Session admits Gradients "upper" or Bye
             resumed = time.perf_counter()
@@ -454,7 +462,8 @@ class Server:
             )
         await self._ask(connection, events.StepDone(number, message.round, message.step, end), events.SendGradients)
         assert step is not None  # a skipped step's answer is DropStep, which ends the conversation
-        tensors = {} if step.activation_grads is None else {"activation_grads": step.activation_grads}
+        grads = step.activation_grads
+        tensors = {} if grads is None else {"activation_grads": self._unpadded(grads, message)}
         return Gradients(
             message.round,
             message.step,

@@ -303,3 +303,19 @@ def test_the_default_model_sweeps_in_two_export_processes() -> None:
     assert 100e6 < one.artifact_bytes < two.artifact_bytes  # the embedding table alone is 113 MB
     assert 0 < one.client_peak_rss_bytes < two.client_peak_rss_bytes
     assert one.server_step_s > two.server_step_s > 0  # one tail layer fewer
+
+
+def test_the_link_model_knows_int4k() -> None:
+    """Per real token a float16 scale, 8 outliers (uint16 index, float16 value) and half a byte per value; per
+    position a bitmap bit; padding rows not sent. The sweep assumes every position a token."""
+    row = 2 + 8 * 4 + (H + 1) // 2
+    every = wire_bytes(B, T, H, Wire.INT4K)
+    assert every.download_payload == (B * T + 7) // 8 + B * T * row
+    assert every.upload_payload == every.download_payload + 2 * B * T * 8
+    assert 0 < every.upload - every.upload_payload < 1024
+    half = wire_bytes(B, T, H, Wire.INT4K, real_tokens=0.5)
+    assert half.download_payload == (B * T + 7) // 8 + round(B * T * 0.5) * row
+    assert 0 < half.upload - half.upload_payload < 1024
+    assert wire_bytes(B, T, H, Wire.INT4, real_tokens=0.5) == wire_bytes(B, T, H, Wire.INT4)  # int4 sends every row
+    with pytest.raises(ProfilingError, match="between 0 and 1"):
+        wire_bytes(B, T, H, Wire.INT4K, real_tokens=1.5)
