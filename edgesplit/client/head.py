@@ -11,6 +11,8 @@ the shorter ones an export made with --seq-buckets): a batch is (batch_size, T) 
 then cut to the shortest that holds it (data.fit_to_bucket). Each bucket's sessions load on its first batch
 and are kept; each pair holds its own copy of the weights as ONNX Runtime prepacks them (no Python API shares
 prepacked weights between sessions): ~62 MB a bucket for SmolLM2's int8 head at cut 4 (docs/benchmarks.md).
+A dynamic-length head (export --dynamic-seq) has one pair of graphs for every length from 2 to max_seq_len:
+the client cuts each batch to its longest row and runs the one session pair, so its weights are held once.
 """
 
 from __future__ import annotations
@@ -197,15 +199,13 @@ class Head:
 
     def _graphs_for(self, seq_len: int) -> _Graphs:
         """The sessions of the bucket of `seq_len` tokens, loaded on first use and kept."""
-        graphs = self._graphs.get(seq_len)
+        manifest = self.manifest
+        if seq_len not in manifest.seq_lengths:
+            raise TrainingError(f"the head takes batches of {_lengths(manifest)} tokens, got {seq_len} tokens")
+        key = manifest.max_seq_len if manifest.dynamic_seq else seq_len  # one session pair for every length
+        graphs = self._graphs.get(key)
         if graphs is not None:
             return graphs
-        if seq_len not in self.manifest.seq_buckets:
-            raise TrainingError(
-                f"the head takes batches of {self.manifest.batch_size} x one of {list(self.manifest.seq_buckets)} "
-                f"tokens, got {seq_len} tokens"
-            )
-        manifest = self.manifest
         forward_file = _graph_file(manifest.head_stage(seq_len).files)
         backward_file = None if manifest.frozen_head else _graph_file(manifest.grad_stage(seq_len).files)
         try:
@@ -219,7 +219,7 @@ class Head:
             output_names=[o.name for o in forward.get_outputs()],
             backward_inputs=[i.name for i in backward.get_inputs()] if backward else [],
         )
-        self._graphs[seq_len] = graphs
+        self._graphs[key] = graphs
         return graphs
 
     def _session(self, file: str) -> ort.InferenceSession:
@@ -247,15 +247,15 @@ class Head:
                 raise TrainingError(f"adapter {name} contains NaN or Inf")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, adapters: Arrays) -> ForwardResult:
-        """input_ids and attention_mask (B, T) for T one of the manifest's sequence buckets."""
+        """input_ids and attention_mask (B, T) for T one of the manifest's sequence lengths."""
         if (
             input_ids.ndim != 2
             or input_ids.shape[0] != self.manifest.batch_size
             or attention_mask.shape != input_ids.shape
         ):
             raise TrainingError(
-                f"the head takes batches of {self.manifest.batch_size} x one of {list(self.manifest.seq_buckets)} "
-                f"tokens, got input_ids {input_ids.shape} and attention_mask {attention_mask.shape}"
+                f"the head takes batches of {_lengths(self.manifest)} tokens, got input_ids {input_ids.shape} and "
+                f"attention_mask {attention_mask.shape}"
             )
         graphs = self._graphs_for(int(input_ids.shape[1]))
         feed = {
@@ -292,3 +292,10 @@ class Head:
         outputs = session.run(None, feed)
         names = [o.name for o in session.get_outputs()]
         return {name.removeprefix(GRADIENT_PREFIX): value for name, value in zip(names, outputs, strict=True)}
+
+
+def _lengths(manifest: Manifest) -> str:
+    """The batch shapes a head takes, in words: '4 x 2..128' (dynamic length) or '4 x one of [64, 128]'."""
+    if manifest.dynamic_seq:
+        return f"{manifest.batch_size} x {manifest.seq_lengths[0]}..{manifest.max_seq_len}"
+    return f"{manifest.batch_size} x one of {list(manifest.seq_buckets)}"

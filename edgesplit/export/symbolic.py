@@ -22,8 +22,7 @@ import sympy
 import torch
 from torch import fx
 
-SEQ_AXIS = "seq"
-MIN_SEQ_LEN = 2
+from edgesplit.client.artifacts import MIN_SEQ_LEN, SEQ_AXIS
 
 
 def fake_inputs(
@@ -36,15 +35,14 @@ def fake_inputs(
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC])
+    context: Any = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC])
     with mode:
-        fake_constants = [mode.from_tensor(value, static_shapes=True) for value in constants]
+        fake_constants: list[torch.Tensor] = [mode.from_tensor(value, static_shapes=True) for value in constants]
         fake_ids = mode.from_tensor(input_ids, symbolic_context=context, source=ConstantSource("input_ids"))
         fake_tokens = [fake_ids, torch.ones_like(fake_ids)]
-        fake_lora = [mode.from_tensor(value, static_shapes=True) for value in lora]
-    lengths = {str(value.shape[1]) for value in fake_tokens}
-    if len(lengths) != 1 or any(isinstance(value.shape[0], torch.SymInt) for value in fake_tokens):
-        raise RuntimeError(f"the token inputs did not get one symbolic length: {lengths}")
+        fake_lora: list[torch.Tensor] = [mode.from_tensor(value, static_shapes=True) for value in lora]
+    if not isinstance(fake_ids.shape[1], torch.SymInt) or isinstance(fake_ids.shape[0], torch.SymInt):
+        raise RuntimeError(f"input_ids did not get a symbolic length and a fixed batch: {fake_ids.shape}")
     return mode, fake_constants, fake_tokens, fake_lora
 
 
