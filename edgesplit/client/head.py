@@ -112,6 +112,20 @@ def resolve_providers(names: Sequence[str]) -> list[str]:
 _shared_arena_registered = False
 
 
+def shrinking_run_options() -> ort.RunOptions:
+    """Run options that hand the CPU arena's free regions back after each run: for a dynamic-length head.
+
+    The shared arena grows by exactly what is asked and never frees a region, so batches of changing
+    lengths fragment it: a request longer than any freed block takes a new region, and the old ones stay.
+    Measured on SmolLM2's int8 head at cut 4 (E2E's 12 batches, 56-97 tokens, one thread): peak 305 MB in the
+    data's order, 383 MB with the lengths rising, 253 MB falling; with the arena shrunk after each run,
+    263 and 274 MB, at the same CPU time a pass (3.2-3.5 s).
+    """
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def _register_shared_arena() -> None:
     """Register, once per process, the CPU arena that sessions with `session.use_env_allocators` share."""
     global _shared_arena_registered
@@ -189,6 +203,7 @@ class Head:
             for key, value in ROUTE_SESSION_CONFIG[Route(self.route)].items():
                 self._options.add_session_config_entry(key, value)
         self._providers = resolve_providers(providers)
+        self._run_options = shrinking_run_options() if self.manifest.dynamic_seq else None
         self._graphs: dict[int, _Graphs] = {}
         full = self._graphs_for(self.manifest.max_seq_len)  # loaded now: a bad artifact fails at start
         self.forward_session = full.forward
@@ -264,7 +279,7 @@ class Head:
         }
         for name in self.manifest.lora.matrices:
             feed[name] = adapters[name]
-        outputs = graphs.forward.run(None, feed)
+        outputs = graphs.forward.run(None, feed, self._run_options)
         named = dict(zip(graphs.output_names, outputs, strict=True))
         activations = named.pop("activations")
         # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
@@ -289,7 +304,7 @@ class Head:
         assert session is not None  # a trainable head has a gradient graph in every bucket (the manifest checks)
         feed = dict(forward.saved)
         feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
-        outputs = session.run(None, feed)
+        outputs = session.run(None, feed, self._run_options)
         names = [o.name for o in session.get_outputs()]
         return {name.removeprefix(GRADIENT_PREFIX): value for name, value in zip(names, outputs, strict=True)}
 
