@@ -119,7 +119,7 @@ def shrinking_run_options() -> ort.RunOptions:
     lengths fragment it: a request longer than any freed block takes a new region, and the old ones stay.
     Measured on SmolLM2's int8 head at cut 4 (E2E's 12 batches, 56-97 tokens, one thread): peak 305 MB in the
     data's order, 383 MB with the lengths rising, 253 MB falling; with the arena shrunk after each run,
-    263 and 274 MB, at the same CPU time a pass (3.2-3.5 s).
+    265 and 277 MB, at the same CPU time a pass (3.2-3.5 s).
     """
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
