@@ -4,7 +4,8 @@
                                [--reexport] [--attention sdpa|eager] [--data packed|e2e]
 
 --data e2e measures real E2E batches instead (bench/head_step_e2e.py): real tokens per second and peak
-memory, ONNX Runtime with sequence buckets against PyTorch padding each batch to its longest example.
+memory, ONNX Runtime with a dynamic-length head (export --dynamic-seq; `--seq-buckets` for the bucketed
+heads of export --seq-buckets) against PyTorch padding each batch to its longest example.
 
 A step is what the edge client does per batch: the head's forward to the cut (activations (B, T, H) and the
 tensors saved for backward), then the LoRA gradients of sum(activations * activation_grads) given
@@ -46,7 +47,12 @@ import head_step_e2e
 import numpy as np
 from common import machine
 
-E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "train.jsonl"
+_E2E = Path("shared") / "data" / "e2e" / "train.jsonl"
+# The project's shared data beside the checkout (or beside a folder holding checkouts).
+E2E_TRAIN = next(
+    (parent / _E2E for parent in Path(__file__).resolve().parents[1:] if (parent / _E2E).is_file()),
+    Path(__file__).resolve().parents[2] / _E2E,
+)
 SPEED_BAR = 2.0  # ORT step at least this many times faster than PyTorch
 MEMORY_BAR = 3.0  # and at least this many times lower peak RSS
 SEED = 0
@@ -256,7 +262,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ orchestration
 
 
-def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed") -> None:
+def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed", seq_buckets: bool = False) -> None:
     """Export the artifacts and the head's weights unless already there, in a process of their own.
 
     Not in this one: on Linux a child process starts with its parent's ru_maxrss, so the workers' peak
@@ -272,6 +278,7 @@ def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed"
         return
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "export"]
     command += ["--artifacts", str(work_dir), "--cut-layer", str(cut_layer), "--data", data]
+    command += ["--seq-buckets"] if seq_buckets else []
     if subprocess.run(command, stdout=sys.stderr).returncode != 0:
         raise SystemExit("exporting the head failed (see above)")
 
@@ -296,14 +303,18 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
         lora_targets=("q_proj", "v_proj"),
         force=True,
     )
-    buckets = head_step_e2e.SEQ_BUCKETS if args.data == "e2e" else ()
-    seconds = {}
+    buckets = head_step_e2e.SEQ_BUCKETS if args.data == "e2e" and args.seq_buckets else ()
+    dynamic = args.data == "e2e" and not args.seq_buckets
+    seconds: dict[str, Any] = {}
     for variant, quantize in (("fp32", "none"), ("int8", "int8")):
-        config = ExportConfig(out=work_dir / variant, quantize=quantize, seq_buckets=buckets, **settings)
+        config = ExportConfig(
+            out=work_dir / variant, quantize=quantize, seq_buckets=buckets, dynamic_seq=dynamic, **settings
+        )
         result = export(config, loaded=loaded)
         seconds[variant] = {key: round(value, 1) for key, value in result.seconds.items()}
         print(f"exported {variant} in {result.seconds['total']:.1f} s", file=sys.stderr)
-    (work_dir / EXPORT_SECONDS_FILE).write_text(json.dumps({"seq_buckets": list(buckets), **seconds}) + "\n")
+    record = {"seq_buckets": list(buckets), "dynamic_seq": dynamic, **seconds}
+    (work_dir / EXPORT_SECONDS_FILE).write_text(json.dumps(record) + "\n")
     model = loaded.model
     prepare_for_training(model)
     family = family_for(model)
@@ -552,14 +563,14 @@ def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
     if not E2E_TRAIN.is_file():
         raise SystemExit(f"--data e2e needs the E2E training set at {E2E_TRAIN}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    prepare(args.work_dir, args.cut_layer, args.reexport, "e2e")
+    prepare(args.work_dir, args.cut_layer, args.reexport, "e2e", args.seq_buckets)
     load_before = [round(x, 2) for x in os.getloadavg()]
     runs: dict[str, dict[str, Any]] = {}
     for name, kind, variant, extra in (
         ("ort_fp32", "ort", "fp32", ()),
         ("ort_int8", "ort", "int8", ()),
         ("ort_int8_dequantised", "ort", "int8", ("--int8-route", "fp32-dequantised")),
-        ("ort_int8_no_buckets", "ort", "int8", ("--no-buckets",)),
+        ("ort_int8_full_length", "ort", "int8", ("--full-length",)),
         ("torch", "torch", "fp32", ()),
     ):
         runs[name] = run_worker(kind, args, args.work_dir / variant, args.work_dir / f"{name}.npz", extra)
@@ -572,6 +583,7 @@ def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
             "max_seq_len": 128,
             "batches": head_step_e2e.BATCHES,
             "data": f"E2E {E2E_TRAIN.name}, random examples, right-padded (not packed)",
+            "head": "buckets (export --seq-buckets)" if args.seq_buckets else "dynamic length (export --dynamic-seq)",
             "warmup_passes": args.warmup,
             "repeats": args.repeats,
             "threads": args.threads or "runtime default",
@@ -609,9 +621,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=("packed", "e2e"),
         default="packed",
         help="packed: one batch of E2E text packed end to end (every position a token); e2e: real right-padded "
-        "E2E batches, real tokens/s with sequence buckets against PyTorch's dynamic padding",
+        "E2E batches, real tokens/s of a dynamic-length head against PyTorch's dynamic padding",
     )
-    parser.add_argument("--no-buckets", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seq-buckets",
+        action="store_true",
+        help=f"--data e2e: heads traced for {list(head_step_e2e.SEQ_BUCKETS)} and 128 tokens (export --seq-buckets) "
+        "instead of one dynamic-length head (export --dynamic-seq)",
+    )
+    parser.add_argument("--full-length", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--int8-route", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("ort", "torch", "export"), help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
@@ -620,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     e2e = args.data == "e2e"
     if args.worker is None:
-        args.work_dir = args.work_dir / f"cut{args.cut_layer}{'-e2e' if e2e else ''}"
+        kind = ("-e2e" + ("" if args.seq_buckets else "-dynamic")) if e2e else ""
+        args.work_dir = args.work_dir / f"cut{args.cut_layer}{kind}"
         report = orchestrate_e2e(args) if e2e else orchestrate(args)
     elif e2e and args.worker != "export":
         worker = {"ort": head_step_e2e.ort_worker, "torch": head_step_e2e.torch_worker}[args.worker]

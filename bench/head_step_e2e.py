@@ -5,11 +5,13 @@ export's 128 tokens), in batches of 4 drawn at random. Each runtime trains the h
 own process (memory counts all it needs), and reports real tokens per second: the batch's attended tokens,
 not its padding, over the step's wall time.
 
-    ort_fp32, ort_int8   the edge client's Head on artifacts exported with --seq-buckets: each batch cut to the
-                         shortest bucket that holds its longest example (data.fit_to_bucket), as the client does
+    ort_fp32, ort_int8   the edge client's Head on artifacts exported with --dynamic-seq (one graph pair, any
+                         length; with --seq-buckets, heads traced for SEQ_BUCKETS and 128): each batch cut to
+                         the shortest length that holds its longest example (data.fit_to_bucket), as the
+                         client does
     ort_int8_dequantised the int8 artifacts on the route a CPU without int8 dot products takes (weights
                          dequantised at load, float32 products), forced here to compare the routes on one host
-    ort_int8_no_buckets  the same int8 artifacts run at the full 128 tokens: what buckets save
+    ort_int8_full_length the same int8 artifacts run at the full 128 tokens: what cutting the padding saves
     torch                PyTorch + peft, each batch padded to its own longest example only (the usual dynamic
                          padding of a PyTorch training loop)
 
@@ -92,7 +94,7 @@ def _figures(passes: list[tuple[float, float]], real_tokens: int, computed_token
 
 
 def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """The client's head, numpy and ONNX Runtime only; `--no-buckets` runs every batch at full length."""
+    """The client's head, numpy and ONNX Runtime only; `--full-length` runs every batch at max_seq_len."""
     from head_step import memory_figures, peak_rss_mb
 
     from edgesplit.client.cpu import Route
@@ -106,10 +108,10 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     rss_after_load = peak_rss_mb()
     adapters = head.initial_adapters()
     input_ids, attention_mask = load_batches(args.artifacts.parent)
-    buckets = (head.manifest.max_seq_len,) if args.no_buckets else head.manifest.seq_buckets
+    lengths = (head.manifest.max_seq_len,) if args.full_length else head.manifest.seq_lengths
     batches = []
     for ids, mask in zip(input_ids, attention_mask, strict=True):
-        batch = fit_to_bucket(Batch(ids, mask, ids, np.arange(len(ids))), buckets)
+        batch = fit_to_bucket(Batch(ids, mask, ids, np.arange(len(ids))), lengths)
         grads = _grads((*batch.input_ids.shape, head.manifest.hidden_size))
         batches.append((batch.input_ids, batch.attention_mask, grads))
 
@@ -126,8 +128,12 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
         **memory_figures(rss_after_load),
         "load_s": round(load_seconds, 2),
         "route": head.route,
-        "seq_buckets": list(buckets),
-        "batches_per_bucket": {str(b): sum(ids.shape[1] == b for ids, _, _ in batches) for b in buckets},
+        "dynamic_seq": head.manifest.dynamic_seq and not args.full_length,
+        "seq_lengths": [lengths[0], lengths[-1]] if head.manifest.dynamic_seq else list(lengths),
+        "batches_per_length": {
+            str(n): sum(ids.shape[1] == n for ids, _, _ in batches)
+            for n in sorted({ids.shape[1] for ids, _, _ in batches})
+        },
     }
 
 

@@ -21,6 +21,12 @@ more per bucket, traced for that many tokens, beside the full-length ones: `head
 always the full `max_seq_len`; the client runs each batch at the smallest bucket that holds its longest row
 (`Manifest.seq_buckets`, `Manifest.bucket_for`). The server's tail takes any length.
 
+An export with a dynamic sequence axis (`--dynamic-seq`, `Manifest.dynamic_seq`) holds one head and one
+gradient graph whose token axis is named `seq` (SEQ_AXIS) and takes any length from MIN_SEQ_LEN to
+max_seq_len (`Manifest.seq_lengths`); the stages' shapes carry that name, or a size derived from it such
+as `2*seq` (`Manifest.longest_shape` gives a shape at max_seq_len). The client cuts each batch to its
+longest real row.
+
 A mixed-cut export (`--cut-layers 2,4,8`) writes one tail, from the smallest cut, and one complete device
 artifact per cut in a sub-directory (`cut2/`, `cut4/`, ...): the top-level manifest lists them under `cuts`
 (`CutEntry`), and its head stages are the smallest cut's, with files inside that cut's directory.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,22 @@ TOP_FILES = ("top_adapters.safetensors", "lm_head.npy")
 LM_HEAD_INPUT = "lm_head.weight_t"  # top.onnx's input: the LM head's weight transposed, (H, V)
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
 LAYOUT_DEQUANTIZE = "dequantize-linear"  # Manifest.int8_layout: see edgesplit/export/quantize.py
+# A dynamic-length head's token axis (export --dynamic-seq): its name in the graphs and the manifest's shapes,
+# and the shortest length it takes (tracing specialises lengths 0 and 1, so the graphs hold from 2).
+SEQ_AXIS = "seq"
+MIN_SEQ_LEN = 2
+_DERIVED_AXIS = re.compile(rf"^\s*(?:(\d+)\s*\*\s*)?{SEQ_AXIS}\s*(?:\+\s*(\d+))?\s*$")
+
+
+def axis_size(dimension: int | str, seq_len: int) -> int:
+    """One dimension of a stage's shape at `seq_len` tokens: a fixed size, `seq` or a size derived from it
+    (`2*seq`, `2*seq + 1`). ArtifactError for any other named axis."""
+    if isinstance(dimension, int):
+        return dimension
+    match = _DERIVED_AXIS.match(dimension)
+    if match is None:
+        raise ArtifactError(f"a dynamic axis {dimension!r}: only {SEQ_AXIS!r} and sizes derived from it are known")
+    return int(match.group(1) or 1) * seq_len + int(match.group(2) or 0)
 
 
 def bucket_stage(stage: str, seq_len: int, max_seq_len: int) -> str:
@@ -243,6 +266,8 @@ class Manifest:
     # the client runs as int8 dot products or dequantises at load, per CPU) or, absent from older int8
     # exports, None: MatMulNBits nodes, always int8 dot products. See edgesplit/export/quantize.py.
     int8_layout: str | None = None
+    # One head graph pair for every length in seq_lengths (a named `seq` axis); False: traced lengths only.
+    dynamic_seq: bool = False
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -264,6 +289,11 @@ class Manifest:
                 raise ArtifactError(f"a sequence bucket of {seq_len} tokens: expected 2 to {self.max_seq_len}")
             if HEAD_GRAD in names and bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len) not in names:
                 raise ArtifactError(f"the head has a {seq_len}-token bucket but its gradient graph has none")
+        if self.dynamic_seq:
+            if len(self.seq_buckets) > 1:
+                raise ArtifactError("a dynamic-length head has no sequence buckets; these artifacts list some")
+            if self.max_seq_len < MIN_SEQ_LEN:
+                raise ArtifactError(f"max_seq_len {self.max_seq_len}: a dynamic head takes {MIN_SEQ_LEN}+ tokens")
         if TOP in names:
             top = self.stage(TOP)
             if top.runs_on != DEVICE or top.end_layer != self.num_layers or top.first_layer <= self.cut_layer:
@@ -347,18 +377,30 @@ class Manifest:
         }
         return (*sorted(shorter - {self.max_seq_len}), self.max_seq_len)
 
+    @property
+    def seq_lengths(self) -> tuple[int, ...]:
+        """Every length a client may send, shortest first: MIN_SEQ_LEN..max_seq_len for a dynamic-length head,
+        the traced buckets otherwise."""
+        if self.dynamic_seq:
+            return tuple(range(MIN_SEQ_LEN, self.max_seq_len + 1))
+        return self.seq_buckets
+
+    def longest_shape(self, shape: tuple[int | str, ...]) -> tuple[int, ...]:
+        """A stage's tensor shape at max_seq_len tokens (its named axes resolved): the most it holds."""
+        return tuple(axis_size(dimension, self.max_seq_len) for dimension in shape)
+
     def bucket_for(self, longest: int) -> int:
         """The shortest bucket that holds a batch whose longest row has `longest` tokens."""
-        for seq_len in self.seq_buckets:
+        for seq_len in self.seq_lengths:
             if longest <= seq_len:
                 return seq_len
         raise ArtifactError(f"a row of {longest} tokens: the head takes at most {self.max_seq_len}")
 
     def head_stage(self, seq_len: int) -> Stage:
-        return self.stage(bucket_stage(HEAD, seq_len, self.max_seq_len))
+        return self.stage(HEAD if self.dynamic_seq else bucket_stage(HEAD, seq_len, self.max_seq_len))
 
     def grad_stage(self, seq_len: int) -> Stage:
-        return self.stage(bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len))
+        return self.stage(HEAD_GRAD if self.dynamic_seq else bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len))
 
     @property
     def full_model(self) -> bool:
@@ -437,7 +479,11 @@ class Manifest:
                 "eos_token_id": self.eos_token_id,
                 "pad_token_id": self.pad_token_id,
             },
-            "shapes": {"batch_size": self.batch_size, "max_seq_len": self.max_seq_len},
+            "shapes": {
+                "batch_size": self.batch_size,
+                "max_seq_len": self.max_seq_len,
+                **({"dynamic_seq": True, "seq_lengths": list(self.seq_lengths)} if self.dynamic_seq else {}),
+            },
             "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": list(self.lora.targets)},
             "quantize": self.quantize,
             "stages": [stage.to_json() for stage in self.stages],
@@ -479,7 +525,21 @@ class Manifest:
             cuts=tuple(CutEntry.from_json(c) for c in raw.get("cuts", ())),
             self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
             int8_layout=str(raw["int8_layout"]) if raw.get("int8_layout") is not None else None,
+            dynamic_seq=_dynamic_seq(raw["shapes"]),
         )
+
+
+def _dynamic_seq(shapes: dict[str, Any]) -> bool:
+    """shapes.dynamic_seq (absent from older manifests: False), its seq_lengths checked against max_seq_len."""
+    dynamic = shapes.get("dynamic_seq", False)
+    if not isinstance(dynamic, bool):
+        raise ArtifactError(f"shapes.dynamic_seq is {dynamic!r}: expected true or false")
+    lengths = shapes.get("seq_lengths")
+    if dynamic and lengths != list(range(MIN_SEQ_LEN, int(shapes["max_seq_len"]) + 1)):
+        raise ArtifactError(
+            f"shapes.seq_lengths must be every length from {MIN_SEQ_LEN} to max_seq_len for a dynamic-length head"
+        )
+    return dynamic
 
 
 def sha256_file(path: Path) -> str:

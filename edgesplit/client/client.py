@@ -176,7 +176,8 @@ class Client:
         summary["providers"] = self.head.providers
         summary["cpu_features"] = self.head.cpu.names()
         summary["head_route"] = self.head.route  # fp32, int8-dot or fp32-dequantised (edgesplit/client/cpu.py)
-        summary["seq_buckets"] = list(self.head.manifest.seq_buckets)  # the lengths a split step may run at
+        summary["seq_buckets"] = list(self.head.manifest.seq_buckets)  # the lengths the head was traced for
+        summary["dynamic_seq"] = self.head.manifest.dynamic_seq  # any length in 2..max_seq_len
         if self.head.route_note:
             summary["head_route_note"] = self.head.route_note
         summary.update(self._resource_summary())

@@ -50,7 +50,7 @@ def _tensor_bytes(shape: tuple[int | str, ...], dtype: str) -> int:
 def estimate_peak_mib(directory: Path, manifest: Manifest) -> float:
     """A cut's training peak on the device, estimated from its artifact (see the module docs)."""
     weights = sum((directory / name).stat().st_size for name in manifest.files if name.startswith("head"))
-    saved = sum(_tensor_bytes(spec.shape, spec.dtype) for spec in manifest.head_outputs)
+    saved = sum(_tensor_bytes(manifest.longest_shape(spec.shape), spec.dtype) for spec in manifest.head_outputs)
     activations = 2 * 4 * math.prod(manifest.activations_shape)  # up, and their gradients down
     lora = 4 * 4 * sum(math.prod(shape) for shape in manifest.lora.matrices.values())
     return RUNTIME_MIB + (weights + saved + activations + lora) / MIB

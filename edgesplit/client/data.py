@@ -7,7 +7,7 @@ Only `tokenizers` and numpy, never torch or transformers: this runs on the devic
     encode_examples      [Example] -> EncodedSet     input_ids, attention_mask, labels: (N, T) int64
     pad_rows             token rows -> PaddedRows    (B, T) ids and attention mask, padded on the right
     iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full
-    fit_to_bucket        Batch -> Batch              (B, T') for T' the shortest sequence bucket that holds it
+    fit_to_bucket        Batch -> Batch              (B, T') for T' the shortest sequence length that holds it
     iid_partition        example count -> one list of example indices per client
     dirichlet_partition  group labels -> non-IID lists of example indices per client
 

@@ -151,8 +151,9 @@ class SplitTrainer(Trainer):
 
     async def step(self, batch: Batch, round_index: int, step: int, runtime: Runtime) -> StepResult:
         # input_ids (B, T) -> head -> activations (B, T, H) up; activation_grads (B, T, H) down. T is the
-        # shortest of the export's sequence buckets that holds the batch: no compute on the padding past it.
-        batch = fit_to_bucket(batch, self.head.manifest.seq_buckets)
+        # shortest of the export's sequence lengths that holds the batch (a dynamic-length head: the longest
+        # row itself): no compute on the padding past it.
+        batch = fit_to_bucket(batch, self.head.manifest.seq_lengths)
         forward = await runtime.compute(
             "head_forward", self.head.forward, batch.input_ids, batch.attention_mask, self.adapters
         )

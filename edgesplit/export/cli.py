@@ -5,6 +5,8 @@ part (PyTorch tail, the rest), written with their manifest into one artifact dir
     edgesplit export --cut-layers 2,4,8 --out artifacts       (one head per cut in cut2/ cut4/ cut8/, one tail)
     edgesplit export --cut-layer 4 --seq-buckets 64,96 (the head also traced for 64 and 96 tokens: no compute
                                                        on padding past a batch's longest example)
+    edgesplit export --cut-layer 4 --dynamic-seq      (one head for every length 2..--max-seq-len: each batch
+                                                       runs at its longest example's length)
     edgesplit export --cut-layer 4 --top-layers 2 --out artifacts  (U-shaped: the last 2 layers and the loss on
                                                                   the device too; the labels never leave it)
     edgesplit export --full-model --out artifacts-full        (the whole model on the device, for FedLLM and KD)
@@ -127,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shorter sequence lengths to trace the head for as well, e.g. 64,96: the client runs each batch at "
         "the shortest that holds its longest example instead of padding it to --max-seq-len (docs/export.md)",
     )
+    parser.add_argument(
+        "--dynamic-seq",
+        action="store_true",
+        help="one head graph and one gradient graph whose sequence axis takes any length from 2 to --max-seq-len: "
+        "the client runs each batch at its longest example's length, with one set of weights (docs/export.md); "
+        "not with --seq-buckets or --top-layers",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA matrices (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
@@ -153,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-layers goes with one --cut-layer (not --cut-layers or --full-model)")
     if args.top_layers is not None and set(args.seq_buckets or ()) - {args.max_seq_len}:
         parser.error("--seq-buckets does not go with --top-layers yet: the top stage is traced for --max-seq-len only")
+    if args.dynamic_seq and (set(args.seq_buckets or ()) - {args.max_seq_len} or args.top_layers is not None):
+        parser.error(
+            "--dynamic-seq takes every length from 2 to --max-seq-len with one head: drop --seq-buckets, and "
+            "--top-layers (its top stage is traced for --max-seq-len only)"
+        )
     if args.top_layers is not None and args.top_layers < 0:
         check_top_layers(args.top_layers, args.cut_layer, args.cut_layer + 1)  # refuses a negative K
     # Before the model loads, which takes tens of seconds: a typo or a cut past the model's end is refused now.
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_seq_len=args.max_seq_len,
         seq_buckets=args.seq_buckets or (),
+        dynamic_seq=args.dynamic_seq,
         force=args.force,
         seed=args.seed,
         top_layers=args.top_layers,

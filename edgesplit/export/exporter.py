@@ -38,6 +38,7 @@ from edgesplit.client.artifacts import (
     HEAD_GRAD,
     LAYOUT_DEQUANTIZE,
     MANIFEST_NAME,
+    MIN_SEQ_LEN,
     SCHEMA_VERSION,
     SERVER,
     TAIL,
@@ -76,6 +77,9 @@ class ExportConfig:
     # Shorter sequence lengths the head is traced for as well (max_seq_len always is): the client runs each
     # batch at the smallest that holds it, so no compute goes on padding beyond it.
     seq_buckets: tuple[int, ...] = ()
+    # One head graph pair whose sequence axis is symbolic (`seq`, 2..max_seq_len): the client runs each batch
+    # at its longest row's length (export/symbolic.py). Not with seq_buckets or top_layers.
+    dynamic_seq: bool = False
     force: bool = False
     seed: int = 0
     full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
@@ -96,6 +100,11 @@ class ExportConfig:
         if self.top_layers is not None and set(self.seq_buckets) - {self.max_seq_len}:
             raise ExportError(
                 "--seq-buckets does not go with --top-layers yet: the top stage is traced for --max-seq-len only"
+            )
+        if self.dynamic_seq and (set(self.seq_buckets) - {self.max_seq_len} or self.top_layers is not None):
+            raise ExportError(
+                "--dynamic-seq takes every length from 2 to --max-seq-len with one head: drop --seq-buckets, and "
+                "--top-layers (the top stage is traced for --max-seq-len only)"
             )
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
@@ -300,23 +309,25 @@ def _export_head(
 
     report = None
     shared = SharedData()  # the full length's weights, which the shorter buckets' graphs point into
-    for seq_len in reversed(config.buckets):  # the graphs carry concrete sizes: one pair per sequence length
+    dynamic = config.max_seq_len if config.dynamic_seq else None  # the longest length a symbolic axis takes
+    # The graphs carry concrete sizes: one pair per sequence length; or one pair with a symbolic length.
+    for seq_len in reversed(config.buckets):
         forward_file = bucket_graph_file("head.onnx", seq_len, config.max_seq_len)
         backward_file = bucket_graph_file("head_grad.onnx", seq_len, config.max_seq_len)
-        log(
-            f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x "
-            f"{seq_len} tokens"
-        )
+        tokens = f"2 to {seq_len} tokens (one symbolic length)" if dynamic else f"{seq_len} tokens"
+        log(f"tracing the head (layers 0-{cut_layer - 1} of {num_layers}) for batch {config.batch_size} x {tokens}")
         t0 = time.perf_counter()
         with torch.no_grad() if not trainable else torch.enable_grad():
-            traced = trace_head(head, lora, config.batch_size, seq_len, trainable=trainable)
+            traced = trace_head(head, lora, config.batch_size, seq_len, trainable=trainable, dynamic=bool(dynamic))
         seconds["trace"] = seconds.get("trace", 0.0) + time.perf_counter() - t0
         log(f"exporting {forward_file}" + ("" if not trainable else f" and {backward_file}"))
         t0 = time.perf_counter()
         with _quiet_exporter():
-            export_graph(traced.forward, traced.forward_inputs, traced.forward_outputs, scratch / forward_file)
+            forward_names = (traced.forward_inputs, traced.forward_outputs)
+            export_graph(traced.forward, *forward_names, scratch / forward_file, max_seq_len=dynamic)
             if traced.backward is not None:
-                export_graph(traced.backward, traced.backward_inputs, traced.backward_outputs, scratch / backward_file)
+                backward_names = (traced.backward_inputs, traced.backward_outputs)
+                export_graph(traced.backward, *backward_names, scratch / backward_file, max_seq_len=dynamic)
         seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
 
         if config.quantize == "int8":
@@ -391,13 +402,16 @@ def _self_check(
     loaded: LoadedModel, head: Any, config: ExportConfig, scratch: Path, tail_dir: Path, seconds: dict[str, float]
 ) -> dict[str, Any]:
     """Run the written files, every sequence bucket's, against the model (export/selfcheck.py); ExportError
-    above tolerance. The full length's errors, with each shorter bucket's under `buckets`."""
+    above tolerance. The full length's errors, with each shorter bucket's under `buckets`; a dynamic-length
+    head's one graph pair is checked at several lengths (`check_lengths`), listed under `lengths`."""
     from edgesplit.export.families import family_for
     from edgesplit.export.selfcheck import run_self_check
 
     model = loaded.model
     checks: dict[int, dict[str, Any]] = {}
-    for seq_len in reversed(config.buckets):  # the full length first
+    lengths = check_lengths(config.max_seq_len) if config.dynamic_seq else config.buckets
+    for seq_len in reversed(lengths):  # the full length first
+        files = seq_len if not config.dynamic_seq else config.max_seq_len  # a dynamic head: one pair of graphs
         check = run_self_check(
             scratch,
             model,
@@ -408,8 +422,8 @@ def _self_check(
             config.quantize,
             tail_dir=tail_dir,
             graphs=(
-                bucket_graph_file("head.onnx", seq_len, config.max_seq_len),
-                bucket_graph_file("head_grad.onnx", seq_len, config.max_seq_len),
+                bucket_graph_file("head.onnx", files, config.max_seq_len),
+                bucket_graph_file("head_grad.onnx", files, config.max_seq_len),
             ),
         )
         seconds["self_check"] = seconds.get("self_check", 0.0) + check.seconds
@@ -417,8 +431,16 @@ def _self_check(
         checks[seq_len] = check.to_json()
     result = checks.pop(config.max_seq_len)
     if checks:
-        result["buckets"] = {str(seq_len): check for seq_len, check in sorted(checks.items())}
+        key = "lengths" if config.dynamic_seq else "buckets"
+        result[key] = {str(seq_len): check for seq_len, check in sorted(checks.items())}
     return result
+
+
+def check_lengths(max_seq_len: int) -> tuple[int, ...]:
+    """The lengths a dynamic-length head is checked at, shortest first: the shortest it takes, an odd one
+    in between (no power of two, so no size the trace saw by chance), and max_seq_len."""
+    middle = max(MIN_SEQ_LEN, max_seq_len // 2) | 1
+    return tuple(sorted({MIN_SEQ_LEN, min(middle, max_seq_len), max_seq_len}))
 
 
 def _write_tail(loaded: LoadedModel, cut_layer: int, config: ExportConfig, scratch: Path) -> None:
@@ -480,6 +502,7 @@ def _write_manifest(
         cuts=cuts,
         self_check=self_check,
         int8_layout=LAYOUT_DEQUANTIZE if config.quantize == "int8" else None,
+        dynamic_seq=config.dynamic_seq,
     )
     (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

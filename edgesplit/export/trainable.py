@@ -28,7 +28,8 @@ For SmolLM2-135M cut at layer 4, batch 4 x 128 (bench/head_step.py), this took t
 core's time; the matmuls, ~80% of a step, are what they were.
 
 The graphs are traced for one (batch, seq_len): the partitioned graphs carry concrete sizes, and the client
-pads every batch to them.
+pads every batch to them; or, with `dynamic=True`, for the batch and a symbolic length (edgesplit/export/
+symbolic.py): one pair of graphs whose sequence axis `seq` takes any length from 2 to max_seq_len.
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def _constant_name(parameter_name: str) -> str:
 
 
 def trace_head(
-    head: HeadWithLora, lora: dict[str, torch.Tensor], batch_size: int, seq_len: int, trainable: bool = True
+    head: HeadWithLora,
+    lora: dict[str, torch.Tensor],
+    batch_size: int,
+    seq_len: int,
+    trainable: bool = True,
+    dynamic: bool = False,
 ) -> TracedHead:
-    """Trace `head` for (batch_size, seq_len) into rewritten forward and backward FX graphs."""
+    """Trace `head` for (batch_size, seq_len) into rewritten forward and backward FX graphs; with `dynamic`,
+    for (batch_size, any length), `seq_len` being the example length the trace is hinted with."""
     from functorch.compile import aot_function, make_boxed_func
 
     constants = {**dict(head.named_parameters()), **dict(head.named_buffers())}
@@ -104,10 +111,22 @@ def trace_head(
     # Example inputs: every position attended, so no branch of the traced mask maths is specialised away.
     input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
     attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-    lora_inputs = [lora[name].detach().clone().requires_grad_(True) for name in lora_names]
-    activations = compiled(*constant_values, input_ids, attention_mask, *lora_inputs)
-    if trainable:
-        activations.backward(torch.ones_like(activations))
+    lora_values = [lora[name].detach().clone() for name in lora_names]
+    if dynamic:
+        from edgesplit.export.symbolic import drop_saved_sizes, fake_inputs
+
+        mode, fake_constants, tokens, fake_lora = fake_inputs(constant_values, input_ids, lora_values)
+        with mode:
+            activations = compiled(*fake_constants, *tokens, *(value.requires_grad_(True) for value in fake_lora))
+            if trainable:
+                activations.backward(torch.ones_like(activations))
+        if trainable:
+            drop_saved_sizes(captured["forward"], captured["backward"])
+    else:
+        lora_inputs = [value.requires_grad_(True) for value in lora_values]
+        activations = compiled(*constant_values, input_ids, attention_mask, *lora_inputs)
+        if trainable:
+            activations.backward(torch.ones_like(activations))
 
     for graph in captured.values():
         _simplify_powers(graph)
@@ -235,7 +254,8 @@ def _save_view_bases(forward: fx.GraphModule, backward: fx.GraphModule, count: i
         for view in reversed(chain):
             with backward.graph.inserting_before(first_op):
                 target = cast("Callable[..., Any]", view.target)  # a call_function's target is the function
-                value = backward.graph.call_function(target, (value, *view.args[1:]), dict(view.kwargs))
+                arguments = fx.node.map_arg(view.args[1:], lambda size: _size_in_backward(backward, size))
+                value = backward.graph.call_function(target, (value, *arguments), dict(view.kwargs))
             value.meta = dict(view.meta)
         for user in users:
             user.replace_input_with(placeholder, value)
@@ -245,6 +265,16 @@ def _save_view_bases(forward: fx.GraphModule, backward: fx.GraphModule, count: i
     forward.recompile()
     backward.graph.lint()
     backward.recompile()
+
+
+def _size_in_backward(backward: fx.GraphModule, size: fx.Node) -> Any:
+    """A view's symbolic size argument (a forward node), recomputed in the backward (symbolic.py)."""
+    from edgesplit.export.symbolic import backward_size
+
+    value = size.meta.get("val")
+    if not isinstance(value, torch.SymInt):
+        raise RuntimeError(f"a saved view takes a tensor argument {size.name}, not a size")
+    return backward_size(backward, value)
 
 
 def _placeholders(graph: fx.Graph) -> list[fx.Node]:
@@ -387,14 +417,24 @@ def example_tensors(names: list[str], graph: fx.GraphModule) -> tuple[torch.Tens
     return tuple(tensors)
 
 
-def export_graph(graph: fx.GraphModule, input_names: list[str], output_names: list[str], path: Path) -> None:
-    """Export one rewritten FX graph to ONNX with the given input and output names."""
-    examples = example_tensors(input_names, graph)
+def export_graph(
+    graph: fx.GraphModule, input_names: list[str], output_names: list[str], path: Path, max_seq_len: int | None = None
+) -> None:
+    """Export one rewritten FX graph to ONNX with the given input and output names; with `max_seq_len`, a
+    graph traced with a symbolic length, exported with its sequence axis named `seq` (up to max_seq_len)."""
+    dynamic_shapes: Any = None
+    if max_seq_len is None:
+        examples = example_tensors(input_names, graph)
+    else:
+        from edgesplit.export.symbolic import export_arguments
+
+        examples, dynamic_shapes = export_arguments(graph, max_seq_len)
     program = torch.onnx.export(
         graph,
         examples,
         input_names=input_names,
         output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
         dynamo=True,
         external_data=False,
         optimize=True,

@@ -133,11 +133,14 @@ class SplitStrategy:
                 )
         activations = tensors["activations"]
         # (B, T, H) at every cut: the hidden size does not change from layer to layer.
-        # T is one of the export's sequence buckets: a client cuts each batch's padding to the shortest.
+        # T is one of the export's sequence lengths (its buckets, or any of 2..max_seq_len for a dynamic-length
+        # head): a client cuts each batch's padding to the shortest that holds it.
         batch, _, hidden = self.manifest.activations_shape
         shape = tuple(activations.shape)
-        if len(shape) != 3 or shape[0] != batch or shape[2] != hidden or shape[1] not in self.manifest.seq_buckets:
-            expected = f"({batch}, T, {hidden}) for T in {list(self.manifest.seq_buckets)}"
+        lengths = self.manifest.seq_lengths
+        if len(shape) != 3 or shape[0] != batch or shape[2] != hidden or shape[1] not in lengths:
+            allowed = f"{lengths[0]} <= T <= {lengths[-1]}" if self.manifest.dynamic_seq else f"T in {list(lengths)}"
+            expected = f"({batch}, T, {hidden}) for {allowed}"
             raise TrainingError(f"activations of shape {activations.shape}, the artifacts say {expected}")
         if not np.all(np.isfinite(activations)):
             raise TrainingError("activations contain NaN or Inf")
