@@ -137,7 +137,8 @@ def run_self_check(
                 actual = tail(inputs_embeds=inputs, attention_mask=torch_mask, use_cache=False).logits.numpy()
         else:
             compared = "activations"
-            matrices = {name: torch.from_numpy(value) for name, value in zeros.items()}
+            # Every LoRA matrix of the PyTorch head at zero: a frozen head's graph takes none, its module still has them
+            matrices = {name: torch.zeros(shape) for name, shape in head.shapes.items()}
             expected = head(tokens, torch_mask, matrices).numpy()
             actual = activations
     logits_error = _relative_error(actual, expected, mask[prefix])

@@ -9,6 +9,8 @@ test_export.py and by every export's self-check (edgesplit/export/selfcheck.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import PARITY_CONFIGS, tiny_model
@@ -162,3 +164,18 @@ def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path, monkey
         config = ExportConfig(model=str(model_dir), cut_layer=1, out=tmp_path / "a", max_seq_len=8, frozen_head=True)
         export(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no artifacts, no half-made directory
+
+
+def test_a_frozen_head_exports_at_several_cuts(tmp_path: Path) -> None:
+    """A mixed-cut export checks each shorter cut's activations against the PyTorch head with its LoRA at zero:
+    a frozen head's graph takes no LoRA matrix, but its module still holds them (once a KeyError)."""
+    from tiny_models import save_tiny_model
+
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.export.exporter import ExportConfig, export
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    config = ExportConfig(model=str(model_dir), cut_layers=(1, 2), out=tmp_path / "a", max_seq_len=8, frozen_head=True)
+    export(config)
+    manifest = load_manifest(tmp_path / "a")
+    assert manifest.frozen_head and [cut.cut_layer for cut in manifest.cuts] == [1, 2]
