@@ -416,16 +416,23 @@ def _ignoring_interrupts() -> Iterator[None]:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM takes the Ctrl-C path, so that `kill PARENT_PID` also stops the children."""
+    """SIGTERM takes the Ctrl-C path, so that `kill PARENT_PID` also stops the children. SIGINT is made to
+    raise KeyboardInterrupt even where this process started with it ignored: a non-interactive shell starts its
+    background jobs (`cmd &`) so, Python then leaves it ignored, and the children would inherit that too."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
