@@ -246,13 +246,14 @@ def measure_head(artifact_dir: str | Path, repeats: int = 3, warmup: int = 1) ->
         reader.stop()
 
     measured = reader.method == MEASURED
+    step_samples = [round(s, 6) for s in phases["step"]]  # as reported; the median of these lies among them
     return HeadMeasurement(
-        step_s=statistics.median(phases["step"]),
+        step_s=statistics.median(step_samples),
         forward_s=statistics.median(phases["forward"]),
         backward_s=statistics.median(phases["backward"]),
         optimizer_s=statistics.median(phases["optimizer"]),
         cpu_s=statistics.median(phases["cpu"]),
-        step_samples_s=[round(s, 6) for s in phases["step"]],
+        step_samples_s=step_samples,
         load_s=load_s,
         baseline_rss_bytes=baseline,
         peak_rss_bytes=max(peak_rss_bytes(), memory.peak_rss_bytes),
