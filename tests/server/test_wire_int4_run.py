@@ -16,21 +16,34 @@ from edgesplit.client.protocol import Activations, Gradients, Wire, encode
 from edgesplit.server.tail import Tail
 
 
+def train_one_client(artifacts: Path, work: Path, wire: str, steps: int, eval_data: bool = True) -> list[dict]:  # type: ignore[type-arg]
+    """A real server (one round of `steps`, `--wire WIRE`) and one real client process on a small task; the
+    client's step records. The server's records are in work/server.jsonl."""
+    write_task(work / "a.jsonl", seed=1, count=16)
+    port = free_port()
+    with Processes() as run:
+        extra = ["--wire", wire, *(["--eval-data", str(work / "a.jsonl")] if eval_data else [])]
+        server = run.start(
+            "server", serve_command(artifacts, port, work, rounds=1, steps=steps, min_clients=1, extra=extra)
+        )
+        server.wait_for("listening on")
+        client = run.start("client", client_command(f"ws://127.0.0.1:{port}", artifacts, work / "a.jsonl", "a", work))
+        assert client.wait() == 0, client.output
+        assert server.wait() == 0, server.output
+    return [r for r in read_jsonl(work / "a-metrics.jsonl") if r["event"] == "step"]
+
+
+def eval_losses(work: Path) -> tuple[float, float]:
+    """The server's eval loss before training and after its last round."""
+    records = read_jsonl(work / "server.jsonl")
+    before = next(r["eval_loss"] for r in records if r["event"] == "eval")
+    return before, [r["eval_loss"] for r in records if r["event"] == "round"][-1]
+
+
 def test_a_session_in_int4_trains_and_sends_an_eighth_of_the_bytes(tiny_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     artifacts = tiny_artifacts("llama", 1)
     manifest = load_manifest(artifacts, verify=False)
-    write_task(tmp_path / "a.jsonl", seed=1, count=16)
-    port = free_port()
-    with Processes() as run:
-        command = serve_command(artifacts, port, tmp_path, rounds=1, steps=2, min_clients=1, extra=["--wire", "int4"])
-        server = run.start("server", command)
-        server.wait_for("listening on")
-        client = run.start(
-            "client", client_command(f"ws://127.0.0.1:{port}", artifacts, tmp_path / "a.jsonl", "a", tmp_path)
-        )
-        assert client.wait() == 0, client.output
-        assert server.wait() == 0, server.output
-    steps = [r for r in read_jsonl(tmp_path / "a-metrics.jsonl") if r["event"] == "step"]
+    steps = train_one_client(artifacts, tmp_path, "int4", 2, eval_data=False)
     assert len(steps) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
     # Each step's frames are the int4 encoding of the step's tensors.
     b, t, h = manifest.batch_size, manifest.max_seq_len, manifest.hidden_size
@@ -48,23 +61,9 @@ def test_a_session_in_int4_trains_and_sends_an_eighth_of_the_bytes(tiny_artifact
 def test_a_session_in_int4k_trains_and_leaves_the_padding_rows_out(tiny_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     artifacts = tiny_artifacts("llama", 1)
     manifest = load_manifest(artifacts, verify=False)
-    write_task(tmp_path / "a.jsonl", seed=1, count=16)
-    port = free_port()
-    with Processes() as run:
-        extra = ["--wire", "int4k", "--eval-data", str(tmp_path / "a.jsonl")]
-        command = serve_command(artifacts, port, tmp_path, rounds=1, steps=8, min_clients=1, extra=extra)
-        server = run.start("server", command)
-        server.wait_for("listening on")
-        client = run.start(
-            "client", client_command(f"ws://127.0.0.1:{port}", artifacts, tmp_path / "a.jsonl", "a", tmp_path)
-        )
-        assert client.wait() == 0, client.output
-        assert server.wait() == 0, server.output
-    server_records = read_jsonl(tmp_path / "server.jsonl")
-    before = next(r["eval_loss"] for r in server_records if r["event"] == "eval")
-    after = [r["eval_loss"] for r in server_records if r["event"] == "round"][-1]
+    steps = train_one_client(artifacts, tmp_path, "int4k", 8)
+    before, after = eval_losses(tmp_path)
     assert np.isfinite(after) and after < before  # it trains
-    steps = [r for r in read_jsonl(tmp_path / "a-metrics.jsonl") if r["event"] == "step"]
     assert len(steps) == 8
     # The frames are int4k's with only the real tokens' rows sent (`tokens` of them): the frame of the
     # bucket's width that matches them, within the metadata's spelling of the step's numbers.
@@ -93,23 +92,9 @@ def test_a_u_shaped_session_in_int4k_trains(tiny_artifacts, tmp_path: Path) -> N
     """Four int4k exchanges a step: the lower cut's activations up, the middle's output down (its padding
     rows zeroed by the server from the step's mask), their gradients back."""
     artifacts = tiny_artifacts("llama", 1, top_layers=1)
-    write_task(tmp_path / "a.jsonl", seed=1, count=16)
-    port = free_port()
-    with Processes() as run:
-        extra = ["--wire", "int4k", "--eval-data", str(tmp_path / "a.jsonl")]
-        command = serve_command(artifacts, port, tmp_path, rounds=1, steps=6, min_clients=1, extra=extra)
-        server = run.start("server", command)
-        server.wait_for("listening on")
-        client = run.start(
-            "client", client_command(f"ws://127.0.0.1:{port}", artifacts, tmp_path / "a.jsonl", "a", tmp_path)
-        )
-        assert client.wait() == 0, client.output
-        assert server.wait() == 0, server.output
-    records = read_jsonl(tmp_path / "server.jsonl")
-    before = next(r["eval_loss"] for r in records if r["event"] == "eval")
-    after = [r["eval_loss"] for r in records if r["event"] == "round"][-1]
+    steps = train_one_client(artifacts, tmp_path, "int4k", 6)
+    before, after = eval_losses(tmp_path)
     assert np.isfinite(after) and after < before
-    steps = [r for r in read_jsonl(tmp_path / "a-metrics.jsonl") if r["event"] == "step"]
     assert len(steps) == 6 and all(np.isfinite(r["loss"]) for r in steps)
 
 
