@@ -58,6 +58,7 @@ MEMORY_BAR = 3.0  # and at least this many times lower peak RSS
 SEED = 0
 BATCH_FILE = "batch.npz"
 EXPORT_SECONDS_FILE = "export_seconds.json"
+IN_GRAPHS = "int8-in-graphs"  # --data e2e, dynamic: the int8 head exported --weights-in-graphs
 
 
 def peak_rss_mb() -> float:
@@ -274,6 +275,8 @@ def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed"
         work_dir / "head" / "lora.json",
         work_dir / (BATCH_FILE if data == "packed" else head_step_e2e.E2E_BATCHES_FILE),
     ]
+    if data == "e2e" and not seq_buckets:
+        wanted.append(work_dir / IN_GRAPHS / "manifest.json")
     if all(path.exists() for path in wanted) and not reexport:
         return
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "export"]
@@ -306,9 +309,16 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
     buckets = head_step_e2e.SEQ_BUCKETS if args.data == "e2e" and args.seq_buckets else ()
     dynamic = args.data == "e2e" and not args.seq_buckets
     seconds: dict[str, Any] = {}
-    for variant, quantize in (("fp32", "none"), ("int8", "int8")):
+    variants = [("fp32", "none", False), ("int8", "int8", False)]
+    variants += [(IN_GRAPHS, "int8", True)] if dynamic else []  # the dynamic head's other layout, to compare
+    for variant, quantize, in_graphs in variants:
         config = ExportConfig(
-            out=work_dir / variant, quantize=quantize, seq_buckets=buckets, dynamic_seq=dynamic, **settings
+            out=work_dir / variant,
+            quantize=quantize,
+            seq_buckets=buckets,
+            dynamic_seq=dynamic,
+            weights_in_graphs=in_graphs,
+            **settings,
         )
         result = export(config, loaded=loaded)
         seconds[variant] = {key: round(value, 1) for key, value in result.seconds.items()}
@@ -566,10 +576,17 @@ def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
     prepare(args.work_dir, args.cut_layer, args.reexport, "e2e", args.seq_buckets)
     load_before = [round(x, 2) for x in os.getloadavg()]
     runs: dict[str, dict[str, Any]] = {}
+    # A dynamic head holds its weights once and feeds both graphs (export/fed.py); `ort_int8_weights_in_graphs`
+    # is the same head exported --weights-in-graphs, on this CPU's route. Buckets: the int8 routes compared.
+    other: tuple[str, str, tuple[str, ...]] = (
+        ("ort_int8_dequantised", "int8", ("--int8-route", "fp32-dequantised"))
+        if args.seq_buckets
+        else ("ort_int8_weights_in_graphs", IN_GRAPHS, ())
+    )
     for name, kind, variant, extra in (
         ("ort_fp32", "ort", "fp32", ()),
         ("ort_int8", "ort", "int8", ()),
-        ("ort_int8_dequantised", "ort", "int8", ("--int8-route", "fp32-dequantised")),
+        (other[0], "ort", other[1], other[2]),
         ("ort_int8_full_length", "ort", "int8", ("--full-length",)),
         ("torch", "torch", "fp32", ()),
     ):

@@ -9,7 +9,10 @@ not its padding, over the step's wall time.
                          length; with --seq-buckets, heads traced for SEQ_BUCKETS and 128): each batch cut to
                          the shortest length that holds its longest example (data.fit_to_bucket), as the
                          client does
-    ort_int8_dequantised the int8 artifacts on the route a CPU without int8 dot products takes (weights
+    ort_int8_weights_in_graphs   (dynamic) the int8 head exported --weights-in-graphs: each graph holds its
+                         weights, on this CPU's int8 route, against ort_int8's weights held once and fed to both
+                         graphs (export/fed.py)
+    ort_int8_dequantised (buckets) the int8 artifacts on the route a CPU without int8 dot products takes (weights
                          dequantised at load, float32 products), forced here to compare the routes on one host
     ort_int8_full_length the same int8 artifacts run at the full 128 tokens: what cutting the padding saves
     torch                PyTorch + peft, each batch padded to its own longest example only (the usual dynamic

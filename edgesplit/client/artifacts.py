@@ -5,6 +5,8 @@
       head.onnx                  client head: input_ids, attention_mask, LoRA matrices -> activations (+ saved)
       head_grad.onnx             backward of the head: saved tensors + activation_grads -> grad.<adapter name>
       head_adapters.safetensors  initial client LoRA matrices, keyed by adapter name (= head.onnx input name)
+      head_weights.safetensors   a dynamic-length head's frozen weights and embedding table, which its two
+                                 graphs take as inputs (`Manifest.fed_weights`; edgesplit/client/fed.py)
       tokenizer.json             the tokenizer, readable by the `tokenizers` package alone
       tail/config.json           Hugging Face config of the tail (the layers after the cut)
       tail/model.safetensors     weights of the tail layers (numbered from the tail's first), norm, LM head
@@ -58,6 +60,7 @@ TOP_FILES = ("top_adapters.safetensors", "lm_head.npy")
 LM_HEAD_INPUT = "lm_head.weight_t"  # top.onnx's input: the LM head's weight transposed, (H, V)
 ACTIVATIONS, ACTIVATION_GRADS = "activations", "activation_grads"
 LAYOUT_DEQUANTIZE = "dequantize-linear"  # Manifest.int8_layout: see edgesplit/export/quantize.py
+LAYOUT_FED = "fed"  # Manifest.int8_layout of a dynamic-length head: int8 weights fed to both graphs (client/fed.py)
 # A dynamic-length head's token axis (export --dynamic-seq): its name in the graphs and the manifest's shapes,
 # and the shortest length it takes (tracing specialises lengths 0 and 1, so the graphs hold from 2).
 SEQ_AXIS = "seq"
@@ -268,6 +271,9 @@ class Manifest:
     int8_layout: str | None = None
     # One head graph pair for every length in seq_lengths (a named `seq` axis); False: traced lengths only.
     dynamic_seq: bool = False
+    # The file whose frozen weights and embedding table the head's graphs take as inputs (client/fed.py):
+    # a dynamic-length head's; None: the graphs hold their weights.
+    fed_weights: str | None = None
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
@@ -289,6 +295,8 @@ class Manifest:
                 raise ArtifactError(f"a sequence bucket of {seq_len} tokens: expected 2 to {self.max_seq_len}")
             if HEAD_GRAD in names and bucket_stage(HEAD_GRAD, seq_len, self.max_seq_len) not in names:
                 raise ArtifactError(f"the head has a {seq_len}-token bucket but its gradient graph has none")
+        if self.fed_weights is not None and self.fed_weights not in self.stage(HEAD).files:
+            raise ArtifactError(f"the head's weights file {self.fed_weights} is not among the head stage's files")
         if self.dynamic_seq:
             if len(self.seq_buckets) > 1:
                 raise ArtifactError("a dynamic-length head has no sequence buckets; these artifacts list some")
@@ -466,6 +474,8 @@ class Manifest:
         optional: dict[str, Any] = {} if self.self_check is None else {"self_check": dict(self.self_check)}
         if self.int8_layout is not None:
             optional["int8_layout"] = self.int8_layout
+        if self.fed_weights is not None:
+            optional["fed_weights"] = self.fed_weights
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -526,6 +536,7 @@ class Manifest:
             self_check=dict(raw["self_check"]) if isinstance(raw.get("self_check"), dict) else None,
             int8_layout=str(raw["int8_layout"]) if raw.get("int8_layout") is not None else None,
             dynamic_seq=_dynamic_seq(raw["shapes"]),
+            fed_weights=str(raw["fed_weights"]) if raw.get("fed_weights") is not None else None,
         )
 
 

@@ -26,6 +26,9 @@ class Route(str, Enum):
 
     INT8_DOT = "int8-dot"  # int8 blocks, activations quantised per block, integer dot products
     FP32_DEQUANTISED = "fp32-dequantised"  # int8 weights dequantised to float32 once, at load
+    # A dynamic-length head's (client/fed.py): int8 weights held once for both graphs, each dequantised to
+    # float32 just before its product; every CPU, as no integer kernel takes a weight fed as an input
+    INT8_HELD = "int8-held"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ then cut to the shortest that holds it (data.fit_to_bucket). Each bucket's sessi
 and are kept; each pair holds its own copy of the weights as ONNX Runtime prepacks them (no Python API shares
 prepacked weights between sessions): ~62 MB a bucket for SmolLM2's int8 head at cut 4 (docs/benchmarks.md).
 A dynamic-length head (export --dynamic-seq) has one pair of graphs for every length from 2 to max_seq_len:
-the client cuts each batch to its longest row and runs the one session pair, so its weights are held once.
+the client cuts each batch to its longest row and runs the one session pair. Its graphs hold no frozen weight:
+both take them as inputs, fed from one array each that this process holds (head_weights.safetensors, int8
+for an int8 export, dequantised inside the graph just before each product), and the forward takes the
+batch's embedding rows, read from that file token by token (edgesplit/client/fed.py).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from edgesplit.client.artifacts import LAYOUT_DEQUANTIZE, Manifest, load_manifest, verify_files
+from edgesplit.client.artifacts import LAYOUT_DEQUANTIZE, LAYOUT_FED, Manifest, load_manifest, verify_files
 from edgesplit.client.cpu import CpuFeatures, Route, choose_route, detect
+from edgesplit.client.fed import EMBEDDINGS_INPUT, FedWeights
 from edgesplit.errors import ArtifactError, EdgesplitError, TrainingError
 from edgesplit.lora_names import GRADIENT_PREFIX
 
@@ -47,6 +51,8 @@ class _Graphs:
     backward: ort.InferenceSession | None
     output_names: list[str]
     backward_inputs: list[str]
+    forward_fed: Arrays  # the held weights each graph takes as inputs (a dynamic-length head's; client/fed.py)
+    backward_fed: Arrays
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -156,6 +162,8 @@ def head_route(quantize: str, cpu: CpuFeatures, int8_layout: str | None = None) 
     """
     if quantize != "int8":
         return "fp32", ""
+    if int8_layout == LAYOUT_FED:
+        return Route.INT8_HELD.value, ""
     route = choose_route(cpu)
     if int8_layout == LAYOUT_DEQUANTIZE or route is Route.INT8_DOT:  # the CPU's route, or one it suits
         return route.value, ""
@@ -204,6 +212,9 @@ class Head:
                 self._options.add_session_config_entry(key, value)
         self._providers = resolve_providers(providers)
         self._run_options = shrinking_run_options() if self.manifest.dynamic_seq else None
+        self.fed: FedWeights | None = None
+        if self.manifest.fed_weights is not None:
+            self.fed = FedWeights(self.root / self.manifest.fed_weights, self.manifest.vocab_size)
         self._graphs: dict[int, _Graphs] = {}
         full = self._graphs_for(self.manifest.max_seq_len)  # loaded now: a bad artifact fails at start
         self.forward_session = full.forward
@@ -228,11 +239,15 @@ class Head:
             backward = None if backward_file is None else self._session(backward_file)
         except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
             raise ArtifactError(f"ONNX Runtime cannot load the head in {self.root}: {error}") from error
+        backward_inputs = [i.name for i in backward.get_inputs()] if backward else []
+        fed = self.fed
         graphs = _Graphs(
             forward=forward,
             backward=backward,
             output_names=[o.name for o in forward.get_outputs()],
-            backward_inputs=[i.name for i in backward.get_inputs()] if backward else [],
+            backward_inputs=backward_inputs,
+            forward_fed=fed.inputs_for([i.name for i in forward.get_inputs()]) if fed else {},
+            backward_fed=fed.inputs_for(backward_inputs) if fed else {},
         )
         self._graphs[key] = graphs
         return graphs
@@ -279,14 +294,16 @@ class Head:
         }
         for name in self.manifest.lora.matrices:
             feed[name] = adapters[name]
-        outputs = graphs.forward.run(None, feed, self._run_options)
+        if self.fed is not None:
+            feed[EMBEDDINGS_INPUT] = self.fed.embed(input_ids)
+        outputs = graphs.forward.run(None, {**feed, **graphs.forward_fed}, self._run_options)
         named = dict(zip(graphs.output_names, outputs, strict=True))
         activations = named.pop("activations")
         # The backward may also read forward inputs (the mask, LoRA matrices) under their own names.
         saved = {
             name: named[name] if name in named else feed[name]
             for name in graphs.backward_inputs
-            if name != "activation_grads"
+            if name != "activation_grads" and name not in graphs.backward_fed
         }
         return ForwardResult(activations=activations, saved=saved)
 
@@ -300,9 +317,10 @@ class Head:
             )
         if not np.all(np.isfinite(activation_grads)):
             raise TrainingError("activation_grads from the server contain NaN or Inf; the step is skipped")
-        session = self._graphs_for(int(forward.activations.shape[1])).backward
+        graphs = self._graphs_for(int(forward.activations.shape[1]))
+        session = graphs.backward
         assert session is not None  # a trainable head has a gradient graph in every bucket (the manifest checks)
-        feed = dict(forward.saved)
+        feed = {**forward.saved, **graphs.backward_fed}
         feed["activation_grads"] = np.ascontiguousarray(activation_grads, dtype=np.float32)
         outputs = session.run(None, feed, self._run_options)
         names = [o.name for o in session.get_outputs()]

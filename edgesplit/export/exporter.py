@@ -37,6 +37,7 @@ from edgesplit.client.artifacts import (
     HEAD,
     HEAD_GRAD,
     LAYOUT_DEQUANTIZE,
+    LAYOUT_FED,
     MANIFEST_NAME,
     MIN_SEQ_LEN,
     SCHEMA_VERSION,
@@ -55,6 +56,7 @@ from edgesplit.client.artifacts import (
     head_matrices,
     sha256_file,
 )
+from edgesplit.client.fed import TABLE, WEIGHTS_FILE
 from edgesplit.errors import ExportError
 from edgesplit.export.models import DEFAULT_MODEL, LoadedModel, load_model, log
 from edgesplit.export.onnx_files import data_file_name, external_files
@@ -80,6 +82,9 @@ class ExportConfig:
     # One head graph pair whose sequence axis is symbolic (`seq`, 2..max_seq_len): the client runs each batch
     # at its longest row's length (export/symbolic.py). Not with seq_buckets or top_layers.
     dynamic_seq: bool = False
+    # With dynamic_seq: each graph holds its frozen weights (faster steps, a copy per graph) instead of the
+    # client holding them once and feeding both (export/fed.py, the default).
+    weights_in_graphs: bool = False
     force: bool = False
     seed: int = 0
     full_model: bool = False  # every layer, the final norm and the LM head on the client (FedLLM, KD)
@@ -106,6 +111,8 @@ class ExportConfig:
                 "--dynamic-seq takes every length from 2 to --max-seq-len with one head: drop --seq-buckets, and "
                 "--top-layers (the top stage is traced for --max-seq-len only)"
             )
+        if self.weights_in_graphs and not self.dynamic_seq:
+            raise ExportError("--weights-in-graphs goes with --dynamic-seq: other exports hold weights in their graphs")
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ExportError("--batch-size must be at least 1 and --max-seq-len at least 2")
         wrong = [seq_len for seq_len in self.seq_buckets if not 2 <= seq_len <= self.max_seq_len]
@@ -114,6 +121,11 @@ class ExportConfig:
                 f"--seq-buckets {wrong[0]} is out of range: each bucket must be from 2 to --max-seq-len "
                 f"({self.max_seq_len})"
             )
+
+    @property
+    def fed(self) -> bool:
+        """Whether the head's graphs take their frozen weights as inputs (export/fed.py, client/fed.py)."""
+        return self.dynamic_seq and not self.weights_in_graphs
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -158,7 +170,7 @@ def _stages(
 
     def graph_files(name: str) -> tuple[str, ...]:
         # Its own data file, then any it shares with the full-length graph (a shorter sequence bucket's).
-        data = [data_file_name(name), *external_files(head_dir / name)]
+        data = [data_file_name(name), *external_files(head_dir / name), WEIGHTS_FILE]
         return tuple(dict.fromkeys(prefix + file for file in (name, *data) if prefix + file in files))
 
     stages = []
@@ -290,6 +302,7 @@ def _export_head(
     from safetensors.numpy import save_file as save_numpy
 
     from edgesplit.export.families import family_for
+    from edgesplit.export.fed import feed_frozen, order_dequantize, share_weights, table_tensors, take_out_embedding
     from edgesplit.export.lora import HeadWithLora
     from edgesplit.export.onnx_files import SharedData, save_with_aligned_data
     from edgesplit.export.quantize import quantize_model, store_saved_as_float16
@@ -335,6 +348,9 @@ def _export_head(
         t0 = time.perf_counter()
         names = [name for name in (forward_file, backward_file) if (scratch / name).exists()]
         graphs = {name: onnx.load(str(scratch / name)) for name in names}
+        if config.fed:  # the frozen weights held once by the client and fed to both graphs (export/fed.py)
+            table = take_out_embedding(graphs[forward_file])
+            share_weights(graphs[forward_file], graphs.get(backward_file))
         if config.quantize == "int8":
             for graph in graphs.values():
                 part = quantize_model(graph)
@@ -342,6 +358,17 @@ def _export_head(
                     report = part if report is None else _merge(report, part)
             if backward_file in graphs:
                 store_saved_as_float16(graphs[forward_file], graphs[backward_file])
+        if config.fed:
+            fed = feed_frozen(graphs[forward_file], graphs.get(backward_file))
+            if config.quantize == "int8":
+                for graph in graphs.values():
+                    order_dequantize(graph)
+            embedding = table_tensors(table, config.quantize)
+            if report is not None:  # taken out before the quantiser saw it: counted here
+                report.quantized.append(TABLE)
+                report.bytes_before += table.nbytes
+                report.bytes_after += sum(value.nbytes for value in embedding.values())
+            save_numpy({**fed, **embedding}, str(scratch / WEIGHTS_FILE))
         for name, graph in graphs.items():
             save_with_aligned_data(graph, scratch / name, shared, record=seq_len == config.max_seq_len)
         step = "quantize" if config.quantize == "int8" else "save"
@@ -501,11 +528,19 @@ def _write_manifest(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
         cuts=cuts,
         self_check=self_check,
-        int8_layout=LAYOUT_DEQUANTIZE if config.quantize == "int8" else None,
+        int8_layout=_int8_layout(config),
         dynamic_seq=config.dynamic_seq,
+        fed_weights=prefix + WEIGHTS_FILE if config.fed else None,
     )
     (scratch / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
+
+
+def _int8_layout(config: ExportConfig) -> str | None:
+    """How an int8 head holds its weights: fed to both graphs (a dynamic-length head), else in each graph."""
+    if config.quantize != "int8":
+        return None
+    return LAYOUT_FED if config.fed else LAYOUT_DEQUANTIZE
 
 
 @contextlib.contextmanager

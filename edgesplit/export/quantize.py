@@ -67,7 +67,7 @@ class QuantizeReport:
     bytes_after: int
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+def input_uses(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for index, name in enumerate(node.input):
@@ -133,7 +133,7 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
     embedding tables become int8 rows with a scale each.
     """
     graph = model.graph
-    uses = _consumers(graph)
+    uses = input_uses(graph)
     report = QuantizeReport([], [], 0, 0)
     new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # (anchor, nodes to insert before it)
     kept: list[onnx.TensorProto] = []
@@ -143,7 +143,8 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
         size = weights.nbytes
         report.bytes_before += size
         consumers = uses.get(initializer.name, [])
-        is_matmul = consumers and all(n.op_type == "MatMul" and i == 1 for n, i in consumers)
+        # A Gemm reads its weight the same way (a dynamic-length head's backward, export/fed.py: transB)
+        is_matmul = consumers and all(n.op_type in ("MatMul", "Gemm") and i == 1 for n, i in consumers)
         is_gather = consumers and all(n.op_type == "Gather" and i == 0 for n, i in consumers)
         eligible = weights.dtype == np.float32 and weights.ndim == 2 and weights.size >= MIN_ELEMENTS
         if not eligible or not (is_matmul or is_gather):
@@ -169,9 +170,10 @@ def quantize_model(model: onnx.ModelProto) -> QuantizeReport:
                     axis=0,
                     block_size=BLOCK_SIZE,
                 )
-                replacement = helper.make_node(
-                    "MatMul", [matmul.input[0], weight], list(matmul.output), name=f"{name}.matmul{position}"
-                )
+                replacement = onnx.NodeProto()
+                replacement.CopyFrom(matmul)  # a Gemm keeps its attributes (transB) and bias
+                replacement.input[1] = weight
+                replacement.name = f"{name}.{matmul.op_type.lower()}{position}"
                 new_nodes.append((matmul, [dequantize, replacement]))
             continue
         quantized, scale = quantize_per_channel(weights, 0)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgesplit.client.fed import EMBEDDINGS_INPUT, WEIGHTS_FILE, FedWeights
 from edgesplit.errors import ExportError
 from edgesplit.export.families import Family
 from edgesplit.export.lora import HeadWithLora
@@ -118,9 +119,15 @@ def run_self_check(
     names = [spec.name for spec in forward.get_inputs() if spec.name in head.shapes]
     zeros = {name: np.zeros(head.shapes[name], dtype=np.float32) for name in names}  # adds nothing: the base model
 
+    taken = {spec.name for spec in forward.get_inputs()}
+    # A dynamic-length head takes its frozen weights (both graphs) and its embeddings as inputs (client/fed.py)
+    fed = FedWeights(scratch / WEIGHTS_FILE, int(model.config.vocab_size)) if EMBEDDINGS_INPUT in taken else None
+
     def run_forward(adapters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {"input_ids": input_ids, "attention_mask": mask, **adapters}
-        outputs = forward.run(None, feed)
+        if fed is not None:
+            feed.update({**fed.arrays, EMBEDDINGS_INPUT: fed.embed(input_ids)})
+        outputs = forward.run(None, {name: value for name, value in feed.items() if name in taken})
         return {**feed, **dict(zip([o.name for o in forward.get_outputs()], outputs, strict=True))}
 
     activations = run_forward(zeros)["activations"][prefix]

@@ -41,6 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edgesplit.client.fed import WEIGHTS_FILE
 from edgesplit.client.protocol import Wire
 from edgesplit.profiles.estimate import estimate
 from edgesplit.profiles.measure import (
@@ -119,8 +120,9 @@ def parse_cut_layers(text: str) -> tuple[int, ...]:
 
 
 def _artifact_bytes(directory: Path) -> int:
-    """The head's graphs and their external weight files (head.onnx.data, head_grad.onnx.data)."""
-    names = ("head.onnx", "head_grad.onnx", "head.onnx.data", "head_grad.onnx.data")
+    """The head's graphs and their external weight files (head.onnx.data, head_grad.onnx.data), and the weights
+    a dynamic-length head's graphs take as inputs (head_weights.safetensors, client/fed.py)."""
+    names = ("head.onnx", "head_grad.onnx", "head.onnx.data", "head_grad.onnx.data", WEIGHTS_FILE)
     return sum((directory / name).stat().st_size for name in names if (directory / name).exists())
 
 

@@ -53,6 +53,8 @@ def test_head_route_per_export_and_cpu() -> None:
     # Today's int8 export: the route follows the CPU, and neither needs a note.
     assert head_route("int8", vnni, "dequantize-linear") == ("int8-dot", "")
     assert head_route("int8", avx2, "dequantize-linear") == ("fp32-dequantised", "")
+    # A dynamic-length head's int8 weights are fed to its graphs: held as int8, float32 products, on every CPU.
+    assert head_route("int8", vnni, "fed") == head_route("int8", avx2, "fed") == ("int8-held", "")
     # An older int8 export (MatMulNBits in the graph) can only run int8 dot products: said where they are slow.
     assert head_route("int8", vnni) == ("int8-dot", "")
     route, note = head_route("int8", avx2)
