@@ -3,7 +3,7 @@
 Run on the exported float32 graphs, around the int8 quantiser:
 
   take_out_embedding   (before)  the forward's Gather(table, input_ids) becomes a graph input, input_embeds
-  share_weights        (before)  each large MatMul weight of the forward is renamed frozen.<n>; a backward
+  share_weights        (before)  each large MatMul (or Gemm) weight of the forward is renamed frozen.<n>; a backward
                                  weight that is one of them transposed (torch's backward multiplies by W^T)
                                  becomes Gemm(x, frozen.<n>, transB=1) on x flattened to 2-D, one equal to one
                                  of them reads it by name
@@ -47,8 +47,32 @@ def _is_weight(tensor: onnx.TensorProto, uses: dict[str, list[tuple[onnx.NodePro
         and len(tensor.dims) == 2
         and size >= MIN_ELEMENTS
         and bool(consumers)
-        and all(node.op_type == "MatMul" and index == 1 for node, index in consumers)
+        and all(_right_hand_side(node, index) for node, index in consumers)
     )
+
+
+def _right_hand_side(node: onnx.NodeProto, index: int) -> bool:
+    """`node` multiplies by its input `index` as it is: MatMul's B, or a Gemm's B without transB (GPT-2)."""
+    if index != 1:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    attributes = {attribute.name: attribute.i for attribute in node.attribute}
+    return node.op_type == "Gemm" and not attributes.get("transA", 0) and not attributes.get("transB", 0)
+
+
+_VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")  # keep the ids' order and values
+
+
+def _from_input_ids(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether `name` is input_ids, or input_ids through reshapes and casts only (GPT-2 views them first)."""
+    producers = {output: node for node in graph.node for output in node.output}
+    while name != "input_ids":
+        node = producers.get(name)
+        if node is None or node.op_type not in _VIEWS:
+            return False
+        name = node.input[0]
+    return True
 
 
 def take_out_embedding(forward: onnx.ModelProto) -> np.ndarray:
@@ -59,9 +83,9 @@ def take_out_embedding(forward: onnx.ModelProto) -> np.ndarray:
         node
         for node in graph.node
         if node.op_type == "Gather"
-        and len(node.input) == 2
-        and node.input[1] == "input_ids"
         and node.input[0] in constants
+        and all(attribute.i == 0 for attribute in node.attribute if attribute.name == "axis")
+        and _from_input_ids(graph, node.input[1])
     ]
     if len(lookups) != 1:
         raise ExportError(f"the head's graph looks up its token embeddings {len(lookups)} times; expected once")
@@ -69,10 +93,22 @@ def take_out_embedding(forward: onnx.ModelProto) -> np.ndarray:
     table = numpy_helper.to_array(constants[lookup.input[0]])
     if table.ndim != 2:
         raise ExportError(f"the token embedding table has shape {table.shape}; expected (vocab, hidden)")
-    # The lookup's result keeps its name (a graph output, when the backward reads it): an Identity makes it.
+    # The lookup's result keeps its name (a graph output, when the backward reads it); where the ids were
+    # reshaped first, the rows (B, T, H) are reshaped to the ids' shape.
+    if lookup.input[1] == "input_ids":
+        nodes = [helper.make_node("Identity", [EMBEDDINGS_INPUT], [lookup.output[0]], name="embeddings")]
+    else:
+        width = "embeddings.width"
+        graph.initializer.append(numpy_helper.from_array(np.array([table.shape[1]], dtype=np.int64), width))
+        nodes = [
+            helper.make_node("Shape", [lookup.input[1]], ["embeddings.ids_shape"], name="embeddings.ids_shape"),
+            helper.make_node("Concat", ["embeddings.ids_shape", width], ["embeddings.shape"], axis=0),
+            helper.make_node("Reshape", [EMBEDDINGS_INPUT, "embeddings.shape"], [lookup.output[0]], name="embeddings"),
+        ]
     position = list(graph.node).index(lookup)
     graph.node.remove(lookup)
-    graph.node.insert(position, helper.make_node("Identity", [EMBEDDINGS_INPUT], [lookup.output[0]], name="embeddings"))
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
     if not input_uses(graph).get(lookup.input[0]):
         graph.initializer.remove(constants[lookup.input[0]])
     ids = next(value for value in graph.input if value.name == "input_ids")
@@ -118,7 +154,11 @@ def share_weights(forward: onnx.ModelProto, backward: onnx.ModelProto | None) ->
         elif digest in transposed:
             target = transposed[digest]
             for node, _ in uses[tensor.name]:
-                _gemm_transposed(graph, node, target, weights[target].shape)
+                if node.op_type == "Gemm":  # already 2-D: read the forward's weight transposed
+                    node.input[1] = target
+                    _set_attribute(node, "transB", 1)
+                else:
+                    _gemm_transposed(graph, node, target, weights[target].shape)
         else:
             continue
         graph.initializer.remove(tensor)
@@ -127,6 +167,14 @@ def share_weights(forward: onnx.ModelProto, backward: onnx.ModelProto | None) ->
             added.add(target)
         shared += 1
     return shared
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            attribute.i = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _gemm_transposed(graph: onnx.GraphProto, matmul: onnx.NodeProto, weight: str, shape: tuple[int, ...]) -> None:

@@ -159,3 +159,20 @@ def test_weights_in_graphs_without_dynamic_seq_is_refused() -> None:
 
     with pytest.raises(ExportError, match="--weights-in-graphs goes with --dynamic-seq"):
         ExportConfig(max_seq_len=16, weights_in_graphs=True)
+
+
+def test_gpt2_whose_ids_are_viewed_first_and_whose_weights_are_gemms_is_fed_too(tiny_artifacts: Any) -> None:
+    """GPT-2 reshapes input_ids before its lookup and multiplies by Conv1D weights with Gemm: the lookup still
+    leaves the graph, the layer weights are fed, and the export's self-check (against PyTorch) passed."""
+    root = tiny_artifacts("gpt2", 1, dynamic_seq=True)
+    manifest = load_manifest(root)
+    assert manifest.fed_weights == WEIGHTS_FILE and manifest.self_check is not None
+    forward = onnx.load(str(root / "head.onnx")).graph
+    assert EMBEDDINGS_INPUT in {i.name for i in forward.input}
+    assert [name for name in _large_constants(root / "head.onnx") if "wte" in name or "h_" in name] == []
+    assert [name for name in _large_constants(root / "head_grad.onnx") if "_h_" in name] == []
+    head = Head(root)
+    ids = np.arange(2 * 5).reshape(2, 5) % manifest.vocab_size
+    step = head.forward(ids, np.ones_like(ids), head.initial_adapters())
+    grads = head.backward(step, np.full(step.activations.shape, 1e-3, dtype=np.float32))
+    assert set(grads) == set(manifest.lora.matrices) and all(np.all(np.isfinite(g)) for g in grads.values())
