@@ -64,9 +64,8 @@ def _right_hand_side(node: onnx.NodeProto, index: int) -> bool:
 _VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")  # keep the ids' order and values
 
 
-def _from_input_ids(graph: onnx.GraphProto, name: str) -> bool:
+def _from_input_ids(producers: dict[str, onnx.NodeProto], name: str) -> bool:
     """Whether `name` is input_ids, or input_ids through reshapes and casts only (GPT-2 views them first)."""
-    producers = {output: node for node in graph.node for output in node.output}
     while name != "input_ids":
         node = producers.get(name)
         if node is None or node.op_type not in _VIEWS:
@@ -79,13 +78,14 @@ def take_out_embedding(forward: onnx.ModelProto) -> np.ndarray:
     """Remove the forward's token embedding lookup; the graph takes its result as `input_embeds` (B, T, H)."""
     graph = forward.graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
     lookups = [
         node
         for node in graph.node
         if node.op_type == "Gather"
         and node.input[0] in constants
         and all(attribute.i == 0 for attribute in node.attribute if attribute.name == "axis")
-        and _from_input_ids(graph, node.input[1])
+        and _from_input_ids(producers, node.input[1])
     ]
     if len(lookups) != 1:
         raise ExportError(f"the head's graph looks up its token embeddings {len(lookups)} times; expected once")
