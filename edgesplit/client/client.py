@@ -71,6 +71,7 @@ class ClientConfig:
     quiet: bool = False
     connect_timeout_s: float = 60.0
     activation_defence: ActivationDefence | None = None  # --activation-noise/--activation-clip (defences.py)
+    group_by_length: bool = False  # --group-by-length: batches of like-length examples (data.iterate_batches)
 
 
 class ServerRefused(EdgesplitError):
@@ -140,6 +141,8 @@ class Client:
         self.steps_done = 0
         self.losses: list[float] = []
         self.reconnects = 0
+        self.real_tokens = 0  # the batches' attended tokens, over the steps run
+        self.computed_tokens = 0  # the tokens the head computed for them, padding included
         self.position: _Position | None = None  # None until the first Welcome
         self.steps_per_round = 0
         self.batch_iterator: Iterator[Batch] = iter(())
@@ -151,7 +154,9 @@ class Client:
             print(f"[{self.config.client_id}] {text}", flush=True)
 
     def batches(self, seed: int) -> Iterator[Batch]:
-        return iterate_batches(self.encoded, self.head.manifest.batch_size, seed=seed)
+        return iterate_batches(
+            self.encoded, self.head.manifest.batch_size, seed=seed, group_by_length=self.config.group_by_length
+        )
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -446,6 +451,9 @@ class Client:
             "bytes_down": self.bytes_down,
             "reconnects": self.reconnects,
             "activation_defence": None if defence is None else defence.to_json(),
+            "real_tokens": self.real_tokens,
+            "computed_tokens": self.computed_tokens,
+            "group_by_length": self.config.group_by_length,
         }
 
     async def _step(
@@ -462,13 +470,18 @@ class Client:
             extra["wait_seconds"] = round(outcome.wait_seconds, 6)
         self.steps_done += 1
         self.losses.append(outcome.loss)
+        real = int(batch.attention_mask.sum())
+        computed = int(batch.input_ids.size) if outcome.computed_tokens is None else outcome.computed_tokens
+        self.real_tokens += real
+        self.computed_tokens += computed
         self.metrics.write(
             "step",
             client_id=self.config.client_id,
             round=round_index,
             step=step,
             loss=outcome.loss,
-            tokens=int(batch.attention_mask.sum()),
+            tokens=real,
+            computed_tokens=computed,
             bytes_up=self.bytes_up - up_before,
             bytes_down=self.bytes_down - down_before,
             seconds={k: round(v, 6) for k, v in phases.items()},
@@ -575,6 +588,10 @@ def main_summary(summary: dict[str, Any]) -> str:
     if defence:
         clip = "" if defence["clip"] is None else f", clip {defence['clip']:g}"
         reconnects += f"; activations noised (sigma {defence['sigma']:g}{clip})"
+    computed = summary.get("computed_tokens") or 0
+    if computed:
+        grouped = ", batches grouped by length" if summary.get("group_by_length") else ""
+        loss += f"; {summary['real_tokens'] / computed:.0%} of the tokens computed were real, not padding{grouped}"
     return (
         f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
         f"{summary['bytes_up'] / 1e6:.1f} MB up, "

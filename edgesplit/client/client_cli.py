@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="added to the server's seed for this client's data order (default 0)"
     )
     parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="draw each batch from examples of like length (still a random mix, each example once an epoch): "
+        "with a head exported --dynamic-seq or --seq-buckets, far less padding is computed (on E2E, 99%% of "
+        "the computed tokens real instead of 81%%)",
+    )
+    parser.add_argument(
         "--threads",
         type=_number(int, 0, "a whole number of at least 0"),
         default=0,
@@ -235,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet=args.quiet,
         connect_timeout_s=args.connect_timeout,
         activation_defence=defence,
+        group_by_length=args.group_by_length,
     )
     from edgesplit.client.artifacts import load_manifest
 
@@ -249,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{flag} {value} does not match the artifacts ({expected}): the head is traced "
                 f"for {expected}; leave {flag} out to use the export's, or export again with {flag} {value}"
             )
+    if args.group_by_length and len(manifest.seq_lengths) == 1:
+        print(
+            f"[{args.client_id}] note: --group-by-length saves nothing with these artifacts: the head is traced for "
+            f"{manifest.max_seq_len} tokens only (export with --dynamic-seq or --seq-buckets to cut the padding)",
+            flush=True,
+        )
     summary = run_client(config)
     print(f"[{args.client_id}] {main_summary(summary)}")
     return 0

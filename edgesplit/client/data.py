@@ -6,7 +6,8 @@ Only `tokenizers` and numpy, never torch or transformers: this runs on the devic
     read_jsonl           file -> [Example]           every line is checked before anything is returned
     encode_examples      [Example] -> EncodedSet     input_ids, attention_mask, labels: (N, T) int64
     pad_rows             token rows -> PaddedRows    (B, T) ids and attention mask, padded on the right
-    iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full
+    iterate_batches      EncodedSet -> Batch, ...    (B, T) each, forever, every batch full; optionally
+                                                     grouped by length (examples of like length together)
     fit_to_bucket        Batch -> Batch              (B, T') for T' the shortest sequence length that holds it
     iid_partition        example count -> one list of example indices per client
     dirichlet_partition  group labels -> non-IID lists of example indices per client
@@ -33,6 +34,9 @@ from edgesplit.errors import ArtifactError, DataError
 
 # The label PyTorch's cross-entropy (and so the server's loss) skips.
 IGNORE_INDEX = -100
+# Length grouping sorts each run of this many batches' examples by length (as transformers' length-grouped
+# sampler does with its default megabatch of 50 batches): batches of like length, still a random mix.
+LENGTH_GROUP_BATCHES = 50
 
 _EXPECTED_LINE = '{"prompt": str, "completion": str}, {"context": str, "completion": str} or {"text": str}'
 # Accepted combinations of the recognised keys -> which key holds the prompt (None: a plain text example).
@@ -342,25 +346,60 @@ class Batch:
     indices: NDArray[np.int64]  # (B,), rows of the EncodedSet, for logging and reproducibility checks
 
 
-def iterate_batches(encoded: EncodedSet, batch_size: int, seed: int, epoch_shuffle: bool = True) -> Iterator[Batch]:
+def iterate_batches(
+    encoded: EncodedSet, batch_size: int, seed: int, epoch_shuffle: bool = True, group_by_length: bool = False
+) -> Iterator[Batch]:
     """Yield full batches forever, the same sequence for the same seed.
 
     Each epoch visits every example once, in a fresh order from numpy's Generator(seed) when
     `epoch_shuffle`. A batch that would run past the end of an epoch is filled from the start of the next
     one: the ONNX head only accepts `batch_size` rows, and padding rows would waste a round trip.
+
+    `group_by_length` (with `epoch_shuffle`): each run of LENGTH_GROUP_BATCHES batches' worth of the shuffled
+    examples is sorted by length and cut into batches, and the epoch's batches are then shuffled. A batch's
+    examples are then of like length, so a head that cuts each batch to its longest example (--dynamic-seq or
+    --seq-buckets) computes little padding; which examples share a step is still random, and every example is
+    still seen once an epoch.
     """
     # Validated here rather than inside the generator, so a bad argument fails at the call, not at next().
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if len(encoded) == 0:
         raise DataError("cannot make batches from an empty training set")
-    return _batches(encoded, batch_size, np.random.default_rng(seed), epoch_shuffle)
+    if group_by_length and not epoch_shuffle:
+        raise DataError("grouping by length reorders the examples: it needs epoch_shuffle")
+    rng = np.random.default_rng(seed)
+    lengths = encoded.attention_mask.sum(axis=1) if group_by_length else None
+    return _batches(encoded, batch_size, rng, epoch_shuffle, lengths)
 
 
-def _batches(encoded: EncodedSet, batch_size: int, rng: np.random.Generator, epoch_shuffle: bool) -> Iterator[Batch]:
+def length_grouped_order(lengths: NDArray[np.int64], batch_size: int, rng: np.random.Generator) -> NDArray[np.int64]:
+    """One epoch's example order, grouped by length: batch_size-long runs of like-length examples, in random
+    order. The last `len(lengths) % batch_size` examples (the shortest of the last group) come last, so that
+    the next epoch completes their batch."""
+    order = rng.permutation(len(lengths)).astype(np.int64)
+    group = LENGTH_GROUP_BATCHES * batch_size
+    # Within each group, longest first; a stable sort keeps the shuffled order among equal lengths.
+    chunks = np.split(order, range(group, len(order), group))
+    grouped = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in chunks])
+    full = len(grouped) - len(grouped) % batch_size
+    batches = grouped[:full].reshape(-1, batch_size)[rng.permutation(full // batch_size)]
+    return np.concatenate([batches.reshape(-1), grouped[full:]])
+
+
+def _batches(
+    encoded: EncodedSet,
+    batch_size: int,
+    rng: np.random.Generator,
+    epoch_shuffle: bool,
+    lengths: NDArray[np.int64] | None = None,
+) -> Iterator[Batch]:
     pending = np.empty(0, dtype=np.int64)
     while True:
-        epoch_order = rng.permutation(len(encoded)) if epoch_shuffle else np.arange(len(encoded))
+        if lengths is not None:
+            epoch_order = length_grouped_order(lengths, batch_size, rng)
+        else:
+            epoch_order = rng.permutation(len(encoded)) if epoch_shuffle else np.arange(len(encoded))
         pending = np.concatenate([pending, epoch_order.astype(np.int64)])
         # With fewer examples than batch_size, an epoch cannot fill a batch; the loop simply takes another.
         while len(pending) >= batch_size:

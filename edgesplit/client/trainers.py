@@ -72,6 +72,9 @@ class StepResult:
     # that does not say).
     server_queue_seconds: float | None = None
     server_compute_seconds: float | None = None
+    # The tokens the head computed, padding included: B x the length the batch was cut to. None: the batch's
+    # full shape.
+    computed_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.server_seconds is None) != (self.wait_seconds is None):
@@ -177,6 +180,7 @@ class SplitTrainer(Trainer):
             wait_seconds=waited,
             server_queue_seconds=gradients.queue_seconds,
             server_compute_seconds=gradients.compute_seconds,
+            computed_tokens=int(batch.input_ids.size),
         )
 
 

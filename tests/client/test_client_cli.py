@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgesplit.client.client import backoff_delays
+from edgesplit.client.client import backoff_delays, main_summary
 
 EDGESPLIT = [sys.executable, "-m", "edgesplit.cli"]
 
 
 def test_a_malformed_data_line_stops_the_client_before_it_connects(tiny_artifacts, tmp_path: Path) -> None:
+    # With --group-by-length on a head traced for one length, the client first says the flag saves nothing.
     data = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "w1 w2", "completion": "w3 w4"})
     data.write_text(f'{good}\n{good}\n{{"prompt": "w1", "completion": \n{good}\n')
@@ -33,6 +34,7 @@ def test_a_malformed_data_line_stops_the_client_before_it_connects(tiny_artifact
                 str(data),
                 "--client-id",
                 "a",
+                "--group-by-length",
             ],
             capture_output=True,
             text=True,
@@ -47,6 +49,7 @@ def test_a_malformed_data_line_stops_the_client_before_it_connects(tiny_artifact
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{data}:3:" in result.stderr  # file and line
     assert not connected and "connecting" not in result.stdout
+    assert "--group-by-length saves nothing with these artifacts" in result.stdout
 
 
 def test_backoff_doubles_up_to_a_cap_with_jitter() -> None:
@@ -69,3 +72,16 @@ def test_importing_the_client_writes_nothing_to_home(tmp_path: Path) -> None:
         [sys.executable, "-c", "import edgesplit.client.client, onnxruntime"], env=env, check=True, timeout=120
     )
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_the_summary_line_says_how_much_of_the_computed_tokens_was_padding() -> None:
+    summary = {
+        **dict.fromkeys(("bytes_up", "bytes_down", "peak_rss_mb", "energy_j"), 1.0),
+        **{"final_loss": 2.0, "first_loss": 3.0, "steps": 4, "rounds": 1},
+        **{"energy_method": "estimated", "energy_source": "x"},
+        **{"real_tokens": 300, "computed_tokens": 400, "group_by_length": False},
+    }
+    assert "75% of the tokens computed were real, not padding;" in main_summary(summary)
+    grouped = main_summary(summary | {"real_tokens": 396, "group_by_length": True})
+    assert "99% of the tokens computed were real, not padding, batches grouped by length" in grouped
+    assert "tokens computed" not in main_summary(summary | {"computed_tokens": 0})  # no step, no share

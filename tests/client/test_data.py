@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from edgesplit.client.data import (
     IGNORE_INDEX,
+    Batch,
     EncodedSet,
     Example,
     PromptFormat,
@@ -349,6 +351,47 @@ def test_invalid_batch_arguments_fail_at_the_call() -> None:
     assert empty.input_ids.shape == (0, 4)
     with pytest.raises(DataError, match="empty"):
         iterate_batches(empty, batch_size=2, seed=0)
+
+
+def varied_lengths(count: int, seed: int = 0) -> EncodedSet:
+    """`count` examples of 1 to 100 tokens, uniformly: random batches of them are mostly padding."""
+    lengths = np.random.default_rng(seed).integers(1, 101, count)
+    mask = (np.arange(100)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, 7, PAD).astype(np.int64)
+    return EncodedSet(ids, mask, np.where(mask == 1, ids, IGNORE_INDEX), 0, 0)
+
+
+def real_share(batches: list[Batch]) -> float:
+    """Real tokens over the tokens a head computes that cuts each batch to its longest row."""
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    computed = sum(len(b.indices) * (int(np.flatnonzero(b.attention_mask.any(axis=0))[-1]) + 1) for b in batches)
+    return real / computed
+
+
+def test_grouping_by_length_sees_every_example_once_an_epoch_and_computes_little_padding() -> None:
+    encoded = varied_lengths(450)  # 112 full batches of 4 and 2 examples over: two groups of 200 and one of 50
+    grouped = list(itertools.islice(iterate_batches(encoded, 4, seed=5, group_by_length=True), 113))
+    plain = list(itertools.islice(iterate_batches(encoded, 4, seed=5), 113))
+
+    first_epoch = [int(i) for batch in grouped for i in batch.indices][:450]
+    assert sorted(first_epoch) == list(range(450))  # the epoch's last 2 open the 113th batch
+    assert real_share(grouped[:112]) > 0.95 > 0.8 > real_share(plain[:112])
+    longest = [int(b.attention_mask.sum(axis=1).max()) for b in grouped[:112]]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)  # the batches are shuffled
+    for batch in grouped[:112]:  # every batch is the rows it names
+        np.testing.assert_array_equal(batch.attention_mask, encoded.attention_mask[batch.indices])
+
+
+def test_grouping_by_length_is_deterministic_given_the_seed_and_needs_shuffling() -> None:
+    encoded = varied_lengths(60)
+
+    def indices(seed: int) -> list[list[int]]:
+        batches = iterate_batches(encoded, 4, seed=seed, group_by_length=True)
+        return [next(batches).indices.tolist() for _ in range(40)]  # past the first epoch
+
+    assert indices(3) == indices(3) and indices(3) != indices(4)
+    with pytest.raises(DataError, match="needs epoch_shuffle"):
+        iterate_batches(encoded, 4, seed=0, epoch_shuffle=False, group_by_length=True)
 
 
 # --- partitions ---------------------------------------------------------------------------------------------

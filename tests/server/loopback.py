@@ -63,9 +63,11 @@ async def federated_run(
     steps: int,
     learning_rate: float,
     client_id: str = "a",
+    group_by_length: bool = False,
+    summary: dict[str, Any] | None = None,
 ) -> list[float]:
     """A short run of one client, `rounds` x `steps` at `learning_rate`, checkpointed into `checkpoint_dir`;
-    the client's training losses, step by step."""
+    the client's training losses, step by step (and its summary into `summary`, if given)."""
     from edgesplit.client.client import Client, ClientConfig
     from edgesplit.server.server import Server, ServerConfig
 
@@ -84,8 +86,14 @@ async def federated_run(
     serving = asyncio.create_task(server.serve(ready))
     await ready.wait()
     url = f"ws://127.0.0.1:{server.port}"
-    client = Client(ClientConfig(server=url, artifacts=artifacts, data=data, client_id=client_id, quiet=True))
-    await client.run()
+    client = Client(
+        ClientConfig(
+            server=url, artifacts=artifacts, data=data, client_id=client_id, quiet=True, group_by_length=group_by_length
+        )
+    )
+    outcome = await client.run()
+    if summary is not None:
+        summary.update(outcome)
     await serving
     return list(client.losses)
 

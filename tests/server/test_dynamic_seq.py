@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from loopback import federated_run
 from transformers import AutoModelForCausalLM
 
 from edgesplit.client.artifacts import MIN_SEQ_LEN, SEQ_AXIS, Manifest, axis_size, load_manifest
-from edgesplit.client.data import fit_to_bucket, iterate_batches
+from edgesplit.client.data import Batch, fit_to_bucket, iterate_batches
 from edgesplit.client.head import Head
 from edgesplit.errors import ArtifactError, ExportError, TrainingError
 from edgesplit.export.cli import main as export_main
@@ -121,8 +122,9 @@ def write_data(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["random-batches", "grouped-by-length"])
 def test_a_run_cuts_each_batch_to_its_longest_row_and_trains_as_centralised_training(
-    dynamic: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path
+    dynamic: Path, tiny_model_dirs: dict[str, Path], tmp_path: Path, group_by_length: bool
 ) -> None:
     rounds, steps, learning_rate = 1, 4, 0.01
     write_data(tmp_path / "data.jsonl")
@@ -133,14 +135,30 @@ def test_a_run_cuts_each_batch_to_its_longest_row_and_trains_as_centralised_trai
         server="ws://unused", artifacts=dynamic, data=tmp_path / "data.jsonl", client_id="only", quiet=True
     )
     client = Client(config)
-    batches = list(itertools.islice(iterate_batches(client.encoded, 2, seed=0), rounds * steps))
+
+    def drawn(grouped: bool) -> list[Batch]:
+        return list(itertools.islice(iterate_batches(client.encoded, 2, 0, group_by_length=grouped), rounds * steps))
+
+    batches = drawn(group_by_length)
     widths = [fit_to_bucket(b, lengths).input_ids.shape[1] for b in batches]
     longest = [int(np.flatnonzero(b.attention_mask.any(axis=0))[-1]) + 1 for b in batches]
     assert widths == [max(n, MIN_SEQ_LEN) for n in longest] and len(set(widths)) > 1 and max(widths) < FULL
 
+    summary: dict[str, Any] = {}
     split_losses = asyncio.run(
-        federated_run(dynamic, tmp_path / "data.jsonl", tmp_path / "ckpt", rounds, steps, learning_rate, "only")
-    )
+        federated_run(
+            dynamic, tmp_path / "data.jsonl", tmp_path / "ckpt", rounds, steps, learning_rate, "only",
+            group_by_length=group_by_length, summary=summary,
+        )
+    )  # fmt: skip
+    # The client says what it computed: each batch at its own width, and how much of that was real.
+    assert summary["computed_tokens"] == 2 * sum(widths) and summary["group_by_length"] is group_by_length
+    assert summary["real_tokens"] == sum(int(b.attention_mask.sum()) for b in batches)
+    if group_by_length:  # like lengths together: less padding than the same seed's random batches
+        plain = drawn(False)
+        plain_computed = sum(2 * fit_to_bucket(b, lengths).input_ids.shape[1] for b in plain)
+        plain_share = sum(int(b.attention_mask.sum()) for b in plain) / plain_computed
+        assert summary["real_tokens"] / summary["computed_tokens"] > plain_share
     losses = {}
     for rate in (learning_rate, 1e-12):  # the run's rate, and one that leaves the model as it was
         model = AutoModelForCausalLM.from_pretrained(
