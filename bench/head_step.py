@@ -277,11 +277,14 @@ def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed"
     ]
     if data == "e2e" and not seq_buckets:
         wanted.append(work_dir / IN_GRAPHS / "manifest.json")
-    if all(path.exists() for path in wanted) and not reexport:
+    grouped = work_dir / head_step_e2e.E2E_GROUPED_FILE
+    if all(path.exists() for path in wanted) and (data != "e2e" or grouped.exists()) and not reexport:
         return
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "export"]
     command += ["--artifacts", str(work_dir), "--cut-layer", str(cut_layer), "--data", data]
     command += ["--seq-buckets"] if seq_buckets else []
+    # Artifacts of an earlier run, without the grouped batches: write the batches only.
+    command += ["--batches-only"] if all(path.exists() for path in wanted) and not reexport else []
     if subprocess.run(command, stdout=sys.stderr).returncode != 0:
         raise SystemExit("exporting the head failed (see above)")
 
@@ -295,6 +298,11 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
     from edgesplit.export.models import DEFAULT_MODEL, load_model
 
     work_dir, cut_layer = args.artifacts, args.cut_layer
+    if args.batches_only:
+        head_step_e2e.write_batches(
+            work_dir / "fp32", E2E_TRAIN, work_dir / head_step_e2e.E2E_BATCHES_FILE, 4, 128, SEED
+        )
+        return {"batches": str(work_dir)}
     loaded = load_model(DEFAULT_MODEL)
     settings = dict(
         model=DEFAULT_MODEL,
@@ -588,7 +596,9 @@ def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
         ("ort_int8", "ort", "int8", ()),
         (other[0], "ort", other[1], other[2]),
         ("ort_int8_full_length", "ort", "int8", ("--full-length",)),
+        ("ort_int8_grouped", "ort", "int8", ("--grouped",)),
         ("torch", "torch", "fp32", ()),
+        ("torch_grouped", "torch", "fp32", ("--grouped",)),
     ):
         runs[name] = run_worker(kind, args, args.work_dir / variant, args.work_dir / f"{name}.npz", extra)
     busy = load_before[0] > 0.5 * (os.cpu_count() or 1)
@@ -599,7 +609,8 @@ def orchestrate_e2e(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": 4,
             "max_seq_len": 128,
             "batches": head_step_e2e.BATCHES,
-            "data": f"E2E {E2E_TRAIN.name}, random examples, right-padded (not packed)",
+            "data": f"E2E {E2E_TRAIN.name}, random examples, right-padded (not packed); *_grouped: batches grouped "
+            "by length (client --group-by-length)",
             "head": "buckets (export --seq-buckets)" if args.seq_buckets else "dynamic length (export --dynamic-seq)",
             "warmup_passes": args.warmup,
             "repeats": args.repeats,
@@ -647,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         "instead of one dynamic-length head (export --dynamic-seq)",
     )
     parser.add_argument("--full-length", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grouped", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batches-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--int8-route", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("ort", "torch", "export"), help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)

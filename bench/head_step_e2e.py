@@ -15,8 +15,13 @@ not its padding, over the step's wall time.
     ort_int8_dequantised (buckets) the int8 artifacts on the route a CPU without int8 dot products takes (weights
                          dequantised at load, float32 products), forced here to compare the routes on one host
     ort_int8_full_length the same int8 artifacts run at the full 128 tokens: what cutting the padding saves
+    ort_int8_grouped     ort_int8 on batches grouped by length, as `edgesplit client --group-by-length` draws
+                         them (data.iterate_batches): 12 batches at random from one group of 50 batches' examples
     torch                PyTorch + peft, each batch padded to its own longest example only (the usual dynamic
                          padding of a PyTorch training loop)
+    torch_grouped        the same on the grouped batches: `vs_torch.ort_int8_grouped` compares with `torch` (what
+                         a user gets against a PyTorch loop as usually run), `same_batches_tokens_per_cpu_s_ratio`
+                         with this one
 
 A repeat is one pass over all the batches (the first pass, the warm-up, also loads every bucket's sessions);
 its tokens/s is the pass's real tokens over its wall time; the median over repeats is reported, and the same
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 
 E2E_BATCHES_FILE = "e2e_batches.npz"
+E2E_GROUPED_FILE = "e2e_batches_grouped.npz"  # the same shapes, batches grouped by length
 SEQ_BUCKETS = (64, 80, 96, 112)  # with 128: E2E's batches of 4 have their longest example at 62-92 tokens (5-95%)
 TOKENS_PER_S_BAR = 1.5  # ORT int8 at least this many times PyTorch's real tokens/s
 BATCHES = 12
@@ -62,11 +68,35 @@ def write_batches(
         attention_mask=encoded.attention_mask.reshape(shape),
     )
     lengths = encoded.attention_mask.sum(axis=1)
+    write_grouped_batches(tokenizer_dir, examples, out.parent / E2E_GROUPED_FILE, batch_size, max_seq_len, seed)
     return {"examples": len(chosen), "median_tokens": float(np.median(lengths)), "truncated": encoded.num_truncated}
 
 
-def load_batches(work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(work_dir / E2E_BATCHES_FILE) as batches:
+def write_grouped_batches(
+    tokenizer_dir: Path, examples: list[Any], out: Path, batch_size: int, max_seq_len: int, seed: int
+) -> None:
+    """BATCHES batches as --group-by-length draws them: one length group of random examples (LENGTH_GROUP_BATCHES
+    batches' worth) sorted and cut into batches, the batches shuffled; the first BATCHES of them."""
+    from edgesplit.client.artifacts import load_manifest
+    from edgesplit.client.data import LENGTH_GROUP_BATCHES, encode_examples, iterate_batches, load_tokenizer
+
+    manifest = load_manifest(tokenizer_dir, verify=False)
+    rng = np.random.default_rng(seed + 1)
+    pool = [examples[i] for i in rng.choice(len(examples), size=LENGTH_GROUP_BATCHES * batch_size, replace=False)]
+    encoded = encode_examples(
+        load_tokenizer(tokenizer_dir), pool, max_seq_len, manifest.eos_token_id, manifest.pad_token_id or 0
+    )
+    drawn = iterate_batches(encoded, batch_size, seed, group_by_length=True)
+    batches = [next(drawn) for _ in range(BATCHES)]
+    np.savez(
+        out,
+        input_ids=np.stack([b.input_ids for b in batches]),
+        attention_mask=np.stack([b.attention_mask for b in batches]),
+    )
+
+
+def load_batches(work_dir: Path, grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(work_dir / (E2E_GROUPED_FILE if grouped else E2E_BATCHES_FILE)) as batches:
         return batches["input_ids"], batches["attention_mask"]
 
 
@@ -110,7 +140,7 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     load_seconds = time.perf_counter() - started
     rss_after_load = peak_rss_mb()
     adapters = head.initial_adapters()
-    input_ids, attention_mask = load_batches(args.artifacts.parent)
+    input_ids, attention_mask = load_batches(args.artifacts.parent, args.grouped)
     lengths = (head.manifest.max_seq_len,) if args.full_length else head.manifest.seq_lengths
     batches = []
     for ids, mask in zip(input_ids, attention_mask, strict=True):
@@ -146,7 +176,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     from head_step import build_torch_head, memory_figures
 
     model, lora_parameters, load_seconds, rss_after_load = build_torch_head(args)
-    input_ids, attention_mask = load_batches(args.artifacts.parent)
+    input_ids, attention_mask = load_batches(args.artifacts.parent, args.grouped)
     batches = []
     for ids, mask in zip(input_ids, attention_mask, strict=True):
         longest = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
@@ -190,7 +220,13 @@ def compare(runs: dict[str, dict[str, Any]], busy: bool) -> dict[str, Any]:
         speed = run["real_tokens_per_s_median"] / torch_run["real_tokens_per_s_median"]
         memory = torch_run["peak_rss_mb"] / run["peak_rss_mb"]
         cpu_speed = run["real_tokens_per_cpu_s_median"] / torch_run["real_tokens_per_cpu_s_median"]
+        same: dict[str, float] = {}
+        if name.endswith("_grouped") and name != "torch_grouped" and "torch_grouped" in runs:
+            # The same grouped batches in PyTorch: the runtimes alone, without what grouping saves.
+            same_cpu = run["real_tokens_per_cpu_s_median"] / runs["torch_grouped"]["real_tokens_per_cpu_s_median"]
+            same = {"same_batches_tokens_per_cpu_s_ratio": round(same_cpu, 2)}
         comparison[name] = {
+            **same,
             "tokens_per_s_ratio": round(speed, 2),
             "tokens_per_cpu_s_ratio": round(cpu_speed, 2),
             "memory_ratio_torch_over_ort": round(memory, 2),

@@ -10,11 +10,15 @@
 - int8 head: the same split run (fp32 wire) with the head exported `--quantize int8`, against the fp32 head:
   what the int8 head's weights and its LoRA gradients (about 10% off fp32's, bench/head_step.py) cost in
   training. The tail is float32 in both.
+- --group-by-length: the head exported --dynamic-seq, run twice on the fp32 wire, on random batches and on
+  batches grouped by length (client --group-by-length): what grouping does to the whole split step's real
+  tokens per second and to the eval loss, against each other and against the fixed-length head.
 Bars (issue 4): split throughput >= 0.8x centralised; int8 wire's final eval loss within 2% of fp32's.
 int4 and int4k wires: at least 8x fewer bytes up than fp32 at no more than 1% higher eval loss.
 
     python bench/split_train.py --steps 24 --wires fp32,int4 --no-baselines   # the wires alone, no PyTorch run
     python bench/split_train.py --steps 12 --wires fp32,int4k,int4,int8 --no-baselines
+    python bench/split_train.py --steps 40 --wires fp32 --no-baselines --group-by-length
 Client and server share this machine's cores, as they would not in a deployment; they take turns (each
 waits for the other), so the split run's figure includes no contention beyond that.
 """
@@ -40,14 +44,12 @@ REPO = Path(__file__).resolve().parent.parent
 E2E = REPO.parent / "shared" / "data" / "e2e"
 
 
-def ensure_artifacts(work: Path, cut_layer: int, quantize: str = "none") -> Path:
-    artifacts = work / (f"artifacts-cut{cut_layer}" + ("" if quantize == "none" else f"-{quantize}"))
+def ensure_artifacts(work: Path, cut_layer: int, quantize: str = "none", dynamic_seq: bool = False) -> Path:
+    name = f"artifacts-cut{cut_layer}" + ("" if quantize == "none" else f"-{quantize}")
+    artifacts = work / (name + ("-dynamic" if dynamic_seq else ""))
     if not (artifacts / "manifest.json").exists():
-        subprocess.run(
-            export_command(artifacts, cut_layer, quantize),
-            check=True,
-            stdout=sys.stderr,
-        )
+        command = export_command(artifacts, cut_layer, quantize) + (["--dynamic-seq"] if dynamic_seq else [])
+        subprocess.run(command, check=True, stdout=sys.stderr)
     return artifacts
 
 
@@ -122,11 +124,17 @@ def split_run(
     records = [json.loads(line) for line in client_metrics.read_text().splitlines()]
     step_records = [r for r in records if r["event"] == "step"][1:]  # the first step warms up
     rates = [r["tokens"] / sum(r["seconds"].values()) for r in step_records]
+    # Over the whole run: the real tokens over the steps' summed wall time, and the share of the computed
+    # tokens (B x the length each batch was cut to) that were real.
+    real = sum(r["tokens"] for r in step_records)
+    computed = sum(r.get("computed_tokens", r["tokens"]) for r in step_records)
     server_records = [json.loads(line) for line in server_metrics.read_text().splitlines()]
     rounds = [r for r in server_records if r["event"] == "round"]
     before = next(r["eval_loss"] for r in server_records if r["event"] == "eval")
     return {
         "tokens_per_second_median": statistics.median(rates),
+        "real_tokens_per_second_overall": real / sum(sum(r["seconds"].values()) for r in step_records),
+        "real_share_of_computed": real / computed,
         "step_seconds_median": statistics.median(sum(r["seconds"].values()) for r in step_records),
         "phase_seconds_median": {
             k: statistics.median(r["seconds"][k] for r in step_records) for k in step_records[0]["seconds"]
@@ -189,6 +197,31 @@ def centralized_run(artifacts: Path, train: Path, steps: int, lr: float) -> dict
     }
 
 
+def grouping_runs(args: argparse.Namespace, work: Path, train: Path, test: Path, fixed: dict) -> dict:
+    """The --dynamic-seq head on the fp32 wire, on random and on length-grouped batches, against `fixed` (the
+    fixed-length head's fp32 run): the whole step's real tokens per second, and the eval loss."""
+    dynamic = ensure_artifacts(work, args.cut_layer, dynamic_seq=True)
+
+    def run(tag: str, extra: tuple[str, ...] = ()) -> dict:
+        return split_run(dynamic, train, test, "fp32", args.steps, work, args.learning_rate, tag, extra)
+
+    runs = {"dynamic": run("dynamic"), "dynamic_grouped": run("dynamic-grouped", ("--group-by-length",))}
+    for result in runs.values():
+        result["vs_fixed_length"] = {
+            "real_tokens_per_second_ratio": result["real_tokens_per_second_overall"]
+            / fixed["real_tokens_per_second_overall"],
+            "eval_loss_relative_change": (result["eval_loss_after"] - fixed["eval_loss_after"])
+            / fixed["eval_loss_after"],
+        }
+    grouped, plain = runs["dynamic_grouped"], runs["dynamic"]
+    runs["grouped_over_random"] = {
+        "real_tokens_per_second_ratio": grouped["real_tokens_per_second_overall"]
+        / plain["real_tokens_per_second_overall"],
+        "eval_loss_relative_change": (grouped["eval_loss_after"] - plain["eval_loss_after"]) / plain["eval_loss_after"],
+    }
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
@@ -200,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wires", default="fp32,fp16,int8,int4", help="wire formats to run; fp32 always runs")
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the centralised run and the int8-head run (wires only)"
+    )
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="also a --dynamic-seq head on the fp32 wire, on random batches and on batches grouped by length",
     )
     args = parser.parse_args(argv)
     wires = ["fp32", *(w.strip() for w in args.wires.split(",") if w.strip() and w.strip() != "fp32")]
@@ -239,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         "split": split,
         "vs_fp32_wire": by_wire,
     }
+    if args.group_by_length:
+        common["group_by_length"] = grouping_runs(args, work, train, test, split["fp32"])
     if args.no_baselines:
         print(json.dumps(common | {"bars": bars, "wall_seconds": time.time() - started}, indent=2))
         return 0
