@@ -590,8 +590,15 @@ def main_summary(summary: dict[str, Any]) -> str:
         reconnects += f"; activations noised (sigma {defence['sigma']:g}{clip})"
     computed = summary.get("computed_tokens") or 0
     if computed:
-        grouped = ", batches grouped by length" if summary.get("group_by_length") else ""
-        loss += f"; {summary['real_tokens'] / computed:.0%} of the tokens computed were real, not padding{grouped}"
+        share = summary["real_tokens"] / computed
+        cuts = summary.get("dynamic_seq") or len(summary.get("seq_buckets") or ()) > 1  # the head skips padding
+        if summary.get("group_by_length"):
+            hint = ", batches grouped by length"
+        elif cuts and share < 0.9:
+            hint = " (--group-by-length would cut most of the rest)"
+        else:
+            hint = ""
+        loss += f"; {share:.0%} of the tokens computed were real, not padding{hint}"
     return (
         f"trained {summary['steps']} steps in {summary['rounds']} rounds{reconnects}: {loss}; "
         f"{summary['bytes_up'] / 1e6:.1f} MB up, "

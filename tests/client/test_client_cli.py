@@ -85,3 +85,6 @@ def test_the_summary_line_says_how_much_of_the_computed_tokens_was_padding() -> 
     grouped = main_summary(summary | {"real_tokens": 396, "group_by_length": True})
     assert "99% of the tokens computed were real, not padding, batches grouped by length" in grouped
     assert "tokens computed" not in main_summary(summary | {"computed_tokens": 0})  # no step, no share
+    # A head that cuts each batch to its longest row, on random batches: the summary says what would help.
+    assert "(--group-by-length would cut most of the rest)" in main_summary(summary | {"dynamic_seq": True})
+    assert "would cut" not in main_summary(summary | {"seq_buckets": [128]})  # one length: nothing to cut
