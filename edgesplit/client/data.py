@@ -37,6 +37,10 @@ IGNORE_INDEX = -100
 # Length grouping sorts each run of this many batches' examples by length (as transformers' length-grouped
 # sampler does with its default megabatch of 50 batches): batches of like length, still a random mix.
 LENGTH_GROUP_BATCHES = 50
+# ... by their length in bands of this many tokens, in random order within a band: on a device's small data set
+# an exact sort would put the same examples together every epoch (60 E2E examples: 51 distinct batches of 75
+# over 5 epochs; 71 with bands of 4), for a little padding (E2E: 97.6% of the computed tokens real, not 99.0%).
+LENGTH_GROUP_BAND = 4
 
 _EXPECTED_LINE = '{"prompt": str, "completion": str}, {"context": str, "completion": str} or {"text": str}'
 # Accepted combinations of the recognised keys -> which key holds the prompt (None: a plain text example).
@@ -356,10 +360,10 @@ def iterate_batches(
     one: the ONNX head only accepts `batch_size` rows, and padding rows would waste a round trip.
 
     `group_by_length` (with `epoch_shuffle`): each run of LENGTH_GROUP_BATCHES batches' worth of the shuffled
-    examples is sorted by length and cut into batches, and the epoch's batches are then shuffled. A batch's
-    examples are then of like length, so a head that cuts each batch to its longest example (--dynamic-seq or
-    --seq-buckets) computes little padding; which examples share a step is still random, and every example is
-    still seen once an epoch.
+    examples is sorted by length (in bands of LENGTH_GROUP_BAND tokens) and cut into batches, and the epoch's
+    batches are then shuffled. A batch's examples are then of like length, so a head that cuts each batch to
+    its longest example (--dynamic-seq or --seq-buckets) computes little padding; which examples share a step
+    is still random, and every example is still seen once an epoch.
     """
     # Validated here rather than inside the generator, so a bad argument fails at the call, not at next().
     if batch_size < 1:
@@ -379,9 +383,10 @@ def length_grouped_order(lengths: NDArray[np.int64], batch_size: int, rng: np.ra
     the next epoch completes their batch."""
     order = rng.permutation(len(lengths)).astype(np.int64)
     group = LENGTH_GROUP_BATCHES * batch_size
-    # Within each group, longest first; a stable sort keeps the shuffled order among equal lengths.
+    # Within each group, longest band first; a stable sort keeps the shuffled order within a band.
+    bands = lengths // LENGTH_GROUP_BAND
     chunks = np.split(order, range(group, len(order), group))
-    grouped = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in chunks])
+    grouped = np.concatenate([chunk[np.argsort(-bands[chunk], kind="stable")] for chunk in chunks])
     full = len(grouped) - len(grouped) % batch_size
     batches = grouped[:full].reshape(-1, batch_size)[rng.permutation(full // batch_size)]
     return np.concatenate([batches.reshape(-1), grouped[full:]])

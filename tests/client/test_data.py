@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from edgesplit.client import data
 from edgesplit.client.data import (
     IGNORE_INDEX,
     Batch,
@@ -380,6 +381,20 @@ def test_grouping_by_length_sees_every_example_once_an_epoch_and_computes_little
     assert longest != sorted(longest, reverse=True) and longest != sorted(longest)  # the batches are shuffled
     for batch in grouped[:112]:  # every batch is the rows it names
         np.testing.assert_array_equal(batch.attention_mask, encoded.attention_mask[batch.indices])
+
+
+def test_grouping_by_length_bands_keep_a_small_sets_batches_changing_from_epoch_to_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded = varied_lengths(60)  # a device's small data set: 15 batches an epoch
+
+    def distinct_batches() -> int:
+        batches = itertools.islice(iterate_batches(encoded, 4, seed=0, group_by_length=True), 75)  # 5 epochs
+        return len({frozenset(batch.indices.tolist()) for batch in batches})
+
+    banded = distinct_batches()
+    monkeypatch.setattr(data, "LENGTH_GROUP_BAND", 1)  # an exact sort: the same neighbours every epoch
+    assert distinct_batches() < banded
 
 
 def test_grouping_by_length_is_deterministic_given_the_seed_and_needs_shuffling() -> None:
