@@ -76,7 +76,8 @@ def write_grouped_batches(
     tokenizer_dir: Path, examples: list[Any], out: Path, batch_size: int, max_seq_len: int, seed: int
 ) -> None:
     """BATCHES batches as --group-by-length draws them: one length group of random examples (LENGTH_GROUP_BATCHES
-    batches' worth) sorted and cut into batches, the batches shuffled; the first BATCHES of them."""
+    batches' worth) sorted by length in bands of LENGTH_GROUP_BAND tokens and cut into batches, the batches
+    shuffled; the first BATCHES of them."""
     from edgesplit.client.artifacts import load_manifest
     from edgesplit.client.data import LENGTH_GROUP_BATCHES, encode_examples, iterate_batches, load_tokenizer
 
