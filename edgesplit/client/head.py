@@ -132,9 +132,10 @@ def shrinking_run_options() -> ort.RunOptions:
     An int8 head whose weights are held once and fed (int8_layout "fed", the default for --dynamic-seq) is not
     shrunk: its arena did not creep (random order, 30 passes of the 12 batches: peak 161.1 MB), its peak was
     lower unshrunk in every order tried (161.1, 157.6 and 160.2 MB random, rising and grouped by length,
-    against 173.7, 177.5 and 171.6 shrunk), and a step took up to 2% less CPU time: a shrunk arena's first
-    large allocations of each run, such as the dequantised weights, take fresh pages again. Each run's
-    dequantised weights, of the same sizes at every length, seem to keep the regions in use. The fp32 head
+    against 173.7, 177.5 and 171.6 shrunk), and a step took up to 2% less CPU time: shrunk, four of the
+    forward's 28 dequantisations took 2.3-3.0 ms each run where the others took 0.2-0.4 ms (not page faults:
+    with glibc keeping its freed memory there were none, and the times stayed). Each run's dequantised
+    weights, of the same sizes at every length, seem to keep the regions in use. The fp32 head
     held once did creep unshrunk (283.5 MB against 217.5 shrunk, bench/head_step.py --data e2e), and is shrunk.
     """
     options = ort.RunOptions()
