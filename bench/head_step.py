@@ -277,16 +277,21 @@ def prepare(work_dir: Path, cut_layer: int, reexport: bool, data: str = "packed"
     ]
     if data == "e2e" and not seq_buckets:
         wanted.append(work_dir / IN_GRAPHS / "manifest.json")
-    grouped = work_dir / head_step_e2e.E2E_GROUPED_FILE
-    if all(path.exists() for path in wanted) and (data != "e2e" or grouped.exists()) and not reexport:
+    exported = all(path.exists() for path in wanted) and not reexport
+    if exported and (data != "e2e" or (work_dir / head_step_e2e.E2E_GROUPED_FILE).exists()):
         return
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "export"]
     command += ["--artifacts", str(work_dir), "--cut-layer", str(cut_layer), "--data", data]
     command += ["--seq-buckets"] if seq_buckets else []
     # Artifacts of an earlier run, without the grouped batches: write the batches only.
-    command += ["--batches-only"] if all(path.exists() for path in wanted) and not reexport else []
+    command += ["--batches-only"] if exported else []
     if subprocess.run(command, stdout=sys.stderr).returncode != 0:
         raise SystemExit("exporting the head failed (see above)")
+
+
+def write_e2e_batches(work_dir: Path) -> None:
+    """The random and the length-grouped E2E batches (4 x 128), tokenized with the exported tokenizer."""
+    head_step_e2e.write_batches(work_dir / "fp32", E2E_TRAIN, work_dir / head_step_e2e.E2E_BATCHES_FILE, 4, 128, SEED)
 
 
 def export_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -299,9 +304,7 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     work_dir, cut_layer = args.artifacts, args.cut_layer
     if args.batches_only:
-        head_step_e2e.write_batches(
-            work_dir / "fp32", E2E_TRAIN, work_dir / head_step_e2e.E2E_BATCHES_FILE, 4, 128, SEED
-        )
+        write_e2e_batches(work_dir)
         return {"batches": str(work_dir)}
     loaded = load_model(DEFAULT_MODEL)
     settings = dict(
@@ -347,9 +350,7 @@ def export_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     (work_dir / "head" / "lora.json").write_text(json.dumps(lora) + "\n")
     if args.data == "e2e":
-        head_step_e2e.write_batches(
-            work_dir / "fp32", E2E_TRAIN, work_dir / head_step_e2e.E2E_BATCHES_FILE, 4, 128, SEED
-        )
+        write_e2e_batches(work_dir)
     else:
         tokens = text_batch(work_dir / "fp32" / "tokenizer.json", settings["batch_size"], settings["max_seq_len"])
         np.savez(work_dir / BATCH_FILE, input_ids=tokens[0], attention_mask=tokens[1])
