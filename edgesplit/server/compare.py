@@ -112,6 +112,11 @@ class CompareConfig:
             learning_rate=self.learning_rate,
             seed=self.seed,
             threads=self.threads,
+            # The frameworks on one footing: FedLLM's and KD's whole-model exports have a fixed length, so the
+            # split head does too (not the demo's head for every length), and the analytic bytes and FLOPs of
+            # every framework are at the window's length; the batches are in random order in all three.
+            dynamic_seq=False,
+            group_by_length=False,
         )
 
 
@@ -299,7 +304,7 @@ def ensure_artifacts(config: CompareConfig, full_model: bool, children: Children
     say(f"exporting {config.model} ({artifacts.name}) for {config.batch_size} x {config.max_seq_len} tokens")
     command = export_command(demo_config, artifacts, full_model)
     log = config.out / "logs" / f"export-{artifacts.name}.log"
-    ticker = LogTicker(f"[compare] exporting {artifacts.name}", log, say)
+    ticker = LogTicker(f"exporting {artifacts.name}", log, say, bar_prefix="[compare] ")
     try:
         children.run(f"export-{artifacts.name}", command, log, on_tick=ticker)
     finally:

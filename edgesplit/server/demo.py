@@ -73,6 +73,7 @@ def artifacts_mismatch(config: DemoConfig, artifacts: Path, full_model: bool = F
         ("lora_rank", manifest.lora.rank, config.lora_rank),
         ("lora_alpha", manifest.lora.alpha, 2.0 * config.lora_rank),
         ("frozen_head", manifest.frozen_head, False),
+        ("dynamic_seq", manifest.dynamic_seq, False if full_model else config.head_dynamic_seq),
     ):
         if have != want:
             differ.append(f"{option} {have} instead of {want}")
@@ -88,12 +89,13 @@ def ensure_artifacts(config: DemoConfig, children: Children) -> Path:
             return artifacts
         say(f"exporting again: {artifacts} differs ({reason})")
     else:
+        lengths = f"2..{config.max_seq_len}" if config.head_dynamic_seq else f"{config.max_seq_len}"
         say(
             f"exporting {config.model} cut at layer {config.cut_layer} for {config.batch_size} x "
-            f"{config.max_seq_len} tokens (quantize {config.quantize}) into {artifacts}"
+            f"{lengths} tokens (quantize {config.quantize}) into {artifacts}"
         )
     log = config.out / "logs" / "export.log"
-    ticker = LogTicker("[demo] exporting", log, say)
+    ticker = LogTicker("exporting", log, say, bar_prefix="[demo] ")
     try:
         children.run("export", export_command(config, artifacts), log, on_tick=ticker)
     finally:
@@ -116,6 +118,7 @@ def export_command(config: DemoConfig, artifacts: Path, full_model: bool = False
         lora_rank=config.lora_rank,
         lora_alpha=2.0 * config.lora_rank,
         seed=config.seed,
+        dynamic_seq=config.head_dynamic_seq and not full_model,
         force=True,
     )
 
@@ -305,6 +308,7 @@ def train(
             metrics_out=out / f"{name}.jsonl",
             seed=client,
             threads=1,
+            group_by_length=config.clients_group_by_length,
         )
         logs[name] = out / "logs" / f"{name}.log"
         clients[name] = children.start(name, command, logs[name])

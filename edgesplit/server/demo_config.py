@@ -32,6 +32,13 @@ class DemoConfig:
     max_seq_len: int | None = None
     max_seq_len_cap: int = 256
     batch_size: int = 4
+    # True: a head for every length, each batch computed at its longest example's length, not the window's.
+    # None: so with --data, whose examples' lengths vary, unless the split is U-shaped (fixed shapes). The
+    # generated task's examples fill 14 of its 16 tokens: there a dynamic head's fp32 step took 1.4x the
+    # fixed head's device time, for 30% less peak memory (docs/demo.md), so it keeps the fixed head.
+    dynamic_seq: bool | None = None
+    # Each client's batches drawn from examples of like length: with a dynamic head, less padding computed.
+    group_by_length: bool = True
     lora_rank: int = 8
     learning_rate: float = 3e-3
     task: str = "shape-codes"
@@ -58,6 +65,23 @@ class DemoConfig:
             raise DemoError("--train-examples must be at least --clients, and --eval-examples at least 1")
         if (self.max_seq_len is not None and self.max_seq_len < 2) or self.max_seq_len_cap < 2:
             raise DemoError("--max-seq-len and --max-seq-len-cap must be at least 2 (a context and a target)")
+        if self.dynamic_seq and self.top_layers is not None:
+            raise DemoError(
+                "--dynamic-seq and --top-layers do not go together: a U-shaped split's graphs have fixed shapes "
+                "(leave --dynamic-seq out, the demo then exports fixed-length graphs)"
+            )
+
+    @property
+    def head_dynamic_seq(self) -> bool:
+        """Whether the head is exported for every length (by default with --data, unless U-shaped)."""
+        if self.dynamic_seq is None:
+            return self.data is not None and self.top_layers is None
+        return self.dynamic_seq
+
+    @property
+    def clients_group_by_length(self) -> bool:
+        """Whether the clients group their batches by length: only worth it with a head for every length."""
+        return self.group_by_length and self.head_dynamic_seq
 
     @property
     def window(self) -> int:
@@ -158,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.max_seq_len_cap,
         help="the longest window sized from --data (default %(default)s): a longer one is refused, naming it",
+    )
+    parser.add_argument(
+        "--dynamic-seq",
+        action=argparse.BooleanOptionalAction,
+        default=d.dynamic_seq,
+        help="export one head for every length up to the window, so that each batch is computed at its longest "
+        "example's length (default: with --data, unless --top-layers); --no-dynamic-seq: fixed-length graphs",
+    )
+    parser.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=d.group_by_length,
+        help="each client batches examples of like length, so that little padding is computed (default: yes, "
+        "with a head for every length)",
     )
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (default %(default)s)")
     parser.add_argument(

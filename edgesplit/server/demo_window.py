@@ -86,9 +86,11 @@ def size_window(config: DemoConfig) -> DemoConfig:
             f"{config.max_seq_len_cap} (the longest is {max(lengths.total)}): pass --max-seq-len {window} to train "
             "on them whole (a step costs more with every token), or a shorter --max-seq-len to cut them"
         )
+    # Counts, not a rounded share: "100%" beside "the longest has 132" would read as a contradiction.
+    whole = len(lengths.total) - lengths.truncated(window)
     say(
-        f"window: {window} tokens, which holds {1 - lengths.truncated(window) / len(lengths.total):.0%} of your "
-        f"{len(lengths.total)} examples whole (the longest has {max(lengths.total)}); --max-seq-len sets another"
+        f"window: {window} tokens, which holds {whole} of your {len(lengths.total)} examples whole (the longest "
+        f"has {max(lengths.total)}); --max-seq-len sets another"
     )
     return replace(config, max_seq_len=window)
 

@@ -96,6 +96,7 @@ class ExportCommand:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     seed: int | None = None
+    dynamic_seq: bool = False  # one head for every length: each batch computed at its longest row's length
     force: bool = False
     extra: tuple[str, ...] = ()
 
@@ -110,6 +111,8 @@ class ExportCommand:
         _positive_number("export", lora_alpha=self.lora_alpha)
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise RunError(f"export: quantize is one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.dynamic_seq and self.top_layers is not None:
+            raise RunError("export: dynamic_seq and top_layers do not go together (a U-shaped export has fixed shapes)")
 
     def _flags(self) -> list[str]:
         return _render(
@@ -125,6 +128,7 @@ class ExportCommand:
                 ("--lora-rank", self.lora_rank),
                 ("--lora-alpha", self.lora_alpha),
                 ("--seed", self.seed),
+                ("--dynamic-seq", self.dynamic_seq),
                 ("--force", self.force),
             ]
         )
@@ -214,6 +218,7 @@ class ClientCommand:
     threads: int | None = None
     connect_timeout_s: float | None = None
     device_profile: str | None = None
+    group_by_length: bool = False  # batches of like-length examples (saves compute with a --dynamic-seq head)
     quiet: bool = False
     extra: tuple[str, ...] = ()
 
@@ -239,6 +244,7 @@ class ClientCommand:
                 ("--threads", self.threads),
                 ("--connect-timeout", self.connect_timeout_s),
                 ("--device-profile", self.device_profile),
+                ("--group-by-length", self.group_by_length),
                 ("--quiet", self.quiet),
             ]
         )

@@ -141,9 +141,12 @@ def latest_log_line(log: Path, tail_bytes: int = 4096) -> str:
 
 class LogTicker:
     """Shows that a long child is alive: elapsed time and its log's latest line (a download's progress,
-    say). On a terminal a live status bar; elsewhere (a pipe, a test) one line every `quiet_s` seconds."""
+    say). On a terminal a live status bar; elsewhere (a pipe, a test) one line every `quiet_s` seconds,
+    through `say`, which adds the command's own prefix; the bar, drawn by tqdm, starts with `bar_prefix`."""
 
-    def __init__(self, label: str, log: Path, say: Callable[[str], None], quiet_s: float = 30.0) -> None:
+    def __init__(
+        self, label: str, log: Path, say: Callable[[str], None], quiet_s: float = 30.0, bar_prefix: str = ""
+    ) -> None:
         from tqdm import tqdm
 
         self.label = label
@@ -153,7 +156,7 @@ class LogTicker:
         self.started = time.monotonic()
         self.last_said = self.started
         # disable=None: tqdm draws only on a terminal; a pipe would collect its redraws as garbage.
-        self.bar = tqdm(desc=label, bar_format="{desc}: {elapsed} {postfix}", disable=None, leave=False)
+        self.bar = tqdm(desc=bar_prefix + label, bar_format="{desc}: {elapsed} {postfix}", disable=None, leave=False)
 
     def __call__(self) -> None:
         latest = latest_log_line(self.log)[:70]

@@ -60,6 +60,14 @@ def energy_text(client: dict[str, Any]) -> str:
     return f"{client['energy_j']:.1f} J ({energy_origin(client.get('energy_method'), client.get('energy_source'))})"
 
 
+def real_share_text(client: dict[str, Any]) -> str:
+    """The share of the tokens the client's head computed that were real, not padding: '-' without a count."""
+    real, computed = client.get("real_tokens"), client.get("computed_tokens")
+    if real is None or not computed:
+        return "-"
+    return f"{100 * real / computed:.0f}% of {computed:,}"
+
+
 def energy_origin(method: str | None, source: str | None) -> str:
     """Where an energy figure comes from, in words: a sensor, or the device profile an estimate used."""
     source = source or ""
@@ -106,6 +114,9 @@ def collect(out: Path) -> dict[str, Any]:
             "energy_method": summary.get("energy_method"),
             "energy_source": summary.get("energy_source"),
             "seconds": summary.get("seconds"),
+            # The tokens of the batches, and those the head computed for them (padding included).
+            "real_tokens": summary.get("real_tokens"),
+            "computed_tokens": summary.get("computed_tokens"),
         }
     received = sum(finished.get("bytes_received", {}).values())
     sent = sum(finished.get("bytes_sent", {}).values())
@@ -307,15 +318,16 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Clients",
         "",
-        "| client | cut | examples by group | steps | MB up | MB down | ms/step | peak RSS MB | energy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| client | cut | examples by group | steps | real tokens | MB up | MB down | ms/step | peak RSS MB | energy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, client in metrics["clients"].items():
         groups = summary["client_groups"].get(name, {})
         group_text = ", ".join(f"{k} {v}" for k, v in sorted(groups.items()))
         energy = energy_text(client)
         lines.append(
-            f"| {name} | {_cut(client, model)} | {group_text} | {client['steps']} | {client['bytes_up'] / 1e6:.2f} | "
+            f"| {name} | {_cut(client, model)} | {group_text} | {client['steps']} | {real_share_text(client)} | "
+            f"{client['bytes_up'] / 1e6:.2f} | "
             f"{client['bytes_down'] / 1e6:.2f} | {client['step_mean_s'] * 1000:.0f} | "
             f"{client['peak_rss_mb'] or 0:.0f} | {energy} |"
         )
@@ -326,6 +338,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "and sent "
         f"{server['bytes_sent'] / 1e6:.2f} MB; the clients' own counts "
         f"{'agree byte for byte' if metrics['bytes_agree'] else 'DO NOT agree'}.",
+        "",
+        "`real tokens`: the share of the tokens each head computed that were the examples' own, not padding, and "
+        "how many it computed.",
         "",
         "![bytes per client](plots/bytes.png)",
         "",

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -37,14 +38,15 @@ def demo_flags(model_dir: Path, out: Path, rounds: int = ROUNDS, steps: int = ST
         "--model", str(model_dir), "--task", "shape-codes-w", "--cut-layer", "1", "--batch-size", "2",
         "--max-seq-len", "16", "--lora-rank", "4", "--clients", str(CLIENTS), "--rounds", str(rounds),
         "--steps-per-round", str(steps), "--train-examples", str(TRAIN_EXAMPLES),
-        "--eval-examples", str(EVAL_EXAMPLES), "--out", str(out),
+        "--eval-examples", str(EVAL_EXAMPLES), "--out", str(out), "--dynamic-seq",
     ]  # fmt: skip
 
 
 @pytest.fixture
 def run_dir(tiny_artifacts, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
-    shutil.copytree(tiny_artifacts("llama", 1), out / "artifacts")
+    # One head for every length up to the window (demo_flags asks for it; the default with --data).
+    shutil.copytree(tiny_artifacts("llama", 1, dynamic_seq=True), out / "artifacts")
     return out
 
 
@@ -125,8 +127,15 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert summary["adapter"] == str(run_dir / "adapter") and (run_dir / "adapter" / "adapter_config.json").is_file()
     assert summary["try_adapter"].startswith(f"edgesplit generate --adapter {run_dir / 'adapter'} --prompt ")
 
+    # Each client's head computed its batches at their own lengths, grouped by length (the demo's default):
+    # fewer tokens than the window's, and no fewer than the batches' real ones.
+    for s in summaries:
+        assert s["dynamic_seq"] is True and s["group_by_length"] is True
+        assert 0 < s["real_tokens"] <= s["computed_tokens"] < ROUNDS * STEPS * 2 * 16
     report = (run_dir / "report.md").read_text()
     assert "## Held-out score" in report and "plots/loss.png" in report
+    real_share = f"{100 * summaries[0]['real_tokens'] / summaries[0]['computed_tokens']:.0f}% of "
+    assert f"| {ROUNDS * STEPS} | {real_share}{summaries[0]['computed_tokens']:,} |" in report
     assert f"`{summary['try_adapter']}`" in report
     assert "agree byte for byte" in report
 
@@ -193,10 +202,18 @@ def test_ctrl_c_stops_every_process_the_demo_started(run_dir, tiny_model_dirs, t
 
 
 def test_exported_artifacts_are_reused_only_when_they_match(tiny_artifacts, tiny_model_dirs, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    artifacts = tiny_artifacts("llama", 1)
+    artifacts = tiny_artifacts("llama", 1, dynamic_seq=True)
     model = str(tiny_model_dirs["llama"])
-    matching = DemoConfig(out=tmp_path, model=model, cut_layer=1, batch_size=2, max_seq_len=16, lora_rank=4)
+    matching = DemoConfig(out=tmp_path, model=model, cut_layer=1, batch_size=2, max_seq_len=16, lora_rank=4,
+                          dynamic_seq=True)  # fmt: skip
     assert artifacts_mismatch(matching, artifacts) is None
+    # A fixed-length export is taken only for a demo that wants one: the generated task's, by default.
+    fixed = tiny_artifacts("llama", 1)
+    assert "dynamic_seq False instead of True" in (artifacts_mismatch(matching, fixed) or "")
+    assert artifacts_mismatch(replace(matching, dynamic_seq=None), fixed) is None
+    assert "dynamic_seq True instead of False" in (
+        artifacts_mismatch(replace(matching, dynamic_seq=None), artifacts) or ""
+    )
     other_cut = DemoConfig(out=tmp_path, model=model, cut_layer=2, batch_size=2, max_seq_len=16, lora_rank=4)
     assert "cut_layer 1 instead of 2" in (artifacts_mismatch(other_cut, artifacts) or "")
     other_model = DemoConfig(out=tmp_path, model=str(tiny_model_dirs["gpt2"]), cut_layer=1, batch_size=2,
@@ -206,14 +223,16 @@ def test_exported_artifacts_are_reused_only_when_they_match(tiny_artifacts, tiny
     # compare's whole-model export (FedLLM, KD) goes through the same check.
     whole = tiny_artifacts("llama", 1, full_model=True)
     assert artifacts_mismatch(matching, whole, full_model=True) is None
-    assert "full_model False instead of True" in (artifacts_mismatch(matching, artifacts, full_model=True) or "")
+    assert "full_model False instead of True" in (artifacts_mismatch(matching, fixed, full_model=True) or "")
     assert "full_model True instead of False" in (artifacts_mismatch(matching, whole) or "")
 
 
 def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
     from edgesplit.export.cli import build_parser
 
-    config = DemoConfig(out=tmp_path, cut_layer=3, quantize="int8", max_seq_len=24, lora_rank=4)
+    own_data = tmp_path / "data.jsonl"
+    config = DemoConfig(out=tmp_path, cut_layer=3, quantize="int8", max_seq_len=24, lora_rank=4, data=own_data,
+                        eval_data=own_data)  # fmt: skip
     args = build_parser().parse_args(export_command(config, tmp_path / "artifacts").argv()[1:])
     assert (args.cut_layer, args.quantize, args.max_seq_len, args.lora_rank, args.lora_alpha) == (
         3,
@@ -222,9 +241,21 @@ def test_export_arguments_are_ones_the_exporter_accepts(tmp_path: Path) -> None:
         4,
         8.0,
     )
-    assert args.force
+    assert args.force and args.dynamic_seq  # one head for every length, by default with own data
+    generated = replace(config, data=None, eval_data=None)  # whose examples fill the window: a fixed head
+    assert not build_parser().parse_args(export_command(generated, tmp_path / "g").argv()[1:]).dynamic_seq
+    assert not generated.clients_group_by_length
     whole = build_parser().parse_args(export_command(config, tmp_path / "full", full_model=True).argv()[1:])
-    assert whole.full_model and whole.cut_layer is None
+    assert whole.full_model and whole.cut_layer is None and not whole.dynamic_seq
+    # A U-shaped split has fixed shapes: the demo exports it so, and refuses to be told otherwise.
+    u_shaped = replace(config, top_layers=1)
+    assert not build_parser().parse_args(export_command(u_shaped, tmp_path / "u").argv()[1:]).dynamic_seq
+    assert not u_shaped.clients_group_by_length
+    with pytest.raises(DemoError, match="--dynamic-seq and --top-layers"):
+        replace(u_shaped, dynamic_seq=True)
+    fixed = replace(config, dynamic_seq=False)
+    assert not build_parser().parse_args(export_command(fixed, tmp_path / "f").argv()[1:]).dynamic_seq
+    assert not fixed.clients_group_by_length  # grouping saves nothing with a fixed-length head
 
 
 def write_lines(path: Path, records: list[dict[str, object]]) -> Path:
@@ -269,7 +300,7 @@ def test_a_directory_that_is_not_a_demo_run_is_never_cleared(tmp_path: Path) -> 
     assert (run / "artifacts").is_dir() and not (run / "logs").exists()
 
 
-def test_the_window_is_sized_from_own_data_or_refused_naming_the_length(run_dir, tiny_model_dirs) -> None:  # type: ignore[no-untyped-def]
+def test_the_window_is_sized_from_own_data_or_refused_naming_the_length(run_dir, tiny_model_dirs, capsys) -> None:  # type: ignore[no-untyped-def]
     from edgesplit.client.artifacts import load_manifest
     from edgesplit.client.data import load_tokenizer, read_jsonl, sequence_lengths
     from edgesplit.server.demo import size_window
@@ -287,6 +318,8 @@ def test_the_window_is_sized_from_own_data_or_refused_naming_the_length(run_dir,
     lengths = sequence_lengths(load_tokenizer(run_dir / "artifacts"), read_jsonl(train), eos_token_id)
     assert lengths.truncated(sized.max_seq_len) == 1  # the outlier alone is cut
     assert lengths.truncated(sized.max_seq_len - 16) > 1  # and no shorter window would do
+    # Counted, not a share rounded up to 100% beside a longest example that does not fit.
+    assert f"holds 21 of your 22 examples whole (the longest has {max(lengths.total)})" in capsys.readouterr().out
 
     with pytest.raises(DemoError, match=rf"--max-seq-len {sized.max_seq_len}\b"):
         size_window(DemoConfig(out=run_dir, model=model, data=train, eval_data=evaluation, max_seq_len_cap=8))

@@ -60,6 +60,8 @@ def test_export_command_round_trips_through_the_exporter_parser(tmp_path: Path) 
     parsed = parse(whole)
     assert parsed.full_model and parsed.cut_layer is None and not parsed.force
     assert parsed.quantize == "none"  # unset fields leave the exporter's own defaults
+    dynamic = ExportCommand(out=tmp_path / "dyn", model="tiny", cut_layer=2, max_seq_len=64, dynamic_seq=True)
+    assert parse(dynamic).dynamic_seq and not parsed.dynamic_seq
 
 
 def test_serve_command_round_trips_through_the_server_parser(tmp_path: Path) -> None:
@@ -78,7 +80,7 @@ def test_client_command_round_trips_through_the_client_parser(tmp_path: Path) ->
     command = ClientCommand(
         server="wss://localhost:8765", artifacts=tmp_path / "a", data=tmp_path / "d.jsonl", client_id="pi-4.a_1",
         metrics_out=tmp_path / "m.jsonl", seed=2, threads=1, connect_timeout_s=120.0, device_profile="x86-laptop",
-        quiet=True,
+        group_by_length=True, quiet=True,
         extra=("--token-file", str(tmp_path / "token")),
     )  # fmt: skip
     assert_round_trip(command)
@@ -105,6 +107,7 @@ def test_a_command_line_runs_this_interpreter_unless_told(tmp_path: Path) -> Non
         (lambda p: ExportCommand(out=p, model="m", cut_layer=2, quantize="int4"), "quantize is one of"),
         (lambda p: ExportCommand(out=p, model="", cut_layer=2), "model is empty"),
         (lambda p: ExportCommand(out=p, model="m", cut_layer=2, lora_alpha=float("nan")), "lora_alpha"),
+        (lambda p: ExportCommand(out=p, model="m", cut_layer=2, top_layers=1, dynamic_seq=True), "U-shaped"),
         (lambda p: ServeCommand(p, port=70000, rounds=1, steps_per_round=1, min_clients=1), "port"),
         (lambda p: ServeCommand(p, port=0, rounds=0, steps_per_round=1, min_clients=1), "rounds"),
         (lambda p: ServeCommand(p, 0, 1, 1, 1, learning_rate=-1.0), "learning_rate"),
@@ -226,10 +229,10 @@ def test_a_long_child_shows_its_elapsed_time_and_latest_log_line(tmp_path: Path)
     assert latest_log_line(tmp_path / "missing.log") == ""
 
     said: list[str] = []
-    ticker = LogTicker("[demo] exporting", log, said.append, quiet_s=0.0)
-    ticker()  # not a terminal here: a plain line
+    ticker = LogTicker("exporting", log, said.append, quiet_s=0.0, bar_prefix="[demo] ")
+    ticker()  # not a terminal here: a plain line, through `say`, which adds its own prefix (not the bar's)
     ticker.close()
-    assert len(said) == 1 and said[0].startswith("[demo] exporting: 0 s so far; model.gguf:  55%")
+    assert len(said) == 1 and said[0].startswith("exporting: 0 s so far; model.gguf:  55%")
 
 
 def test_run_ticks_while_the_child_works_and_raises_with_its_log(
