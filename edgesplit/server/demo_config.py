@@ -34,8 +34,9 @@ class DemoConfig:
     batch_size: int = 4
     # True: a head for every length, each batch computed at its longest example's length, not the window's.
     # None: so with --data, whose examples' lengths vary, unless the split is U-shaped (fixed shapes). The
-    # generated task's examples fill 14 of its 16 tokens: there a dynamic head's fp32 step took 1.4x the
-    # fixed head's device time, for 30% less peak memory (docs/demo.md), so it keeps the fixed head.
+    # generated task's examples fill 14 of its 16 tokens: there a dynamic head's fp32 step took 1.12x the
+    # fixed head's CPU time, its export 1.5x as long, for 30% less peak memory (docs/demo.md), so it keeps
+    # the fixed head.
     dynamic_seq: bool | None = None
     # Each client's batches drawn from examples of like length: with a dynamic head, less padding computed.
     group_by_length: bool = True
