@@ -95,11 +95,10 @@ def load_model(name: str) -> LoadedModel:
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ExportError(f"GGUF file {path} does not exist")
-            log(f"loading {path.name} (dequantising GGUF weights to float32)")
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            source, weights = str(path), [path]
-        elif path.is_dir():
+            sha256 = _hash_files([path])
+            model, tokenizer = _load_gguf(path, sha256, kwargs)
+            return _loaded(model, tokenizer, str(path), sha256, name)
+        if path.is_dir():
             log(f"loading {path}")
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -120,11 +119,86 @@ def load_model(name: str) -> LoadedModel:
             f"could not load model {name!r}: {error}\n"
             f"--model takes a Hugging Face hub id, a local model directory, a .gguf file, or {DEFAULT_MODEL!r}"
         ) from error
-    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves PreTrainedModel.eval unannotated
+    sha256 = _hash_files(weights) if weights else _state_dict_hash(model)
+    return _loaded(model, tokenizer, source, sha256, name)
+
+
+def _loaded(model: Any, tokenizer: Any, source: str, sha256: str, name: str) -> LoadedModel:
+    model.eval()
     if not tokenizer.is_fast:
         raise ExportError(f"model {name!r} has no fast tokenizer (tokenizer.json); the edge client needs one")
-    sha256 = _hash_files(weights) if weights else _state_dict_hash(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, sha256=sha256)
+
+
+GGUF_COPY_DONE = "complete"  # written last into a float32 copy: a copy without it is half-written
+
+
+def gguf_copy_dir(sha256: str) -> Path:
+    """Where the float32 copy of the GGUF file with this content hash is kept, for this transformers version
+    (another version may convert the file differently)."""
+    import transformers
+
+    return cache_dir() / "gguf-float32" / f"{sha256[:32]}-transformers-{transformers.__version__}"
+
+
+def _use_gguf_copy() -> bool:
+    return os.environ.get("EDGESPLIT_GGUF_COPY", "1") != "0"
+
+
+def load_gguf_tokenizer(path: Path) -> Any:
+    """A GGUF file's tokenizer alone: its float32 copy's when an earlier load saved one (see _load_gguf)."""
+    from transformers import AutoTokenizer
+
+    copy = gguf_copy_dir(_hash_files([path]))
+    if _use_gguf_copy() and (copy / GGUF_COPY_DONE).is_file():
+        return AutoTokenizer.from_pretrained(copy)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _load_gguf(path: Path, sha256: str, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """The model and tokenizer of a GGUF file, from its float32 copy when an earlier load left one.
+
+    transformers reads the file's metadata three times a load (the config, the weights, the tokenizer), each
+    time parsing every entry of the tokenizer's vocabulary and merges: for SmolLM2-135M about 30 of the
+    export's 35-40 s of loading, and the demo pays it again to score. So the first load saves what it made
+    (safetensors, config, tokenizer: 540 MB for SmolLM2-135M) under EDGESPLIT_CACHE, keyed by the file's
+    content hash, and later loads read that (EDGESPLIT_GGUF_COPY=0: never; the file is then always read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    use_copy = _use_gguf_copy()
+    copy = gguf_copy_dir(sha256)
+    if use_copy and (copy / GGUF_COPY_DONE).is_file():
+        log(f"loading {path.name} from its float32 copy in {copy}")
+        return AutoModelForCausalLM.from_pretrained(copy, **kwargs), AutoTokenizer.from_pretrained(copy)
+    log(f"loading {path.name} (dequantising GGUF weights to float32)")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if use_copy:
+        _save_gguf_copy(model, tokenizer, copy)
+    return model, tokenizer
+
+
+def _save_gguf_copy(model: Any, tokenizer: Any, copy: Path) -> None:
+    """Save a float32 copy for the next load; a failure (a full or read-only disk) costs only the speed-up."""
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=copy.parent) as scratch:
+            # transformers will not save_pretrained a model it loaded from GGUF, float32 though it now is: the
+            # weights (tied ones once) and the config are saved as a model directory holds them.
+            from safetensors.torch import save_model
+
+            save_model(model, str(Path(scratch) / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            (Path(scratch) / GGUF_COPY_DONE).write_text("")
+            if copy.exists() and not (copy / GGUF_COPY_DONE).is_file():
+                shutil.rmtree(copy)  # damaged (a copy is renamed into place whole, marker and all)
+            if not copy.exists():  # another process may have saved it meanwhile: theirs is as good
+                Path(scratch).rename(copy)
+                Path(scratch).mkdir()  # for TemporaryDirectory's clean-up
+        log(f"saved a float32 copy for later loads in {copy}")
+    except OSError as error:
+        log(f"could not save a float32 copy of the model in {copy} ({error}); later loads read the GGUF file again")
 
 
 def _state_dict_hash(model: Any) -> str:

@@ -49,15 +49,14 @@ def measuring_tokenizer(config: DemoConfig) -> tuple[Any, int | None]:
             return load_tokenizer(artifacts), manifest.eos_token_id
     except EdgesplitError:
         pass  # no usable earlier export: read the model's own
-    from edgesplit.export.models import fetch_default_model
+    from edgesplit.export.models import fetch_default_model, load_gguf_tokenizer
 
     say(f"reading the tokenizer of {config.model} to size the window for your data")
     try:
         from transformers import AutoTokenizer
 
         if config.model == DEFAULT_MODEL:
-            path = fetch_default_model()
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = load_gguf_tokenizer(fetch_default_model())
         else:
             tokenizer = AutoTokenizer.from_pretrained(config.model)
     except (OSError, ValueError) as error:
