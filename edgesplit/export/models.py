@@ -161,7 +161,7 @@ def _load_gguf(path: Path, sha256: str, kwargs: dict[str, Any]) -> tuple[Any, An
     transformers reads the file's metadata three times a load (the config, the weights, the tokenizer), each
     time parsing every entry of the tokenizer's vocabulary and merges: for SmolLM2-135M about 30 of the
     export's 35-40 s of loading, and the demo pays it again to score. So the first load saves what it made
-    (safetensors, config, tokenizer: 540 MB for SmolLM2-135M) under EDGESPLIT_CACHE, keyed by the file's
+    (safetensors, config, tokenizer: 517 MB for SmolLM2-135M) under EDGESPLIT_CACHE, keyed by the file's
     content hash, and later loads read that (EDGESPLIT_GGUF_COPY=0: never; the file is then always read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
