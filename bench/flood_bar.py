@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from common import free_port, serve_command
-from flood import flood, step_seconds
+from flood_peers import flood, step_seconds
 from load import ensure_artifacts, write_data
 
 from edgesplit.server.orchestrate import ClientCommand, command_line
