@@ -129,7 +129,7 @@ def _figures(passes: list[tuple[float, float]], real_tokens: int, computed_token
 
 def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The client's head, numpy and ONNX Runtime only; `--full-length` runs every batch at max_seq_len."""
-    from head_step import memory_figures, peak_rss_mb
+    from head_step_parts import memory_figures, peak_rss_mb
 
     from edgesplit.client.cpu import Route
     from edgesplit.client.data import Batch, fit_to_bucket
@@ -174,7 +174,7 @@ def ort_worker(args: argparse.Namespace) -> dict[str, Any]:
 def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     """PyTorch + peft, each batch padded to its own longest example."""
     import torch
-    from head_step import build_torch_head, memory_figures
+    from head_step_parts import build_torch_head, memory_figures
 
     model, lora_parameters, load_seconds, rss_after_load = build_torch_head(args)
     input_ids, attention_mask = load_batches(args.artifacts.parent, args.grouped)
@@ -211,7 +211,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def compare(runs: dict[str, dict[str, Any]], busy: bool) -> dict[str, Any]:
     """vs_torch.<runtime>: tokens/s and peak memory against PyTorch's, and the bars."""
-    from head_step import MEMORY_BAR
+    from head_step_parts import MEMORY_BAR
 
     torch_run = runs["torch"]
     comparison: dict[str, Any] = {}
