@@ -429,8 +429,10 @@ def terminal_report(summary: dict[str, Any]) -> str:
     )
     lines += [f"  WARNING {line}" for line in _fit_lines(summary.get("data_fit", {}), model["max_seq_len"])]
     for name, client in metrics["clients"].items():
+        real = real_share_text(client)
+        steps = f"{client['steps']} steps" + ("" if real == "-" else f" ({real} tokens real)")
         lines.append(
-            f"  {name}: cut {_cut(client, model)}, {client['steps']} steps, {client['bytes_up'] / 1e6:.1f} MB up, "
+            f"  {name}: cut {_cut(client, model)}, {steps}, {client['bytes_up'] / 1e6:.1f} MB up, "
             f"{client['bytes_down'] / 1e6:.1f} MB down, {client['step_mean_s'] * 1000:.0f} ms/step, "
             f"peak RSS {client['peak_rss_mb'] or 0:.0f} MB, energy {energy_text(client)}"
         )

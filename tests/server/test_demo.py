@@ -136,6 +136,7 @@ def test_demo_runs_end_to_end_and_writes_a_consistent_run_directory(run_dir, tin
     assert "## Held-out score" in report and "plots/loss.png" in report
     real_share = f"{100 * summaries[0]['real_tokens'] / summaries[0]['computed_tokens']:.0f}% of "
     assert f"| {ROUNDS * STEPS} | {real_share}{summaries[0]['computed_tokens']:,} |" in report
+    assert f"{ROUNDS * STEPS} steps ({real_share}{summaries[0]['computed_tokens']:,} tokens real)" in done.stdout
     assert f"`{summary['try_adapter']}`" in report
     assert "agree byte for byte" in report
 
