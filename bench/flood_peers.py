@@ -3,15 +3,16 @@ both so that neither imports the other for them."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-PINGS = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 500  # masked with a zero key, as a client must mask
+# The tests' hand-made handshake and pings, as bench/flood_bar.py takes the tests' frames.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "server"))
+from loopback import PINGS, websocket_handshake  # noqa: E402
 
 
 def flood(port: int, until: float, aborted_after: list[float], going: Callable[[], bool] = lambda: True) -> None:
@@ -28,17 +29,7 @@ def flood(port: int, until: float, aborted_after: list[float], going: Callable[[
             sock.close()
             return  # nothing listens on the port any more: the run is over
         try:
-            key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall(
-                f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    raise ConnectionResetError("closed during the opening handshake")
-                answer += chunk
+            websocket_handshake(sock, port)
             sock.settimeout(1.0)
             opened = time.monotonic()
             while time.monotonic() < until and going():

@@ -145,12 +145,18 @@ def _use_gguf_copy() -> bool:
     return os.environ.get("EDGESPLIT_GGUF_COPY", "1") != "0"
 
 
+def _finished_copy(sha256: str) -> Path | None:
+    """The float32 copy to read for the GGUF file with this hash: None when copies are off or none is whole."""
+    copy = gguf_copy_dir(sha256)
+    return copy if _use_gguf_copy() and (copy / GGUF_COPY_DONE).is_file() else None
+
+
 def load_gguf_tokenizer(path: Path) -> Any:
     """A GGUF file's tokenizer alone: its float32 copy's when an earlier load saved one (see _load_gguf)."""
     from transformers import AutoTokenizer
 
-    copy = gguf_copy_dir(_hash_files([path]))
-    if _use_gguf_copy() and (copy / GGUF_COPY_DONE).is_file():
+    copy = _finished_copy(_hash_files([path]))
+    if copy is not None:
         return AutoTokenizer.from_pretrained(copy)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -165,16 +171,15 @@ def _load_gguf(path: Path, sha256: str, kwargs: dict[str, Any]) -> tuple[Any, An
     content hash, and later loads read that (EDGESPLIT_GGUF_COPY=0: never; the file is then always read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    use_copy = _use_gguf_copy()
-    copy = gguf_copy_dir(sha256)
-    if use_copy and (copy / GGUF_COPY_DONE).is_file():
+    copy = _finished_copy(sha256)
+    if copy is not None:
         log(f"loading {path.name} from its float32 copy in {copy}")
         return AutoModelForCausalLM.from_pretrained(copy, **kwargs), AutoTokenizer.from_pretrained(copy)
     log(f"loading {path.name} (dequantising GGUF weights to float32)")
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if use_copy:
-        _save_gguf_copy(model, tokenizer, copy)
+    if _use_gguf_copy():
+        _save_gguf_copy(model, tokenizer, gguf_copy_dir(sha256))
     return model, tokenizer
 
 

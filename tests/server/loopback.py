@@ -16,7 +16,9 @@ event loop, for tests that check what a short run leaves behind (its losses, its
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import re
 import socket
 import struct
@@ -335,6 +337,26 @@ def _close(sock: socket.socket) -> None:
 
 
 # ------------------------------------------------------------------------------------------ bad peers
+
+# Pings with the largest payload a control frame may carry (125 bytes), masked with a zero key as a client must.
+PINGS = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 500
+
+
+def websocket_handshake(sock: socket.socket, port: int) -> bytes:
+    """Open a websocket by hand on a connected socket: the server's answer to the opening handshake, up to its
+    blank line. A socket closed before that raises ConnectionResetError."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(1024)
+        if not chunk:
+            raise ConnectionResetError("closed during the opening handshake")
+        answer += chunk
+    return answer
 
 
 def raw_frame(

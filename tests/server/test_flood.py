@@ -3,15 +3,13 @@ a real server, flooded by raw sockets on loopback, while an honest client proces
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from loopback import Processes, client_command, free_port, serve_command, write_task
+from loopback import PINGS, Processes, client_command, free_port, serve_command, websocket_handshake, write_task
 
 SEND_TIMEOUT_S = 3.0
 
@@ -26,21 +24,10 @@ def open_flooder(port: int) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += sock.recv(1024)
+    answer = websocket_handshake(sock, port)
     assert b" 101 " in answer.split(b"\r\n")[0], answer
     sock.settimeout(1.0)
     return sock
-
-
-# Pings with the largest payload a control frame may carry (125 bytes), masked with a zero key as a client must.
-PINGS = (b"\x89\xfd" + b"\0" * 4 + b"p" * 125) * 500
 
 
 def flood_until_aborted(sock: socket.socket, limit_s: float) -> float | None:
